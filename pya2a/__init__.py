@@ -1,0 +1,16 @@
+"""pya2a: portable all-to-all (Alltoall / Alltoallv) for Python HPC and ML codes.
+
+Quick use::
+
+    from mpi4py import MPI
+    import pya2a
+    comm = pya2a.Comm(MPI.COMM_WORLD)        # drop-in: Alltoall/Alltoallv go through pya2a
+    comm.Alltoallv([sbuf, scounts], [rbuf, rcounts])
+    pya2a.Alltoallv(MPI.COMM_WORLD, smsg, rmsg, algorithm="pairwise")
+"""
+
+from .api import Alltoall, Alltoallv, Comm, alltoallv, available_algorithms
+
+__version__ = "0.1.0"
+
+__all__ = ["Alltoall", "Alltoallv", "Comm", "alltoallv", "available_algorithms", "__version__"]

@@ -1,0 +1,141 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""Block gather/scatter between byte buffers, and prefix sums of counts.
+
+These are the local rearrangement steps of every algorithm that stages data: a list of
+(offset, length) blocks is copied with memcpy, without the GIL and without a Python loop
+over blocks. Offsets and lengths are in bytes. Bounds are checked once per call, before
+any byte moves, so a bad index list raises instead of corrupting memory.
+"""
+
+from libc.string cimport memcpy, memmove
+from libc.stdint cimport int64_t
+
+import numpy as np
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+__all__ = ["prefix_sum", "pack", "gather", "scatter", "blocks_overlap"]
+
+
+def prefix_sum(const int64_t[::1] counts):
+    """Exclusive prefix sum of ``counts`` as a new int64 array of the same length."""
+    cdef Py_ssize_t i, n = counts.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] o = out
+    cdef int64_t acc = 0
+    with nogil:
+        for i in range(n):
+            o[i] = acc
+            acc += counts[i]
+    return out
+
+
+cdef int _check(const int64_t[::1] offs, const int64_t[::1] lens,
+                Py_ssize_t size) except -1 nogil:
+    cdef Py_ssize_t i
+    for i in range(lens.shape[0]):
+        if lens[i] < 0 or offs[i] < 0 or offs[i] + lens[i] > size:
+            with gil:
+                raise ValueError(
+                    f"block {i} (offset {offs[i]}, length {lens[i]}) "
+                    f"outside a buffer of {size} bytes")
+    return 0
+
+
+def pack(const unsigned char[::1] src, const int64_t[::1] src_off,
+         const int64_t[::1] lens, unsigned char[::1] dst,
+         const int64_t[::1] dst_off):
+    """Copy block i, ``src[src_off[i]:+lens[i]]``, to ``dst[dst_off[i]:+lens[i]]``.
+
+    Blocks must not overlap between ``src`` and ``dst`` (memcpy semantics), except
+    that a block whose source and destination coincide is skipped.
+    """
+    cdef Py_ssize_t i, n = lens.shape[0]
+    if src_off.shape[0] != n or dst_off.shape[0] != n:
+        raise ValueError("pack: offset and length arrays differ in length")
+    cdef const unsigned char *s = &src[0] if src.shape[0] > 0 else NULL
+    cdef unsigned char *d = &dst[0] if dst.shape[0] > 0 else NULL
+    with nogil:
+        _check(src_off, lens, src.shape[0])
+        _check(dst_off, lens, dst.shape[0])
+        for i in range(n):
+            if lens[i] > 0 and s + src_off[i] != d + dst_off[i]:
+                memcpy(d + dst_off[i], s + src_off[i], <size_t> lens[i])
+
+
+def gather(const unsigned char[::1] src, const int64_t[::1] offs,
+           const int64_t[::1] lens, unsigned char[::1] dst, int64_t start=0):
+    """Pack the blocks ``src[offs[i]:+lens[i]]`` back to back into ``dst`` from ``start``.
+
+    Returns the offset in ``dst`` one past the last byte written.
+    """
+    cdef Py_ssize_t i, n = lens.shape[0]
+    if offs.shape[0] != n:
+        raise ValueError("gather: offset and length arrays differ in length")
+    cdef int64_t pos = start, total = 0
+    cdef const unsigned char *s = &src[0] if src.shape[0] > 0 else NULL
+    cdef unsigned char *d = &dst[0] if dst.shape[0] > 0 else NULL
+    with nogil:
+        _check(offs, lens, src.shape[0])
+        for i in range(n):
+            total += lens[i]
+        if start < 0 or start + total > dst.shape[0]:
+            with gil:
+                raise ValueError(
+                    f"gather: {total} bytes from offset {start} do not fit "
+                    f"in {dst.shape[0]} bytes")
+        for i in range(n):
+            if lens[i] > 0:
+                memcpy(d + pos, s + offs[i], <size_t> lens[i])
+                pos += lens[i]
+    return pos
+
+
+def scatter(const unsigned char[::1] src, unsigned char[::1] dst,
+            const int64_t[::1] offs, const int64_t[::1] lens, int64_t start=0):
+    """Unpack back-to-back blocks of ``src`` from ``start`` to ``dst[offs[i]:+lens[i]]``.
+
+    Returns the offset in ``src`` one past the last byte read.
+    """
+    cdef Py_ssize_t i, n = lens.shape[0]
+    if offs.shape[0] != n:
+        raise ValueError("scatter: offset and length arrays differ in length")
+    cdef int64_t pos = start, total = 0
+    cdef const unsigned char *s = &src[0] if src.shape[0] > 0 else NULL
+    cdef unsigned char *d = &dst[0] if dst.shape[0] > 0 else NULL
+    with nogil:
+        _check(offs, lens, dst.shape[0])
+        for i in range(n):
+            total += lens[i]
+        if start < 0 or start + total > src.shape[0]:
+            with gil:
+                raise ValueError(
+                    f"scatter: {total} bytes from offset {start} exceed "
+                    f"{src.shape[0]} bytes")
+        for i in range(n):
+            if lens[i] > 0:
+                memmove(d + offs[i], s + pos, <size_t> lens[i])
+                pos += lens[i]
+    return pos
+
+
+def blocks_overlap(const int64_t[::1] offs, const int64_t[::1] lens):
+    """Index pair (i, j) of two non-empty blocks that share a byte, or None."""
+    cdef Py_ssize_t n = lens.shape[0], k, a, b
+    order = np.argsort(np.asarray(offs), kind="stable").astype(np.int64)
+    cdef int64_t[::1] o = order
+    cdef int64_t end = -1, last = -1
+    with nogil:
+        for k in range(n):
+            a = o[k]
+            if lens[a] == 0:
+                continue
+            if last >= 0 and offs[a] < end:
+                with gil:
+                    return (int(last), int(a))
+            if offs[a] + lens[a] > end:
+                end = offs[a] + lens[a]
+                last = a
+    return None

@@ -1,0 +1,284 @@
+"""Public entry points: Alltoall, Alltoallv, alltoallv, Comm."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+from mpi4py import MPI
+
+from . import algorithms, select
+from .algorithms import Context
+from .bufspec import VSpec, in_place, is_device_buffer, parse_block, parse_vector
+from .transport import HostTransport
+from .validate import agree, check_counts_match, check_pair
+
+__all__ = ["Alltoall", "Alltoallv", "alltoallv", "Comm", "available_algorithms"]
+
+_KEYVAL: int | None = None
+
+
+def _free_internal(comm: MPI.Comm, keyval: int, dup: MPI.Comm) -> None:
+    if not MPI.Is_finalized():
+        try:
+            dup.Free()
+        except MPI.Exception:
+            pass
+
+
+def internal_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
+    """The duplicate of ``comm`` that carries pya2a's own traffic (created once, collective).
+
+    It is cached as an MPI attribute on ``comm`` and freed with it, so user messages on
+    ``comm`` can never match ours.
+    """
+    global _KEYVAL
+    if _KEYVAL is None:
+        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_internal)
+    dup = comm.Get_attr(_KEYVAL)
+    if dup is None:
+        dup = MPI.Intracomm.Dup(comm)
+        comm.Set_attr(_KEYVAL, dup)
+    return dup
+
+
+def _check_comm(call: str, comm: object) -> None:
+    if isinstance(comm, MPI.Intercomm):
+        raise TypeError(f"{call}: intercommunicators are not supported; pass an "
+                        f"intracommunicator")
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError(f"{call}: comm must be an mpi4py Intracomm, not {type(comm).__name__}")
+    if comm == MPI.COMM_NULL:
+        raise ValueError(f"{call}: comm is MPI.COMM_NULL")
+
+
+def _code(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _requested(algorithm: object) -> str:
+    if algorithm == "auto":
+        return os.environ.get("PYA2A_ALGORITHM", "auto") or "auto"
+    return algorithm  # type: ignore[return-value]
+
+
+def _usable(info: algorithms.AlgorithmInfo, p: int, send: VSpec, recv: VSpec) -> str | None:
+    device = recv.device is not None
+    if device and not info.device:
+        return "does not take device buffers"
+    if not device and not info.host:
+        return "takes device buffers only"
+    if info.needs_contiguous and not (send.contiguous and recv.contiguous):
+        return "needs a contiguous datatype (size == extent); use 'native'"
+    if info.supports is not None:
+        return info.supports(p, send, recv, device)
+    return None
+
+
+def _transport(comm: MPI.Intracomm, device: int | None):
+    if device is None:
+        return HostTransport(comm)
+    from .gpu import device as _device
+
+    return _device.transport(comm, device)
+
+
+def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg: object,
+              algorithm: str, check: bool) -> str:
+    _check_comm(call, comm)
+    icomm = internal_comm(comm)
+    p, rank = icomm.Get_size(), icomm.Get_rank()
+    parse = parse_vector if kind == "alltoallv" else parse_block
+    requested = _requested(algorithm)
+    inplace = in_place(sendmsg)
+    exc: BaseException | None = None
+    send = recv = None
+    stats = np.zeros(5, dtype=np.int64)
+    try:
+        recv = parse(recvmsg, p, readonly=False, call=call, what="receive message",
+                     name="recv")
+        send = recv if inplace else parse(sendmsg, p, readonly=True, call=call,
+                                          what="send message", name="send")
+        check_pair(call, send, recv, rank, kind)
+        if requested != "auto":
+            info = algorithms.get(requested, call)
+            why = _usable(info, p, send, recv)
+            if why:
+                raise ValueError(f"{call}: algorithm {requested!r} {why}")
+        sb = send.counts * send.tsize
+        stats[:] = (_code(requested), int(sb.max()) if p else 0, int(sb.sum()),
+                    recv.device is not None, send.contiguous and recv.contiguous)
+    except Exception as e:  # agreed on below, then raised on every rank
+        exc = e
+    table = agree(icomm, exc, stats)
+    assert send is not None and recv is not None  # agree() raised otherwise
+    if (table[:, 1] != table[0, 1]).any():
+        raise ValueError(f"{call}: ranks asked for different algorithms "
+                         f"(algorithm must be the same on every rank)")
+    if (table[:, 4] != table[0, 4]).any():
+        raise TypeError(f"{call}: some ranks pass device buffers and others host buffers")
+    if check:
+        check_counts_match(icomm, call, send, recv)
+    device = recv.device is not None
+    if requested == "auto":
+        st = select.Stats(p=p, max_block=int(table[:, 2].max()),
+                          mean_block=float(table[:, 3].sum()) / (p * p), device=device,
+                          contiguous=bool(table[:, 5].all()))
+        cands = [n for n in algorithms.names()
+                 if _usable(algorithms.get(n), p, send, recv) is None]
+        requested = select.choose(st, cands)
+    info = algorithms.get(requested, call)
+    transport = _transport(icomm, recv.device)
+    ctx = Context(comm=icomm, rank=rank, size=p, kind=kind, transport=transport,
+                  in_place=inplace)
+    if inplace:
+        if info.name == "native":
+            info.run(None, recv, ctx)
+            return info.name
+        send = transport.clone(recv)
+    info.run(send, recv, ctx)
+    return info.name
+
+
+def Alltoallv(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,
+              algorithm: str = "auto", check: bool = False) -> None:
+    """Personalized all-to-all with per-peer counts, like ``comm.Alltoallv(sendmsg, recvmsg)``.
+
+    Args:
+        comm: an mpi4py intracommunicator.
+        sendmsg: any message form mpi4py's ``Alltoallv`` takes (``buf``, ``[buf, counts]``,
+            ``[buf, (counts, displs)]``, ``[buf, counts, displs, dtype]``, ...), or
+            ``MPI.IN_PLACE`` / ``None`` to send from the receive buffer.
+        recvmsg: the receive message, same forms.
+        algorithm: "auto" (default; ``PYA2A_ALGORITHM`` overrides) or a name from
+            :func:`available_algorithms`. Must be the same on every rank.
+        check: also verify across ranks that every send count matches the receiver's
+            receive count (one extra Alltoall of counts).
+
+    Raises:
+        TypeError, ValueError, BufferError: bad arguments on any rank, raised on every rank
+            before any data moves.
+    """
+    _exchange("Alltoallv", "alltoallv", comm, sendmsg, recvmsg, algorithm, check)
+
+
+def Alltoall(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,
+             algorithm: str = "auto", check: bool = False) -> None:
+    """Personalized all-to-all with one block size, like ``comm.Alltoall(sendmsg, recvmsg)``.
+
+    Same arguments and errors as :func:`Alltoallv`; messages take mpi4py's ``Alltoall``
+    forms (``buf``, ``[buf, count]``, ``[buf, (count, displ)]``, ``[buf, count, dtype]``, ...).
+    """
+    _exchange("Alltoall", "alltoall", comm, sendmsg, recvmsg, algorithm, check)
+
+
+def alltoallv(comm: MPI.Intracomm, sendbuf, sendcounts, *, algorithm: str = "auto"):
+    """Array in, array out: exchange rows of ``sendbuf`` and the counts themselves.
+
+    Args:
+        comm: an mpi4py intracommunicator.
+        sendbuf: array of shape (n, ...) (NumPy, or a device array: CuPy, torch); rows
+            ``sum(sendcounts[:j])`` .. go to rank j.
+        sendcounts: p integers (rows per destination), summing to ``sendbuf.shape[0]``.
+        algorithm: as for :func:`Alltoallv`.
+
+    Returns:
+        (recvbuf, recvcounts): recvbuf has shape (sum(recvcounts), *sendbuf.shape[1:]), the
+        same dtype and array type (and device) as sendbuf; recvcounts is an int64 NumPy
+        array of rows received from each rank.
+    """
+    call = "alltoallv"
+    _check_comm(call, comm)
+    icomm = internal_comm(comm)
+    p = icomm.Get_size()
+    exc = None
+    counts = np.zeros(p, dtype=np.int64)
+    device = False
+    try:
+        device = is_device_buffer(sendbuf)
+        shape = tuple(sendbuf.shape)
+        if len(shape) < 1:
+            raise ValueError(f"{call}: sendbuf must have at least one dimension")
+        counts = np.asarray(sendcounts)
+        if counts.ndim != 1 or counts.size != p:
+            raise ValueError(f"{call}: sendcounts has {counts.size} entries, expected {p}")
+        if counts.size and not np.issubdtype(counts.dtype, np.integer):
+            raise TypeError(f"{call}: sendcounts must be integers, got {counts.dtype}")
+        counts = counts.astype(np.int64)
+        if (counts < 0).any():
+            raise ValueError(f"{call}: sendcounts has negative entries")
+        if int(counts.sum()) != shape[0]:
+            raise ValueError(f"{call}: sendcounts sum to {int(counts.sum())} but sendbuf has "
+                             f"{shape[0]} rows")
+    except AttributeError:
+        exc = TypeError(f"{call}: sendbuf must be an array with .shape, "
+                        f"not {type(sendbuf).__name__}")
+    except Exception as e:
+        exc = e
+    agree(icomm, exc, np.zeros(0, dtype=np.int64))
+    recvcounts = np.empty(p, dtype=np.int64)
+    icomm.Alltoall(counts, recvcounts)
+    nrecv = int(recvcounts.sum())
+    if device:
+        from .gpu import device as _device
+
+        recvbuf = _device.empty_rows(sendbuf, nrecv)
+        sview, rview = _device.byte_view(sendbuf), _device.byte_view(recvbuf)
+    else:
+        sarr = np.asarray(sendbuf)
+        recvbuf = np.empty((nrecv, *sarr.shape[1:]), dtype=sarr.dtype)
+        sview, rview = _bytes(sarr), _bytes(recvbuf)
+    row = (sview.nbytes // shape[0]) if shape[0] else _row_bytes(sendbuf)
+    Alltoallv(comm, [sview, counts * row, MPI.BYTE], [rview, recvcounts * row, MPI.BYTE],
+              algorithm=algorithm)
+    return recvbuf, recvcounts
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.reshape(-1).view(np.uint8) if a.size else np.empty(0, np.uint8)
+
+
+def _row_bytes(a) -> int:
+    return int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
+
+
+def available_algorithms(comm: MPI.Intracomm | None = None, device: object = None) -> list[str]:
+    """Algorithm names that can run on ``comm`` (any size if None), host or device buffers."""
+    p = None if comm is None else comm.Get_size()
+    return algorithms.available(p, device=bool(device))
+
+
+class Comm(MPI.Intracomm):
+    """Drop-in intracommunicator whose ``Alltoall`` / ``Alltoallv`` go through pya2a.
+
+    It is an ``mpi4py.MPI.Intracomm`` (a second handle to the same MPI communicator), so
+    every other method and every isinstance check behaves as the wrapped one's.
+
+    Args:
+        comm: the communicator to wrap (default ``MPI.COMM_WORLD``).
+        algorithm: default algorithm for this communicator's exchanges.
+    """
+
+    algorithm: str = "auto"
+
+    def __new__(cls, comm: MPI.Intracomm | None = None, *, algorithm: str = "auto"):
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        _check_comm("Comm", comm)
+        return super().__new__(cls, comm)
+
+    def __init__(self, comm: MPI.Intracomm | None = None, *, algorithm: str = "auto") -> None:
+        if algorithm != "auto":
+            algorithms.get(algorithm, "Comm")
+        self.algorithm = algorithm
+
+    def Alltoallv(self, sendbuf, recvbuf) -> None:  # noqa: N802 (mpi4py's name)
+        """``MPI.Comm.Alltoallv`` through pya2a with this communicator's algorithm."""
+        _exchange("Alltoallv", "alltoallv", self, sendbuf, recvbuf, self.algorithm, False)
+
+    def Alltoall(self, sendbuf, recvbuf) -> None:  # noqa: N802
+        """``MPI.Comm.Alltoall`` through pya2a with this communicator's algorithm."""
+        _exchange("Alltoall", "alltoall", self, sendbuf, recvbuf, self.algorithm, False)
+
