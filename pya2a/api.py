@@ -44,13 +44,13 @@ def internal_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
 
 
 def _check_comm(call: str, comm: object) -> None:
+    if isinstance(comm, MPI.Comm) and comm == MPI.COMM_NULL:
+        raise ValueError(f"{call}: comm is MPI.COMM_NULL")
     if isinstance(comm, MPI.Intercomm):
         raise TypeError(f"{call}: intercommunicators are not supported; pass an "
                         f"intracommunicator")
     if not isinstance(comm, MPI.Intracomm):
         raise TypeError(f"{call}: comm must be an mpi4py Intracomm, not {type(comm).__name__}")
-    if comm == MPI.COMM_NULL:
-        raise ValueError(f"{call}: comm is MPI.COMM_NULL")
 
 
 def _code(name: str) -> int:

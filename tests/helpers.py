@@ -1,0 +1,89 @@
+"""Test data from a shared seed: every rank can rebuild every other rank's input.
+
+``count_matrix(pattern, p)[i, j]`` is how many elements rank i sends to rank j. Send data are
+drawn from a generator seeded by (SEED, source rank), so the expected receive buffer can be
+computed on any rank without communication, and the MPI library's own Alltoallv on the same
+input is the oracle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+SEED = 20261121
+PATTERNS = ["uniform", "random", "zeros", "hot", "skew", "empty"]
+DTYPES = ["int8", "uint16", "int32", "int64", "float16", "float32", "float64", "complex128",
+          "bool"]
+
+
+def count_matrix(pattern: str, p: int, scale: int = 8, seed: int = SEED) -> np.ndarray:
+    """p x p int64 counts for a named pattern (same on every rank)."""
+    rng = np.random.default_rng([seed, p, PATTERNS.index(pattern) if pattern in PATTERNS
+                                 else 99])
+    if pattern == "uniform":
+        c = np.full((p, p), scale)
+    elif pattern == "random":
+        c = rng.integers(0, 2 * scale + 1, (p, p))
+    elif pattern == "zeros":  # about half the blocks empty, including some diagonal ones
+        c = rng.integers(0, 2 * scale + 1, (p, p)) * rng.integers(0, 2, (p, p))
+    elif pattern == "hot":  # everyone sends a lot to one rank, little elsewhere
+        c = rng.integers(0, 2, (p, p))
+        c[:, (p - 1) // 2] = 40 * scale
+    elif pattern == "skew":  # heavy tail: a few huge blocks
+        c = (rng.pareto(1.2, (p, p)) * scale).astype(np.int64)
+        c[rng.integers(0, p), rng.integers(0, p)] = 200 * scale
+    elif pattern == "empty":
+        c = np.zeros((p, p))
+    else:
+        raise ValueError(pattern)
+    return np.asarray(c, dtype=np.int64)
+
+
+def random_data(n: int, dtype: str, seed: tuple) -> np.ndarray:
+    """n deterministic pseudo-random values of ``dtype``."""
+    rng = np.random.default_rng(list(seed))
+    dt = np.dtype(dtype)
+    if dt.kind == "b":
+        return rng.integers(0, 2, n).astype(bool)
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        return rng.integers(info.min, info.max, n, endpoint=True, dtype=dt)
+    if dt.kind == "c":
+        return (rng.standard_normal(n) + 1j * rng.standard_normal(n)).astype(dt)
+    return rng.standard_normal(n).astype(dt)
+
+
+def send_data(c: np.ndarray, src: int, dtype: str = "float64", seed: int = SEED) -> np.ndarray:
+    """What rank ``src`` sends, packed in destination order."""
+    return random_data(int(c[src].sum()), dtype, (seed, src))
+
+
+def expected_recv(c: np.ndarray, dst: int, dtype: str = "float64",
+                  seed: int = SEED) -> np.ndarray:
+    """What rank ``dst`` must receive, packed in source order (computed without MPI)."""
+    parts = []
+    for src in range(c.shape[0]):
+        data = send_data(c, src, dtype, seed)
+        off = int(c[src, :dst].sum())
+        parts.append(data[off:off + int(c[src, dst])])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def gapped_layout(counts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Displacements that put blocks in a random order with random gaps; returns (displs, n)."""
+    order = rng.permutation(counts.size)
+    displs = np.zeros(counts.size, dtype=np.int64)
+    pos = 0
+    for j in order:
+        pos += int(rng.integers(0, 3))
+        displs[j] = pos
+        pos += int(counts[j])
+    return displs, pos + 1
+
+
+def native_oracle(comm: MPI.Intracomm, smsg, rmsg_like: np.ndarray, rspec) -> np.ndarray:
+    """The MPI library's own Alltoallv on the same input, into a copy of ``rmsg_like``."""
+    out = rmsg_like.copy()
+    comm.Alltoallv(smsg, [out, *rspec])
+    return out

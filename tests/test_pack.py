@@ -1,0 +1,69 @@
+"""The Cython block mover against plain NumPy, and its bounds checks (no MPI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pya2a import _pack
+
+pytestmark = pytest.mark.serial
+
+
+def test_prefix_sum_is_exclusive_cumsum():
+    c = np.array([3, 0, 5, 1], dtype=np.int64)
+    np.testing.assert_array_equal(_pack.prefix_sum(c), [0, 3, 3, 8])
+    assert _pack.prefix_sum(np.zeros(0, np.int64)).size == 0
+
+
+def test_gather_then_scatter_round_trips_random_blocks():
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 255, 10_000, dtype=np.uint8)
+    lens = rng.integers(0, 50, 100).astype(np.int64)
+    offs = rng.integers(0, 10_000 - 50, 100).astype(np.int64)
+    packed = np.zeros(int(lens.sum()), np.uint8)
+    end = _pack.gather(src, offs, lens, packed)
+    assert end == lens.sum()
+    want = np.concatenate([src[o:o + n] for o, n in zip(offs, lens)])
+    np.testing.assert_array_equal(packed, want)
+    dst = np.zeros(int(lens.sum()) + 7, np.uint8)
+    dpos = _pack.prefix_sum(lens) + 7
+    assert _pack.scatter(packed, dst, dpos, lens) == lens.sum()
+    np.testing.assert_array_equal(dst[7:], want)
+
+
+def test_pack_moves_each_block_and_skips_identity():
+    src = np.arange(32, dtype=np.uint8)
+    dst = np.zeros(32, np.uint8)
+    _pack.pack(src, np.array([0, 10], np.int64), np.array([4, 2], np.int64), dst,
+               np.array([20, 0], np.int64))
+    assert list(dst[20:24]) == [0, 1, 2, 3] and list(dst[0:2]) == [10, 11]
+
+
+@pytest.mark.parametrize("fn", ["gather", "scatter", "pack"])
+def test_out_of_range_blocks_raise_before_copying(fn):
+    a = np.arange(16, dtype=np.uint8)
+    b = np.zeros(16, np.uint8)
+    bad = np.array([12], np.int64), np.array([8], np.int64)
+    with pytest.raises(ValueError, match="outside|fit|exceed"):
+        if fn == "gather":
+            _pack.gather(a, *bad, b)
+        elif fn == "scatter":
+            _pack.scatter(a, b, *bad)
+        else:
+            _pack.pack(a, bad[0], bad[1], b, np.array([0], np.int64))
+    assert not b.any()
+
+
+def test_blocks_overlap_finds_a_pair_and_ignores_empty_blocks():
+    offs = np.array([0, 4, 8, 5], np.int64)
+    assert _pack.blocks_overlap(offs, np.array([4, 4, 4, 0], np.int64)) is None
+    assert _pack.blocks_overlap(offs, np.array([4, 4, 4, 1], np.int64)) is not None
+
+
+def test_even_split_gives_the_remainder_to_the_first_blocks():
+    from pya2a.bufspec import parse_vector
+
+    spec = parse_vector(np.zeros(11), 4, readonly=True)
+    assert spec.counts.tolist() == [3, 3, 3, 2]
+    assert spec.displs.tolist() == [0, 3, 6, 9]
