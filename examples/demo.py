@@ -34,7 +34,8 @@ def main() -> int:
     comm.Alltoallv([send, sendcounts], [ref, recvcounts])
 
     if r == 0:
-        print(f"pya2a {pya2a.__version__} on {p} ranks, {MPI.Get_library_version().splitlines()[0]}")
+        lib = MPI.Get_library_version().splitlines()[0]
+        print(f"pya2a {pya2a.__version__} on {p} ranks, {lib}")
         print(f"Alltoallv of float64, random counts, mean {args.kib:g} KiB per peer, "
               f"{counts.sum() * 8 / 2**20:.2f} MiB in total; median of {args.iters} calls")
         print(f"{'algorithm':>10} {'time':>11} {'busbw':>10}  check")

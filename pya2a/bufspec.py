@@ -128,7 +128,8 @@ def _datatype(call: str, what: str, ob: object) -> MPI.Datatype:
         try:
             return _TYPEDICT[ob]
         except KeyError:
-            raise ValueError(f"{call}: {what}: cannot map typecode {ob!r} to an MPI datatype") from None
+            raise ValueError(
+                f"{call}: {what}: cannot map typecode {ob!r} to an MPI datatype") from None
     raise TypeError(f"{call}: {what} datatype must be an MPI.Datatype or typecode string, "
                     f"not {type(ob).__name__}")
 
@@ -185,7 +186,8 @@ def _index(call: str, what: str, name: str, ob: object) -> int:
     try:
         return operator.index(ob)
     except TypeError:
-        raise TypeError(f"{call}: {what} {name} must be an integer, not {type(ob).__name__}") from None
+        raise TypeError(
+            f"{call}: {what} {name} must be an integer, not {type(ob).__name__}") from None
 
 
 def _int_array(call: str, what: str, name: str, ob: object, p: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Shared fixtures and the MPI harness.
 
 The same test files run serially and under ``mpiexec -n N python -m mpi4py -m pytest``.
-Under mpiexec (through ``tests/run_mpi.py``) only rank 0 reports; a failure on any rank prints its traceback to stderr and
+Under mpiexec (through ``tests/run_mpi.py``) only rank 0 reports; a
+failure on any rank prints its traceback to stderr and
 aborts the whole job, so a rank that failed never leaves the others hanging in a collective.
 Tests marked ``serial`` (they spawn mpiexec themselves, or need no MPI at all) are deselected
 in the MPI runs with ``-m "not serial"``.

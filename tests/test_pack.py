@@ -24,7 +24,7 @@ def test_gather_then_scatter_round_trips_random_blocks():
     packed = np.zeros(int(lens.sum()), np.uint8)
     end = _pack.gather(src, offs, lens, packed)
     assert end == lens.sum()
-    want = np.concatenate([src[o:o + n] for o, n in zip(offs, lens)])
+    want = np.concatenate([src[o:o + n] for o, n in zip(offs, lens, strict=True)])
     np.testing.assert_array_equal(packed, want)
     dst = np.zeros(int(lens.sum()) + 7, np.uint8)
     dpos = _pack.prefix_sum(lens) + 7
