@@ -48,7 +48,7 @@ demo: install
 	$(MPIEXEC) -n $(NP) $(PY) examples/demo.py
 
 lint: install
-	$(VENV)/bin/ruff check pya2a tests examples bench
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(MPIEXEC) -n $(NP) $(PY) -m pya2a bench --json bench/results/bench-local-$(NP).json

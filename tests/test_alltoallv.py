@@ -11,8 +11,8 @@ import pytest
 from mpi4py import MPI
 
 import pya2a
-from helpers import (DTYPES, PATTERNS, SEED, count_matrix, expected_recv, gapped_layout,
-                     send_data)
+
+from helpers import DTYPES, PATTERNS, SEED, count_matrix, expected_recv, gapped_layout, send_data
 
 ALGORITHMS = pya2a.available_algorithms()
 
