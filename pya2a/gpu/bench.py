@@ -1,0 +1,298 @@
+"""GPU all-to-all benchmark rows: pya2a IPC methods and NCCL (torch) in one run.
+
+Run one process per GPU, e.g.::
+
+    NCCL_NVLS_ENABLE=0 mpiexec -n 4 python -m pya2a.gpu.bench --out gpu_ipc.json
+
+Each row: method, bytes per pair, time per call (CUDA events around ``iters``
+back-to-back calls after warm-up, divided by ``iters``; the max over ranks),
+single-call latency (barrier, host call, stream sync, barrier; median of reps, max
+over ranks), algbw = bytes per pair * p / time and busbw = algbw * (p-1)/p as
+nccl-tests defines them. Data is random, not zeros; at small sizes buffers sit in
+L2 for every method alike. NCCL runs through ``torch.distributed.all_to_all_single``
+when torch is importable (optional baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["run_bench", "main"]
+
+DEFAULT_SIZES = [128, 1024, 8192, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
+
+
+def _iters(nbytes: int) -> tuple[int, int]:
+    if nbytes <= 1 << 20:
+        return 20, 200
+    if nbytes <= 16 << 20:
+        return 5, 50
+    return 3, 10
+
+
+class _Timer:
+    """CUDA events on one torch or CuPy stream."""
+
+    def __init__(self, cp: Any, stream_ptr: int) -> None:
+        self.cp = cp
+        self.stream = cp.cuda.ExternalStream(stream_ptr)
+
+    def time(self, fn: Any, warm: int, iters: int) -> float:
+        cp = self.cp
+        for _ in range(warm):
+            fn()
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(self.stream)
+        for _ in range(iters):
+            fn()
+        e1.record(self.stream)
+        e1.synchronize()
+        return cp.cuda.get_elapsed_time(e0, e1) * 1e-3 / iters
+
+
+def _latency(comm: Any, fn: Any, sync: Any, reps: int = 20) -> float:
+    ts = []
+    for _ in range(reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        t1 = time.perf_counter()
+        comm.Barrier()
+        ts.append(t1 - t0)
+    return float(np.median(ts))
+
+
+def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = True,
+              graph: bool = True, nccl_graph: bool = False, log: Any = None) -> list[dict]:
+    """Benchmark rows for every (method, size); collective over ``comm``."""
+    from pya2a.gpu import cupy as get_cupy
+    from pya2a.gpu.ipc_alltoallv import IpcAlltoallv
+
+    cp = get_cupy()
+    p, rank = comm.Get_size(), comm.Get_rank()
+    ndev = cp.cuda.runtime.getDeviceCount()
+    cp.cuda.Device(rank % ndev).use()
+    torch = dist = None
+    if nccl:
+        try:
+            import torch
+            import torch.distributed as dist
+
+            torch.cuda.set_device(rank % ndev)
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+            port = comm.bcast(29500 + (os.getpid() % 1000) if rank == 0 else None)
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}",
+                                    rank=rank, world_size=p)
+        except Exception as exc:  # optional baseline
+            if rank == 0:
+                print(f"# NCCL baseline off: {exc}", file=sys.stderr)
+            torch = dist = None
+    if torch is not None:
+        tstream = torch.cuda.Stream()
+        sptr = int(tstream.cuda_stream)
+    else:
+        sstream = cp.cuda.Stream(non_blocking=True)
+        sptr = int(sstream.ptr)
+    timer = _Timer(cp, sptr)
+    ok, why = IpcAlltoallv.available(comm)
+    maxb = max(sizes)
+    eng = None
+    if ok:
+        eng = IpcAlltoallv(comm, capacity_bytes=maxb)
+        sym_send = eng.alloc_symmetric(p * maxb)
+        sym_recv = eng.alloc_symmetric(p * maxb)
+    send = cp.random.randint(0, 255, size=p * maxb, dtype=np.uint8)
+    recv = cp.empty(p * maxb, dtype=np.uint8)
+    if eng is not None:
+        sym_send[...] = send
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        t = comm.allreduce(row["time_us"], op=_max())
+        lat = comm.allreduce(row.get("latency_us", 0.0), op=_max())
+        row["time_us"], row["latency_us"] = t, lat
+        algbw = row["bytes_per_pair"] * p / (t * 1e-6) / 1e9 if t > 0 else 0.0
+        row["algbw_GBs"] = algbw
+        row["busbw_GBs"] = algbw * (p - 1) / p
+        rows.append(row)
+        if rank == 0 and log is not None:
+            print(f"{row['method']:>14} {row['bytes_per_pair']:>10} B  {t:10.2f} us  "
+                  f"lat {lat:9.2f} us  busbw {row['busbw_GBs']:7.1f} GB/s", file=log, flush=True)
+
+    for n in sizes:
+        warm, iters = _iters(n)
+        counts = np.full(p, n, dtype=np.int64)
+        displs = np.arange(p, dtype=np.int64) * n
+        if torch is not None:
+            ts = torch.as_tensor(send[: p * n], device="cuda")
+            tr = torch.empty(p * n, dtype=torch.uint8, device="cuda")
+            with torch.cuda.stream(tstream):
+                def f_nccl(tr=tr, ts=ts) -> None:
+                    dist.all_to_all_single(tr, ts)
+                t = timer.time(f_nccl, warm, iters)
+                lat = _latency(comm, f_nccl, tstream.synchronize)
+            emit({"method": "nccl", "bytes_per_pair": n, "time_us": t * 1e6,
+                  "latency_us": lat * 1e6, "iters": iters})
+        if eng is None:
+            continue
+        variants = []
+        for m in methods:
+            if m == "push":
+                variants.append(("push_inplace", "push", send, sym_recv))
+            elif m == "push_staged":
+                if n <= eng.slot_bytes:
+                    variants.append(("push_staged", "push", send, recv))
+            elif m == "pull":
+                variants.append(("pull", "pull", sym_send, recv))
+            elif m == "ce":
+                if n >= 1 << 20:
+                    variants.append(("ce_staged", "ce", send, recv))
+        for name, meth, sb, rb in variants:
+            plan = eng.plan(sb[: p * n], counts, displs, rb[: p * n], counts, displs,
+                            method=meth)
+
+            def f_eager(sb=sb[: p * n], rb=rb[: p * n], meth=meth, c=counts,
+                        d=displs) -> None:
+                eng.alltoallv(sb, c, d, rb, c, d, stream=sptr, method=meth)
+
+            def f_plan(plan=plan) -> None:
+                plan.run(stream=sptr)
+
+            t = timer.time(f_eager, warm, iters)
+            sync = timer.stream.synchronize
+            lat = _latency(comm, f_eager, sync)
+            # host-side cost of one eager call (Python packing + launch)
+            h0 = time.perf_counter()
+            for _ in range(20):
+                f_eager()
+            host_us = (time.perf_counter() - h0) / 20 * 1e6
+            sync()
+            emit({"method": name, "bytes_per_pair": n, "time_us": t * 1e6,
+                  "latency_us": lat * 1e6, "iters": iters, "host_us": host_us})
+            tp = timer.time(f_plan, warm, iters)
+            emit({"method": name + "_plan", "bytes_per_pair": n, "time_us": tp * 1e6,
+                  "iters": iters})
+            if graph and n <= 1 << 20:
+                g = _capture(cp, timer.stream, f_plan, iters)
+                if g is not None:
+                    g.launch(timer.stream)
+                    timer.stream.synchronize()
+                    tg = timer.time(lambda g=g: g.launch(timer.stream), 2, 10) / iters
+                    emit({"method": name + "_graph", "bytes_per_pair": n,
+                          "time_us": tg * 1e6, "iters": 10 * iters})
+        comm.Barrier()
+    if torch is not None and nccl_graph:
+        rows += _nccl_graph(comm, torch, dist, timer, send, sizes, p, emit_fn=emit)
+    if eng is not None:
+        eng.free()
+    if dist is not None:
+        dist.destroy_process_group()
+    return rows
+
+
+def _nccl_graph(comm, torch, dist, timer, send, sizes, p, emit_fn) -> list:
+    """NCCL captured in a CUDA graph, small sizes only (fair comparison for graphs)."""
+    for n in sizes:
+        if n > 1 << 20:
+            break
+        try:
+            ts = torch.as_tensor(send[: p * n], device="cuda")
+            tr = torch.empty(p * n, dtype=torch.uint8, device="cuda")
+            s = torch.cuda.Stream()
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    dist.all_to_all_single(tr, ts)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            iters = 100
+            with torch.cuda.graph(g, stream=s):
+                for _ in range(iters):
+                    dist.all_to_all_single(tr, ts)
+            torch.cuda.synchronize()
+            s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            g.replay()
+            torch.cuda.synchronize()
+            s0.record()
+            for _ in range(5):
+                g.replay()
+            s1.record()
+            s1.synchronize()
+            t = s0.elapsed_time(s1) * 1e-3 / (5 * iters)
+            emit_fn({"method": "nccl_graph", "bytes_per_pair": n, "time_us": t * 1e6,
+                     "iters": 5 * iters})
+        except Exception as exc:
+            if comm.Get_rank() == 0:
+                print(f"# nccl graph capture failed: {exc}", file=sys.stderr)
+            break
+    return []
+
+
+def _capture(cp: Any, stream: Any, fn: Any, iters: int) -> Any:
+    try:
+        with stream:
+            stream.begin_capture()
+            for _ in range(iters):
+                fn()
+            return stream.end_capture()
+    except Exception as exc:
+        print(f"# graph capture failed: {exc}", file=sys.stderr)
+        return None
+
+
+def _max() -> Any:
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run the sweep, print a table, write JSON with provenance."""
+    from mpi4py import MPI
+
+    ap = argparse.ArgumentParser(prog="python -m pya2a.gpu.bench")
+    ap.add_argument("--sizes", type=str, default=",".join(map(str, DEFAULT_SIZES)),
+                    help="bytes per pair, comma separated")
+    ap.add_argument("--methods", type=str, default="push,push_staged,pull,ce")
+    ap.add_argument("--no-nccl", action="store_true")
+    ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--nccl-graph", action="store_true", help="also time NCCL in a CUDA graph")
+    ap.add_argument("--out", type=str, default="")
+    a = ap.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    sizes = [int(s) for s in a.sizes.split(",") if s]
+    rows = run_bench(comm, sizes, a.methods.split(","), nccl=not a.no_nccl,
+                     graph=not a.no_graph, nccl_graph=a.nccl_graph, log=sys.stdout)
+    if comm.Get_rank() == 0 and a.out:
+        from pya2a.gpu import cupy as get_cupy
+
+        cp = get_cupy()
+        props = cp.cuda.runtime.getDeviceProperties(0)
+        meta = {
+            "command": " ".join(sys.argv),
+            "host": socket.gethostname(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "ranks": comm.Get_size(),
+            "gpu": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "cupy": cp.__version__,
+            "python": platform.python_version(),
+            "mpi": MPI.Get_library_version().splitlines()[0],
+            "timing": "CUDA events around iters back-to-back calls after warm-up / iters, "
+                      "max over ranks; latency = barrier, call, sync, barrier (median)",
+        }
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
