@@ -10,7 +10,9 @@ Quick use::
 """
 
 from .api import Alltoall, Alltoallv, Comm, alltoallv, available_algorithms
+from .plan import Explanation, Plan, explain, plan
 
 __version__ = "0.1.0"
 
-__all__ = ["Alltoall", "Alltoallv", "Comm", "alltoallv", "available_algorithms", "__version__"]
+__all__ = ["Alltoall", "Alltoallv", "Comm", "alltoallv", "available_algorithms", "plan",
+           "Plan", "explain", "Explanation", "__version__"]

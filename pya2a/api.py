@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections import OrderedDict
 
 import numpy as np
 from mpi4py import MPI
@@ -14,7 +15,8 @@ from .bufspec import VSpec, in_place, is_device_buffer, parse_block, parse_vecto
 from .transport import HostTransport
 from .validate import agree, check_counts_match, check_pair
 
-__all__ = ["Alltoall", "Alltoallv", "alltoallv", "Comm", "available_algorithms"]
+__all__ = ["Alltoall", "Alltoallv", "alltoallv", "Comm", "available_algorithms", "plan",
+           "explain", "Plan"]
 
 _KEYVAL: int | None = None
 
@@ -94,7 +96,7 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
     inplace = in_place(sendmsg)
     exc: BaseException | None = None
     send = recv = None
-    stats = np.zeros(5, dtype=np.int64)
+    stats = np.zeros(6, dtype=np.int64)
     try:
         recv = parse(recvmsg, p, readonly=False, call=call, what="receive message",
                      name="recv")
@@ -106,9 +108,9 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
             why = _usable(info, p, send, recv)
             if why:
                 raise ValueError(f"{call}: algorithm {requested!r} {why}")
-        sb = send.counts * send.tsize
-        stats[:] = (_code(requested), int(sb.max()) if p else 0, int(sb.sum()),
-                    recv.device is not None, send.contiguous and recv.contiguous)
+        stats[:] = (_code(requested), send.largest * send.tsize, send.total_bytes,
+                    recv.device is not None, send.contiguous and recv.contiguous,
+                    recv.total_bytes)
     except Exception as e:  # agreed on below, then raised on every rank
         exc = e
     table = agree(icomm, exc, stats)
@@ -122,13 +124,16 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
         check_counts_match(icomm, call, send, recv)
     device = recv.device is not None
     if requested == "auto":
-        st = select.Stats(p=p, max_block=int(table[:, 2].max()),
-                          mean_block=float(table[:, 3].sum()) / (p * p), device=device,
-                          contiguous=bool(table[:, 5].all()))
-        cands = [n for n in algorithms.names()
-                 if _usable(algorithms.get(n), p, send, recv) is None]
-        requested = select.choose(st, cands)
+        from .plan import ranks_per_node
+
+        st = select.Stats.from_records(table, p, device, ranks_per_node(icomm))
+        cands = tuple(n for n in algorithms.names()
+                      if _usable(algorithms.get(n), p, send, recv) is None)
+        requested = _choose(st, cands)
     info = algorithms.get(requested, call)
+    if info.prepare is not None and not inplace and not device and info.name != "native":
+        _cached_plan(icomm, kind, info.name, send, recv).run_specs(send, recv)
+        return info.name
     transport = _transport(icomm, recv.device)
     ctx = Context(comm=icomm, rank=rank, size=p, kind=kind, transport=transport,
                   in_place=inplace)
@@ -139,6 +144,40 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
         send = transport.clone(recv)
     info.run(send, recv, ctx)
     return info.name
+
+
+_CHOICES: OrderedDict = OrderedDict()
+_PLANS: OrderedDict = OrderedDict()
+ONESHOT_CACHE = 8  # one-shot plans kept (LRU); each keeps its 2 latest buffer bindings
+
+
+def _choose(stats: select.Stats, cands: tuple[str, ...]) -> str:
+    """select.choose, memoised per (stats, candidates, table): same inputs, same answer."""
+    table = select.load_table()
+    key = (stats, cands, id(table))
+    hit = _CHOICES.get(key)
+    if hit is None:
+        hit = _CHOICES[key] = select.choose(stats, list(cands), table)
+        if len(_CHOICES) > 256:
+            _CHOICES.popitem(last=False)
+    return hit
+
+
+def _cached_plan(icomm: MPI.Intracomm, kind: str, name: str, send: VSpec, recv: VSpec):
+    """The one-shot plan for (comm, algorithm, dtype, counts digest), made on first use."""
+    key = (icomm.handle, name, kind, send.tsize, send.extent, recv.extent,
+           send.counts.tobytes(), send.displs.tobytes(), recv.counts.tobytes(),
+           recv.displs.tobytes())
+    pl = _PLANS.get(key)
+    if pl is None:
+        from .plan import Plan
+
+        pl = _PLANS[key] = Plan._from_specs(icomm, name, send, recv, cache_size=2)
+        while len(_PLANS) > ONESHOT_CACHE:
+            _PLANS.popitem(last=False)[1].free()
+    else:
+        _PLANS.move_to_end(key)
+    return pl
 
 
 def Alltoallv(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,
@@ -282,3 +321,5 @@ class Comm(MPI.Intracomm):
         """``MPI.Comm.Alltoall`` through pya2a with this communicator's algorithm."""
         _exchange("Alltoall", "alltoall", self, sendbuf, recvbuf, self.algorithm, False)
 
+
+from .plan import Plan, explain, plan  # noqa: E402  (plan.py builds on the helpers above)

@@ -1,38 +1,269 @@
-"""Choosing an algorithm for ``algorithm="auto"``.
+"""Choosing an algorithm for ``algorithm="auto"``: cost models corrected by measurements.
 
-The choice is made from values that are identical on every rank (the all-gathered agreement
-record: largest block in bytes over all ranks, mean bytes per peer, p, buffer kind), so every
-rank reaches the same answer without further communication. This is the built-in size rule;
-the cost-model selector with measured parameters replaces it (issue: selection and tuning).
+Every rank must reach the same answer without further communication, so the choice is a pure
+function of :class:`Stats`, values that are identical on every rank because they come from the
+all-gathered agreement record (largest block, mean and busiest-rank bytes, p, ranks per node,
+buffer kind), and of the tuning table, which every rank reads from the same file.
+
+Prediction for algorithm ``a`` at p ranks and ``m`` effective bytes per peer::
+
+    t_a(p, m) = r_a(m) * cost_a(p, m, params)
+
+``cost_a`` is the algorithm's own textbook model (``algorithms/<name>.py``) in the machine
+parameters ``o`` (per-call software overhead), ``ts`` (message start-up), ``tw`` (seconds per
+byte), ``tp`` (our per-message Python overhead) and ``tr`` (local rearrangement, seconds per
+byte). ``r_a(m)`` is the measured correction, ``measured / model``, recorded by
+``python -m pya2a tune`` at the tuned p and interpolated log-log in ``m`` (clamped at the
+ends); for another p the correction of the nearest tuned p is used. At the tuned p the
+prediction is therefore the measurement itself, elsewhere the model carries it. An algorithm
+other than ``native`` is only chosen when predicted faster than ``native`` by the table's
+``margin`` (default 10 %), so noise in the table cannot make ``auto`` lose to the library.
+
+``m`` is the *busiest* rank's bytes per peer, ``max(send or receive bytes of one rank) / p``:
+an exchange ends when its busiest rank is done, so a skewed or hot exchange is priced like a
+uniform one of the busiest rank's size.
+
+Tuning table: ``PYA2A_TUNING=path``, else ``$XDG_CACHE_HOME/pya2a/tuning.json`` (default
+``~/.cache/pya2a/tuning.json``), else the built-in :data:`DEFAULT_TABLE`; docs/selection.md
+says where its numbers come from. ``PYA2A_ALGORITHM`` or ``algorithm=`` bypass all of this.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["Stats", "choose", "LARGE_BLOCK"]
+from . import algorithms
 
-# Above this many bytes in the largest block, pairwise exchange (one peer per step, no
-# receiver contention) is the safer default than posting every message at once.
-LARGE_BLOCK = 64 * 1024
+__all__ = ["Stats", "choose", "ranking", "predict", "load_table", "table_path", "DEFAULT_TABLE",
+           "DEFAULT_PARAMS", "DEFAULT_MARGIN"]
+
+# Machine parameters when no tuning table is found: fitted by `python -m pya2a tune --quick`
+# on the lent 64-core machine (nvidia-h200-x4, MPICH 5.0.2 wheel, shared memory, p = 64),
+# bench/results/cpu_tune_p64.json; docs/selection.md.
+DEFAULT_PARAMS: dict[str, float] = {
+    "o": 3.0e-6,  # per-call software overhead of a plan run, s
+    "ts": 1.0e-6,  # MPI message start-up, s
+    "tw": 2.0e-10,  # s per byte through shared memory (~5 GB/s per rank, all ranks busy)
+    "tp": 1.5e-6,  # our Python cost per message (persistent start/wait), s
+    "tr": 1.0e-10,  # local pack/unpack, s per byte (~10 GB/s memcpy)
+}
+DEFAULT_MARGIN = 0.10
+
+DEFAULT_TABLE: dict = {
+    "version": 1,
+    "provenance": {"source": "built-in defaults (pya2a/select.py); see docs/selection.md"},
+    "params": DEFAULT_PARAMS,
+    "margin": DEFAULT_MARGIN,
+    "corrections": [],
+}
 
 
 @dataclass(frozen=True)
 class Stats:
-    """Global facts about one exchange, identical on every rank."""
+    """Global facts about one exchange, identical on every rank.
+
+    Attributes:
+        p: number of ranks.
+        max_block: largest block any rank sends, bytes.
+        mean_block: mean bytes per (src, dst) pair over the whole exchange.
+        device: device (GPU) buffers.
+        contiguous: every rank's datatypes are dense (byte-level algorithms can run).
+        max_rank: bytes sent or received by the busiest rank (max over ranks and sides);
+            0 means unknown and is taken as ``mean_block * p``.
+        ranks_per_node: ranks sharing this node (0: unknown); part of the tuning key.
+    """
 
     p: int
-    max_block: int  # largest block any rank sends, bytes
-    mean_block: float  # mean bytes per (src, dst) pair
+    max_block: int
+    mean_block: float
     device: bool
     contiguous: bool
+    max_rank: int = 0
+    ranks_per_node: int = 0
+
+    @property
+    def m_eff(self) -> float:
+        """Bytes per peer of the busiest rank: the size the models are evaluated at."""
+        busiest = self.max_rank if self.max_rank else self.mean_block * self.p
+        return max(float(busiest) / max(self.p, 1), float(self.mean_block))
+
+    @classmethod
+    def from_records(cls, table, p: int, device: bool, ranks_per_node: int = 0) -> Stats:
+        """Stats from the all-gathered agreement records (identical on every rank).
+
+        Args:
+            table: int64 array (p, >= 6): columns [error, algorithm code, largest block,
+                bytes sent, device, contiguous] and optionally [bytes received] (bytes).
+        """
+        send_tot = table[:, 3]
+        busiest = int(send_tot.max()) if p else 0
+        if table.shape[1] > 6:
+            busiest = max(busiest, int(table[:, 6].max()))
+        return cls(p=p, max_block=int(table[:, 2].max()) if p else 0,
+                   mean_block=float(send_tot.sum()) / (p * p) if p else 0.0, device=device,
+                   contiguous=bool(table[:, 5].all()), max_rank=busiest,
+                   ranks_per_node=ranks_per_node)
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest rank's bytes over the mean rank's bytes (1.0 = balanced)."""
+        mean = self.mean_block * self.p
+        return float(self.max_rank) / mean if mean and self.max_rank else 1.0
 
 
-def choose(stats: Stats, candidates: list[str]) -> str:
-    """Pick an algorithm name among ``candidates`` (all usable for this exchange)."""
-    if not stats.contiguous or "native" in candidates and stats.max_block < LARGE_BLOCK:
-        if "native" in candidates:
+def table_path() -> Path:
+    """Where the tuning table is read from and ``tune`` writes by default."""
+    env = os.environ.get("PYA2A_TUNING")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pya2a" / "tuning.json"
+
+
+_CACHE: dict[tuple[str, float], dict] = {}
+
+
+def load_table(path: str | os.PathLike | None = None) -> dict:
+    """The tuning table in use: ``path``, else :func:`table_path` if it exists, else defaults.
+
+    The returned dict has ``params``, ``margin``, ``corrections`` and ``provenance`` (with
+    ``path`` set to the file read, or None for the built-in table). A file that cannot be
+    read or parsed falls back to the defaults with ``provenance["error"]`` saying why: a
+    broken cache file must not make every rank fail.
+    """
+    p = Path(path) if path is not None else table_path()
+    try:
+        mtime = p.stat().st_mtime
+    except OSError:
+        if path is not None:
+            raise FileNotFoundError(f"tuning table {str(p)!r} not found") from None
+        return _builtin()
+    key = (str(p), mtime)
+    if key in _CACHE:
+        return _CACHE[key]
+    try:
+        with open(p) as f:
+            raw = json.load(f)
+        table = _normalize(raw)
+        table["provenance"] = dict(raw.get("provenance", {}), path=str(p))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        table = _builtin()
+        table["provenance"] = dict(table["provenance"], error=f"{p}: {e}")
+    _CACHE.clear()
+    _CACHE[key] = table
+    return table
+
+
+def _builtin() -> dict:
+    t = _normalize(DEFAULT_TABLE)
+    t["provenance"] = dict(DEFAULT_TABLE["provenance"], path=None)
+    return t
+
+
+def _normalize(raw: dict) -> dict:
+    if not isinstance(raw, dict):
+        raise TypeError("tuning table must be a JSON object")
+    params = dict(DEFAULT_PARAMS)
+    params.update({k: float(v) for k, v in raw.get("params", {}).items()})
+    corr = []
+    for c in raw.get("corrections", []):
+        m = [float(x) for x in c["m"]]
+        r = [float(x) for x in c["ratio"]]
+        if len(m) != len(r) or not m:
+            raise ValueError("correction entries need equal-length non-empty m and ratio")
+        corr.append({"algorithm": str(c["algorithm"]), "p": int(c["p"]),
+                     "device": bool(c.get("device", False)),
+                     "ranks_per_node": int(c.get("ranks_per_node", 0)), "m": m, "ratio": r})
+    return {"version": int(raw.get("version", 1)), "params": params,
+            "margin": float(raw.get("margin", DEFAULT_MARGIN)), "corrections": corr,
+            "provenance": dict(raw.get("provenance", {}))}
+
+
+def _interp_loglog(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear interpolation in (log x, log y), clamped outside [xs[0], xs[-1]]."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    lx = math.log(x)
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            x0, x1 = math.log(xs[i - 1]), math.log(xs[i])
+            y0, y1 = math.log(ys[i - 1]), math.log(ys[i])
+            w = (lx - x0) / (x1 - x0) if x1 > x0 else 0.0
+            return math.exp(y0 + w * (y1 - y0))
+    return ys[-1]  # pragma: no cover
+
+
+def _correction(table: dict, name: str, stats: Stats) -> tuple[float, dict | None]:
+    best = None
+    for c in table["corrections"]:
+        if c["algorithm"] != name or c["device"] != stats.device:
+            continue
+        # nearest p in log scale; same ranks-per-node layout preferred
+        d = abs(math.log(c["p"]) - math.log(max(stats.p, 1)))
+        if stats.ranks_per_node and c["ranks_per_node"] and \
+                c["ranks_per_node"] != stats.ranks_per_node:
+            d += 10.0
+        if best is None or d < best[0]:
+            best = (d, c)
+    if best is None:
+        return 1.0, None
+    c = best[1]
+    return _interp_loglog(c["m"], c["ratio"], max(stats.m_eff, 1.0)), c
+
+
+def predict(name: str, stats: Stats, table: dict | None = None) -> float:
+    """Predicted seconds of algorithm ``name`` for the exchange described by ``stats``."""
+    table = load_table() if table is None else table
+    info = algorithms.get(name)
+    model = info.cost(stats.p, stats.m_eff, table["params"])
+    ratio, _ = _correction(table, name, stats)
+    return ratio * model
+
+
+def ranking(stats: Stats, candidates: list[str], table: dict | None = None) -> list[dict]:
+    """All ``candidates`` with predicted times, fastest first (ties keep candidate order).
+
+    Returns:
+        list of dicts: ``algorithm``, ``predicted_s``, ``model_s`` (uncorrected cost model),
+        ``correction`` (measured/model factor applied) and ``tuned_p`` (p of the correction
+        used, or None).
+    """
+    table = load_table() if table is None else table
+    rows = []
+    for i, name in enumerate(candidates):
+        info = algorithms.get(name)
+        model = info.cost(stats.p, stats.m_eff, table["params"])
+        ratio, c = _correction(table, name, stats)
+        rows.append({"algorithm": name, "predicted_s": ratio * model, "model_s": model,
+                     "correction": ratio, "tuned_p": c["p"] if c else None, "_i": i})
+    rows.sort(key=lambda r: (r["predicted_s"], r["_i"]))
+    for r in rows:
+        del r["_i"]
+    return rows
+
+
+def choose(stats: Stats, candidates: list[str], table: dict | None = None) -> str:
+    """Pick an algorithm name among ``candidates`` (all usable for this exchange).
+
+    Deterministic in (stats, candidates, table): every rank passes identical values, so
+    every rank returns the same name. ``native`` wins unless another algorithm is predicted
+    faster by more than the table's margin, and always for non-contiguous datatypes.
+    """
+    if not candidates:
+        raise ValueError("choose: no usable algorithm")
+    if stats.p <= 1 or not stats.contiguous:
+        return "native" if "native" in candidates else candidates[0]
+    table = load_table() if table is None else table
+    order = ranking(stats, candidates, table)
+    best = order[0]
+    if "native" in candidates and best["algorithm"] != "native":
+        t_native = next(r["predicted_s"] for r in order if r["algorithm"] == "native")
+        if best["predicted_s"] > (1.0 - table["margin"]) * t_native:
             return "native"
-    if stats.p > 2 and "pairwise" in candidates:
-        return "pairwise"
-    return "native" if "native" in candidates else candidates[0]
+    return best["algorithm"]

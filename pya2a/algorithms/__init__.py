@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from ..bufspec import VSpec
 
-__all__ = ["AlgorithmInfo", "Context", "register", "get", "names", "available"]
+__all__ = ["AlgorithmInfo", "Bound", "Context", "register", "get", "names", "available"]
 
 
 @dataclass
@@ -41,6 +41,20 @@ class Context:
     options: dict = field(default_factory=dict)
 
 
+@dataclass
+class Bound:
+    """An exchange bound to two buffers by an algorithm's ``prepare`` (persistent requests).
+
+    ``run()`` performs one exchange with no allocation and no schedule work; ``free()``
+    releases the requests (local, never collective). ``persistent_collective`` is True when
+    ``run`` starts a persistent *collective* request, which every rank must start in step.
+    """
+
+    run: Callable[[], None]
+    free: Callable[[], None] = lambda: None
+    persistent_collective: bool = False
+
+
 @dataclass(frozen=True)
 class AlgorithmInfo:
     """A registered algorithm.
@@ -53,6 +67,10 @@ class AlgorithmInfo:
         supports: ``supports(p, send, recv, device) -> reason or None``; None means usable.
         host, device: buffer kinds the algorithm accepts.
         needs_contiguous: works on bytes, so the datatype must be dense.
+        prepare: optional ``prepare(send, recv, ctx) -> Bound | None``: bind the exchange to
+            these two buffers once (persistent requests, precomputed views) for plans;
+            ``ctx.options["persistent_collective"]`` allows a collective init (native's
+            ``Alltoallv_init``). None (or a None result) means plans call ``run`` each time.
     """
 
     name: str
@@ -64,6 +82,7 @@ class AlgorithmInfo:
     device: bool = False
     needs_contiguous: bool = True
     doc: str = ""
+    prepare: Callable[[VSpec | None, VSpec, Context], Bound | None] | None = None
 
 
 _REGISTRY: dict[str, AlgorithmInfo] = {}

@@ -11,9 +11,9 @@ from __future__ import annotations
 from mpi4py import MPI
 
 from ..bufspec import VSpec
-from . import AlgorithmInfo, Context, register
+from . import AlgorithmInfo, Bound, Context, register
 
-__all__ = ["run", "cost"]
+__all__ = ["run", "cost", "prepare"]
 
 
 def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
@@ -29,6 +29,44 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
         comm.Alltoallv(smsg if smsg is not None else send.message(), recv.message())
 
 
+def _messages(send: VSpec | None, recv: VSpec, kind: str) -> tuple[object, object]:
+    if kind == "alltoall":
+        rmsg = [recv.obj, (int(recv.counts[0]), int(recv.displs[0])), recv.datatype]
+        smsg = MPI.IN_PLACE if send is None else \
+            [send.obj, (int(send.counts[0]), int(send.displs[0])), send.datatype]
+    else:
+        rmsg = recv.message()
+        smsg = MPI.IN_PLACE if send is None else send.message()
+    return smsg, rmsg
+
+
+def prepare(send: VSpec | None, recv: VSpec, ctx: Context) -> Bound | None:
+    """Bind to these buffers: ``Alltoall(v)_init`` when allowed and available, else the call.
+
+    The persistent collective is only made when ``ctx.options["persistent_collective"]`` is
+    set (``Plan.bind``): its initialisation is collective, so every rank must bind at the
+    same point, which an address-keyed cache cannot promise.
+    """
+    if recv.device is not None:
+        return None
+    comm = ctx.comm
+    smsg, rmsg = _messages(send, recv, ctx.kind)
+    if ctx.options.get("persistent_collective"):
+        init = getattr(comm, "Alltoall_init" if ctx.kind == "alltoall" else "Alltoallv_init",
+                       None)
+        if init is not None and MPI.Get_version() >= (4, 0):
+            req = init(smsg, rmsg)
+            start, wait = req.Start, req.Wait
+
+            def run_persistent() -> None:
+                start()
+                wait()
+
+            return Bound(run=run_persistent, free=req.Free, persistent_collective=True)
+    call = comm.Alltoall if ctx.kind == "alltoall" else comm.Alltoallv
+    return Bound(run=lambda: call(smsg, rmsg))
+
+
 def cost(p: int, m: float, params: dict) -> float:
     """All p-1 messages posted at once: start-ups overlap poorly, bytes share the links.
 
@@ -38,4 +76,4 @@ def cost(p: int, m: float, params: dict) -> float:
 
 
 register(AlgorithmInfo(name="native", run=run, cost=cost, host=True, device=False,
-                       needs_contiguous=False, doc=__doc__ or ""))
+                       needs_contiguous=False, doc=__doc__ or "", prepare=prepare))

@@ -1,0 +1,549 @@
+"""Persistent plans: validate, select and schedule once, then run many times.
+
+A :class:`Plan` fixes the communicator, counts, displacements, datatype and algorithm. Its
+creation is collective: arguments are checked on every rank with the same error agreement as
+the one-shot calls (an error anywhere raises everywhere), the counts are checked against the
+peers' (what i sends to j is what j expects from i), and the algorithm is chosen from global
+values. ``plan.run(sendbuf, recvbuf)`` then binds the algorithm to the two buffers once
+(persistent ``Send_init`` / ``Recv_init`` requests, precomputed views) and keeps up to
+``cache_size`` such bindings keyed by the buffers' addresses, so repeated runs on the same
+buffers do no allocation, no parsing and no schedule work: only ``Startall`` / ``Waitall``.
+
+Runs are not collective-agreed (that would cost the Allgather plans exist to avoid): buffer
+errors in ``run`` (too small, read-only, wrong kind) raise on the rank that has them, before
+any data moves. ``plan.run(..., check=True)`` agrees on them collectively instead.
+
+``native`` plans call the library's Alltoallv with prebuilt arguments; ``plan.bind(sendbuf,
+recvbuf)`` (collective: every rank binds at the same point) returns a :class:`BoundPlan`
+whose ``run()`` starts an ``MPI_Alltoallv_init`` persistent collective where the MPI has it
+(MPI 4: MPICH 4+, Open MPI 5).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from . import algorithms, select
+from .algorithms import Bound, Context
+from .api import _check_comm, _code, _requested, _transport, _usable, internal_comm
+from .bufspec import VSpec, in_place, parse_vector
+from .validate import agree, check_counts_match
+
+__all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain", "ranks_per_node"]
+
+DEFAULT_CACHE = 4
+_NODE_KEYVAL: int | None = None
+
+
+def ranks_per_node(icomm: MPI.Intracomm) -> int:
+    """Largest number of ranks of ``icomm`` sharing a node (collective on first use).
+
+    Cached as an attribute of the communicator, so every rank computes it at the same call
+    and all ranks hold the same value (the selector's inputs must be identical).
+    """
+    global _NODE_KEYVAL
+    if _NODE_KEYVAL is None:
+        _NODE_KEYVAL = MPI.Comm.Create_keyval()
+    val = icomm.Get_attr(_NODE_KEYVAL)
+    if val is None:
+        local = icomm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            val = icomm.allreduce(local.Get_size(), op=MPI.MAX)
+        finally:
+            local.Free()
+        icomm.Set_attr(_NODE_KEYVAL, int(val))
+    return int(val)
+
+
+def _datatype(call: str, dtype: object) -> MPI.Datatype:
+    if isinstance(dtype, MPI.Datatype):
+        if dtype == MPI.DATATYPE_NULL:
+            raise ValueError(f"{call}: dtype is MPI.DATATYPE_NULL")
+        return dtype
+    try:
+        npd = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{call}: dtype must be a NumPy dtype, typecode or MPI.Datatype, "
+                        f"not {type(dtype).__name__}") from None
+    try:
+        return MPI._typedict[npd.char]
+    except KeyError:
+        if npd.kind == "V" or npd.hasobject:
+            raise TypeError(f"{call}: dtype {npd} has no MPI datatype; pass "
+                            f"MPI.BYTE with counts in bytes") from None
+        raise TypeError(f"{call}: dtype {npd} has no MPI datatype") from None
+
+
+def _counts(call: str, name: str, ob: object, p: int) -> np.ndarray:
+    if isinstance(ob, (str, bytes)):
+        raise TypeError(f"{call}: {name} must be a sequence of integers")
+    arr = np.asarray(ob)
+    if arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer):
+        arr = np.full(p, int(arr), dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"{call}: {name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size and not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+        raise TypeError(f"{call}: {name} must be integers, got {arr.dtype}")
+    if arr.size != p:
+        raise ValueError(f"{call}: {name} has {arr.size} entries, expected {p}")
+    arr = arr.astype(np.int64)
+    if (arr < 0).any():
+        j = int(np.argmax(arr < 0))
+        raise ValueError(f"{call}: {name}[{j}] = {arr[j]} is negative")
+    arr.setflags(write=False)
+    return arr
+
+
+def _displs(call: str, name: str, ob: object, counts: np.ndarray) -> np.ndarray:
+    p = counts.size
+    if ob is None:
+        d = np.zeros(p, dtype=np.int64)
+        if p > 1:
+            np.cumsum(counts[:-1], out=d[1:])
+        d.setflags(write=False)
+        return d
+    return _counts(call, name, ob, p)
+
+
+def _template(counts: np.ndarray, displs: np.ndarray, dt: MPI.Datatype,
+              device: int | None) -> VSpec:
+    """A VSpec with no buffer, for the usability checks made before buffers exist."""
+    _, extent = dt.Get_extent()
+    tlb, textent = dt.Get_true_extent()
+    end = int(((displs + counts) * extent).max()) if counts.size else 0
+    return VSpec(None, 0, end, False, device, dt, extent, dt.Get_size(), tlb, textent,
+                 counts, displs)
+
+
+@dataclass
+class _Entry:
+    send_obj: object
+    recv_obj: object
+    bound: Bound
+    scratch: tuple | None  # (dst view, src view) copied before each in-place run
+
+
+@dataclass
+class Explanation:
+    """What ``auto`` would do for an exchange, and why.
+
+    Attributes:
+        choice: the algorithm ``auto`` picks (or the override in force).
+        override: where an override came from ("algorithm=", "PYA2A_ALGORITHM") or None.
+        stats: the global inputs of the selector (identical on every rank).
+        ranking: per candidate: predicted_s, model_s, correction, tuned_p; fastest first.
+        excluded: algorithm -> why it cannot run this exchange.
+        table: provenance of the tuning table in use.
+    """
+
+    choice: str
+    override: str | None
+    stats: select.Stats
+    ranking: list[dict]
+    excluded: dict[str, str]
+    table: dict
+
+    def __str__(self) -> str:
+        s = self.stats
+        lines = [f"pya2a auto selection: p={s.p} ranks/node={s.ranks_per_node or '?'} "
+                 f"bytes/peer (busiest rank)={s.m_eff:.0f} mean={s.mean_block:.0f} "
+                 f"max block={s.max_block} imbalance={s.imbalance:.2f} "
+                 f"{'device' if s.device else 'host'}",
+                 f"tuning table: {self.table.get('path') or 'built-in defaults'}",
+                 f"{'algorithm':<14}{'predicted us':>14}{'model us':>12}{'x corr':>9}"
+                 f"{'tuned p':>9}"]
+        for r in self.ranking:
+            mark = " <- chosen" if r["algorithm"] == self.choice else ""
+            lines.append(f"{r['algorithm']:<14}{r['predicted_s'] * 1e6:>14.1f}"
+                         f"{r['model_s'] * 1e6:>12.1f}{r['correction']:>9.2f}"
+                         f"{r['tuned_p'] if r['tuned_p'] else '-':>9}{mark}")
+        for name, why in self.excluded.items():
+            lines.append(f"{name:<14}{'excluded':>14}  {why}")
+        if self.override:
+            lines.append(f"override: {self.choice!r} from {self.override}")
+        return "\n".join(lines)
+
+
+def _decide(icomm: MPI.Intracomm, send: VSpec, recv: VSpec, table_rows: np.ndarray,
+            algorithm: str, requested: str) -> tuple[str, Explanation]:
+    p = icomm.Get_size()
+    device = recv.device is not None
+    stats = select.Stats.from_records(table_rows, p, device, ranks_per_node(icomm))
+    cands, excluded = [], {}
+    for n in algorithms.names():
+        why = _usable(algorithms.get(n), p, send, recv)
+        if why is None:
+            cands.append(n)
+        else:
+            excluded[n] = why
+    table = select.load_table()
+    order = select.ranking(stats, cands, table) if cands else []
+    if requested != "auto":
+        choice = requested
+        override = "algorithm=" if algorithm != "auto" else "PYA2A_ALGORITHM"
+    else:
+        choice, override = select.choose(stats, cands, table), None
+    return choice, Explanation(choice, override, stats, order, excluded, table["provenance"])
+
+
+class BoundPlan:
+    """A plan bound to two buffers (``Plan.bind``): ``run()`` takes no arguments."""
+
+    def __init__(self, plan: Plan, entry: _Entry) -> None:
+        self._plan = plan
+        self._entry = entry
+        self.algorithm = plan.algorithm
+
+    def run(self) -> None:
+        """One exchange on the bound buffers (no allocation, no parsing)."""
+        e = self._entry
+        if e is None:
+            raise ValueError("BoundPlan.run: the bound plan was freed")
+        if e.scratch is not None:
+            e.scratch[0][...] = e.scratch[1]
+        e.bound.run()
+
+    def free(self) -> None:
+        """Release the persistent requests (local; call on every rank before MPI ends)."""
+        if self._entry is not None:
+            self._entry.bound.free()
+            self._entry = None
+
+    def __enter__(self) -> BoundPlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+
+class Plan:
+    """A persistent Alltoallv: fixed counts, datatype and algorithm; run on any buffers.
+
+    Args:
+        comm: an mpi4py intracommunicator (creation is collective over it).
+        sendcounts: p non-negative integers, elements of ``dtype`` sent to each rank (or one
+            integer for all).
+        recvcounts: p integers, elements received from each rank.
+        dtype: NumPy dtype (or typecode) or ``MPI.Datatype`` of the elements.
+        senddispls, recvdispls: p element offsets of the blocks (default: packed, the prefix
+            sums of the counts).
+        device: None for host buffers, or the CUDA device ordinal of device buffers.
+        algorithm: "auto" (``PYA2A_ALGORITHM`` overrides) or a name; same on every rank.
+        cache_size: buffer pairs whose bindings are kept (least recently used evicted).
+
+    Raises:
+        TypeError, ValueError: bad arguments, or counts that do not match the peers', on any
+            rank: raised on every rank.
+    """
+
+    def __init__(self, comm: MPI.Intracomm, sendcounts: object, recvcounts: object,
+                 dtype: object, *, senddispls: object = None, recvdispls: object = None,
+                 device: int | None = None, algorithm: str = "auto",
+                 cache_size: int = DEFAULT_CACHE) -> None:
+        call = "plan"
+        _check_comm(call, comm)
+        icomm = internal_comm(comm)
+        p, rank = icomm.Get_size(), icomm.Get_rank()
+        requested = _requested(algorithm)
+        exc: BaseException | None = None
+        stats = np.zeros(6, dtype=np.int64)
+        send = recv = None
+        try:
+            dt = _datatype(call, dtype)
+            sc = _counts(call, "sendcounts", sendcounts, p)
+            rc = _counts(call, "recvcounts", recvcounts, p)
+            sd = _displs(call, "senddispls", senddispls, sc)
+            rd = _displs(call, "recvdispls", recvdispls, rc)
+            dev = None if device is None else int(device)
+            send, recv = _template(sc, sd, dt, dev), _template(rc, rd, dt, dev)
+            if sc[rank] != rc[rank]:
+                raise ValueError(f"{call}: rank {rank} sends itself {sc[rank]} elements but "
+                                 f"expects {rc[rank]} from itself")
+            if recv.contiguous:
+                from . import _pack
+
+                hit = _pack.blocks_overlap(recv.bdispls, recv.bcounts)
+                if hit is not None:
+                    raise ValueError(f"{call}: receive blocks {hit[0]} and {hit[1]} overlap")
+            if requested != "auto":
+                why = _usable(algorithms.get(requested, call), p, send, recv)
+                if why:
+                    raise ValueError(f"{call}: algorithm {requested!r} {why}")
+            sb = sc * send.tsize
+            stats[:] = (_code(requested), int(sb.max()) if p else 0, int(sb.sum()),
+                        dev is not None, send.contiguous and recv.contiguous,
+                        int((rc * recv.tsize).sum()))
+        except Exception as e:  # agreed on below, then raised on every rank
+            exc = e
+        rows = agree(icomm, exc, stats)
+        assert send is not None and recv is not None  # agree() raised otherwise
+        if (rows[:, 1] != rows[0, 1]).any():
+            raise ValueError(f"{call}: ranks asked for different algorithms "
+                             f"(algorithm must be the same on every rank)")
+        if (rows[:, 4] != rows[0, 4]).any():
+            raise TypeError(f"{call}: some ranks pass device buffers and others host buffers")
+        check_counts_match(icomm, call, send, recv)
+        self.algorithm, self._explanation = _decide(icomm, send, recv, rows, algorithm,
+                                                        requested)
+        self._init(icomm, send, recv, cache_size)
+
+    def _init(self, icomm: MPI.Intracomm, send: VSpec, recv: VSpec, cache_size: int) -> None:
+        self.comm = icomm
+        self.size, self.rank = icomm.Get_size(), icomm.Get_rank()
+        self.sendcounts, self.senddispls = send.counts, send.displs
+        self.recvcounts, self.recvdispls = recv.counts, recv.displs
+        self.datatype = send.datatype
+        self.device = recv.device
+        self._send_t, self._recv_t = send, recv
+        self._info = algorithms.get(self.algorithm)
+        self._cache_size = max(1, int(cache_size))
+        self._by_addr: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._last: _Entry | None = None
+        self._freed = False
+
+    @classmethod
+    def _from_specs(cls, icomm: MPI.Intracomm, algorithm: str, send: VSpec, recv: VSpec,
+                    cache_size: int = 2) -> Plan:
+        """An already-validated plan for the one-shot cache (no communication)."""
+        self = cls.__new__(cls)
+        self.algorithm = algorithm
+        self._explanation = None
+        self._init(icomm, send, recv, cache_size)
+        return self
+
+    # ---- binding ---------------------------------------------------------------------------
+    def _ctx(self, kind: str = "alltoallv", **options: object) -> Context:
+        return Context(comm=self.comm, rank=self.rank, size=self.size, kind=kind,
+                       transport=_transport(self.comm, self.device), in_place=False,
+                       options=dict(options))
+
+    def _parse(self, buf: object, counts: np.ndarray, displs: np.ndarray, readonly: bool,
+               what: str, name: str) -> VSpec:
+        return parse_vector([buf, (counts, displs), self.datatype], self.size,
+                            readonly=readonly, call="Plan.run", what=what, name=name)
+
+    def _make_entry(self, sendbuf: object, recvbuf: object, send: VSpec | None, recv: VSpec,
+                    ctx: Context) -> _Entry:
+        info, t = self._info, ctx.transport
+        scratch = None
+        if send is None and info.name != "native":
+            if self.device is not None:  # pragma: no cover - GPU path: fresh copy per run
+                run, r, c = info.run, recv, ctx
+                return _Entry(sendbuf, recvbuf, Bound(run=lambda: run(t.clone(r), r, c)), None)
+            send = t.clone(recv)
+            scratch = (t.buffer(send), t.buffer(recv))
+        bound = info.prepare(send, recv, ctx) if info.prepare is not None else None
+        if bound is None:
+            if send is None:
+                ctx.in_place = True
+            s, r, c, run = send, recv, ctx, info.run
+            bound = Bound(run=lambda: run(s, r, c))
+        return _Entry(sendbuf, recvbuf, bound, scratch)
+
+    def _bind(self, sendbuf: object, recvbuf: object, ctx: Context) -> tuple[tuple, _Entry]:
+        recv = self._parse(recvbuf, self.recvcounts, self.recvdispls, False,
+                           "receive buffer", "recv")
+        if in_place(sendbuf):
+            send = None
+            key = (None, recv.addr, recv.nbytes)
+        else:
+            send = self._parse(sendbuf, self.sendcounts, self.senddispls, True,
+                               "send buffer", "send")
+            if (send.device is None) != (recv.device is None):
+                raise TypeError("Plan.run: send and receive buffers must both be host or "
+                                "both be device buffers")
+            if send.nbytes and recv.nbytes and send.addr < recv.addr + recv.nbytes and \
+                    recv.addr < send.addr + send.nbytes:
+                raise ValueError("Plan.run: send and receive buffers overlap; pass "
+                                 "MPI.IN_PLACE as the send buffer for an in-place exchange")
+            key = (send.addr, send.nbytes, recv.addr, recv.nbytes)
+        if (recv.device is None) != (self.device is None):
+            raise TypeError(f"Plan.run: the plan is for "
+                            f"{'host' if self.device is None else 'device'} buffers")
+        return key, self._make_entry(sendbuf, recvbuf, send, recv, ctx)
+
+    def _entry(self, sendbuf: object, recvbuf: object) -> _Entry:
+        if self._freed:
+            raise ValueError("Plan.run: the plan was freed")
+        last = self._last
+        if last is not None and last.send_obj is sendbuf and last.recv_obj is recvbuf:
+            return last
+        # a new object may still be the same memory (a fresh view): look up by address
+        recv_mem = _address(recvbuf)
+        send_mem = (None,) if in_place(sendbuf) else _address(sendbuf)
+        key = (*send_mem, *recv_mem) if send_mem[0] is not None else (None, *recv_mem)
+        entry = self._by_addr.get(key)
+        if entry is None:
+            key, entry = self._bind(sendbuf, recvbuf, self._ctx())
+            self._insert(key, entry)
+        else:
+            self._by_addr.move_to_end(key)
+        self._last = entry
+        return entry
+
+    def _insert(self, key: tuple, entry: _Entry) -> None:
+        self._by_addr[key] = entry
+        while len(self._by_addr) > self._cache_size:
+            _, old = self._by_addr.popitem(last=False)
+            if old is self._last:
+                self._last = None
+            old.bound.free()
+
+    def run_specs(self, send: VSpec, recv: VSpec) -> None:
+        """Run on already parsed and agreed specs (the one-shot API's cached path)."""
+        key = (send.addr, send.nbytes, recv.addr, recv.nbytes)
+        entry = self._by_addr.get(key)
+        if entry is None:
+            entry = self._make_entry(send.obj, recv.obj, send, recv, self._ctx())
+            self._insert(key, entry)
+        else:
+            self._by_addr.move_to_end(key)
+        entry.bound.run()
+
+    # ---- public ----------------------------------------------------------------------------
+    def run(self, sendbuf: object, recvbuf: object, *, check: bool = False) -> None:
+        """One exchange: ``sendbuf`` blocks to every rank, ``recvbuf`` blocks from them.
+
+        Args:
+            sendbuf: buffer holding the send blocks at ``senddispls`` (elements of the plan's
+                dtype), or ``MPI.IN_PLACE`` / None to send from ``recvbuf``.
+            recvbuf: writable buffer large enough for every receive block.
+            check: agree on buffer errors collectively (one Allgather) before moving data;
+                must be the same on every rank.
+        """
+        if check:
+            exc = None
+            try:
+                entry = self._entry(sendbuf, recvbuf)
+            except Exception as e:
+                exc = e
+            agree(self.comm, exc, np.zeros(0, dtype=np.int64))
+        else:
+            entry = self._entry(sendbuf, recvbuf)
+        if entry.scratch is not None:
+            entry.scratch[0][...] = entry.scratch[1]
+        entry.bound.run()
+
+    __call__ = run
+
+    def bind(self, sendbuf: object, recvbuf: object) -> BoundPlan:
+        """Bind to two buffers for argument-free runs (collective: all ranks together).
+
+        With ``native`` and an MPI-4 library this creates the persistent collective
+        (``MPI_Alltoallv_init``); other algorithms bind persistent point-to-point requests.
+        Buffer errors are agreed on collectively.
+        """
+        exc = None
+        entry = None
+        try:
+            _, entry = self._bind(sendbuf, recvbuf, self._ctx(persistent_collective=True))
+        except Exception as e:
+            exc = e
+        try:
+            agree(self.comm, exc, np.zeros(0, dtype=np.int64))
+        except Exception:
+            if entry is not None:
+                entry.bound.free()
+            raise
+        assert entry is not None
+        return BoundPlan(self, entry)
+
+    def explain(self) -> Explanation | None:
+        """The selection made when the plan was created (None for internal plans)."""
+        return self._explanation
+
+    def free(self) -> None:
+        """Release every binding's requests (local, not collective). Idempotent."""
+        if self._freed:
+            return
+        self._freed = True
+        self._last = None
+        if MPI.Is_finalized():
+            self._by_addr.clear()
+            return
+        while self._by_addr:
+            _, e = self._by_addr.popitem()
+            e.bound.free()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+    def __del__(self) -> None:
+        # Local only: freeing inactive persistent requests never communicates.
+        try:
+            if not getattr(self, "_freed", True) and not sys.is_finalizing():
+                self.free()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (f"<pya2a.Plan algorithm={self.algorithm!r} p={self.size} "
+                f"send={int(self.sendcounts.sum())} recv={int(self.recvcounts.sum())} "
+                f"bindings={len(self._by_addr)}>")
+
+
+def _address(buf: object) -> tuple[int, int]:
+    """(address, nbytes) of a host buffer, or of a device array via the array interface."""
+    try:
+        mem = MPI.buffer(buf)
+        return (mem.address, mem.nbytes)
+    except Exception:
+        cai = getattr(buf, "__cuda_array_interface__", None)
+        if cai is not None:
+            return (int(cai["data"][0]), id(buf))
+        return (id(buf), -1)
+
+
+def plan(comm: MPI.Intracomm, sendcounts: object, recvcounts: object, dtype: object, *,
+         senddispls: object = None, recvdispls: object = None, device: int | None = None,
+         algorithm: str = "auto") -> Plan:
+    """Create a persistent :class:`Plan` (collective). See :class:`Plan` for arguments."""
+    return Plan(comm, sendcounts, recvcounts, dtype, senddispls=senddispls,
+                recvdispls=recvdispls, device=device, algorithm=algorithm)
+
+
+def explain(comm: MPI.Intracomm, sendcounts: object, recvcounts: object = None,
+            dtype: object = "B", *, device: int | None = None,
+            algorithm: str = "auto") -> Explanation:
+    """How ``auto`` ranks the algorithms for an exchange (collective; nothing moves).
+
+    Args:
+        comm: the communicator of the exchange.
+        sendcounts: p counts of ``dtype`` elements this rank sends to each rank.
+        recvcounts: p counts expected from each rank; None exchanges ``sendcounts`` to get
+            them (one Alltoall).
+        dtype: element type (default bytes).
+        device: None for host buffers, else the device ordinal.
+        algorithm: an override to report ("auto" shows the selector's own choice).
+
+    Returns:
+        :class:`Explanation` (print it for a table); identical on every rank.
+    """
+    if recvcounts is None:
+        _check_comm("explain", comm)
+        icomm = internal_comm(comm)
+        p = icomm.Get_size()
+        sc = np.zeros(p, dtype=np.int64)
+        exc = None
+        try:
+            sc = _counts("explain", "sendcounts", sendcounts, p).copy()
+        except Exception as e:
+            exc = e
+        agree(icomm, exc, np.zeros(0, dtype=np.int64))
+        rc = np.empty(p, dtype=np.int64)
+        icomm.Alltoall(sc, rc)
+        recvcounts = rc
+    pl = Plan(comm, sendcounts, recvcounts, dtype, device=device, algorithm=algorithm)
+    out = pl.explain()
+    pl.free()
+    assert out is not None
+    return out
+

@@ -1,0 +1,220 @@
+"""``python -m pya2a tune``: measure this machine and communicator, write the tuning table.
+
+What is measured (all ranks of MPI.COMM_WORLD, collectively):
+
+``o``   software overhead of one plan run with nothing to send (COMM_SELF, 8-byte self copy).
+``ts``  message start-up: every rank exchanges 8 bytes with a partner at once (Sendrecv).
+``tw``  seconds per byte: the same with 1 MiB, ``(t(1M) - t(8)) / 1M``; all ranks busy, so it
+        is the per-rank share of the node's bandwidth, as it is inside an all-to-all.
+``tp``  our per-message cost: ``Startall`` + ``Waitall`` of a persistent send/receive pair to
+        self, per message.
+``tr``  local rearrangement: ``_pack.gather`` of 64 blocks, seconds per byte.
+
+Then, per algorithm, the time of a uniform exchange through a plan at a ladder of sizes
+(``--quick``: 8 B .. 1 MiB by 8x; full: 8 B .. 4 MiB by 4x); the table stores each measured
+time and its ratio to the algorithm's cost model, which :mod:`pya2a.select` interpolates.
+An algorithm more than 4x slower than native at >= 4 KiB is not timed at larger sizes (the
+last ratio is then carried, and the margin keeps it from being chosen there).
+
+The JSON records its provenance (host, MPI library and version, p, ranks per node, date,
+command line). ``auto`` reads it from ``PYA2A_TUNING`` or the user cache path
+(:func:`pya2a.select.table_path`); ``--merge`` keeps other p's entries of an existing file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["measure_params", "measure_corrections", "tune", "main"]
+
+
+def _best(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_params(comm, quick: bool = True) -> dict[str, float]:
+    """The machine parameters o, ts, tw, tp, tr (seconds; identical on every rank)."""
+    from mpi4py import MPI
+
+    from . import _pack
+    from .plan import Plan
+
+    reps = 200 if quick else 1000
+    # o: a plan run that only copies 8 bytes to itself
+    one = np.ones(8, dtype=np.uint8)
+    out = np.empty(8, dtype=np.uint8)
+    pl = Plan(MPI.COMM_SELF, [8], [8], MPI.BYTE, algorithm="direct")
+    pl.run(one, out)
+    o = _best(lambda: [pl.run(one, out) for _ in range(20)], reps // 10) / 20
+    pl.free()
+    # tp: persistent send/recv pair to self, per message
+    sb, rb = np.ones(8, dtype=np.uint8), np.empty(8, dtype=np.uint8)
+    reqs = [MPI.COMM_SELF.Recv_init(rb, 0, 7), MPI.COMM_SELF.Send_init(sb, 0, 7)]
+
+    def pair():
+        MPI.Prequest.Startall(reqs)
+        MPI.Request.Waitall(reqs)
+
+    pair()
+    tp = _best(lambda: [pair() for _ in range(20)], reps // 10) / 20 / 2
+    for q in reqs:
+        q.Free()
+    # tr: gather 64 blocks of 16 KiB
+    src = np.ones(1 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    offs = (np.arange(64, dtype=np.int64) * (1 << 14))[::-1].copy()
+    lens = np.full(64, 1 << 14, dtype=np.int64)
+    _pack.gather(src, offs, lens, dst, 0)
+    tr = _best(lambda: _pack.gather(src, offs, lens, dst, 0), 20) / src.size
+    # ts, tw: all ranks exchange with a partner at once
+    p, rank = comm.Get_size(), comm.Get_rank()
+    ts = tw = None
+    if p > 1:
+        partner = rank ^ 1 if (rank ^ 1) < p else rank
+        big = 1 << 20
+        s = np.ones(big, dtype=np.uint8)
+        r = np.empty(big, dtype=np.uint8)
+
+        def ex(n: int) -> None:
+            comm.Sendrecv([s[:n], MPI.BYTE], partner, 11, [r[:n], MPI.BYTE], partner, 11)
+
+        def timed(n: int, k: int) -> float:
+            ex(n)
+            comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(k):
+                ex(n)
+            return comm.allreduce((time.perf_counter() - t0) / k, op=MPI.MAX)
+
+        t_small = timed(8, reps)
+        t_big = timed(big, 10 if quick else 40)
+        ts = t_small
+        tw = max(t_big - t_small, 0.0) / big
+    vals = {"o": o, "tp": tp, "tr": tr}
+    # every rank must hold identical numbers: take the max over ranks
+    for k in list(vals):
+        vals[k] = comm.allreduce(vals[k], op=MPI.MAX)
+    from .select import DEFAULT_PARAMS
+
+    vals["ts"] = ts if ts is not None else DEFAULT_PARAMS["ts"]
+    vals["tw"] = tw if tw else DEFAULT_PARAMS["tw"]
+    return vals
+
+
+def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[str],
+                        warmup: int, iters: int, max_time: float, progress: bool = False,
+                        max_slowdown: float = 4.0) -> list[dict]:
+    """Time every algorithm through a plan at each size (uniform); ratio to its model."""
+    from mpi4py import MPI
+
+    from . import algorithms as registry
+    from .api import internal_comm
+    from .cli import _Progress, time_call
+    from .plan import Plan, ranks_per_node
+
+    p, rank = comm.Get_size(), comm.Get_rank()
+    rpn = ranks_per_node(internal_comm(comm))
+    top = max(sizes) * p
+    sbuf = np.ones(top, dtype=np.uint8)
+    rbuf = np.ones(top, dtype=np.uint8)
+    bar = _Progress(len(sizes) * len(algorithms), progress and rank == 0)
+    meas: dict[str, list[tuple[int, float]]] = {a: [] for a in algorithms}
+    dropped: set[str] = set()
+    for m in sizes:
+        t_native = None
+        for a in algorithms:
+            bar.step(f"{m} B {a}")
+            if a in dropped:
+                continue
+            pl = Plan(comm, m, m, MPI.BYTE, algorithm=a)
+            s, r = sbuf[:m * p], rbuf[:m * p]
+            avg, _, _, _ = time_call(comm, lambda pl=pl, s=s, r=r: pl.run(s, r), warmup,
+                                     iters, max_time)
+            pl.free()
+            meas[a].append((m, avg))
+            if a == "native":
+                t_native = avg
+            elif t_native and m >= 4096 and avg > max_slowdown * t_native:
+                dropped.add(a)
+    out = []
+    for a, pts in meas.items():
+        if not pts:
+            continue
+        cost = registry.get(a).cost
+        ms = [m for m, _ in pts]
+        ts = [t for _, t in pts]
+        ratio = [t / max(cost(p, float(m), params), 1e-12) for m, t in pts]
+        out.append({"algorithm": a, "p": p, "ranks_per_node": rpn, "device": False,
+                    "m": ms, "ratio": ratio, "measured_us": [t * 1e6 for t in ts]})
+    return out
+
+
+def tune(comm, *, quick: bool = False, algorithms: list[str] | None = None,
+         progress: bool = True, command: str = "") -> dict:
+    """Measure and return the table (collective; identical on every rank)."""
+    from . import algorithms as registry
+    from .cli import _provenance
+    from .select import DEFAULT_MARGIN
+
+    t0 = time.perf_counter()
+    p = comm.Get_size()
+    params = measure_params(comm, quick)
+    names = algorithms or registry.available(p)
+    if "native" in names:  # native first: the others are dropped relative to it
+        names = ["native", *[a for a in names if a != "native"]]
+    if quick:
+        sizes, warmup, iters, max_time = [8, 64, 512, 4096, 32768, 262144, 1 << 20], 2, 20, 0.1
+    else:
+        sizes = [8 * 4 ** k for k in range(11)] + [4 << 20]
+        warmup, iters, max_time = 5, 100, 0.4
+    corr = measure_corrections(comm, params, sizes, names, warmup, iters, max_time,
+                               progress) if p > 1 else []
+    prov = _provenance(comm, command)
+    prov["quick"] = quick
+    prov["seconds"] = round(time.perf_counter() - t0, 1)
+    return {"version": 1, "provenance": prov, "params": params, "margin": DEFAULT_MARGIN,
+            "corrections": corr}
+
+
+def main(args, command: str) -> int:
+    """``tune`` subcommand (argparse namespace from :mod:`pya2a.cli`)."""
+    from mpi4py import MPI
+
+    from . import select
+
+    comm = MPI.COMM_WORLD
+    algs = [a for a in args.algorithms.split(",") if a] if args.algorithms else None
+    table = tune(comm, quick=args.quick, algorithms=algs, progress=not args.no_progress,
+                 command=command)
+    if comm.Get_rank() == 0:
+        path = Path(args.output) if args.output else select.table_path()
+        if args.merge and path.exists():
+            try:
+                old = json.loads(path.read_text())
+                keep = [c for c in old.get("corrections", [])
+                        if (c.get("p"), c.get("ranks_per_node")) !=
+                        (table["provenance"]["p"], table["provenance"]["ranks_per_node"])]
+                table["corrections"] = keep + table["corrections"]
+                table["provenance"]["merged_from"] = old.get("provenance", {})
+            except (OSError, ValueError) as e:
+                print(f"tune: not merging {path}: {e}", file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1))
+        prm = table["params"]
+        print(f"tune: p={table['provenance']['p']} in {table['provenance']['seconds']} s; "
+              + ", ".join(f"{k}={v:.3g}" for k, v in prm.items()))
+        for c in table["corrections"]:
+            print(f"  {c['algorithm']:<10} p={c['p']}: " + " ".join(
+                f"{m}B:{t:.1f}us" for m, t in zip(c["m"], c["measured_us"], strict=True)))
+        print(f"tune: wrote {path}")
+    return 0

@@ -1,0 +1,144 @@
+"""Persistent plans: same result as the MPI library, binding cache, errors on every rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import pya2a
+
+from helpers import count_matrix, expected_recv, send_data
+
+ALGORITHMS = pya2a.available_algorithms()
+
+
+def _case(comm, pattern, dtype="float64"):
+    p, r = comm.Get_size(), comm.Get_rank()
+    c = count_matrix(pattern, p)
+    sbuf = send_data(c, r, dtype)
+    return c[r], c[:, r], sbuf, expected_recv(c, r, dtype)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", *ALGORITHMS])
+@pytest.mark.parametrize("pattern", ["uniform", "zeros", "hot"])
+def test_plan_matches_oracle_on_repeated_runs(comm, algorithm, pattern):
+    sc, rc, sbuf, want = _case(comm, pattern)
+    with pya2a.plan(comm, sc, rc, sbuf.dtype, algorithm=algorithm) as pl:
+        rbuf = np.empty(int(rc.sum()), sbuf.dtype)
+        for _ in range(3):
+            rbuf.fill(-1)
+            pl.run(sbuf, rbuf)
+            np.testing.assert_array_equal(rbuf, want)
+        other = np.zeros_like(rbuf)  # a second buffer pair, then back to the first
+        pl.run(sbuf, other)
+        np.testing.assert_array_equal(other, want)
+        rbuf.fill(-1)
+        pl.run(sbuf[:], rbuf[:])  # new view objects on the same memory: cache hit
+        np.testing.assert_array_equal(rbuf, want)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_plan_in_place(comm, algorithm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    n = 3
+    c = np.full((p, p), n, dtype=np.int64)
+    want = expected_recv(c, r, "int32")
+    with pya2a.plan(comm, n, n, np.int32, algorithm=algorithm) as pl:
+        for _ in range(2):
+            buf = send_data(c, r, "int32").copy()
+            pl.run(MPI.IN_PLACE, buf)
+            np.testing.assert_array_equal(buf, want)
+
+
+def test_repeated_runs_reuse_one_binding(comm):
+    sc, rc, sbuf, want = _case(comm, "random")
+    pl = pya2a.plan(comm, sc, rc, sbuf.dtype, algorithm="direct")
+    rbuf = np.empty(int(rc.sum()), sbuf.dtype)
+    pl.run(sbuf, rbuf)
+    first = pl._last
+    for _ in range(5):
+        pl.run(sbuf, rbuf)
+    assert pl._last is first and len(pl._by_addr) == 1
+    np.testing.assert_array_equal(rbuf, want)
+    pl.free()
+    pl.free()  # idempotent
+    with pytest.raises(ValueError, match="freed"):
+        pl.run(sbuf, rbuf)
+
+
+def test_binding_cache_is_bounded(comm):
+    p = comm.Get_size()
+    pl = pya2a.plan(comm, 1, 1, "i8", algorithm="pairwise")
+    pairs = [(np.arange(p, dtype="i8"), np.empty(p, "i8")) for _ in range(7)]
+    for s, r in pairs:
+        pl.run(s, r)
+    assert len(pl._by_addr) <= 4
+    pl.free()
+
+
+@pytest.mark.parametrize("algorithm", ["native", "direct"])
+def test_bind_gives_argument_free_runs(comm, algorithm):
+    sc, rc, sbuf, want = _case(comm, "random")
+    pl = pya2a.plan(comm, sc, rc, sbuf.dtype, algorithm=algorithm)
+    rbuf = np.empty(int(rc.sum()), sbuf.dtype)
+    with pl.bind(sbuf, rbuf) as b:
+        for _ in range(3):
+            rbuf.fill(-1)
+            b.run()
+            np.testing.assert_array_equal(rbuf, want)
+    pl.free()
+
+
+def test_oneshot_cache_gives_same_results(comm):
+    sc, rc, sbuf, want = _case(comm, "hot")
+    for _ in range(3):
+        for alg in ("direct", "pairwise"):
+            rbuf = np.zeros(int(rc.sum()), sbuf.dtype)
+            pya2a.Alltoallv(comm, [sbuf, sc], [rbuf, rc], algorithm=alg)
+            np.testing.assert_array_equal(rbuf, want)
+
+
+def test_plan_errors_raise_on_every_rank(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    bad = [1] * (p + 1 if r == p - 1 else p)  # only the last rank is wrong
+    with pytest.raises(ValueError, match="entries"):
+        pya2a.plan(comm, bad, [1] * p, "i4")
+    with pytest.raises(TypeError):
+        pya2a.plan(comm, [1] * p, [1] * p, object if r == 0 else "i4")
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        pya2a.plan(comm, [1] * p, [1] * p, "i4", algorithm="nope")
+
+
+def test_plan_counts_must_match_peers(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    if p < 2:
+        pytest.skip("needs two ranks")
+    sc = [2] * p
+    rc = [2] * p
+    if r == 0:
+        rc = [2] * (p - 1) + [3]  # rank 0 expects 3 from the last rank, which sends 2
+    with pytest.raises(ValueError):
+        pya2a.plan(comm, sc, rc, "f8")
+
+
+def test_run_checks_buffers_locally(comm):
+    p = comm.Get_size()
+    pl = pya2a.plan(comm, 2, 2, "f8", algorithm="direct")
+    with pytest.raises(ValueError):
+        pl.run(np.zeros(2 * p), np.zeros(p))  # receive buffer too small
+    with pytest.raises(ValueError, match="overlap"):
+        buf = np.zeros(4 * p)
+        pl.run(buf[:2 * p], buf[p:3 * p])
+    pl.run(np.ones(2 * p), np.zeros(2 * p), check=True)
+    pl.free()
+
+
+def test_explain_ranks_every_usable_algorithm(comm):
+    p = comm.Get_size()
+    e = pya2a.explain(comm, [16] * p)
+    names = [row["algorithm"] for row in e.ranking]
+    assert set(names) | set(e.excluded) >= {"native"}
+    assert e.choice in names
+    assert all(row["predicted_s"] > 0 for row in e.ranking)
+    assert "predicted us" in str(e)
