@@ -90,7 +90,8 @@ def _bytes(a, dtype):
     return np.asarray(a, dtype=np.int64) * np.dtype(dtype).itemsize
 
 
-def _run_case(eng, method, dtype, kind, seed, symmetric_recv, symmetric_send, gaps=True):
+def _run_case(eng, method, dtype, kind, seed, symmetric_recv, symmetric_send, gaps=True,
+              plan=False):
     rng = np.random.default_rng(seed)
     counts = _counts(rng, kind, maxc=3000)
     sd_all = np.stack([_displs(rng, counts[i], gaps) for i in range(P)])
@@ -103,8 +104,12 @@ def _run_case(eng, method, dtype, kind, seed, symmetric_recv, symmetric_send, ga
     recv = eng.alloc_symmetric(rmax * isz, dtype)[:rlen] if symmetric_recv else None
     send = eng.alloc_symmetric(smax * isz, dtype)[:slen] if symmetric_send else None
     send, recv, exp, sc, sd, rc, rd = _make(counts, sd_all, rd_all, dtype, 0, recv, send)
-    eng.alltoallv(send, _bytes(sc, dtype), _bytes(sd, dtype), recv, _bytes(rc, dtype),
-                  _bytes(rd, dtype), method=method)
+    args = (send, _bytes(sc, dtype), _bytes(sd, dtype), recv, _bytes(rc, dtype),
+            _bytes(rd, dtype))
+    if plan:
+        eng.plan(*args, method=method).run()
+    else:
+        eng.alltoallv(*args, method=method)
     cupy.cuda.get_current_stream().synchronize()
     bad = int(cupy.count_nonzero(recv != exp))
     assert COMM.allreduce(bad) == 0, f"{method} {dtype} {kind}: {bad} wrong elements here"
@@ -132,10 +137,37 @@ def test_copy_engine(engine, kind):
     _run_case(engine, "ce", np.float32, kind, 14, False, False)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.complex128])
+@pytest.mark.parametrize("kind", ["random", "skew", "zeros", "uniform"])
+def test_ll(engine, dtype, kind):
+    _run_case(engine, "ll", dtype, kind, 17, False, False)
+
+
+def test_ll_rejects_large_blocks(engine):
+    n = engine.ll_bytes + 4
+    x = cupy.zeros(P * n, dtype=np.uint8)
+    c = np.full(P, n, dtype=np.int64)
+    with pytest.raises(ValueError, match="ll"):
+        engine.alltoallv(x, c, c * np.arange(P), x.copy(), c, c * np.arange(P), method="ll")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_copy_engine_plan(engine, symmetric):
+    # a 'ce' plan exchanges receive addresses: copies land in place when symmetric
+    _run_case(engine, "ce", np.float64, "random", 18, symmetric, False, plan=True)
+
+
+def test_mixed_methods_in_sequence(engine):
+    # flags and sequence numbers are shared by all methods: interleave them
+    for i, m in enumerate(["ll", "push", "ll", "ll", "pull", "ce", "push", "ll"]):
+        _run_case(engine, m, np.int32, "random", 40 + i, i % 2 == 0, m == "pull")
+
+
 def test_misaligned_displacements(engine):
     # uint8 with gaps: blocks start at arbitrary byte offsets (scalar copy paths)
     _run_case(engine, "push", np.uint8, "random", 15, False, False, gaps=True)
     _run_case(engine, "push", np.uint8, "random", 16, True, False, gaps=True)
+    _run_case(engine, "ll", np.uint8, "random", 19, False, False, gaps=True)
 
 
 def test_pull_needs_symmetric_sendbuf(engine):
@@ -145,7 +177,8 @@ def test_pull_needs_symmetric_sendbuf(engine):
         engine.alltoallv(x, one, np.arange(P), x.copy(), one, np.arange(P), method="pull")
 
 
-@pytest.mark.parametrize("method,symmetric", [("push", True), ("push", False), ("pull", False)])
+@pytest.mark.parametrize("method,symmetric",
+                         [("ll", False), ("push", True), ("push", False), ("pull", False)])
 def test_repeated_calls_changing_data(engine, method, symmetric):
     """1000 back-to-back calls, new data each time, no host sync: catches reuse races."""
     rng = np.random.default_rng(21)
@@ -173,7 +206,8 @@ def test_repeated_calls_changing_data(engine, method, symmetric):
     assert COMM.allreduce(int(bad)) == 0
 
 
-def test_cuda_graph_capture(engine):
+@pytest.mark.parametrize("method", ["ll", "push"])
+def test_cuda_graph_capture(engine, method):
     rng = np.random.default_rng(31)
     counts = _counts(rng, "random", maxc=1000)
     sd_all = np.stack([_displs(rng, counts[i], False) for i in range(P)])
@@ -181,7 +215,7 @@ def test_cuda_graph_capture(engine):
     send, recv, exp, sc, sd, rc, rd = _make(counts, sd_all, rd_all, np.float32, 0)
     stream = cupy.cuda.Stream(non_blocking=True)
     plan = engine.plan(send, _bytes(sc, np.float32), _bytes(sd, np.float32), recv,
-                       _bytes(rc, np.float32), _bytes(rd, np.float32))
+                       _bytes(rc, np.float32), _bytes(rd, np.float32), method=method)
     with stream:
         stream.begin_capture()
         for _ in range(3):
@@ -204,4 +238,4 @@ def test_available_is_collective_and_identical():
 if __name__ == "__main__":  # mpiexec -n 4 python tests/test_gpu_ipc.py
     import sys
 
-    sys.exit(pytest.main([__file__, "-q", "-x", "-p", "no:cacheprovider"]))
+    sys.exit(pytest.main([__file__, "-q", "-x", "-p", "no:cacheprovider", *sys.argv[1:]]))

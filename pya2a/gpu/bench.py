@@ -22,6 +22,7 @@ import platform
 import socket
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,9 @@ class _Timer:
 
     def __init__(self, cp: Any, stream_ptr: int) -> None:
         self.cp = cp
-        self.stream = cp.cuda.ExternalStream(stream_ptr)
+        with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.stream = cp.cuda.ExternalStream(stream_ptr)
 
     def time(self, fn: Any, warm: int, iters: int) -> float:
         cp = self.cp
@@ -104,11 +107,12 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
         sstream = cp.cuda.Stream(non_blocking=True)
         sptr = int(sstream.ptr)
     timer = _Timer(cp, sptr)
+
     ok, why = IpcAlltoallv.available(comm)
     maxb = max(sizes)
     eng = None
     if ok:
-        eng = IpcAlltoallv(comm, capacity_bytes=maxb)
+        eng = IpcAlltoallv(comm, capacity_bytes=maxb, ll_bytes=min(maxb, 1 << 20))
         sym_send = eng.alloc_symmetric(p * maxb)
         sym_recv = eng.alloc_symmetric(p * maxb)
     send = cp.random.randint(0, 255, size=p * maxb, dtype=np.uint8)
@@ -145,19 +149,23 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                   "latency_us": lat * 1e6, "iters": iters})
         if eng is None:
             continue
-        variants = []
+        variants = []  # (name, method, sendbuf, recvbuf, eager path usable)
         for m in methods:
-            if m == "push":
-                variants.append(("push_inplace", "push", send, sym_recv))
-            elif m == "push_staged":
-                if n <= eng.slot_bytes:
-                    variants.append(("push_staged", "push", send, recv))
+            if m == "ll" and n <= eng.ll_bytes:
+                variants.append(("ll", "ll", send, recv, True))
+            elif m == "push":
+                variants.append(("push_inplace", "push", send, sym_recv, True))
+            elif m == "push_staged" and n <= eng.slot_bytes:
+                variants.append(("push_staged", "push", send, recv, True))
             elif m == "pull":
-                variants.append(("pull", "pull", sym_send, recv))
-            elif m == "ce":
-                if n >= 1 << 20:
-                    variants.append(("ce_staged", "ce", send, recv))
-        for name, meth, sb, rb in variants:
+                variants.append(("pull", "pull", sym_send, recv, True))
+            elif m == "ce" and n >= 1 << 20:
+                variants.append(("ce_staged", "ce", send, recv, True))
+                variants.append(("ce_inplace", "ce", send, sym_recv, False))
+                variants.append(("ce_inplace_3streams", "ce", send, sym_recv, False))
+        for name, meth, sb, rb, eager in variants:
+            # copy engines: peers in phase order on one stream, or one stream per peer
+            eng.ce_phased = not name.endswith("3streams")
             plan = eng.plan(sb[: p * n], counts, displs, rb[: p * n], counts, displs,
                             method=meth)
 
@@ -168,20 +176,22 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
             def f_plan(plan=plan) -> None:
                 plan.run(stream=sptr)
 
-            t = timer.time(f_eager, warm, iters)
             sync = timer.stream.synchronize
-            lat = _latency(comm, f_eager, sync)
-            # host-side cost of one eager call (Python packing + launch)
-            h0 = time.perf_counter()
-            for _ in range(20):
-                f_eager()
-            host_us = (time.perf_counter() - h0) / 20 * 1e6
-            sync()
-            emit({"method": name, "bytes_per_pair": n, "time_us": t * 1e6,
-                  "latency_us": lat * 1e6, "iters": iters, "host_us": host_us})
+            if eager:
+                t = timer.time(f_eager, warm, iters)
+                lat = _latency(comm, f_eager, sync)
+                # host-side cost of one eager call (Python packing + launch)
+                h0 = time.perf_counter()
+                for _ in range(20):
+                    f_eager()
+                host_us = (time.perf_counter() - h0) / 20 * 1e6
+                sync()
+                emit({"method": name, "bytes_per_pair": n, "time_us": t * 1e6,
+                      "latency_us": lat * 1e6, "iters": iters, "host_us": host_us})
             tp = timer.time(f_plan, warm, iters)
+            lat = _latency(comm, f_plan, sync)
             emit({"method": name + "_plan", "bytes_per_pair": n, "time_us": tp * 1e6,
-                  "iters": iters})
+                  "latency_us": lat * 1e6, "iters": iters})
             if graph and n <= 1 << 20:
                 g = _capture(cp, timer.stream, f_plan, iters)
                 if g is not None:
@@ -262,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pya2a.gpu.bench")
     ap.add_argument("--sizes", type=str, default=",".join(map(str, DEFAULT_SIZES)),
                     help="bytes per pair, comma separated")
-    ap.add_argument("--methods", type=str, default="push,push_staged,pull,ce")
+    ap.add_argument("--methods", type=str, default="ll,push,push_staged,pull,ce")
     ap.add_argument("--no-nccl", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--nccl-graph", action="store_true", help="also time NCCL in a CUDA graph")

@@ -38,6 +38,7 @@ CTRL_SEQ = 0
 CTRL_DONE = 1
 CTRL_RDY_SEQ = 16
 CTRL_RDY_KEY = 32
+CTRL_FIN = 48
 CTRL_FLAG = 128
 CTRL_TAB = 1024
 CTRL_BYTES = 64 * 1024  # control block size; staging slots start after it

@@ -41,7 +41,7 @@ from .ipc import (
 
 __all__ = ["IpcAlltoallv", "METHODS"]
 
-METHODS = ("push", "pull", "ce")
+METHODS = ("ll", "push", "pull", "ce")
 
 _P = MAX_PEERS
 # Must match struct Args in kernels/ipc_alltoallv.cu (all fields 8 bytes wide).
@@ -64,6 +64,9 @@ _ARGS_DTYPE = np.dtype(
         ("min_chunk", np.int64),
         ("max_chunks", np.int64),
         ("mode", np.int64),
+        ("ll_off", np.uint64),
+        ("ll_slot", np.int64),
+        ("self_blocks", np.int64),
     ]
 )
 _THREADS = 512
@@ -102,6 +105,22 @@ def _ptr_nbytes(buf: Any) -> tuple[int, int]:
     return int(cai["data"][0]), n
 
 
+_I64 = np.dtype(np.int64)
+
+
+def _counts_key(x: Any) -> bytes:
+    if type(x) is np.ndarray and x.dtype == _I64:
+        return x.tobytes()
+    return np.asarray(x, dtype=np.int64).tobytes()
+
+
+def _buf_key(buf: Any) -> tuple:
+    try:  # CuPy fast path: address, size and layout identify the call
+        return (buf.data.ptr, buf.nbytes, buf.flags.c_contiguous)
+    except AttributeError:
+        return _ptr_nbytes(buf)
+
+
 def _stream_ptr(cp: Any, stream: Any) -> int:
     if stream is None:
         return int(cp.cuda.get_current_stream().ptr)
@@ -114,22 +133,32 @@ def _stream_ptr(cp: Any, stream: Any) -> int:
     raise TypeError(f"IpcAlltoallv: cannot use {type(stream).__name__} as a stream")
 
 
+class _Call:
+    """One packed call: kernel argument block, grid, and copy-engine work."""
+
+    __slots__ = ("args", "params", "grid", "method", "copies", "self_copy")
+
+    def __init__(self, args: np.ndarray, grid: int, method: str,
+                 copies: list[tuple[int, int, int]], self_copy: tuple[int, int, int]) -> None:
+        self.args = args
+        self.params = (ctypes.c_void_p * 1)(args.ctypes.data)
+        self.grid = grid
+        self.method = method
+        self.copies = copies
+        self.self_copy = self_copy
+
+
 class IpcPlan:
     """A prepared call: arguments packed once, :meth:`run` only launches."""
 
-    def __init__(self, eng: IpcAlltoallv, args: np.ndarray, grid: int, method: str,
-                 copies: list[tuple[int, int, int]], self_copy: tuple[int, int, int]) -> None:
+    def __init__(self, eng: IpcAlltoallv, call: _Call) -> None:
         self._eng = eng
-        self._args = args
-        self._grid = grid
-        self._method = method
-        self._copies = copies
-        self._self_copy = self_copy
+        self._call = call
+        self.method = call.method
 
     def run(self, *, stream: Any = None) -> None:
         """Launch the exchange on ``stream`` (default: current stream); no host sync."""
-        self._eng._launch(self._args, self._grid, self._method, self._copies,
-                          self._self_copy, _stream_ptr(self._eng._cp, stream))
+        self._eng._launch(self._call, _stream_ptr(self._eng._cp, stream))
 
 
 class IpcAlltoallv:
@@ -140,12 +169,17 @@ class IpcAlltoallv:
             (check with :meth:`available` first). Collective.
         capacity_bytes: largest block (bytes) one rank receives from one peer in one
             call when the receive buffer is not symmetric; sizes the staging slots
-            (``size * capacity_bytes`` of device memory per rank). Must be the same
-            on every rank.
+            (``size * capacity_bytes`` of device memory per rank). Same on every rank.
         device: CUDA device ordinal; default the current device.
+        ll_bytes: largest block per pair the ``ll`` method takes (its buffers cost
+            ``4 * size * ll_bytes`` per rank). Same on every rank.
         min_chunk: bytes per chunk below which a pair's block is not split across
             more thread blocks (same on every rank).
     """
+
+    LL_MAX_DEFAULT = 256 * 1024
+    # Method per block size (bytes per pair), measured on 4 x H200 (docs/gpu-ipc.md).
+    LL_UPTO = 256 * 1024
 
     @staticmethod
     def available(comm: Any, *, device: int | None = None) -> tuple[bool, str]:
@@ -157,11 +191,12 @@ class IpcAlltoallv:
         return check_ipc(comm, device)
 
     def __init__(self, comm: Any, capacity_bytes: int, *, device: int | None = None,
-                 min_chunk: int = 32 * 1024) -> None:
+                 ll_bytes: int = LL_MAX_DEFAULT, min_chunk: int = 32 * 1024,
+                 ll_min_chunk: int = 8 * 1024) -> None:
         cp = _cupy()
         self._cp = cp
-        if capacity_bytes < 0:
-            raise ValueError("IpcAlltoallv: capacity_bytes must be >= 0")
+        if capacity_bytes < 0 or ll_bytes < 0:
+            raise ValueError("IpcAlltoallv: capacity_bytes and ll_bytes must be >= 0")
         self.group = IpcGroup(comm, device=device)
         self.rank = self.group.rank
         self.size = self.group.size
@@ -170,23 +205,35 @@ class IpcAlltoallv:
         if p > MAX_PEERS:
             raise ValueError(f"IpcAlltoallv: at most {MAX_PEERS} ranks, got {p}")
         self.slot_bytes = (int(capacity_bytes) + 255) // 256 * 256
-        caps = self.group.comm.allgather(self.slot_bytes)
-        if len(set(caps)) != 1:
-            raise ValueError(f"IpcAlltoallv: capacity_bytes differs across ranks: {caps}")
+        self.ll_bytes = (int(ll_bytes) + 255) // 256 * 256
+        self.ll_slot = 2 * self.ll_bytes
+        conf = (self.slot_bytes, self.ll_bytes, int(min_chunk), int(ll_min_chunk))
+        confs = self.group.comm.allgather(conf)
+        if len(set(confs)) != 1:
+            raise ValueError(f"IpcAlltoallv: settings differ across ranks: {confs}")
         with cp.cuda.Device(self.device):
             sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
             self._mod = _module(cp, self.device)
-            self._k_main = self._mod.get_function("pya2a_ipc_alltoallv")
-            self._k_pre = self._mod.get_function("pya2a_ipc_ce_pre")
-            self._k_post = self._mod.get_function("pya2a_ipc_ce_post")
+            self._fn = {
+                "push": self._mod.get_function("pya2a_ipc_alltoallv").kernel.ptr,
+                "ll": self._mod.get_function("pya2a_ipc_ll").kernel.ptr,
+                "pre": self._mod.get_function("pya2a_ipc_ce_pre").kernel.ptr,
+                "post": self._mod.get_function("pya2a_ipc_ce_post").kernel.ptr,
+            }
+            self._fn["pull"] = self._fn["push"]
             self._streams = [cp.cuda.Stream(non_blocking=True) for _ in range(max(p - 1, 1))]
             self._ev_fork = cp.cuda.Event(disable_timing=True)
             self._ev_join = [cp.cuda.Event(disable_timing=True) for _ in self._streams]
-        # Co-residency: every block may spin on flags from other GPUs.
+        # Co-residency: every block may spin on flags from other GPUs, so the grid
+        # never exceeds the SM count: a few blocks for the own block, the rest split
+        # evenly between the peers.
         smin = min(self.group.comm.allgather(int(sms)))
-        self.max_chunks = max(1, min(MAX_CHUNKS, smin // p))
+        self.self_max = max(1, min(8, smin // 16))
+        self.max_chunks = max(1, min(MAX_CHUNKS, (smin - self.self_max) // max(p - 1, 1)))
         self.min_chunk = int(min_chunk)
-        self.heap = self.group.allocate(CTRL_BYTES + p * self.slot_bytes)
+        self.ll_min_chunk = int(ll_min_chunk)
+        self.ll_off = CTRL_BYTES + p * self.slot_bytes
+        self.heap = self.group.allocate(self.ll_off + 2 * p * self.ll_slot)
         self._template = np.zeros((), dtype=_ARGS_DTYPE)
         t = self._template
         t["ctrl"] = self.heap.ptr
@@ -195,16 +242,19 @@ class IpcAlltoallv:
         t["slot_bytes"] = self.slot_bytes
         t["rank"] = self.rank
         t["p"] = p
-        t["min_chunk"] = self.min_chunk
         t["max_chunks"] = self.max_chunks
+        t["ll_off"] = self.ll_off
+        t["ll_slot"] = self.ll_slot
+        self._cache: dict[tuple, _Call] = {}
+        self.ce_phased = True
         self._freed = False
 
     # ------------------------------------------------------------------ memory
     def alloc_symmetric(self, nbytes: int, dtype: Any = np.uint8, shape: Any = None) -> Any:
         """Collective: a CuPy array in symmetric IPC memory (same ``nbytes`` on every rank).
 
-        Receiving into such an array skips the staging copy (push); sending from one
-        enables the ``pull`` method. The memory lives until :meth:`free`.
+        Receiving into such an array skips the staging copy (``push``, ``ce`` plans);
+        sending from one enables the ``pull`` method. The memory lives until :meth:`free`.
         """
         dt = np.dtype(dtype)
         if shape is None:
@@ -217,14 +267,24 @@ class IpcAlltoallv:
         ptr, n = _ptr_nbytes(buf)
         return self.group.find(ptr, n)
 
+    @classmethod
+    def choose(cls, max_bytes_per_pair: int) -> str:
+        """Method for a call whose largest block is ``max_bytes_per_pair`` bytes.
+
+        Pass a value that is the same on every rank (e.g. all-reduced max), so that
+        every rank picks the same method.
+        """
+        return "ll" if max_bytes_per_pair <= cls.LL_UPTO else "push"
+
     # ------------------------------------------------------------------ calls
     def _pack(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
-              recvcounts: Any, rdispls: Any, method: str) -> tuple[np.ndarray, int, list, tuple]:
+              recvcounts: Any, rdispls: Any, method: str,
+              remote: list | None = None) -> _Call:
         if self._freed:
             raise ValueError("IpcAlltoallv: used after free()")
         if method not in METHODS:
             raise ValueError(f"IpcAlltoallv: unknown method {method!r}, known: {METHODS}")
-        p = self.size
+        p, me = self.size, self.rank
         sc = np.asarray(sendcounts, dtype=np.int64)
         sd = np.asarray(sdispls, dtype=np.int64)
         rc = np.asarray(recvcounts, dtype=np.int64)
@@ -240,7 +300,7 @@ class IpcAlltoallv:
             raise ValueError(f"IpcAlltoallv: send blocks exceed sendbuf ({sn} bytes)")
         if p and int((rd + rc).max()) > rn:
             raise ValueError(f"IpcAlltoallv: receive blocks exceed recvbuf ({rn} bytes)")
-        if sc[self.rank] != rc[self.rank]:
+        if sc[me] != rc[me]:
             raise ValueError("IpcAlltoallv: sendcounts[rank] != recvcounts[rank]")
         a = self._template.copy()
         a["sendbuf"] = sptr
@@ -250,8 +310,15 @@ class IpcAlltoallv:
         a["rcount"][:p] = rc
         a["rdispl"][:p] = rd
         copies: list[tuple[int, int, int]] = []
-        self_copy = (rptr + int(rd[self.rank]), sptr + int(sd[self.rank]), int(sc[self.rank]))
-        if method == "pull":
+        self_copy = (rptr + int(rd[me]), sptr + int(sd[me]), int(sc[me]))
+        min_chunk = self.min_chunk
+        if method == "ll":
+            big = int(max(sc.max(), rc.max())) if p else 0
+            if big > self.ll_bytes:
+                raise ValueError(f"IpcAlltoallv: method 'll' takes blocks up to {self.ll_bytes} "
+                                 f"bytes (ll_bytes), got {big}")
+            min_chunk = self.ll_min_chunk
+        elif method == "pull":
             alloc = self.group.find(sptr, sn)
             if alloc is None:
                 raise ValueError("IpcAlltoallv: method 'pull' needs a symmetric sendbuf "
@@ -263,25 +330,38 @@ class IpcAlltoallv:
             a["my_key"] = alloc.key(rptr) if alloc is not None else STAGED
             if alloc is None:
                 self._check_slots(rc)
-        else:  # ce: copy engines into the receivers' staging slots
-            a["my_key"] = STAGED
-            self._check_slots(rc)
-            self._check_slots(sc)
+        else:  # ce: copy engines into the receivers' staging slots or symmetric buffers
+            staged_here = remote is None or remote[me][0] is None
+            a["my_key"] = STAGED if staged_here else remote[me][0]
+            if staged_here:
+                self._check_slots(rc)
             for q in range(1, p):
-                dst = (self.rank + q) % p
+                dst = (me + q) % p
                 n = int(sc[dst])
-                if n:
-                    remote = self.heap.peer_ptrs[dst] + CTRL_BYTES + self.rank * self.slot_bytes
-                    copies.append((remote, sptr + int(sd[dst]), n))
-                else:
+                if not n:
                     copies.append((0, 0, 0))
+                    continue
+                if remote is None or remote[dst][0] is None:
+                    if n > self.slot_bytes:
+                        self._check_slots(sc)
+                    base = self.heap.peer_ptrs[dst] + CTRL_BYTES + me * self.slot_bytes
+                else:
+                    key, rdispls_dst = remote[dst]
+                    alloc = self.group.allocs[key >> 56]
+                    base = alloc.peer_ptrs[dst] + (key & ((1 << 56) - 1)) + rdispls_dst[me]
+                copies.append((base, sptr + int(sd[dst]), n))
+        a["min_chunk"] = min_chunk
         m = int(max(sc.max(), rc.max())) if p else 0
         if method == "ce":
             bpp = self.max_chunks
         else:
-            bpp = min(self.max_chunks, max(1, -(-m // self.min_chunk)))
+            bpp = min(self.max_chunks, max(1, -(-m // min_chunk)))
+        nself = int(sc[me]) if p else 0
+        # one SM copies ~100 GB/s locally: enough blocks to stay off the critical path
+        self_blocks = min(self.self_max, max(1, -(-nself // (128 << 10))))
         a["bpp"] = bpp
-        return a, p * bpp, copies, self_copy
+        a["self_blocks"] = self_blocks
+        return _Call(a, self_blocks + max(p - 1, 0) * bpp, method, copies, self_copy)
 
     def _check_slots(self, counts: np.ndarray) -> None:
         big = int(counts.max()) if counts.size else 0
@@ -290,33 +370,45 @@ class IpcAlltoallv:
                 f"IpcAlltoallv: a {big}-byte block exceeds capacity_bytes={self.slot_bytes}; "
                 "use a symmetric receive buffer or a larger capacity")
 
-    def _launch(self, args: np.ndarray, grid: int, method: str,
-                copies: list[tuple[int, int, int]], self_copy: tuple[int, int, int],
-                stream: int) -> None:
+    def _launch(self, call: _Call, stream: int) -> None:
         cp = self._cp
-        drv = cp.cuda.driver
-        params = (ctypes.c_void_p * 1)(args.ctypes.data)
-        with cp.cuda.Device(self.device):
-            if method != "ce":
-                drv.launchKernel(self._k_main.kernel.ptr, grid, 1, 1, _THREADS, 1, 1, 0,
-                                 stream, ctypes.addressof(params), 0)
-                return
-            rt = cp.cuda.runtime
-            drv.launchKernel(self._k_pre.kernel.ptr, 1, 1, 1, 32, 1, 1, 0,
-                             stream, ctypes.addressof(params), 0)
-            rt.eventRecord(self._ev_fork.ptr, stream)
-            for i, (dst, src, n) in enumerate(copies):
-                if n:
-                    s = self._streams[i].ptr
-                    rt.streamWaitEvent(s, self._ev_fork.ptr)
-                    rt.memcpyAsync(dst, src, n, rt.memcpyDefault, s)
-                    rt.eventRecord(self._ev_join[i].ptr, s)
-                    rt.streamWaitEvent(stream, self._ev_join[i].ptr)
-            d, s_, n = self_copy
+        rt = cp.cuda.runtime
+        if rt.getDevice() != self.device:
+            with cp.cuda.Device(self.device):
+                return self._launch(call, stream)
+        launch = cp.cuda.driver.launchKernel
+        params = ctypes.addressof(call.params)
+        if call.method != "ce":
+            launch(self._fn[call.method], call.grid, 1, 1, _THREADS, 1, 1, 0, stream, params, 0)
+            return
+        launch(self._fn["pre"], 1, 1, 1, 32, 1, 1, 0, stream, params, 0)
+        rt.eventRecord(self._ev_fork.ptr, stream)
+        # Peer copies go in phase order q = 1..p-1 (rank me -> me+q) on one stream:
+        # every GPU sends to one peer and receives from one at a time, and one copy
+        # engine saturates a GPU's NVLink egress. Several streams let phases from
+        # different ranks drift into each other and collide at receivers.
+        nstreams = 1 if self.ce_phased else len(self._streams)
+        used = set()
+        for i, (dst, src, n) in enumerate(call.copies):
             if n:
-                rt.memcpyAsync(d, s_, n, rt.memcpyDefault, stream)
-            drv.launchKernel(self._k_post.kernel.ptr, grid, 1, 1, _THREADS, 1, 1, 0,
-                             stream, ctypes.addressof(params), 0)
+                k = i % nstreams
+                s = self._streams[k].ptr
+                if k not in used:
+                    rt.streamWaitEvent(s, self._ev_fork.ptr)
+                    used.add(k)
+                rt.memcpyAsync(dst, src, n, 4, s)  # cudaMemcpyDefault
+        d, s_, n = call.self_copy
+        if n:
+            k = len(self._streams) - 1 if self.ce_phased and len(self._streams) > 1 else 0
+            s = self._streams[k].ptr
+            if k not in used:
+                rt.streamWaitEvent(s, self._ev_fork.ptr)
+                used.add(k)
+            rt.memcpyAsync(d, s_, n, 4, s)
+        for k in used:
+            rt.eventRecord(self._ev_join[k].ptr, self._streams[k].ptr)
+            rt.streamWaitEvent(stream, self._ev_join[k].ptr)
+        launch(self._fn["post"], call.grid, 1, 1, _THREADS, 1, 1, 0, stream, params, 0)
 
     def alltoallv(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
                   recvcounts: Any, rdispls: Any, *, stream: Any = None,
@@ -328,36 +420,58 @@ class IpcAlltoallv:
                 object on this rank's GPU.
             sendcounts, sdispls: host int64 arrays of length ``size``, in BYTES:
                 block for rank ``j`` is ``sendbuf[sdispls[j] : sdispls[j] + sendcounts[j]]``.
-            recvbuf: like ``sendbuf``; must not overlap it. If it lies in memory from
-                :meth:`alloc_symmetric`, peers write into it directly; otherwise they
-                write into staging slots and this rank copies them out.
+            recvbuf: like ``sendbuf``; must not overlap it. For ``push``, if it lies in
+                memory from :meth:`alloc_symmetric`, peers write into it directly;
+                otherwise they write into staging slots and this rank copies them out.
             recvcounts, rdispls: as above for the receive side; ``recvcounts[i]`` here
                 must equal ``sendcounts[me]`` on rank ``i`` (not checked: a mismatch
                 hangs or truncates).
             stream: CuPy stream, raw ``cudaStream_t`` int, or torch stream; default the
                 current CuPy stream.
-            method: ``"push"`` (SM stores into peers), ``"pull"`` (SM loads from
-                peers; sendbuf must be symmetric) or ``"ce"`` (copy engines into the
-                peers' staging slots). Must be the same on every rank for one call.
+            method: ``"ll"`` (small blocks, up to ``ll_bytes``: data and flag in one
+                8-byte store, staged), ``"push"`` (SM stores into peers), ``"pull"``
+                (SM loads from peers; sendbuf must be symmetric) or ``"ce"`` (copy
+                engines into the peers' staging slots). Must be the same on every rank
+                for one call; :meth:`choose` picks one from a global size.
+
+        Packed arguments are cached per (buffers, counts, displacements, method), so a
+        repeated call costs about as little host time as :meth:`plan`.
         """
-        args, grid, copies, self_copy = self._pack(sendbuf, sendcounts, sdispls, recvbuf,
-                                                   recvcounts, rdispls, method)
-        self._launch(args, grid, method, copies, self_copy, _stream_ptr(self._cp, stream))
+        key = (method, _buf_key(sendbuf), _buf_key(recvbuf), _counts_key(sendcounts),
+               _counts_key(sdispls), _counts_key(recvcounts), _counts_key(rdispls))
+        call = self._cache.get(key)
+        if call is None:
+            call = self._pack(sendbuf, sendcounts, sdispls, recvbuf, recvcounts, rdispls,
+                              method)
+            if len(self._cache) >= 256:
+                self._cache.clear()
+            self._cache[key] = call
+        self._launch(call, _stream_ptr(self._cp, stream))
 
     def plan(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
              recvcounts: Any, rdispls: Any, *, method: str = "push") -> IpcPlan:
         """Pack a call once; ``plan.run(stream=...)`` repeats it with minimal host work.
 
-        Same arguments as :meth:`alltoallv`; the buffers are bound by address, so
-        their contents may change between runs but not their location.
+        Same arguments as :meth:`alltoallv`; the buffers are bound by address, so their
+        contents may change between runs but not their location. Collective when
+        ``method == "ce"``: the ranks exchange where their receive buffers are, so the
+        copy engines write straight into symmetric receive buffers (no staging copy).
         """
-        args, grid, copies, self_copy = self._pack(sendbuf, sendcounts, sdispls, recvbuf,
-                                                   recvcounts, rdispls, method)
-        return IpcPlan(self, args, grid, method, copies, self_copy)
+        remote = None
+        if method == "ce":
+            rptr, rn = _ptr_nbytes(recvbuf)
+            alloc = self.group.find(rptr, rn)
+            mine = (alloc.key(rptr) if alloc is not None else None,
+                    [int(x) for x in np.asarray(rdispls, dtype=np.int64)])
+            remote = self.group.comm.allgather(mine)
+        call = self._pack(sendbuf, sendcounts, sdispls, recvbuf, recvcounts, rdispls, method,
+                          remote)
+        return IpcPlan(self, call)
 
     def free(self) -> None:
         """Collective: release symmetric memory and peer mappings. Idempotent."""
         if self._freed:
             return
         self._freed = True
+        self._cache.clear()
         self.group.free()

@@ -7,6 +7,8 @@
 //   [8]      u32 done        blocks finished in the current call (reset by the last)
 //   [128]    u64 rdy_seq[P]  written by peer r: "call s, here is my key for you"
 //   [256]    u64 rdy_key[P]  key = (allocation index << 56) | byte offset in it
+//   [384]    u64 fin[P]      written by peer r: r finished call fin[r] (all methods)
+//   [512]    u32 cnt[P]      local: blocks done with a peer in this call (LL)
 //   [1024]   u64 flag[P][B]  written by peer r: chunk c of call s is done
 //   [8192]   u64 tab[S][P]   local: base address of allocation k on rank r (my VA)
 //
@@ -37,6 +39,7 @@
 #define CTRL_DONE 1
 #define CTRL_RDY_SEQ 16
 #define CTRL_RDY_KEY 32
+#define CTRL_FIN 48
 #define CTRL_FLAG 128
 #define CTRL_TAB 1024
 #define KEY_SHIFT 56
@@ -63,6 +66,9 @@ struct Args {
     i64 min_chunk;               // bytes; chunks per pair = clamp(ceil(n / min_chunk), 1, max_chunks)
     i64 max_chunks;              // same on every rank
     i64 mode;                    // 0 push, 1 pull
+    u64 ll_off;                  // byte offset of the LL buffers in the heap
+    i64 ll_slot;                 // bytes per LL buffer (one parity, one sender)
+    i64 self_blocks;             // blocks doing the local (own) block copy
 };
 
 __device__ __forceinline__ u64 ld_volatile(const u64* p) {
@@ -139,28 +145,72 @@ __device__ __forceinline__ char* key_addr(const Args& a, u64 key, int peer) {
     return (char*)(tab[k * PYA2A_MAXP + peer] + (key & KEY_MASK));
 }
 
-extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args a) {
+// Blocks [0, self_blocks) copy this rank's own block; the rest are (peer q, chunk c)
+// pairs, q = 1..p-1: block (q, c) sends chunk c to rank me+q and receives chunk c
+// from rank me-q, and rank me+q's block (q, c) is its partner.
+__device__ __forceinline__ void role(const Args& a, int* q, int* c) {
+    const int b = blockIdx.x;
+    if (b < (int)a.self_blocks) {
+        *q = 0;
+        *c = b;
+    } else {
+        const int i = b - (int)a.self_blocks;
+        *q = 1 + i / (int)a.bpp;
+        *c = i % (int)a.bpp;
+    }
+}
+
+__device__ void self_copy(const Args& a, int c) {
+    const i64 n = a.scount[a.rank];
+    const i64 cs = (((n + a.self_blocks - 1) / a.self_blocks) + 255) & ~(i64)255;
+    const i64 b = c * cs, e = (b + cs < n) ? b + cs : n;
+    if (b < e)
+        block_copy((char*)a.recvbuf + a.rdispl[a.rank] + b,
+                   (const char*)a.sendbuf + a.sdispl[a.rank] + b, e - b);
+}
+
+__device__ __forceinline__ u64 start_seq(const Args& a) {
     __shared__ u64 s_seq;
+    if (threadIdx.x == 0) s_seq = ld_volatile((const u64*)a.ctrl + CTRL_SEQ) + 1;
+    __syncthreads();
+    return s_seq;
+}
+
+// The last block to finish publishes the call number (every block read it at its
+// start) and tells every peer that this rank is done with call s.
+__device__ void finish(const Args& a, u64 s) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u64* ctrl = (u64*)a.ctrl;
+        __threadfence();
+        unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
+        const unsigned int old = atomicAdd(done, 1u);
+        if (old == gridDim.x - 1) {
+            *(volatile unsigned int*)done = 0u;
+            __threadfence();
+            *(volatile u64*)(ctrl + CTRL_SEQ) = s;
+            for (int r = 0; r < (int)a.p; ++r)
+                if (r != (int)a.rank) *(volatile u64*)((u64*)a.peer_ctrl[r] + CTRL_FIN + a.rank) = s;
+        }
+    }
+}
+
+#define PAIR_RANGE(n, nch, cs, c, b, e)                 \
+    const i64 b = (i64)(c) * (cs);                      \
+    const i64 e = (b + (cs) < (n)) ? b + (cs) : (n);
+
+extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args a) {
     __shared__ u64 s_key;
     u64* ctrl = (u64*)a.ctrl;
     const int me = (int)a.rank, p = (int)a.p;
-    const int q = blockIdx.x / (int)a.bpp, c = blockIdx.x % (int)a.bpp;
-    if (threadIdx.x == 0) s_seq = ld_volatile(ctrl + CTRL_SEQ) + 1;
-    __syncthreads();
-    const u64 s = s_seq;
+    int q, c;
+    role(a, &q, &c);
+    const u64 s = start_seq(a);
     const int dst = (me + q) % p, src = (me - q + p) % p;
     i64 nch, cs;
 
     if (q == 0) {
-        // own block: local copy
-        const i64 n = a.scount[me];
-        chunking(n, a, &nch, &cs);
-        if (c < nch) {
-            const i64 b = c * cs, e = (b + cs < n) ? b + cs : n;
-            if (b < e)
-                block_copy((char*)a.recvbuf + a.rdispl[me] + b,
-                           (const char*)a.sendbuf + a.sdispl[me] + b, e - b);
-        }
+        self_copy(a, c);
     } else if (a.mode == 0) {
         // --- push ---
         const i64 nr = a.rcount[src];
@@ -174,7 +224,7 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
         const i64 ns = a.scount[dst];
         chunking(ns, a, &nch, &cs);
         if (ns > 0 && c < nch) {
-            const i64 b = c * cs, e = (b + cs < ns) ? b + cs : ns;
+            PAIR_RANGE(ns, nch, cs, c, b, e)
             if (b < e) {
                 if (threadIdx.x == 0) {
                     spin_until_ge(ctrl + CTRL_RDY_SEQ + dst, s);
@@ -192,7 +242,7 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
         }
         chunking(nr, a, &nch, &cs);
         if (nr > 0 && c < nch) {
-            const i64 b = c * cs, e = (b + cs < nr) ? b + cs : nr;
+            PAIR_RANGE(nr, nch, cs, c, b, e)
             if (b < e) {
                 if (threadIdx.x == 0) {
                     spin_until_ge(ctrl + CTRL_FLAG + src * PYA2A_MAXB + c, s);
@@ -215,7 +265,7 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
         const i64 nr = a.rcount[src];
         chunking(nr, a, &nch, &cs);
         if (nr > 0 && c < nch) {
-            const i64 b = c * cs, e = (b + cs < nr) ? b + cs : nr;
+            PAIR_RANGE(nr, nch, cs, c, b, e)
             if (b < e) {
                 if (threadIdx.x == 0) {
                     spin_until_ge(ctrl + CTRL_RDY_SEQ + src, s);
@@ -233,30 +283,114 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
         }
         chunking(ns, a, &nch, &cs);
         if (ns > 0 && c < nch) {
-            const i64 b = c * cs, e = (b + cs < ns) ? b + cs : ns;
+            PAIR_RANGE(ns, nch, cs, c, b, e)
             if (b < e && threadIdx.x == 0) {
                 spin_until_ge(ctrl + CTRL_FLAG + dst * PYA2A_MAXB + c, s);
             }
         }
     }
+    finish(a, s);
+}
 
-    // The last block to finish publishes the call number; every block read it above.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
-        const unsigned int old = atomicAdd(done, 1u);
-        if (old == gridDim.x - 1) {
-            *(volatile unsigned int*)done = 0u;
-            __threadfence();
-            *(volatile u64*)(ctrl + CTRL_SEQ) = s;
-        }
+// ---------------------------------------------------------------------------
+// LL ("low latency") method for small blocks: each 8-byte store carries 4 payload
+// bytes and the 32-bit call number, so the receiver polls the data itself: no
+// fence, no separate flag, one NVLink crossing. Buffers are double-buffered by
+// call parity in the receiver's heap; a sender reuses a buffer only once the
+// receiver has published fin >= s - 2 (it finished the call that last used it).
+
+__device__ __forceinline__ void ll_chunking(i64 lines, const Args& a, i64* nch, i64* cs) {
+    chunking(lines * 4, a, nch, cs);
+    i64 c = (lines + *nch - 1) / *nch;
+    *cs = (c + 31) & ~(i64)31;
+}
+
+__device__ __forceinline__ void ll_store(char* o, i64 i, u64 w, i64 n, bool al) {
+    const unsigned int v = (unsigned int)w;
+    if (al && 4 * i + 4 <= n) {
+        ((unsigned int*)o)[i] = v;
+    } else {
+        for (int k = 0; k < 4; ++k)
+            if (4 * i + k < n) o[4 * i + k] = (char)((v >> (8 * k)) & 0xffu);
     }
 }
 
-// Copy-engine path helpers: the data moves with cudaMemcpyAsync into the peers'
-// staging slots (host-known offsets); these kernels do the signalling.
-// ce_pre: publish "slot free for call s" to every sender and wait for it from every
+__device__ __forceinline__ u64 ll_wait(const u64* p, unsigned int tag) {
+    u64 w = ld_volatile(p);
+    while ((unsigned int)(w >> 32) != tag) w = ld_volatile(p);
+    return w;
+}
+
+extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
+    u64* ctrl = (u64*)a.ctrl;
+    const int me = (int)a.rank, p = (int)a.p;
+    int q, c;
+    role(a, &q, &c);
+    const u64 s = start_seq(a);
+    if (q == 0) {
+        self_copy(a, c);
+    } else {
+        const int dst = (me + q) % p, src = (me - q + p) % p;
+        const unsigned int tag = (unsigned int)s;
+        const u64 par = s & 1ull;
+        const i64 nt = blockDim.x;
+        i64 nch, cs;
+        const i64 ns = a.scount[dst], ls = (ns + 3) >> 2;
+        ll_chunking(ls, a, &nch, &cs);
+        if (ls > 0 && c < nch) {
+            PAIR_RANGE(ls, nch, cs, c, b, e)
+            if (b < e) {
+                if (threadIdx.x == 0 && s >= 3) spin_until_ge(ctrl + CTRL_FIN + dst, s - 2);
+                __syncthreads();
+                u64* out = (u64*)(a.peer_ctrl[dst] + a.ll_off + (par * (u64)p + (u64)me) * (u64)a.ll_slot);
+                const char* in = (const char*)a.sendbuf + a.sdispl[dst];
+                const bool al = (((u64)in) & 3ull) == 0;
+                for (i64 i = b + threadIdx.x; i < e; i += nt) {
+                    unsigned int v = 0;
+                    if (al && 4 * i + 4 <= ns) {
+                        v = ((const unsigned int*)in)[i];
+                    } else {
+                        for (int k = 0; k < 4; ++k)
+                            if (4 * i + k < ns) v |= (unsigned int)(unsigned char)in[4 * i + k] << (8 * k);
+                    }
+                    *(volatile u64*)(out + i) = ((u64)tag << 32) | (u64)v;
+                }
+            }
+        }
+        const i64 nr = a.rcount[src], lr = (nr + 3) >> 2;
+        ll_chunking(lr, a, &nch, &cs);
+        if (lr > 0 && c < nch) {
+            PAIR_RANGE(lr, nch, cs, c, b, e)
+            if (b < e) {
+                const u64* inl = (const u64*)(a.ctrl + a.ll_off + (par * (u64)p + (u64)src) * (u64)a.ll_slot);
+                char* o = (char*)a.recvbuf + a.rdispl[src];
+                const bool al = (((u64)o) & 3ull) == 0;
+                i64 i = b + threadIdx.x;
+                for (; i + 3 * nt < e; i += 4 * nt) {
+                    // issue four polls before waiting on any of them
+                    u64 w0 = ld_volatile(inl + i), w1 = ld_volatile(inl + i + nt);
+                    u64 w2 = ld_volatile(inl + i + 2 * nt), w3 = ld_volatile(inl + i + 3 * nt);
+                    if ((unsigned int)(w0 >> 32) != tag) w0 = ll_wait(inl + i, tag);
+                    if ((unsigned int)(w1 >> 32) != tag) w1 = ll_wait(inl + i + nt, tag);
+                    if ((unsigned int)(w2 >> 32) != tag) w2 = ll_wait(inl + i + 2 * nt, tag);
+                    if ((unsigned int)(w3 >> 32) != tag) w3 = ll_wait(inl + i + 3 * nt, tag);
+                    ll_store(o, i, w0, nr, al);
+                    ll_store(o, i + nt, w1, nr, al);
+                    ll_store(o, i + 2 * nt, w2, nr, al);
+                    ll_store(o, i + 3 * nt, w3, nr, al);
+                }
+                for (; i < e; i += nt) ll_store(o, i, ll_wait(inl + i, tag), nr, al);
+            }
+        }
+    }
+    finish(a, s);
+}
+
+// ---------------------------------------------------------------------------
+// Copy-engine path: the data moves with cudaMemcpyAsync (into the peers' staging
+// slots, or straight into their symmetric receive buffers when a plan exchanged
+// the addresses); these kernels do the signalling.
+// ce_pre: publish "ready for call s" to every sender and wait for it from every
 // receiver I will write to.
 extern "C" __global__ void pya2a_ipc_ce_pre(const Args a) {
     u64* ctrl = (u64*)a.ctrl;
@@ -274,15 +408,13 @@ extern "C" __global__ void pya2a_ipc_ce_pre(const Args a) {
 }
 
 // ce_post: after the copies, flag each receiver, wait for every sender, copy the
-// staging slots out into the receive buffer, and publish the call number.
+// staging slots out into the receive buffer if staged, publish the call number.
 extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ce_post(const Args a) {
-    __shared__ u64 s_seq;
     u64* ctrl = (u64*)a.ctrl;
     const int me = (int)a.rank, p = (int)a.p;
-    if (threadIdx.x == 0) s_seq = ld_volatile(ctrl + CTRL_SEQ) + 1;
-    __syncthreads();
-    const u64 s = s_seq;
-    const int q = blockIdx.x / (int)a.bpp, c = blockIdx.x % (int)a.bpp;
+    int q, c;
+    role(a, &q, &c);
+    const u64 s = start_seq(a);
     const int dst = (me + q) % p, src = (me - q + p) % p;
     if (q != 0) {
         if (c == 0 && threadIdx.x == 0 && a.scount[dst] > 0) {
@@ -298,22 +430,12 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ce_post(const Args a
             __syncthreads();
             if (a.my_key == ~0ull) {
                 const i64 cs = (((nr + a.bpp - 1) / a.bpp) + 255) & ~(i64)255;
-                const i64 b = c * cs, e = (b + cs < nr) ? b + cs : nr;
+                PAIR_RANGE(nr, nch, cs, c, b, e)
                 if (b < e)
                     block_copy((char*)a.recvbuf + a.rdispl[src] + b,
                                (const char*)a.ctrl + a.stage_off + (u64)src * (u64)a.slot_bytes + b, e - b);
             }
         }
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
-        const unsigned int old = atomicAdd(done, 1u);
-        if (old == gridDim.x - 1) {
-            *(volatile unsigned int*)done = 0u;
-            __threadfence();
-            *(volatile u64*)(ctrl + CTRL_SEQ) = s;
-        }
-    }
+    finish(a, s);
 }
