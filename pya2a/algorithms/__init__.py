@@ -124,7 +124,7 @@ def available(p: int | None = None, device: bool = False) -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import direct, native, pairwise  # noqa: F401  (registration side effect)
+    from . import direct, hypercube, mesh, native, pairwise, ring  # noqa: F401  (registration)
 
 
 _load_builtin()

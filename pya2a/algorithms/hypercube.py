@@ -1,0 +1,168 @@
+"""``hypercube``: ceil(log2 p) dimension exchanges, Bruck-style indexing for any p.
+
+Each rank numbers its blocks by *position* j = 0..p-1, the destination relative to itself:
+``rank ^ j`` when p is a power of two (true hypercube: partner ``rank ^ 2^k`` both ways, a
+perfect matching each step), ``rank + j (mod p)`` otherwise (Bruck et al. 1997: send to
+``rank + 2^k``, receive from ``rank - 2^k``). At step k every rank sends the blocks at the
+positions with bit k set, about p/2 of them, and the blocks it receives take those same
+positions. Invariant: before step k, position j holds the block from
+``rank - (j mod 2^k)`` (``rank ^ (j mod 2^k)``) for ``that source + j`` (``^ j``), so after
+the last step position j holds the block from ``rank - j`` (``rank ^ j``) for this rank.
+A block is final once the step of its highest set bit is done; it is then unpacked.
+
+Few start-ups (ceil(log2 p)) for more bytes (each block moves popcount(j) times, about
+(log2 p)/2 on average): the small-message algorithm.
+
+Variable counts travel one step ahead of the data: while the data of step k are in flight,
+each rank sends its step-(k+1) partner the int64 sizes of the blocks it will send it at
+step k+1 (known by then: they were announced one step earlier). A round of sizes before
+step 0 starts the pipeline, so it costs ceil(log2 p) + 1 rounds, not 2 ceil(log2 p) as a
+separate counts pass would, and no p x p counts matrix as an all-gather would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from ..bufspec import VSpec
+from . import AlgorithmInfo, Context, register
+from ._common import sides
+from ._forward import TAG_HYPERCUBE, Step, blocks, meta_exchange, post
+
+__all__ = ["schedule", "run", "cost", "nsteps", "order", "peers"]
+
+
+def nsteps(p: int) -> int:
+    """ceil(log2 p): the number of dimension exchanges (0 for p = 1)."""
+    return (p - 1).bit_length()
+
+
+def _pow2(p: int) -> bool:
+    return p & (p - 1) == 0
+
+
+def peers(rank: int, p: int, k: int) -> tuple[int, int]:
+    """(send to, receive from) at step k."""
+    if _pow2(p):
+        q = rank ^ (1 << k)
+        return q, q
+    return (rank + (1 << k)) % p, (rank - (1 << k)) % p
+
+
+def _last_step(j: np.ndarray, k: int) -> np.ndarray:
+    """For each position, 1 + the highest set bit of ``j mod 2^k`` (0 if none): which buffer
+    (0 = the send buffer, s + 1 = what step s received) holds it before step k."""
+    low = j & ((1 << k) - 1)
+    out = np.zeros(j.shape, dtype=np.int64)
+    for b in range(k):
+        out[(low >> b) & 1 == 1] = b + 1
+    return out
+
+
+def order(p: int, k: int) -> np.ndarray:
+    """Positions sent at step k, in message order: bit k set, grouped by holding buffer."""
+    j = np.arange(p, dtype=np.int64)
+    j = j[(j >> k) & 1 == 1]
+    return j[np.lexsort((j, _last_step(j, k)))]
+
+
+def _block_at(rank: int, p: int, j: np.ndarray, k: int) -> np.ndarray:
+    """(source, destination) of the blocks at positions j before step k."""
+    low = j & ((1 << k) - 1)
+    if _pow2(p):
+        src = rank ^ low
+        return blocks(src, src ^ j)
+    src = (rank - low) % p
+    return blocks(src, (src + j) % p)
+
+
+def schedule(rank: int, size: int) -> list[Step]:
+    """ceil(log2 p) steps; step k carries the positions of :func:`order` (p, k)."""
+    steps = []
+    for k in range(nsteps(size)):
+        o = order(size, k)
+        dst, src = peers(rank, size, k)
+        steps.append(Step(dst=dst, src=src, phase=k, send=_block_at(rank, size, o, k),
+                          recv=_block_at(rank, size, o, k + 1)))
+    return steps
+
+
+def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
+    """Dimension exchanges with sizes pipelined one step ahead (see module docstring)."""
+    t = ctx.transport
+    s = sides(send, recv, t)
+    r, p = ctx.rank, ctx.size
+    t.copy(s.rb, int(s.rd[r]), s.sb, int(s.sd[r]), int(s.rc[r]))
+    nk = nsteps(p)
+    if nk == 0:
+        return
+    pos = np.arange(p, dtype=np.int64)
+    home = pos ^ r if _pow2(p) else (r + pos) % p  # destination of position j at the start
+    source = pos ^ r if _pow2(p) else (r - pos) % p  # source of position j at the end
+    length = s.sc[home]  # data state: bytes at each position
+    offset = s.sd[home]
+    holder = np.zeros(p, dtype=np.int64)  # which of bufs holds each position
+    bufs = [s.sb]
+    known = length.copy()  # size state, one step ahead of the data
+    orders = [order(p, k) for k in range(nk)]
+
+    to, frm = peers(r, p, 0)
+    incoming = np.empty(orders[0].size, dtype=np.int64)
+    MPI.Request.Waitall(meta_exchange(ctx.comm, [(to, known[orders[0]], frm, incoming)]))
+    known[orders[0]] = incoming
+    for k in range(nk):
+        o = orders[k]
+        to, frm = peers(r, p, k)
+        out = t.empty(int(length[o].sum()))
+        held = holder[o]
+        cuts = np.flatnonzero(np.diff(held)) + 1
+        end = 0
+        for seg in np.split(o, cuts):  # one gather per holding buffer (<= k + 1)
+            end = t.gather(bufs[int(holder[seg[0]])], offset[seg], length[seg], out, end)
+        nin = int(incoming.sum())
+        inc = t.empty(nin)
+        reqs: list = []
+        post(t, reqs, inc, 0, nin, frm, TAG_HYPERCUBE, send=False)
+        post(t, reqs, out, 0, end, to, TAG_HYPERCUBE, send=True)
+        meta: list = []
+        if k + 1 < nk:
+            o2 = orders[k + 1]
+            to2, frm2 = peers(r, p, k + 1)
+            ahead = np.empty(o2.size, dtype=np.int64)
+            meta = meta_exchange(ctx.comm, [(to2, known[o2], frm2, ahead)])
+        t.waitall(reqs)
+        MPI.Request.Waitall(meta)
+        bufs.append(inc)
+        holder[o] = k + 1
+        offset[o] = np.cumsum(incoming) - incoming
+        length[o] = incoming
+        done = o[(o >> (k + 1)) == 0]  # highest set bit is k: home
+        if done.size:
+            t.pack(inc, offset[done], length[done], s.rb, s.rd[source[done]])
+        if k + 1 < nk:
+            known[o2] = ahead
+            incoming = ahead
+
+
+def _moved(p: int) -> int:
+    """Block hops per rank: sum over steps of the positions sent = sum of popcount(j)."""
+    return sum(bin(j).count("1") for j in range(p))
+
+
+def cost(p: int, m: float, params: dict) -> float:
+    """ceil(log2 p) rounds, each ~p/2 blocks, plus one round of sizes.
+
+    T = o + (L+1)(ts + tp) + tw m H + tr 2 m H,  L = ceil(log2 p), H = sum_j popcount(j)
+    (H = (p/2) log2 p for a power of two: the textbook (ts + tw m p/2) log2 p). Every hop
+    is gathered once and received once; the sizes add 8 H bytes.
+    """
+    if p == 1:
+        return params["o"] + params["tr"] * m
+    nk, h = nsteps(p), _moved(p)
+    return (params["o"] + (nk + 1) * (params["ts"] + params["tp"])
+            + params["tw"] * (m + 8) * h + params["tr"] * 2 * m * h)
+
+
+register(AlgorithmInfo(name="hypercube", run=run, cost=cost, schedule=schedule,
+                       doc=__doc__ or ""))

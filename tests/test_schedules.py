@@ -1,0 +1,176 @@
+"""Pure schedules of the store-and-forward algorithms, simulated for p = 1..64 without MPI.
+
+A simulation runs every rank's schedule in lock step: at each step all ranks send from what
+they hold, then receive. It checks that sender and receiver agree on every message (peer and
+block order), that nobody sends a block it does not hold, that every (source, destination)
+block reaches its destination exactly once and ends nowhere else, and the textbook step
+counts: ring p-1, mesh (r-1)+(c-1), hypercube ceil(log2 p).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pya2a.algorithms import _forward, hypercube, mesh, ring
+
+pytestmark = pytest.mark.serial
+
+PS = list(range(1, 65))
+
+
+def simulate(p: int, steps: list[list]) -> None:
+    """Walk all ranks' schedules in lock step and check delivery (see module docstring)."""
+    n = len(steps[0])
+    assert all(len(s) == n for s in steps), "every rank has the same number of steps"
+    held = np.zeros((p, p * p), dtype=bool)
+    for r in range(p):
+        held[r, r * p + np.arange(p)] = True
+    arrivals = np.zeros(p * p, dtype=np.int64)
+    for k in range(n):
+        moves = []
+        for r in range(p):
+            st = steps[r][k]
+            peer = steps[st.dst][k]
+            assert peer.src == r, f"p={p} step {k}: {r} sends to {st.dst}, which expects " \
+                                  f"{peer.src}"
+            assert np.array_equal(st.send, peer.recv), f"p={p} step {k}: {r} -> {st.dst}"
+            assert st.dst != r and st.src != r, "no messages to self"
+            moves.append((r, st.dst, st.send[:, 0] * p + st.send[:, 1]))
+        rs = np.concatenate([np.full(ids.size, r) for r, _, ids in moves])
+        ds = np.concatenate([np.full(ids.size, d) for _, d, ids in moves])
+        ids = np.concatenate([ids for _, _, ids in moves])
+        # a block at most once per message and per step: each block is in one place
+        assert np.unique(ids).size == ids.size, f"p={p} step {k}: a block sent twice"
+        assert held[rs, ids].all(), f"p={p} step {k}: a rank sends blocks it lacks"
+        assert (ids % p != rs).all(), "a rank forwards a block addressed to itself"
+        held[rs, ids] = False
+        assert not held[ds, ids].any(), "a block arrives where a copy already is"
+        held[ds, ids] = True
+        arrivals[ids[(ids % p) == ds]] += 1
+    for r in range(p):
+        want = np.zeros(p * p, dtype=bool)
+        want[np.arange(p) * p + r] = True
+        np.testing.assert_array_equal(held[r], want, err_msg=f"p={p}: rank {r} final blocks")
+    off_diag = np.ones((p, p), dtype=bool)
+    np.fill_diagonal(off_diag, False)
+    np.testing.assert_array_equal(arrivals.reshape(p, p)[off_diag], 1)
+    assert arrivals.reshape(p, p).diagonal().sum() == 0
+
+
+@pytest.mark.parametrize("p", PS)
+def test_ring_delivers_every_block_once_in_p_minus_1_steps(p):
+    steps = [ring.schedule(r, p) for r in range(p)]
+    assert len(steps[0]) == p - 1
+    simulate(p, steps)
+
+
+@pytest.mark.parametrize("p", [2, 3, 5, 8, 13, 31, 64])
+def test_ring_messages_shrink_and_forward_the_tail_verbatim(p):
+    for r in range(p):
+        steps = ring.schedule(r, p)
+        for k, st in enumerate(steps, start=1):
+            assert st.dst == (r + 1) % p and st.src == (r - 1) % p
+            assert len(st.send) == len(st.recv) == p - k
+            assert tuple(st.recv[0]) == ((r - k) % p, r), "first block received is own"
+            if k < p - 1:
+                np.testing.assert_array_equal(st.recv[1:], steps[k].send)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 6, 7, 16, 33])
+def test_ring_message_lengths_are_what_each_message_carries(p):
+    rng = np.random.default_rng(p)
+    counts = rng.integers(0, 100, (p, p)).astype(np.int64)
+    counts[rng.random((p, p)) < 0.3] = 0
+    lengths = np.stack([ring.message_lengths(counts[s], s) for s in range(p)])
+    for r in range(p):
+        for st in ring.schedule(r, p):
+            s = st.recv[0, 0]
+            assert lengths[s, r] == counts[st.recv[:, 0], st.recv[:, 1]].sum()
+    assert (lengths.diagonal() == 0).all()
+
+
+def _divisor_grids(p: int) -> list[tuple[int, int]]:
+    return [(r, p // r) for r in range(1, p + 1) if p % r == 0]
+
+
+@pytest.mark.parametrize("p", list(range(1, 25)) + [30, 36, 48, 60, 64])
+def test_mesh_delivers_on_every_grid_in_r_plus_c_minus_2_steps(p):
+    for r, c in _divisor_grids(p):
+        steps = [mesh.schedule(q, p, grid=(r, c)) for q in range(p)]
+        assert len(steps[0]) == (r - 1) + (c - 1)
+        simulate(p, steps)
+        for st in steps[0]:
+            assert len(st.send) == (r if st.phase == 1 else c)
+
+
+@pytest.mark.parametrize("p", PS)
+def test_mesh_default_grid_is_nearest_sqrt_and_delivers(p):
+    r, c = _forward.default_grid(p)
+    assert r * c == p and r <= c
+    assert all(not (r < d <= math.isqrt(p)) for d, _ in _divisor_grids(p))
+    if p > 3 and all(p % d for d in range(2, p)):
+        assert (r, c) == (1, p), "a prime degenerates to 1 x p"
+    steps = [mesh.schedule(q, p) for q in range(p)]
+    assert len(steps[0]) == (r - 1) + (c - 1)
+    simulate(p, steps)
+
+
+def test_mesh_grid_from_option_env_and_errors(monkeypatch):
+    monkeypatch.delenv("PYA2A_MESH_GRID", raising=False)
+    assert _forward.grid_from(12) == (3, 4)
+    assert _forward.grid_from(12, {"grid": (2, 6)}) == (2, 6)
+    assert _forward.grid_from(12, {"grid": "6,2"}) == (6, 2)
+    monkeypatch.setenv("PYA2A_MESH_GRID", "4,3")
+    assert _forward.grid_from(12) == (4, 3)
+    assert _forward.grid_from(12, {"grid": (1, 12)}) == (1, 12), "option beats env"
+    assert mesh.supports(12, None, None, False) is None
+    assert "r * c = p" in mesh.supports(10, None, None, False)
+    with pytest.raises(ValueError, match="does not match 10 ranks"):
+        _forward.grid_from(10)
+    monkeypatch.setenv("PYA2A_MESH_GRID", "three,4")
+    with pytest.raises(ValueError, match="PYA2A_MESH_GRID must be"):
+        _forward.grid_from(12)
+    monkeypatch.delenv("PYA2A_MESH_GRID")
+    for bad in [(0, 12), (5, 3), (2,), "x"]:
+        with pytest.raises(ValueError, match="mesh: grid"):
+            _forward.grid_from(12, {"grid": bad})
+
+
+@pytest.mark.parametrize("p", PS)
+def test_hypercube_delivers_in_ceil_log2_p_steps(p):
+    steps = [hypercube.schedule(r, p) for r in range(p)]
+    assert len(steps[0]) == math.ceil(math.log2(p))
+    simulate(p, steps)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 6, 8, 12, 16, 17, 32, 63, 64])
+def test_hypercube_messages_carry_the_positions_with_bit_k(p):
+    hops = 0
+    for k, st in enumerate(hypercube.schedule(0, p)):
+        o = hypercube.order(p, k)
+        assert len(st.send) == len(o) == sum(1 for j in range(p) if j >> k & 1)
+        held = hypercube._last_step(o, k)
+        assert (np.diff(held) >= 0).all(), "grouped by holding buffer, one gather each"
+        hops += len(o)
+        if p & (p - 1) == 0:
+            assert st.dst == st.src == 1 << k, "power of two: partner across dimension k"
+    assert hops == hypercube._moved(p)
+
+
+@pytest.mark.parametrize("name", ["ring", "mesh", "hypercube"])
+def test_cost_models_are_positive_and_grow_with_message_size(name):
+    mod = {"ring": ring, "mesh": mesh, "hypercube": hypercube}[name]
+    params = {"o": 5e-6, "ts": 2e-6, "tw": 1e-10, "tp": 3e-6, "tr": 5e-11}
+    for p in [1, 2, 3, 7, 16, 64]:
+        small, big = mod.cost(p, 8, params), mod.cost(p, 1 << 20, params)
+        assert 0 < small <= big
+
+
+def test_hypercube_beats_ring_for_small_blocks_and_not_for_large():
+    params = {"o": 5e-6, "ts": 2e-6, "tw": 1e-10, "tp": 3e-6, "tr": 5e-11}
+    assert hypercube.cost(64, 8, params) < ring.cost(64, 8, params)
+    assert hypercube.cost(64, 8, params) < mesh.cost(64, 8, params)
+    assert mesh.cost(64, 1 << 16, params) < ring.cost(64, 1 << 16, params)
