@@ -138,18 +138,21 @@ def time_call(comm, fn: Callable[[], None], warmup: int, iters: int, max_time: f
               sync: Callable[[], None] | None = None) -> tuple[float, float, float, int]:
     """Time ``fn`` (collective) on every rank: (avg, min, max) over ranks of the mean per call.
 
-    ``iters`` is cut so a point takes about ``max_time`` seconds (from the slowest rank's
-    warm-up time, so every rank runs the same count; at least one call).
+    One warm-up call is always made; the rest of ``warmup`` and the ``iters`` timed calls are
+    cut so a point takes about ``max_time`` seconds, judged from the slowest rank's first
+    call, so every rank makes the same number of calls (at least one timed).
     """
     from mpi4py import MPI
 
     t0 = time.perf_counter()
-    for _ in range(max(warmup, 1)):
-        fn()
+    fn()
     if sync:
         sync()
-    est = comm.allreduce((time.perf_counter() - t0) / max(warmup, 1), op=MPI.MAX)
-    n = max(1, min(iters, int(max_time / est) if est > 0 else iters))
+    est = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    budget = max_time / est if est > 0 else float(iters + warmup)
+    for _ in range(min(warmup - 1, int(budget / 4))):
+        fn()
+    n = max(1, min(iters, int(budget)))
     comm.Barrier()
     t0 = time.perf_counter()
     for _ in range(n):

@@ -34,7 +34,8 @@ from .api import _check_comm, _code, _requested, _transport, _usable, internal_c
 from .bufspec import VSpec, in_place, parse_vector
 from .validate import agree, check_counts_match
 
-__all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain", "ranks_per_node"]
+__all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain", "ranks_per_node",
+           "bind_schedule"]
 
 DEFAULT_CACHE = 4
 _NODE_KEYVAL: int | None = None
@@ -118,6 +119,144 @@ def _template(counts: np.ndarray, displs: np.ndarray, dt: MPI.Datatype,
     end = int(((displs + counts) * extent).max()) if counts.size else 0
     return VSpec(None, 0, end, False, device, dt, extent, dt.Get_size(), tlb, textent,
                  counts, displs)
+
+
+TAG_BOUND = 7120  # bound store-and-forward plans (never matches the algorithms' own tags)
+SCRATCH_LIMIT = 256 << 20  # bytes of per-binding scratch above which plans call run()
+
+
+def _schedule_steps(info: algorithms.AlgorithmInfo, ctx: Context) -> list | None:
+    """The algorithm's schedule as Step objects (blocks named (src, dst)), or None."""
+    fn = info.schedule
+    if fn is None:
+        return None
+    try:
+        import inspect
+
+        if "grid" in inspect.signature(fn).parameters:
+            from .algorithms._forward import grid_from
+
+            steps = fn(ctx.rank, ctx.size, grid_from(ctx.size, ctx.options))
+        else:
+            steps = fn(ctx.rank, ctx.size)
+    except Exception:
+        return None
+    if steps and not all(hasattr(st, "send") and hasattr(st, "recv") for st in steps):
+        return None
+    return list(steps)
+
+
+def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx: Context,
+                  cmat: np.ndarray) -> Bound | None:
+    """Bind a store-and-forward schedule (ring, mesh, hypercube) to two host buffers.
+
+    With the whole byte-count matrix ``cmat[src, dst]`` (all-gathered once when the plan was
+    made) every message length, every block's place in every message and every scratch
+    buffer is known here, so a run is only: gather the outgoing blocks (``_pack``), start
+    and wait the persistent requests of the phase, unpack the blocks that arrived home. No
+    size messages travel at run time (the one-shot ``run`` must exchange them), and nothing
+    is allocated. Steps of one phase are posted together (they depend only on earlier
+    phases). Returns None (plans then call ``run``) for device buffers, in-place exchanges,
+    schedules that are not lists of Steps, or scratch above :data:`SCRATCH_LIMIT`.
+    """
+    from . import _pack
+    from .algorithms._common import sides
+
+    if ctx.transport.device is not None or ctx.in_place or cmat is None:
+        return None
+    steps = _schedule_steps(info, ctx)
+    if steps is None:
+        return None
+    s = sides(send, recv, ctx.transport)
+    r, p, comm = ctx.rank, ctx.size, ctx.comm
+    sd, rd = s.sd, s.rd
+    loc: dict[tuple[int, int], tuple[int, int]] = {(r, d): (0, int(sd[d])) for d in range(p)}
+    # one outgoing scratch shared by all steps of the largest phase; incoming ones persist
+    phases: list[list] = []
+    for st in steps:
+        if phases and phases[-1][0].phase == st.phase:
+            phases[-1].append(st)
+        else:
+            phases.append([st])
+    out_need = max((int(cmat[st.send[:, 0], st.send[:, 1]].sum()) for ph in phases
+                    for st in ph), default=0)
+    out_need = max(out_need, max((sum(int(cmat[st.send[:, 0], st.send[:, 1]].sum())
+                                      for st in ph) for ph in phases), default=0))
+    in_need = sum(int(cmat[st.recv[:, 0], st.recv[:, 1]].sum()) for st in steps)
+    if out_need + in_need > SCRATCH_LIMIT:
+        return None
+    out = np.empty(max(out_need, 1), dtype=np.uint8)
+    inc_all = np.empty(max(in_need, 1), dtype=np.uint8)
+    bufs = [s.sb, out, inc_all]  # where a block lives: loc[(src, dst)] = (index, offset)
+    plan_steps = []  # (gathers, requests, unpacks) per phase
+    in_pos = 0
+    for ph in phases:
+        gathers, reqs, unpacks, moved = [], [], [], []
+        out_pos = 0
+        for st in ph:
+            blk = np.asarray(st.send, dtype=np.int64).reshape(-1, 2)
+            lens = cmat[blk[:, 0], blk[:, 1]].astype(np.int64)
+            start = out_pos
+            run_buf, run_offs, run_lens = None, [], []
+            for (a, b), n in zip(blk.tolist(), lens.tolist(), strict=True):
+                bi, off = loc[(a, b)]
+                if bi != run_buf and run_lens:
+                    gathers.append((bufs[run_buf], np.array(run_offs, np.int64),
+                                    np.array(run_lens, np.int64), out_pos))
+                    out_pos += sum(run_lens)
+                    run_offs, run_lens = [], []
+                run_buf = bi
+                run_offs.append(off)
+                run_lens.append(n)
+            if run_lens:
+                gathers.append((bufs[run_buf], np.array(run_offs, np.int64),
+                                np.array(run_lens, np.int64), out_pos))
+                out_pos += sum(run_lens)
+            rblk = np.asarray(st.recv, dtype=np.int64).reshape(-1, 2)
+            rl = cmat[rblk[:, 0], rblk[:, 1]].astype(np.int64)
+            rtot = int(rl.sum())
+            if rtot:
+                reqs.insert(0, comm.Recv_init([inc_all[in_pos:in_pos + rtot], MPI.BYTE],
+                                              st.src, TAG_BOUND))
+            if out_pos > start:
+                reqs.append(comm.Send_init([out[start:out_pos], MPI.BYTE], st.dst, TAG_BOUND))
+            offs = in_pos + np.cumsum(rl) - rl
+            home = rblk[:, 1] == r
+            if home.any():
+                unpacks.append((offs[home], rl[home], rd[rblk[home, 0]].astype(np.int64)))
+            moved.extend(((a, b), o) for (a, b), o, h in
+                         zip(rblk.tolist(), offs.tolist(), home.tolist(), strict=True) if not h)
+            in_pos += rtot
+        for key, o in moved:  # received blocks are forwardable from the next phase on
+            loc[key] = (2, o)
+        plan_steps.append((gathers, reqs, unpacks))
+    n_self = int(s.rc[r])
+    mine = (s.rb[int(rd[r]):int(rd[r]) + n_self], s.sb[int(sd[r]):int(sd[r]) + n_self]) \
+        if n_self else None
+    gather, pack = _pack.gather, _pack.pack
+    rb = s.rb
+    startall, waitall = MPI.Prequest.Startall, MPI.Request.Waitall
+
+    def run_bound() -> None:
+        if mine is not None:
+            mine[0][...] = mine[1]
+        for gathers, reqs, unpacks in plan_steps:
+            for src, offs, lens, at in gathers:
+                gather(src, offs, lens, out, at)
+            if reqs:
+                startall(reqs)
+                waitall(reqs)
+            for offs, lens, dst in unpacks:
+                pack(inc_all, offs, lens, rb, dst)
+
+    def free() -> None:
+        for _, reqs, _ in plan_steps:
+            for q in reqs:
+                if q:
+                    q.Free()
+        plan_steps.clear()
+
+    return Bound(run=run_bound, free=free)
 
 
 @dataclass
@@ -291,6 +430,13 @@ class Plan:
         self.algorithm, self._explanation = _decide(icomm, send, recv, rows, algorithm,
                                                         requested)
         self._init(icomm, send, recv, cache_size)
+        info = self._info
+        if info.prepare is None and info.schedule is not None and self.device is None and \
+                send.contiguous:  # same on every rank: the algorithm and buffer kind agree
+            row = np.ascontiguousarray(send.counts * send.tsize, dtype=np.int64)
+            cmat = np.empty((p, p), dtype=np.int64)
+            icomm.Allgather(row, cmat)
+            self._cmat = cmat
 
     def _init(self, icomm: MPI.Intracomm, send: VSpec, recv: VSpec, cache_size: int) -> None:
         self.comm = icomm
@@ -305,6 +451,7 @@ class Plan:
         self._by_addr: OrderedDict[tuple, _Entry] = OrderedDict()
         self._last: _Entry | None = None
         self._freed = False
+        self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
 
     @classmethod
     def _from_specs(cls, icomm: MPI.Intracomm, algorithm: str, send: VSpec, recv: VSpec,
@@ -338,6 +485,8 @@ class Plan:
             send = t.clone(recv)
             scratch = (t.buffer(send), t.buffer(recv))
         bound = info.prepare(send, recv, ctx) if info.prepare is not None else None
+        if bound is None and info.prepare is None and self._cmat is not None:
+            bound = bind_schedule(info, send, recv, ctx, self._cmat)
         if bound is None:
             if send is None:
                 ctx.in_place = True
