@@ -16,7 +16,7 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-__all__ = ["prefix_sum", "pack", "gather", "scatter", "blocks_overlap"]
+__all__ = ["prefix_sum", "pack", "gather", "scatter", "blocks_overlap", "check_blocks"]
 
 
 def prefix_sum(const int64_t[::1] counts):
@@ -122,11 +122,23 @@ def scatter(const unsigned char[::1] src, unsigned char[::1] dst,
 
 
 def blocks_overlap(const int64_t[::1] offs, const int64_t[::1] lens):
-    """Index pair (i, j) of two non-empty blocks that share a byte, or None."""
-    cdef Py_ssize_t n = lens.shape[0], k, a, b
-    order = np.argsort(np.asarray(offs), kind="stable").astype(np.int64)
+    """Index pair (i, j) of two non-empty blocks that share a byte, or None.
+
+    Linear when the offsets are already in order (the usual layouts); sorts otherwise.
+    """
+    cdef Py_ssize_t n = lens.shape[0], k, a
+    cdef int64_t end = -1, last = -1, prev = -1
+    cdef bint ordered = True
+    for k in range(n):
+        if offs[k] < prev:
+            ordered = False
+            break
+        prev = offs[k]
+    if ordered:
+        order = np.arange(n, dtype=np.int64)
+    else:
+        order = np.argsort(np.asarray(offs), kind="stable").astype(np.int64)
     cdef int64_t[::1] o = order
-    cdef int64_t end = -1, last = -1
     with nogil:
         for k in range(n):
             a = o[k]
@@ -139,3 +151,37 @@ def blocks_overlap(const int64_t[::1] offs, const int64_t[::1] lens):
                 end = offs[a] + lens[a]
                 last = a
     return None
+
+
+def check_blocks(const int64_t[::1] counts, const int64_t[::1] displs, int64_t extent,
+                 int64_t true_lb, int64_t true_extent, int64_t nbytes):
+    """Validate a block table in one pass.
+
+    Returns ``(code, j, value, total, largest)``: code 0 = valid, 1 = ``counts[j]``
+    negative, 2 = ``displs[j]`` negative, 3 = block j ends at byte ``value`` beyond
+    ``nbytes`` (or starts before 0), 4 = non-empty blocks with a non-positive extent.
+    ``total`` and ``largest`` are the sum and maximum of the counts (valid only when code 0).
+    """
+    cdef Py_ssize_t j, n = counts.shape[0]
+    cdef int64_t total = 0, largest = 0, c, d, lo, hi
+    if displs.shape[0] != n:
+        raise ValueError("check_blocks: counts and displs differ in length")
+    for j in range(n):
+        c = counts[j]
+        d = displs[j]
+        if c < 0:
+            return (1, j, c, 0, 0)
+        if d < 0:
+            return (2, j, d, 0, 0)
+        if c == 0:
+            continue
+        if extent <= 0:
+            return (4, j, extent, 0, 0)
+        lo = d * extent + true_lb
+        hi = d * extent + (c - 1) * extent + true_lb + true_extent
+        if lo < 0 or hi > nbytes:
+            return (3, j, hi, 0, 0)
+        total += c
+        if c > largest:
+            largest = c
+    return (0, -1, 0, total, largest)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
+from . import _pack
+
 __all__ = ["VSpec", "parse_vector", "parse_block", "in_place", "is_device_buffer"]
 
 _TYPEDICT: dict[str, MPI.Datatype] = MPI._typedict  # mpi4py's own format -> datatype map
@@ -62,6 +64,8 @@ class VSpec:
     counts: np.ndarray  # int64[p]
     displs: np.ndarray  # int64[p]
     keepalive: object = field(default=None, repr=False)
+    total: int = 0  # sum of counts, elements
+    largest: int = 0  # largest count, elements
 
     @property
     def contiguous(self) -> bool:
@@ -81,7 +85,7 @@ class VSpec:
     @property
     def total_bytes(self) -> int:
         """Bytes in all blocks together."""
-        return int(self.counts.sum()) * self.tsize
+        return self.total * self.tsize
 
     def message(self) -> list:
         """The equivalent mpi4py vector message, for handing to MPI itself."""
@@ -208,31 +212,24 @@ def _int_array(call: str, what: str, name: str, ob: object, p: int) -> np.ndarra
 
 def _finish(call: str, what: str, b: _Buf, dt: MPI.Datatype, counts: np.ndarray,
             displs: np.ndarray, name: str) -> VSpec:
-    if (counts < 0).any():
-        j = int(np.argmax(counts < 0))
-        raise ValueError(f"{call}: {name}counts[{j}] = {counts[j]} is negative")
-    if (displs < 0).any():
-        j = int(np.argmax(displs < 0))
-        raise ValueError(f"{call}: {name}displs[{j}] = {displs[j]} is negative")
     lb, extent = dt.Get_extent()
     tlb, textent = dt.Get_true_extent()
-    tsize = dt.Get_size()
-    nz = counts > 0
-    if nz.any():
-        if extent <= 0:
-            raise ValueError(f"{call}: {what} datatype extent {extent} is not positive")
-        lo = displs * extent + tlb
-        hi = displs * extent + (counts - 1) * extent + tlb + textent
-        bad = nz & ((lo < 0) | (hi > b.nbytes))
-        if bad.any():
-            j = int(np.argmax(bad))
-            raise ValueError(
-                f"{call}: {what} block {j} (displacement {displs[j]}, count {counts[j]}, "
-                f"extent {extent}) ends at byte {hi[j]}, outside the {b.nbytes}-byte buffer")
+    code, j, value, total, largest = _pack.check_blocks(counts, displs, extent, tlb, textent,
+                                                        b.nbytes)
+    if code == 1:
+        raise ValueError(f"{call}: {name}counts[{j}] = {value} is negative")
+    if code == 2:
+        raise ValueError(f"{call}: {name}displs[{j}] = {value} is negative")
+    if code == 3:
+        raise ValueError(
+            f"{call}: {what} block {j} (displacement {displs[j]}, count {counts[j]}, "
+            f"extent {extent}) ends at byte {value}, outside the {b.nbytes}-byte buffer")
+    if code == 4:
+        raise ValueError(f"{call}: {what} datatype extent {extent} is not positive")
     counts.setflags(write=False)
     displs.setflags(write=False)
-    return VSpec(b.obj, b.addr, b.nbytes, b.readonly, b.device, dt, extent, tsize, tlb,
-                 textent, counts, displs, b.keepalive)
+    return VSpec(b.obj, b.addr, b.nbytes, b.readonly, b.device, dt, extent, dt.Get_size(),
+                 tlb, textent, counts, displs, b.keepalive, total, largest)
 
 
 def _unpack(call: str, what: str, msg: object, vector: bool):
