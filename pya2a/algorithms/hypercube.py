@@ -22,6 +22,9 @@ separate counts pass would, and no p x p counts matrix as an all-gather would.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import numpy as np
 from mpi4py import MPI
 
@@ -88,59 +91,82 @@ def schedule(rank: int, size: int) -> list[Step]:
     return steps
 
 
+class _Round(NamedTuple):
+    """Rank-independent facts about one step (cached per p)."""
+
+    order: np.ndarray  # positions sent and received, in message order
+    segments: tuple  # (holding buffer, positions): one gather each, in message order
+    done: np.ndarray  # indices into ``order`` of the positions that are home after this step
+
+
+@functools.lru_cache(maxsize=32)
+def _rounds(p: int) -> tuple[_Round, ...]:
+    out = []
+    for k in range(nsteps(p)):
+        o = order(p, k)
+        held = _last_step(o, k)
+        cuts = np.flatnonzero(np.diff(held)) + 1
+        segs = tuple((int(h[0]), np.ascontiguousarray(seg))
+                     for seg, h in zip(np.split(o, cuts), np.split(held, cuts), strict=True)
+                     if seg.size)
+        done = np.flatnonzero((o >> (k + 1)) == 0)  # highest set bit is k
+        for a in (o, done, *(seg for _, seg in segs)):
+            a.setflags(write=False)
+        out.append(_Round(o, segs, done))
+    return tuple(out)
+
+
 def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     """Dimension exchanges with sizes pipelined one step ahead (see module docstring)."""
     t = ctx.transport
     s = sides(send, recv, t)
     r, p = ctx.rank, ctx.size
     t.copy(s.rb, int(s.rd[r]), s.sb, int(s.sd[r]), int(s.rc[r]))
-    nk = nsteps(p)
-    if nk == 0:
+    rounds = _rounds(p)
+    if not rounds:
         return
+    xor = _pow2(p)
     pos = np.arange(p, dtype=np.int64)
-    home = pos ^ r if _pow2(p) else (r + pos) % p  # destination of position j at the start
-    source = pos ^ r if _pow2(p) else (r - pos) % p  # source of position j at the end
+    home = pos ^ r if xor else (r + pos) % p  # destination of position j at the start
     length = s.sc[home]  # data state: bytes at each position
     offset = s.sd[home]
-    holder = np.zeros(p, dtype=np.int64)  # which of bufs holds each position
-    bufs = [s.sb]
     known = length.copy()  # size state, one step ahead of the data
-    orders = [order(p, k) for k in range(nk)]
+    bufs = [s.sb]  # bufs[b]: the send buffer, then what step b - 1 received
 
     to, frm = peers(r, p, 0)
-    incoming = np.empty(orders[0].size, dtype=np.int64)
-    MPI.Request.Waitall(meta_exchange(ctx.comm, [(to, known[orders[0]], frm, incoming)]))
-    known[orders[0]] = incoming
-    for k in range(nk):
-        o = orders[k]
+    incoming = np.empty(rounds[0].order.size, dtype=np.int64)
+    MPI.Request.Waitall(meta_exchange(ctx.comm, [(to, known[rounds[0].order], frm,
+                                                  incoming)]))
+    known[rounds[0].order] = incoming
+    for k, rd_k in enumerate(rounds):
+        o = rd_k.order
         to, frm = peers(r, p, k)
         out = t.empty(int(length[o].sum()))
-        held = holder[o]
-        cuts = np.flatnonzero(np.diff(held)) + 1
         end = 0
-        for seg in np.split(o, cuts):  # one gather per holding buffer (<= k + 1)
-            end = t.gather(bufs[int(holder[seg[0]])], offset[seg], length[seg], out, end)
+        for b, seg in rd_k.segments:
+            end = t.gather(bufs[b], offset[seg], length[seg], out, end)
         nin = int(incoming.sum())
         inc = t.empty(nin)
         reqs: list = []
         post(t, reqs, inc, 0, nin, frm, TAG_HYPERCUBE, send=False)
         post(t, reqs, out, 0, end, to, TAG_HYPERCUBE, send=True)
         meta: list = []
-        if k + 1 < nk:
-            o2 = orders[k + 1]
+        if k + 1 < len(rounds):
+            o2 = rounds[k + 1].order
             to2, frm2 = peers(r, p, k + 1)
             ahead = np.empty(o2.size, dtype=np.int64)
             meta = meta_exchange(ctx.comm, [(to2, known[o2], frm2, ahead)])
         t.waitall(reqs)
         MPI.Request.Waitall(meta)
         bufs.append(inc)
-        holder[o] = k + 1
-        offset[o] = np.cumsum(incoming) - incoming
+        starts = np.cumsum(incoming) - incoming
+        offset[o] = starts
         length[o] = incoming
-        done = o[(o >> (k + 1)) == 0]  # highest set bit is k: home
-        if done.size:
-            t.pack(inc, offset[done], length[done], s.rb, s.rd[source[done]])
-        if k + 1 < nk:
+        d = rd_k.done
+        if d.size:
+            src = o[d] ^ r if xor else (r - o[d]) % p  # the block's source rank
+            t.pack(inc, starts[d], incoming[d], s.rb, s.rd[src])
+        if k + 1 < len(rounds):
             known[o2] = ahead
             incoming = ahead
 
