@@ -19,7 +19,7 @@ import numpy as np
 from ..bufspec import VSpec
 from . import AlgorithmInfo, Context, register
 from ._common import sides
-from ._forward import TAG_RING, Step, blocks, post
+from ._forward import TAG_RING, Step, blocks
 
 __all__ = ["schedule", "run", "cost", "message_lengths"]
 
@@ -73,13 +73,12 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
         src = (r - k) % p
         m = int(inlen[src])
         own = min(int(rc[src]), m)  # equal unless counts mismatch (erroneous, as in MPI)
-        reqs: list = []
+        # one Sendrecv per step (fewest Python calls); empty messages are not skipped since
+        # neither side knows whether the other has anything to send back
         if k == p - 1:  # the last message is only this rank's block: straight into place
-            post(t, reqs, s.rb, int(rd[src]), own, prv, TAG_RING, send=False)
+            t.sendrecv(out, off, n, nxt, s.rb, int(rd[src]), own, prv, TAG_RING)
         else:
-            post(t, reqs, inc, 0, m, prv, TAG_RING, send=False)
-        post(t, reqs, out, off, n, nxt, TAG_RING, send=True)
-        t.waitall(reqs)
+            t.sendrecv(out, off, n, nxt, inc, 0, m, prv, TAG_RING)
         if k < p - 1:
             t.copy(s.rb, int(rd[src]), inc, 0, own)
             out, off, n, inc = inc, own, m - own, out
