@@ -1,0 +1,331 @@
+"""pya2a.moe: expert-parallel dispatch / combine against an all-gather reference.
+
+Runs serially and under ``mpiexec -n N``. Every rank draws its tokens and routing from
+(SEED, case, rank), so the reference (all-gather everything, compute locally with plain
+loops) needs no other input. Dispatch moves data only, so ``expert_x`` must match exactly;
+combine is compared bit for bit too, since the reference accumulates in the same order
+(k = 0, 1, ...) with the same float32 operations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import pya2a.moe as moe
+
+from helpers import SEED
+
+
+def scale(e: int, dtype: np.dtype) -> np.generic:
+    """Expert ``e``'s trivial op is a multiplication by this (distinct per expert)."""
+    return np.dtype(dtype).type(1 + (e % 7) / 8)
+
+
+def run_experts(ep: moe.ExpertParallel, expert_x, counts):
+    """The test's expert op on the dispatched rows, one contiguous segment per expert."""
+    out = expert_x.copy()
+    off = np.concatenate([[0], np.cumsum(counts)])
+    for le in range(ep.local_experts):
+        seg = slice(int(off[le]), int(off[le + 1]))
+        out[seg] = expert_x[seg] * scale(ep.first_expert + le, expert_x.dtype)
+    return out
+
+
+def reference(comm: MPI.Intracomm, x, idx, w, num_experts: int):
+    """All-gather every rank's tokens and routing; compute this rank's answers with loops."""
+    p, me = comm.Get_size(), comm.Get_rank()
+    El = num_experts // p
+    xs, idxs = comm.allgather(x), comm.allgather(idx)
+    expert_x = []
+    for le in range(El):
+        rows = [xs[s][t] for s in range(p) for t in range(idxs[s].shape[0])
+                for j in range(idxs[s].shape[1]) if idxs[s][t, j] == me * El + le]
+        expert_x.append(np.array(rows, dtype=x.dtype).reshape(len(rows), x.shape[1]))
+    acc_t = np.promote_types(x.dtype, np.float32)
+    y = np.zeros(x.shape, dtype=acc_t)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            row = x[t] * scale(int(idx[t, j]), x.dtype)
+            prod = row.astype(acc_t) * acc_t.type(w[t, j])
+            y[t] = prod if j == 0 else y[t] + prod
+    return expert_x, y.astype(x.dtype)
+
+
+def make_inputs(comm, case: int, num_experts: int, hidden: int, max_tokens: int, topk: int,
+                dtype: str, tokens: str = "random", route: str = "random"):
+    """This rank's (x, topk_idx, topk_weight) from the shared seed."""
+    me, p = comm.Get_rank(), comm.Get_size()
+    rng = np.random.default_rng([SEED, case, me])
+    if tokens == "random":
+        n = int(rng.integers(0, max_tokens + 1))
+    elif tokens == "some_zero":  # every other rank (and rank 0) has no tokens
+        n = 0 if me % 2 == 0 else max_tokens
+    elif tokens == "none":
+        n = 0
+    else:
+        n = max_tokens
+    x = rng.standard_normal((n, hidden)).astype(dtype)
+    if route == "random":  # distinct experts per token, like a real top-k
+        idx = np.argsort(rng.random((n, num_experts)), axis=1)[:, :topk]
+    elif route == "skip":  # expert 0 and the last rank's experts receive nothing
+        El = num_experts // p
+        allowed = np.array([e for e in range(1, num_experts) if e < num_experts - El or p == 1])
+        idx = allowed[rng.integers(0, allowed.size, (n, topk))]
+    elif route == "dup":  # repeats inside one token's row
+        idx = rng.integers(0, min(2, num_experts), (n, topk))
+    elif route == "hot":  # everything to the last expert
+        idx = np.full((n, topk), num_experts - 1)
+    else:
+        raise ValueError(route)
+    w = rng.random((n, topk)).astype(np.float32)
+    return x, idx.astype(np.int64), w
+
+
+def check(comm, ep: moe.ExpertParallel, x, idx, w) -> None:
+    expert_x, counts, handle = ep.dispatch(x, idx)
+    ref_x, ref_y = reference(comm, x, idx, w, ep.num_experts)
+    assert counts.dtype == np.int64 and counts.shape == (ep.local_experts,)
+    assert [len(r) for r in ref_x] == counts.tolist()
+    assert expert_x.shape == (int(counts.sum()), ep.hidden) and expert_x.dtype == x.dtype
+    got = np.split(expert_x, np.cumsum(counts)[:-1])
+    for le in range(ep.local_experts):
+        np.testing.assert_array_equal(got[le], ref_x[le], err_msg=f"local expert {le}")
+    y = ep.combine(run_experts(ep, expert_x, counts), w, handle)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    np.testing.assert_array_equal(y, ref_y)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("topk", [1, 2, 4])
+def test_dispatch_combine_match_reference(comm, dtype: str, topk: int) -> None:
+    p = comm.Get_size()
+    E, H, T = 4 * p, 12, 9
+    ep = moe.ExpertParallel(comm, E, H, T, topk, dtype)
+    check(comm, ep, *make_inputs(comm, 1 + topk, E, H, T, topk, dtype))
+
+
+@pytest.mark.parametrize(("tokens", "route"), [
+    ("some_zero", "random"), ("none", "random"), ("full", "skip"), ("random", "dup"),
+    ("full", "hot"),
+])
+def test_uneven_routing(comm, tokens: str, route: str) -> None:
+    """Zero-token ranks, experts (and whole ranks) receiving nothing, duplicates, one hot
+    expert."""
+    p = comm.Get_size()
+    E, H, T, K = 2 * p, 8, 6, 2
+    ep = moe.ExpertParallel(comm, E, H, T, K, np.float32)
+    check(comm, ep, *make_inputs(comm, 11, E, H, T, K, "float32", tokens, route))
+
+
+def test_one_expert_per_rank_and_topk_equal_experts(comm) -> None:
+    p = comm.Get_size()
+    ep = moe.ExpertParallel(comm, p, 5, 7, p, np.float32)
+    x, _, w = make_inputs(comm, 12, p, 5, 7, p, "float32")
+    idx = np.tile(np.arange(p)[::-1], (x.shape[0], 1))
+    check(comm, ep, x, idx, np.ascontiguousarray(w))
+
+
+def test_steady_state_reuses_buffers(comm) -> None:
+    """Repeated calls with changing routing give right answers and reuse one buffer."""
+    p = comm.Get_size()
+    E, H, T, K = 2 * p, 6, 8, 2
+    ep = moe.ExpertParallel(comm, E, H, T, K, np.float32)
+    bases = set()
+    for it in range(3):
+        x, idx, w = make_inputs(comm, 20 + it, E, H, T, K, "float32")
+        check(comm, ep, x, idx, w)
+        ex, _, _ = ep.dispatch(x, idx)
+        bases.add(ex.base.__array_interface__["data"][0] if ex.base is not None else None)
+    assert len(bases) == 1
+
+
+def test_combine_into_out_and_expert_x_in_place(comm) -> None:
+    p = comm.Get_size()
+    E, H, T, K = 2 * p, 4, 5, 2
+    ep = moe.ExpertParallel(comm, E, H, T, K, np.float32)
+    x, idx, w = make_inputs(comm, 30, E, H, T, K, "float32", "full")
+    ex, counts, h = ep.dispatch(x, idx)
+    ex[...] = run_experts(ep, ex, counts)  # the expert op writes over its input
+    out = np.full_like(x, np.nan)
+    y = ep.combine(ex, w, h, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out, reference(comm, x, idx, w, E)[1])
+
+
+def test_library_reference_agrees(comm) -> None:
+    """pya2a.moe.reference (used by examples/moe.py) against the loop reference here."""
+    p = comm.Get_size()
+    E, H, T, K = 2 * p, 4, 5, 2
+    x, idx, w = make_inputs(comm, 31, E, H, T, K, "float16")
+    ex, y = moe.reference(comm, x, idx, w, E, lambda e, r: r * scale(e, r.dtype))
+    rx, ry = reference(comm, x, idx, w, E)
+    for a, b in zip(ex, rx, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(y, ry)
+
+
+# ---------------------------------------------------------------------------------------
+# errors: a bad argument on one rank raises on every rank, nothing hangs
+def _bad_on_last(comm, good, bad):
+    return bad if comm.Get_rank() == comm.Get_size() - 1 else good
+
+
+def test_num_experts_not_multiple_of_size(comm) -> None:
+    p = comm.Get_size()
+    E = 2 * p + 1 if p > 1 else 0
+    with pytest.raises(ValueError, match="num_experts"):
+        moe.ExpertParallel(comm, E, 4, 4, 1, np.float32)
+
+
+def test_config_differs_across_ranks(comm) -> None:
+    p = comm.Get_size()
+    hidden = _bad_on_last(comm, 4, 4 if p == 1 else 5)
+    if p == 1:
+        pytest.skip("needs two ranks")
+    with pytest.raises(ValueError, match="different hidden"):
+        moe.ExpertParallel(comm, p, hidden, 4, 1, np.float32)
+
+
+@pytest.mark.parametrize(("kw", "exc", "match"), [
+    ({"topk": 0}, ValueError, "topk"),
+    ({"hidden": 2.5}, TypeError, "hidden"),
+    ({"dtype": "not-a-dtype"}, TypeError, "dtype"),
+    ({"backend": "nope"}, ValueError, "unknown backend"),
+    ({"backend": "fused"}, ValueError, "device"),
+    ({"device": -1}, TypeError, "device"),
+])
+def test_bad_constructor_argument_on_one_rank(comm, kw, exc, match) -> None:
+    args = {"num_experts": comm.Get_size(), "hidden": 4, "max_tokens": 4, "topk": 1,
+            "dtype": np.float32}
+    if comm.Get_rank() == comm.Get_size() - 1:
+        args.update(kw)
+    with pytest.raises(exc, match=match):
+        moe.ExpertParallel(comm, **args)
+
+
+@pytest.mark.parametrize("what", ["x_shape", "x_dtype", "x_list", "too_many", "idx_range",
+                                  "idx_float", "idx_shape"])
+def test_bad_dispatch_argument_on_one_rank(comm, what: str) -> None:
+    p = comm.Get_size()
+    E, H, T, K = 2 * p, 4, 5, 2
+    ep = moe.ExpertParallel(comm, E, H, T, K, np.float32)
+    x, idx, _ = make_inputs(comm, 40, E, H, T, K, "float32", "full")
+    bad_x, bad_idx, exc = x, idx, ValueError
+    if what == "x_shape":
+        bad_x = np.zeros((T, H + 1), np.float32)
+    elif what == "x_dtype":
+        bad_x, exc = x.astype(np.float64), TypeError
+    elif what == "x_list":
+        bad_x, exc = x.tolist(), TypeError
+    elif what == "too_many":
+        bad_x, bad_idx = np.zeros((T + 1, H), np.float32), np.zeros((T + 1, K), np.int64)
+    elif what == "idx_range":
+        bad_idx = idx.copy()
+        bad_idx[-1, -1] = E
+    elif what == "idx_float":
+        bad_idx, exc = idx.astype(np.float32), TypeError
+    elif what == "idx_shape":
+        bad_idx = idx[:, :1]
+    with pytest.raises(exc, match="dispatch"):
+        ep.dispatch(_bad_on_last(comm, x, bad_x), _bad_on_last(comm, idx, bad_idx))
+    check(comm, ep, x, idx, np.ones((T, K), np.float32))  # still usable afterwards
+
+
+@pytest.mark.parametrize("what", ["y_shape", "y_dtype", "w_shape", "w_int", "handle",
+                                  "foreign_handle", "out_shape"])
+def test_bad_combine_argument_on_one_rank(comm, what: str) -> None:
+    p = comm.Get_size()
+    E, H, T, K = 2 * p, 4, 5, 2
+    ep = moe.ExpertParallel(comm, E, H, T, K, np.float32)
+    other = moe.ExpertParallel(comm, E, H, T, K, np.float32)
+    x, idx, w = make_inputs(comm, 41, E, H, T, K, "float32", "full")
+    ex, counts, h = ep.dispatch(x, idx)
+    _, _, h_other = other.dispatch(x, idx)
+    args = {"expert_y": ex, "topk_weight": w, "handle": h, "out": None}
+    exc = ValueError
+    if what == "y_shape":
+        args["expert_y"] = np.zeros((ex.shape[0] + 1, H), np.float32)
+    elif what == "y_dtype":
+        args["expert_y"], exc = ex.astype(np.float16), TypeError
+    elif what == "w_shape":
+        args["topk_weight"] = w[:, :1]
+    elif what == "w_int":
+        args["topk_weight"], exc = w.astype(np.int32), TypeError
+    elif what == "handle":
+        args["handle"], exc = object(), TypeError
+    elif what == "foreign_handle":
+        args["handle"] = h_other
+    elif what == "out_shape":
+        args["out"] = np.zeros((T, H + 1), np.float32)
+    good = {"expert_y": ex, "topk_weight": w, "handle": h, "out": None}
+    use = args if comm.Get_rank() == p - 1 else good
+    with pytest.raises(exc, match="combine"):
+        ep.combine(use["expert_y"], use["topk_weight"], use["handle"], out=use["out"])
+    y = ep.combine(run_experts(ep, ex, counts), w, h)
+    np.testing.assert_array_equal(y, reference(comm, x, idx, w, E)[1])
+
+
+def test_receive_capacity_exceeded_raises_everywhere(comm) -> None:
+    p = comm.Get_size()
+    T = 4
+    cap = T - 1 if p == 1 else T  # every rank sends all T tokens to rank 0
+    ep = moe.ExpertParallel(comm, p, 4, T, 1, np.float32, max_recv_tokens=cap)
+    with pytest.raises(ValueError, match="max_recv_tokens"):
+        ep.dispatch(np.ones((T, 4), np.float32), np.zeros((T, 1), np.int64))
+
+
+# ---------------------------------------------------------------------------------------
+# device arrays (skip without CuPy and a GPU)
+def _gpu_device(comm) -> int:
+    cupy = pytest.importorskip("cupy")
+    try:
+        ndev = cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        ndev = 0
+    if comm.allreduce(ndev == 0, op=MPI.LOR):
+        pytest.skip("no GPU")
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    dev = local.Get_rank() % ndev
+    local.Free()
+    cupy.cuda.Device(dev).use()
+    return dev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["staged", "fused"])
+@pytest.mark.parametrize("route", ["random", "skip", "dup"])
+def test_device_backends_match_reference(comm, backend: str, route: str) -> None:
+    dev = _gpu_device(comm)
+    import cupy
+
+    if backend == "fused":
+        from pya2a.gpu.moe_fused import fused_available
+
+        ok, why = fused_available(moe.internal_comm(comm), None)
+        if not ok:
+            pytest.skip(why)
+    p = comm.Get_size()
+    E, H, T, K = 4 * p, 64, 24, 3
+    ep = moe.ExpertParallel(comm, E, H, T, K, np.float16, device=dev, backend=backend)
+    try:
+        for it in range(3):
+            tokens = "some_zero" if it == 1 else "random"
+            x, idx, w = make_inputs(comm, 50 + it, E, H, T, K, "float16", tokens, route)
+            ex, counts, h = ep.dispatch(cupy.asarray(x), cupy.asarray(idx))
+            counts = cupy.asnumpy(counts)
+            ref_x, ref_y = reference(comm, x, idx, w, E)
+            assert [len(r) for r in ref_x] == counts.tolist()
+            got = cupy.asnumpy(ex[:int(counts.sum())])
+            for le, part in enumerate(np.split(got, np.cumsum(counts)[:-1])):
+                np.testing.assert_array_equal(part, ref_x[le])
+            ey = cupy.asarray(run_experts(ep, got, counts))
+            if backend == "fused":
+                ep.expert_output(int(counts.sum()))[...] = ey
+                ey = ep.expert_output(int(counts.sum()))
+            y = cupy.asnumpy(ep.combine(ey, cupy.asarray(w), h))
+            np.testing.assert_allclose(y.astype(np.float32), ref_y.astype(np.float32),
+                                       rtol=2e-3, atol=2e-3)
+    finally:
+        ep.free()
