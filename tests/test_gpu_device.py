@@ -1,0 +1,558 @@
+"""Device buffers through every algorithm: staged (pinned host) and CUDA-aware transports.
+
+Two halves:
+
+* Emulated device (always runs, serially and under mpiexec): a host backend that queues
+  every copy and kernel on fake streams and runs them lazily, in stream order, when an event
+  is polled or a stream synchronised. Device arrays are host arrays behind
+  ``__cuda_array_interface__``. Ordering bugs in the staging pipeline (reading a mirror
+  before its download landed, overwriting one under an upload) show up as wrong data.
+* Real GPU (skips cleanly without CuPy or a device): describe() on CuPy/torch arrays, the
+  pack kernel against NumPy, and every device algorithm against the seed-computed answer
+  and MPI's own Alltoallv on host copies, with CuPy and torch (incl. bfloat16) buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import pya2a
+from pya2a.bufspec import parse_vector
+from pya2a.gpu import device as gdev
+from pya2a.gpu import staging
+
+from helpers import PATTERNS, count_matrix, expected_recv, send_data
+
+WORLD = MPI.COMM_WORLD
+DEVICE_ALGORITHMS = ["auto", *gdev.register_device_algorithms()]
+
+
+# ---------------------------------------------------------------------------------------
+# emulated CUDA
+# ---------------------------------------------------------------------------------------
+class FakeStream:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ops: list = []
+        self.ran = 0
+        self.ptr = id(self)
+
+    def run_to(self, target: int) -> None:
+        while self.ran < target:
+            op = self.ops[self.ran]
+            self.ran += 1
+            op()
+
+
+class FakeEvent:
+    def __init__(self, stream: FakeStream) -> None:
+        self.stream = stream
+        self.target = len(stream.ops)
+
+
+class FakeDeviceArray:
+    """A host array that claims to live on device 0."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"version": 3, "data": (self.arr.ctypes.data, False), "shape": self.arr.shape,
+                "typestr": self.arr.dtype.str, "strides": self.arr.strides
+                if not self.arr.flags.c_contiguous else None, "stream": None}
+
+    shape = property(lambda self: self.arr.shape)
+    dtype = property(lambda self: self.arr.dtype)
+    nbytes = property(lambda self: self.arr.nbytes)
+
+    def get(self) -> np.ndarray:
+        return self.arr.copy()
+
+
+class FakeBackend:
+    """CUDA semantics on the host: queued, lazily executed, stream-ordered operations."""
+
+    name = "fake"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.main = FakeStream("main")
+        self.side = FakeStream("side")
+        self.rng = np.random.default_rng(seed)
+        self.pinned_calls = 0
+        self.kernel_launches = 0
+
+    use_device = staticmethod(lambda device: contextlib.nullcontext())
+    current_device = staticmethod(lambda: 0)
+
+    def current_stream(self):
+        return self.main
+
+    def side_stream(self, device):
+        return self.side
+
+    def stream_handle(self, s):
+        return s.ptr
+
+    def external_stream(self, h):
+        return self.main
+
+    def record(self, stream):
+        return FakeEvent(stream)
+
+    def done(self, ev) -> bool:
+        if ev.stream.ran < ev.target and self.rng.random() < 0.5:
+            ev.stream.run_to(ev.stream.ran + 1)
+        return ev.stream.ran >= ev.target
+
+    @staticmethod
+    def event_sync(ev) -> None:
+        ev.stream.run_to(ev.target)
+
+    @staticmethod
+    def wait(stream, ev) -> None:
+        stream.ops.append(lambda: ev.stream.run_to(ev.target))
+
+    @staticmethod
+    def sync(stream) -> None:
+        stream.run_to(len(stream.ops))
+
+    def memcpy(self, dst, src, n, stream) -> None:
+        stream.ops.append(lambda: ctypes.memmove(dst, src, n))
+
+    def pinned(self, nbytes):
+        self.pinned_calls += 1
+        return np.full(nbytes, 0xCD, dtype=np.uint8)  # garbage: unread bytes show up
+
+    def alloc(self, nbytes):
+        a = np.full(max(nbytes, 1), 0xEE, dtype=np.uint8)
+        return a, a.ctypes.data
+
+    @staticmethod
+    def pointer(ptr):
+        return 0, False
+
+    def pack(self, src, src_off, lens, dst, dst_off, stream):
+        self.kernel_launches += 1
+        blocks = [(int(a), int(b), int(n)) for a, b, n in zip(src_off, dst_off, lens,
+                                                               strict=True)]
+
+        def run():
+            for a, b, n in blocks:
+                if n:
+                    ctypes.memmove(dst + b, src + a, n)
+        stream.ops.append(run)
+
+    @staticmethod
+    def empty_rows(like, nrows):
+        if isinstance(like, FakeDeviceArray):
+            return FakeDeviceArray(np.zeros((nrows, *like.shape[1:]), like.dtype))
+        return None
+
+    @staticmethod
+    def byte_view(arr):
+        if isinstance(arr, FakeDeviceArray):
+            return FakeDeviceArray(arr.arr.reshape(-1).view(np.uint8))
+        return None
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    be = FakeBackend(seed=WORLD.Get_rank())
+    old = gdev.set_backend(be)
+    monkeypatch.setattr(gdev, "comm_cuda_aware", lambda comm: False)
+    try:
+        yield be
+    finally:
+        gdev.set_backend(old)
+
+
+@pytest.fixture(params=["staged", "aware"])
+def fake_any(request, fake, monkeypatch):
+    """Both transports; 'aware' hands the (host-backed) fake device memory to MPI."""
+    if request.param == "aware":
+        monkeypatch.setattr(gdev, "comm_cuda_aware", lambda comm: True)
+    return fake
+
+
+def _fake_exchange(comm, c, dtype, algorithm, inplace=False):
+    r = comm.Get_rank()
+    sc, rc = c[r], c[:, r]
+    sbuf = FakeDeviceArray(send_data(c, r, dtype))
+    rbuf = FakeDeviceArray(np.zeros(int(rc.sum()), dtype))
+    if inplace:
+        # in place needs one layout for both directions: block j at the same displacement
+        n = max(int(sc.max()), int(rc.max()), 1) if sc.size else 1
+        buf = np.zeros(n * comm.Get_size(), dtype)
+        for j in range(comm.Get_size()):
+            off = int(sc[:j].sum())
+            buf[j * n:j * n + sc[j]] = sbuf.arr[off:off + sc[j]]
+        dev = FakeDeviceArray(buf)
+        disp = np.arange(comm.Get_size()) * n
+        pya2a.Alltoallv(comm, MPI.IN_PLACE, [dev, (rc, disp)], algorithm=algorithm)
+        return np.concatenate([buf[j * n:j * n + rc[j]] for j in range(comm.Get_size())])
+    pya2a.Alltoallv(comm, [sbuf, sc], [rbuf, rc], algorithm=algorithm)
+    return rbuf.arr
+
+
+# ---------------------------------------------------------------------------------------
+# emulated-device tests
+# ---------------------------------------------------------------------------------------
+def test_interval_set_add_remove_gaps():
+    s = staging.IntervalSet()
+    s.add(10, 20)
+    s.add(30, 40)
+    s.add(20, 25)
+    assert s.iv == [(10, 25), (30, 40)]
+    assert s.gaps(0, 50) == [(0, 10), (25, 30), (40, 50)]
+    s.remove(12, 35)
+    assert s.iv == [(10, 12), (35, 40)]
+    assert s.overlaps(11, 13) and not s.overlaps(12, 35)
+    s.add(0, 100)
+    assert s.iv == [(0, 100)] and s.gaps(5, 50) == []
+
+
+def test_merge_ranges_sorts_and_joins():
+    assert staging.merge_ranges([30, 0, 10, 50], [10, 10, 5, 0]) == [(0, 15), (30, 40)]
+
+
+def test_stage_chunk_env(monkeypatch):
+    monkeypatch.setenv("PYA2A_STAGE_CHUNK", "1M")
+    assert staging.default_chunk() == 1 << 20
+    monkeypatch.setenv("PYA2A_STAGE_CHUNK", "12")
+    with pytest.raises(ValueError):
+        staging.default_chunk()
+
+
+def test_cuda_aware_env_override(monkeypatch):
+    for val, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("PYA2A_CUDA_AWARE", val)
+        gdev._detect.cache_clear()
+        assert gdev.cuda_aware() is want
+        assert "PYA2A_CUDA_AWARE" in gdev.cuda_aware_reason()
+    monkeypatch.delenv("PYA2A_CUDA_AWARE")
+    gdev._detect.cache_clear()
+    assert isinstance(gdev.cuda_aware(), bool)  # library query; never raises
+
+
+def test_device_algorithms_registered():
+    names = pya2a.available_algorithms(device=True)
+    for name in ("native", "direct", "pairwise"):
+        assert name in names
+
+
+def test_describe_fake_array_formats(fake):
+    d = gdev.describe(FakeDeviceArray(np.zeros(6, np.float32)))
+    assert (d.nbytes, d.fmt, d.device, d.readonly) == (24, "f4", 0, False)
+    with pytest.raises(BufferError, match="not contiguous"):
+        gdev.describe(FakeDeviceArray(np.zeros((4, 4))[:, ::2]), call="Alltoallv",
+                      what="send message")
+    spec = parse_vector(FakeDeviceArray(np.zeros(8, np.int64)), 2, readonly=True)
+    assert spec.device == 0 and list(spec.counts) == [4, 4]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
+def test_fake_device_every_algorithm(comm, fake_any, algorithm, pattern):
+    c = count_matrix(pattern, comm.Get_size(), scale=300)
+    out = _fake_exchange(comm, c, "float64", algorithm)
+    np.testing.assert_array_equal(out, expected_recv(c, comm.Get_rank(), "float64"))
+
+
+@pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
+def test_fake_device_small_chunks_pipeline(comm, fake, monkeypatch, algorithm):
+    monkeypatch.setenv("PYA2A_STAGE_CHUNK", "4096")  # many chunks per message
+    c = count_matrix("skew", comm.Get_size(), scale=700)
+    for dtype in ("int8", "complex128"):
+        out = _fake_exchange(comm, c, dtype, algorithm)
+        assert out.tobytes() == expected_recv(c, comm.Get_rank(), dtype).tobytes()
+
+
+@pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
+def test_fake_device_in_place(comm, fake_any, algorithm):
+    c = count_matrix("random", comm.Get_size(), scale=200)
+    c = c + c.T  # in place: what i sends j must be what j sends i
+    out = _fake_exchange(comm, c, "int32", algorithm, inplace=True)
+    np.testing.assert_array_equal(out, expected_recv(c, comm.Get_rank(), "int32"))
+
+
+def test_fake_device_alltoall_and_array_api(comm, fake):
+    p, r = comm.Get_size(), comm.Get_rank()
+    s = FakeDeviceArray(np.arange(p * 5, dtype=np.int16) + 100 * r)
+    d = FakeDeviceArray(np.zeros(p * 5, np.int16))
+    pya2a.Alltoall(comm, s, d, algorithm="pairwise")
+    want = np.concatenate([np.arange(r * 5, r * 5 + 5, dtype=np.int16) + 100 * j
+                           for j in range(p)])
+    np.testing.assert_array_equal(d.arr, want)
+    c = count_matrix("random", p, scale=3)
+    rows = FakeDeviceArray(send_data(c, r, "float32").repeat(3).reshape(-1, 3))
+    out, counts = pya2a.alltoallv(comm, rows, c[r])
+    assert isinstance(out, FakeDeviceArray) and list(counts) == list(c[:, r])
+    np.testing.assert_array_equal(out.arr[:, 0], expected_recv(c, r, "float32"))
+
+
+def test_fake_pinned_pool_is_reused(comm, fake):
+    c = count_matrix("uniform", comm.Get_size(), scale=2000)
+    _fake_exchange(comm, c, "float64", "pairwise")
+    n = fake.pinned_calls
+    for _ in range(3):
+        out = _fake_exchange(comm, c, "float64", "pairwise")
+    assert fake.pinned_calls == n
+    np.testing.assert_array_equal(out, expected_recv(c, comm.Get_rank(), "float64"))
+
+
+@pytest.mark.serial
+def test_fake_staged_host_to_device_scatter_many_runs(fake):
+    t = staging.StagedTransport(MPI.COMM_SELF, 0, fake, chunk=4096)
+    dev = FakeDeviceArray(np.arange(4000, dtype=np.uint8))
+    spec = parse_vector([dev, MPI.BYTE], 1, readonly=False)
+    t.begin()
+    sb = t.buffer(spec)
+    src = t.empty(400)
+    src[:] = np.arange(400) % 251
+    offs = np.arange(20, dtype=np.int64) * 150 + 7
+    lens = np.full(20, 20, dtype=np.int64)
+    kernels = fake.kernel_launches
+    t.scatter(src, sb, offs, lens, 0)  # 20 separate runs: one upload + one kernel
+    assert fake.kernel_launches == kernels + 1
+    back = t.empty(400)
+    t.gather(sb, offs, lens, back, 0)  # host read of what the device now holds
+    np.testing.assert_array_equal(back, src)
+    t.finish()
+    want = np.arange(4000, dtype=np.uint8)
+    for k in range(20):
+        want[offs[k]:offs[k] + 20] = src[20 * k:20 * k + 20]
+    np.testing.assert_array_equal(dev.arr, want)
+
+
+# ---------------------------------------------------------------------------------------
+# real GPU
+# ---------------------------------------------------------------------------------------
+def _ndev() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+NDEV = _ndev()
+gpu = pytest.mark.skipif(NDEV == 0, reason="no CUDA device (or no CuPy)")
+
+
+@pytest.fixture
+def cp():
+    import cupy
+
+    cupy.cuda.Device(WORLD.Get_rank() % NDEV).use()
+    gdev.set_backend(None)
+    return cupy
+
+
+def _torch():
+    try:
+        import torch
+
+        return torch if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+@gpu
+def test_gpu_mpi_is_not_handed_device_pointers(cp):
+    info = gdev.info()
+    assert info["devices"] >= 1
+    if os.environ.get("PYA2A_EXPECT_CUDA_AWARE") == "0":
+        assert not gdev.cuda_aware(), gdev.cuda_aware_reason()
+
+
+@gpu
+def test_gpu_describe_cupy_and_torch(cp):
+    a = cp.arange(12, dtype=cp.float32)
+    d = gdev.describe(a)
+    assert (d.addr, d.nbytes, d.fmt) == (a.data.ptr, 48, "f4")
+    with pytest.raises(BufferError):
+        gdev.describe(cp.zeros((4, 4))[:, ::2])
+    z = gdev.describe(cp.zeros(0, cp.float64))
+    assert z.nbytes == 0
+    torch = _torch()
+    if torch is None:
+        return
+    t = torch.zeros(5, 3, dtype=torch.bfloat16, device=f"cuda:{cp.cuda.Device().id}")
+    d = gdev.describe(t)
+    assert (d.addr, d.nbytes, d.fmt) == (t.data_ptr(), 30, "u2")
+    g = torch.zeros(4, device=t.device, requires_grad=True)
+    with pytest.raises(TypeError, match="detach"):
+        gdev.describe(g, call="Alltoallv", what="send message")
+
+
+@gpu
+@pytest.mark.serial
+def test_gpu_pack_kernel_matches_numpy(cp):
+    be = gdev.backend()
+    rng = np.random.default_rng(5)
+    src = cp.asarray(rng.integers(0, 256, 1 << 20, dtype=np.uint8))
+    dst = cp.zeros(1 << 20, cp.uint8)
+    n = 300
+    lens = rng.integers(0, 3000, n).astype(np.int64)
+    lens[:5] = [0, 1, 15, 16, 200000]
+    src_off = rng.integers(0, (1 << 20) - 200001, n).astype(np.int64)
+    src_off[::3] &= ~15  # some co-aligned, some 4-aligned, some not at all
+    dst_off = np.cumsum(np.concatenate([[16], lens[:-1] + 16])).astype(np.int64)
+    dst_off[1::2] += 4
+    src_off[4] = 16 * 1000 + dst_off[4] % 16  # the long block takes the 16-byte path
+    be.pack(src.data.ptr, src_off, lens, dst.data.ptr, dst_off, cp.cuda.get_current_stream())
+    h_src, h_dst = cp.asnumpy(src), np.zeros(1 << 20, np.uint8)
+    for a, b, m in zip(src_off, dst_off, lens, strict=True):
+        h_dst[b:b + m] = h_src[a:a + m]
+    np.testing.assert_array_equal(cp.asnumpy(dst), h_dst)
+
+
+def _gpu_exchange(cp, comm, c, dtype, algorithm, inplace=False):
+    r, p = comm.Get_rank(), comm.Get_size()
+    sc, rc = c[r], c[:, r]
+    host = send_data(c, r, dtype)
+    if inplace:
+        n = max(int(c.max()), 1)
+        buf = np.zeros(n * p, dtype)
+        for j in range(p):
+            off = int(sc[:j].sum())
+            buf[j * n:j * n + sc[j]] = host[off:off + sc[j]]
+        dev = cp.asarray(buf)
+        disp = np.arange(p) * n
+        pya2a.Alltoallv(comm, MPI.IN_PLACE, [dev, (rc, disp)], algorithm=algorithm)
+        got = cp.asnumpy(dev)
+        return np.concatenate([got[j * n:j * n + rc[j]] for j in range(p)])
+    sbuf = cp.asarray(host)
+    rbuf = cp.full(int(rc.sum()), 7, dtype=dtype)
+    pya2a.Alltoallv(comm, [sbuf, sc], [rbuf, rc], algorithm=algorithm)
+    return cp.asnumpy(rbuf)
+
+
+@gpu
+@pytest.mark.parametrize("pattern", ["random", "zeros", "hot", "skew", "empty"])
+@pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
+def test_gpu_every_algorithm_matches_seed_and_native(comm, cp, algorithm, pattern):
+    c = count_matrix(pattern, comm.Get_size(), scale=3000)
+    out = _gpu_exchange(cp, comm, c, "float64", algorithm)
+    want = expected_recv(c, comm.Get_rank(), "float64")
+    np.testing.assert_array_equal(out, want)
+    # the MPI library's own Alltoallv on host copies
+    r = comm.Get_rank()
+    ref = np.zeros(int(c[:, r].sum()))
+    comm.Alltoallv([send_data(c, r, "float64"), c[r]], [ref, c[:, r]])
+    np.testing.assert_array_equal(out, ref)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["int8", "float16", "int64", "complex128", "bool"])
+@pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
+def test_gpu_dtypes(comm, cp, algorithm, dtype):
+    c = count_matrix("random", comm.Get_size(), scale=500)
+    out = _gpu_exchange(cp, comm, c, dtype, algorithm)
+    assert out.tobytes() == expected_recv(c, comm.Get_rank(), dtype).tobytes()
+
+
+@gpu
+@pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
+def test_gpu_in_place(comm, cp, algorithm):
+    c = count_matrix("random", comm.Get_size(), scale=1000)
+    c = c + c.T  # in place: what i sends j must be what j sends i
+    out = _gpu_exchange(cp, comm, c, "int32", algorithm, inplace=True)
+    np.testing.assert_array_equal(out, expected_recv(c, comm.Get_rank(), "int32"))
+
+
+@gpu
+@pytest.mark.parametrize("algorithm", ["pairwise", "direct", "ring"])
+def test_gpu_large_multichunk(comm, cp, monkeypatch, algorithm):
+    monkeypatch.setenv("PYA2A_STAGE_CHUNK", "256K")
+    c = count_matrix("uniform", comm.Get_size(), scale=300_000)  # 2.4 MB per block
+    out = _gpu_exchange(cp, comm, c, "float64", algorithm)
+    np.testing.assert_array_equal(out, expected_recv(c, comm.Get_rank(), "float64"))
+
+
+@gpu
+@pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
+def test_gpu_torch_bfloat16_and_array_api(comm, cp, algorithm):
+    torch = _torch()
+    if torch is None:
+        pytest.skip("no torch with CUDA")
+    r, p = comm.Get_rank(), comm.Get_size()
+    dev = f"cuda:{r % NDEV}"
+    c = count_matrix("random", p, scale=40)
+    rows = torch.as_tensor(send_data(c, r, "float32")).to(torch.bfloat16)
+    rows = rows.reshape(-1, 1).repeat(1, 3).to(dev)
+    out, counts = pya2a.alltoallv(comm, rows, c[r], algorithm=algorithm)
+    assert isinstance(out, torch.Tensor) and out.device == rows.device
+    assert out.dtype == torch.bfloat16 and list(counts) == list(c[:, r])
+    want = torch.as_tensor(expected_recv(c, r, "float32")).to(torch.bfloat16)
+    assert torch.equal(out[:, 0].cpu(), want)
+    # Alltoallv with bfloat16 tensors directly (fmt 'u2': 2-byte elements)
+    recv = torch.zeros(int(c[:, r].sum()), 3, dtype=torch.bfloat16, device=dev)
+    pya2a.Alltoallv(comm, [rows, c[r] * 3], [recv, c[:, r] * 3], algorithm=algorithm)
+    assert torch.equal(recv, out)
+
+
+@gpu
+def test_gpu_cupy_array_api_and_alltoall(comm, cp):
+    r, p = comm.Get_rank(), comm.Get_size()
+    c = count_matrix("hot", p, scale=50)
+    rows = cp.asarray(send_data(c, r, "float64")).reshape(-1, 1) * cp.ones((1, 4))
+    out, counts = pya2a.alltoallv(comm, rows, c[r])
+    assert isinstance(out, cp.ndarray) and out.shape == (int(c[:, r].sum()), 4)
+    np.testing.assert_array_equal(cp.asnumpy(out[:, 3]), expected_recv(c, r, "float64"))
+    s = cp.arange(p * 6, dtype=cp.int32) + 1000 * r
+    d = cp.zeros(p * 6, cp.int32)
+    pya2a.Alltoall(comm, s, d)
+    want = np.concatenate([np.arange(r * 6, r * 6 + 6) + 1000 * j for j in range(p)])
+    np.testing.assert_array_equal(cp.asnumpy(d), want)
+
+
+@gpu
+def test_gpu_errors_mixed_and_noncontiguous(comm, cp):
+    p = comm.Get_size()
+    with pytest.raises(TypeError, match="host"):
+        pya2a.Alltoallv(comm, cp.zeros(p, cp.float64), np.zeros(p))
+    with pytest.raises(BufferError, match="contiguous"):
+        pya2a.Alltoallv(comm, cp.zeros((p, 2))[:, 0], cp.zeros(p))
+
+
+@gpu
+def test_gpu_stream_ordering_with_pending_work(comm, cp):
+    """Data written by a kernel still queued on the current stream is what gets sent."""
+    r, p = comm.Get_rank(), comm.Get_size()
+    n = 1 << 18
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        src = cp.zeros(n * p, cp.float32)
+        for _ in range(20):  # enough queued work that a racing download would see zeros
+            src += 1
+        src += r
+        dst = cp.zeros(n * p, cp.float32)
+        pya2a.Alltoallv(comm, src, dst, algorithm="pairwise")
+        got = cp.asnumpy(dst).reshape(p, n)
+    np.testing.assert_array_equal(got, np.repeat(20 + np.arange(p, dtype=np.float32),
+                                                 n).reshape(p, n))
+
+
+@gpu
+def test_gpu_plan_runs_repeatedly(comm, cp):
+    if not hasattr(pya2a, "plan"):
+        pytest.skip("no plan API")
+    r, p = comm.Get_rank(), comm.Get_size()
+    c = count_matrix("random", p, scale=2000)
+    pl = pya2a.plan(comm, c[r], c[:, r], "d", device=cp.cuda.Device().id,
+                    algorithm="pairwise")
+    rbuf = cp.zeros(int(c[:, r].sum()))
+    for k in range(3):
+        sbuf = cp.asarray(send_data(c, r, "float64")) + k
+        pl.run(sbuf, rbuf)
+        np.testing.assert_array_equal(cp.asnumpy(rbuf), expected_recv(c, r, "float64") + k)
+    pl.free()
