@@ -229,6 +229,14 @@ def test_cuda_graph_capture(engine, method):
     assert COMM.allreduce(bad) == 0
 
 
+def test_choose_thresholds():
+    assert IpcAlltoallv.choose(0) == "ll"
+    assert IpcAlltoallv.choose(IpcAlltoallv.LL_UPTO) == "ll"
+    assert IpcAlltoallv.choose(IpcAlltoallv.LL_UPTO + 1) == "push"
+    assert IpcAlltoallv.choose(1 << 28) == "push"
+    assert IpcAlltoallv.choose(1 << 28, inplace_plan=True) == "ce"
+
+
 def test_available_is_collective_and_identical():
     ok, why = IpcAlltoallv.available(COMM)
     both = COMM.allgather((ok, why))

@@ -67,6 +67,7 @@ _ARGS_DTYPE = np.dtype(
         ("ll_off", np.uint64),
         ("ll_slot", np.int64),
         ("self_blocks", np.int64),
+        ("ce_sub", np.int64),
     ]
 )
 _THREADS = 512
@@ -136,16 +137,21 @@ def _stream_ptr(cp: Any, stream: Any) -> int:
 class _Call:
     """One packed call: kernel argument block, grid, and copy-engine work."""
 
-    __slots__ = ("args", "params", "grid", "method", "copies", "self_copy")
+    __slots__ = ("args", "params", "grid", "method", "copies", "self_copy", "qvals", "qparams")
 
     def __init__(self, args: np.ndarray, grid: int, method: str,
-                 copies: list[tuple[int, int, int]], self_copy: tuple[int, int, int]) -> None:
+                 copies: list[tuple[int, int, int, int, int]],
+                 self_copy: tuple[int, int, int]) -> None:
         self.args = args
         self.params = (ctypes.c_void_p * 1)(args.ctypes.data)
         self.grid = grid
         self.method = method
         self.copies = copies
         self.self_copy = self_copy
+        # ce_flag(args, q, j) parameter blocks, one per sub-copy
+        self.qvals = [(ctypes.c_int64(c[0]), ctypes.c_int64(c[4])) for c in copies]
+        self.qparams = [(ctypes.c_void_p * 3)(args.ctypes.data, ctypes.addressof(q),
+                                              ctypes.addressof(j)) for q, j in self.qvals]
 
 
 class IpcPlan:
@@ -175,11 +181,14 @@ class IpcAlltoallv:
             ``4 * size * ll_bytes`` per rank). Same on every rank.
         min_chunk: bytes per chunk below which a pair's block is not split across
             more thread blocks (same on every rank).
+        ll_min_chunk: the same for the ``ll`` method.
+        ce_sub: copy-engine path: copies (each flagged) per staged block.
     """
 
     LL_MAX_DEFAULT = 256 * 1024
-    # Method per block size (bytes per pair), measured on 4 x H200 (docs/gpu-ipc.md).
+    # Method thresholds in bytes per pair, measured on 4 x H200 (docs/gpu-ipc.md).
     LL_UPTO = 256 * 1024
+    CE_FROM = 32 * 1024 * 1024
 
     @staticmethod
     def available(comm: Any, *, device: int | None = None) -> tuple[bool, str]:
@@ -192,7 +201,7 @@ class IpcAlltoallv:
 
     def __init__(self, comm: Any, capacity_bytes: int, *, device: int | None = None,
                  ll_bytes: int = LL_MAX_DEFAULT, min_chunk: int = 32 * 1024,
-                 ll_min_chunk: int = 8 * 1024) -> None:
+                 ll_min_chunk: int = 8 * 1024, ce_sub: int = 1) -> None:
         cp = _cupy()
         self._cp = cp
         if capacity_bytes < 0 or ll_bytes < 0:
@@ -207,7 +216,7 @@ class IpcAlltoallv:
         self.slot_bytes = (int(capacity_bytes) + 255) // 256 * 256
         self.ll_bytes = (int(ll_bytes) + 255) // 256 * 256
         self.ll_slot = 2 * self.ll_bytes
-        conf = (self.slot_bytes, self.ll_bytes, int(min_chunk), int(ll_min_chunk))
+        conf = (self.slot_bytes, self.ll_bytes, int(min_chunk), int(ll_min_chunk), int(ce_sub))
         confs = self.group.comm.allgather(conf)
         if len(set(confs)) != 1:
             raise ValueError(f"IpcAlltoallv: settings differ across ranks: {confs}")
@@ -219,9 +228,10 @@ class IpcAlltoallv:
                 "ll": self._mod.get_function("pya2a_ipc_ll").kernel.ptr,
                 "pre": self._mod.get_function("pya2a_ipc_ce_pre").kernel.ptr,
                 "post": self._mod.get_function("pya2a_ipc_ce_post").kernel.ptr,
+                "flag": self._mod.get_function("pya2a_ipc_ce_flag").kernel.ptr,
             }
             self._fn["pull"] = self._fn["push"]
-            self._streams = [cp.cuda.Stream(non_blocking=True) for _ in range(max(p - 1, 1))]
+            self._streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
             self._ev_fork = cp.cuda.Event(disable_timing=True)
             self._ev_join = [cp.cuda.Event(disable_timing=True) for _ in self._streams]
         # Co-residency: every block may spin on flags from other GPUs, so the grid
@@ -229,7 +239,8 @@ class IpcAlltoallv:
         # evenly between the peers.
         smin = min(self.group.comm.allgather(int(sms)))
         self.self_max = max(1, min(8, smin // 16))
-        self.max_chunks = max(1, min(MAX_CHUNKS, (smin - self.self_max) // max(p - 1, 1)))
+        # (minus one SM for the copy-engine path's flag kernels)
+        self.max_chunks = max(1, min(MAX_CHUNKS, (smin - self.self_max - 1) // max(p - 1, 1)))
         self.min_chunk = int(min_chunk)
         self.ll_min_chunk = int(ll_min_chunk)
         self.ll_off = CTRL_BYTES + p * self.slot_bytes
@@ -246,7 +257,9 @@ class IpcAlltoallv:
         t["ll_off"] = self.ll_off
         t["ll_slot"] = self.ll_slot
         self._cache: dict[tuple, _Call] = {}
-        self.ce_phased = True
+        # sub-copies per staged block on the copy-engine path (same on every rank);
+        # 4 measured no faster at 256 MiB and slower below (bench/results, run 5)
+        self.ce_sub = max(1, min(int(ce_sub), self.max_chunks))
         self._freed = False
 
     # ------------------------------------------------------------------ memory
@@ -268,13 +281,19 @@ class IpcAlltoallv:
         return self.group.find(ptr, n)
 
     @classmethod
-    def choose(cls, max_bytes_per_pair: int) -> str:
+    def choose(cls, max_bytes_per_pair: int, *, inplace_plan: bool = False) -> str:
         """Method for a call whose largest block is ``max_bytes_per_pair`` bytes.
 
         Pass a value that is the same on every rank (e.g. all-reduced max), so that
-        every rank picks the same method.
+        every rank picks the same method. ``inplace_plan``: the call runs through
+        :meth:`plan` with symmetric receive buffers on every rank (then large blocks go
+        by copy engines straight into place).
         """
-        return "ll" if max_bytes_per_pair <= cls.LL_UPTO else "push"
+        if max_bytes_per_pair <= cls.LL_UPTO:
+            return "ll"
+        if inplace_plan and max_bytes_per_pair >= cls.CE_FROM:
+            return "ce"
+        return "push"
 
     # ------------------------------------------------------------------ calls
     def _pack(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
@@ -309,7 +328,7 @@ class IpcAlltoallv:
         a["sdispl"][:p] = sd
         a["rcount"][:p] = rc
         a["rdispl"][:p] = rd
-        copies: list[tuple[int, int, int]] = []
+        copies: list[tuple[int, int, int, int, int]] = []  # (q, dst, src, n, sub index)
         self_copy = (rptr + int(rd[me]), sptr + int(sd[me]), int(sc[me]))
         min_chunk = self.min_chunk
         if method == "ll":
@@ -335,21 +354,27 @@ class IpcAlltoallv:
             a["my_key"] = STAGED if staged_here else remote[me][0]
             if staged_here:
                 self._check_slots(rc)
+            a["ce_sub"] = self.ce_sub
             for q in range(1, p):
                 dst = (me + q) % p
                 n = int(sc[dst])
                 if not n:
-                    copies.append((0, 0, 0))
                     continue
                 if remote is None or remote[dst][0] is None:
                     if n > self.slot_bytes:
                         self._check_slots(sc)
                     base = self.heap.peer_ptrs[dst] + CTRL_BYTES + me * self.slot_bytes
+                    nsub = self.ce_sub  # staged at dst: split so dst copies out early
                 else:
                     key, rdispls_dst = remote[dst]
                     alloc = self.group.allocs[key >> 56]
                     base = alloc.peer_ptrs[dst] + (key & ((1 << 56) - 1)) + rdispls_dst[me]
-                copies.append((base, sptr + int(sd[dst]), n))
+                    nsub = 1
+                sub = (-(-n // nsub) + 255) // 256 * 256
+                for j in range(nsub):
+                    lo, hi = j * sub, min(n, (j + 1) * sub)
+                    if lo < hi:
+                        copies.append((q, base + lo, sptr + int(sd[dst]) + lo, hi - lo, j))
         a["min_chunk"] = min_chunk
         m = int(max(sc.max(), rc.max())) if p else 0
         if method == "ce":
@@ -385,30 +410,27 @@ class IpcAlltoallv:
         rt.eventRecord(self._ev_fork.ptr, stream)
         # Peer copies go in phase order q = 1..p-1 (rank me -> me+q) on one stream:
         # every GPU sends to one peer and receives from one at a time, and one copy
-        # engine saturates a GPU's NVLink egress. Several streams let phases from
-        # different ranks drift into each other and collide at receivers.
-        nstreams = 1 if self.ce_phased else len(self._streams)
-        used = set()
-        for i, (dst, src, n) in enumerate(call.copies):
-            if n:
-                k = i % nstreams
-                s = self._streams[k].ptr
-                if k not in used:
-                    rt.streamWaitEvent(s, self._ev_fork.ptr)
-                    used.add(k)
-                rt.memcpyAsync(dst, src, n, 4, s)  # cudaMemcpyDefault
+        # engine saturates a GPU's NVLink egress (one stream per peer measured 2x
+        # slower back to back: phases drift into each other and collide at receivers).
+        cs = self._streams[0].ptr
+        rt.streamWaitEvent(cs, self._ev_fork.ptr)
+        for i, (_q, dst, src, n, _j) in enumerate(call.copies):
+            rt.memcpyAsync(dst, src, n, 4, cs)  # cudaMemcpyDefault
+            launch(self._fn["flag"], 1, 1, 1, 32, 1, 1, 0, cs,
+                   ctypes.addressof(call.qparams[i]), 0)
+        rt.eventRecord(self._ev_join[0].ptr, cs)
         d, s_, n = call.self_copy
         if n:
-            k = len(self._streams) - 1 if self.ce_phased and len(self._streams) > 1 else 0
-            s = self._streams[k].ptr
-            if k not in used:
-                rt.streamWaitEvent(s, self._ev_fork.ptr)
-                used.add(k)
-            rt.memcpyAsync(d, s_, n, 4, s)
-        for k in used:
-            rt.eventRecord(self._ev_join[k].ptr, self._streams[k].ptr)
-            rt.streamWaitEvent(stream, self._ev_join[k].ptr)
+            ss = self._streams[1].ptr
+            rt.streamWaitEvent(ss, self._ev_fork.ptr)
+            rt.memcpyAsync(d, s_, n, 4, ss)
+            rt.eventRecord(self._ev_join[1].ptr, ss)
+        # ce_post waits for the peers' flags and copies staging slots out while
+        # later phases are still arriving
         launch(self._fn["post"], call.grid, 1, 1, _THREADS, 1, 1, 0, stream, params, 0)
+        rt.streamWaitEvent(stream, self._ev_join[0].ptr)
+        if n:
+            rt.streamWaitEvent(stream, self._ev_join[1].ptr)
 
     def alltoallv(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
                   recvcounts: Any, rdispls: Any, *, stream: Any = None,

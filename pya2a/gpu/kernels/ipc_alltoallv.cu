@@ -5,6 +5,7 @@
 // (must match pya2a/gpu/ipc.py: CTRL_* constants):
 //   [0]      u64 seq         last completed call number (device-side, so graphs replay)
 //   [8]      u32 done        blocks finished in the current call (reset by the last)
+//   [16]     u64 cur         call number in flight (copy-engine path)
 //   [128]    u64 rdy_seq[P]  written by peer r: "call s, here is my key for you"
 //   [256]    u64 rdy_key[P]  key = (allocation index << 56) | byte offset in it
 //   [384]    u64 fin[P]      written by peer r: r finished call fin[r] (all methods)
@@ -37,6 +38,7 @@
 
 #define CTRL_SEQ 0
 #define CTRL_DONE 1
+#define CTRL_CUR 2
 #define CTRL_RDY_SEQ 16
 #define CTRL_RDY_KEY 32
 #define CTRL_FIN 48
@@ -69,6 +71,7 @@ struct Args {
     u64 ll_off;                  // byte offset of the LL buffers in the heap
     i64 ll_slot;                 // bytes per LL buffer (one parity, one sender)
     i64 self_blocks;             // blocks doing the local (own) block copy
+    i64 ce_sub;                  // copy-engine path: copies (and flags) per staged block
 };
 
 __device__ __forceinline__ u64 ld_volatile(const u64* p) {
@@ -389,7 +392,11 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
 // ---------------------------------------------------------------------------
 // Copy-engine path: the data moves with cudaMemcpyAsync (into the peers' staging
 // slots, or straight into their symmetric receive buffers when a plan exchanged
-// the addresses); these kernels do the signalling.
+// the addresses), one peer after the other on one copy stream; these kernels do
+// the signalling. Stream layout of one call (host side, ipc_alltoallv.py):
+//   main: ce_pre -> fork -> ce_post (concurrent with the copies) -> wait join
+//   copy: copy to me+1, ce_flag(1), copy to me+2, ce_flag(2), ... -> join
+// so a receiver copies a staging slot out while the next peer's data arrives.
 // ce_pre: publish "ready for call s" to every sender and wait for it from every
 // receiver I will write to.
 extern "C" __global__ void pya2a_ipc_ce_pre(const Args a) {
@@ -397,6 +404,7 @@ extern "C" __global__ void pya2a_ipc_ce_pre(const Args a) {
     const int me = (int)a.rank, p = (int)a.p;
     const u64 s = ld_volatile(ctrl + CTRL_SEQ) + 1;
     const int r = threadIdx.x;
+    if (r == 0) *(volatile u64*)(ctrl + CTRL_CUR) = s;
     if (r < p && r != me) {
         if (a.rcount[r] > 0) {
             u64* pc = (u64*)a.peer_ctrl[r];
@@ -407,30 +415,45 @@ extern "C" __global__ void pya2a_ipc_ce_pre(const Args a) {
     }
 }
 
-// ce_post: after the copies, flag each receiver, wait for every sender, copy the
-// staging slots out into the receive buffer if staged, publish the call number.
+// ce_flag: runs on the copy stream right after sub-copy j to rank me+q completed.
+extern "C" __global__ void pya2a_ipc_ce_flag(const Args a, const i64 q, const i64 j) {
+    if (threadIdx.x == 0) {
+        const u64 s = ld_volatile((const u64*)a.ctrl + CTRL_CUR);
+        const int me = (int)a.rank;
+        const int dst = (me + (int)q) % (int)a.p;
+        __threadfence_system();
+        st_release_sys((u64*)a.peer_ctrl[dst] + CTRL_FLAG + me * PYA2A_MAXB + j, s);
+    }
+}
+
+// ce_post: wait for every sender, copy the staging slots out into the receive
+// buffer if staged, publish the call number.
 extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ce_post(const Args a) {
     u64* ctrl = (u64*)a.ctrl;
     const int me = (int)a.rank, p = (int)a.p;
     int q, c;
     role(a, &q, &c);
     const u64 s = start_seq(a);
-    const int dst = (me + q) % p, src = (me - q + p) % p;
+    const int src = (me - q + p) % p;
     if (q != 0) {
-        if (c == 0 && threadIdx.x == 0 && a.scount[dst] > 0) {
-            __threadfence_system();
-            st_release_sys((u64*)a.peer_ctrl[dst] + CTRL_FLAG + me * PYA2A_MAXB, s);
-        }
+        // A staged block arrives as ce_sub sub-copies, each flagged: block c copies
+        // its share of sub-copy j = c % J out as soon as that one has landed.
         const i64 nr = a.rcount[src];
-        if (nr > 0) {
+        const bool staged = (a.my_key == ~0ull);
+        const int J = staged ? (int)a.ce_sub : 1;
+        const int j = c % J, k = c / J;
+        const int nb = ((int)a.bpp - j + J - 1) / J;
+        const i64 sub = ((((nr + J - 1) / J) + 255) & ~(i64)255);
+        const i64 sb = (i64)j * sub, se = (sb + sub < nr) ? sb + sub : nr;
+        if (sb < se) {
             if (threadIdx.x == 0) {
-                spin_until_ge(ctrl + CTRL_FLAG + src * PYA2A_MAXB, s);
+                spin_until_ge(ctrl + CTRL_FLAG + src * PYA2A_MAXB + j, s);
                 __threadfence_system();
             }
             __syncthreads();
-            if (a.my_key == ~0ull) {
-                const i64 cs = (((nr + a.bpp - 1) / a.bpp) + 255) & ~(i64)255;
-                PAIR_RANGE(nr, nch, cs, c, b, e)
+            if (staged) {
+                const i64 piece = ((((se - sb) + nb - 1) / nb) + 255) & ~(i64)255;
+                const i64 b = sb + (i64)k * piece, e = (b + piece < se) ? b + piece : se;
                 if (b < e)
                     block_copy((char*)a.recvbuf + a.rdispl[src] + b,
                                (const char*)a.ctrl + a.stage_off + (u64)src * (u64)a.slot_bytes + b, e - b);
