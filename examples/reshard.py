@@ -2,12 +2,13 @@
 
     mpiexec -n 4 python examples/reshard.py
 
-The p ranks form an r x c mesh (MPI.Compute_dims; 1 x 1, 3 x 1, 2 x 2, ...); rank q sits at
-(i, j) = divmod(q, c). comm.Split gives each rank its mesh-row communicator (the c ranks
-(i, *)) and its mesh-column communicator (the r ranks (*, j)): the two communicators the
-"mesh" all-to-all algorithm runs its two phases on. The N x M tensor T has
-T[a, b] = a * M + b, so each rank can recompute the block it should hold. Layouts, named
-as DTensor placements (blocks are uneven when the sizes do not divide):
+The p ranks form an r x c mesh, by default the most square one with r <= c (1 x 3, 2 x 2,
+2 x 4, ...: the grid pya2a's "mesh" algorithm picks); rank q sits at (i, j) = divmod(q, c).
+comm.Split gives each rank its mesh-row communicator (the c ranks (i, *)) and its
+mesh-column communicator (the r ranks (*, j)): the two communicators the "mesh" all-to-all
+algorithm runs its two phases on. The N x M tensor T has T[a, b] = a * M + b, so each
+rank can recompute the block it should hold. Layouts, named as DTensor placements (blocks
+are uneven when the sizes do not divide):
 
     rows     Shard(0) on all p ranks      rank (i, j) holds T[R_ij, :], R_ij = part j of R_i
     2D       [Shard(0), Shard(1)]         rank (i, j) holds T[R_i, C_j]
@@ -21,7 +22,8 @@ communicator", which is one Alltoallv (rows_to_columns below):
     3. rows -> columns:    in one step on all p ranks (1 + 2 is the mesh algorithm's
                            two-phase schedule; try --algorithm mesh)
 
-Options: --shape N M, --small, --algorithm NAME, --device {cpu,cuda}, --repeat K.
+Options: --shape N M, --small, --grid R C, --algorithm NAME, --device {cpu,cuda},
+--repeat K.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithm", default="auto", help="pya2a algorithm (default auto)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions")
+    parser.add_argument("--grid", type=int, nargs=2, metavar=("R", "C"), help="mesh shape")
     args = parser.parse_args(argv)
     n, m = (29, 23) if args.small else args.shape
     if n < 0 or m < 0 or args.repeat < 1:
@@ -108,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
     world = MPI.COMM_WORLD
     p, rank = world.Get_size(), world.Get_rank()
-    r, c = MPI.Compute_dims(p, 2)
+    c, r = args.grid[::-1] if args.grid else MPI.Compute_dims(p, 2)  # r <= c by default
+    if r * c != p:
+        parser.error(f"--grid {r} {c} does not match {p} ranks")
     i, j = divmod(rank, c)
     row_comm = world.Split(color=i, key=j)  # ranks (i, 0..c-1), rank j in it
     col_comm = world.Split(color=j, key=i)  # ranks (0..r-1, j), rank i in it
