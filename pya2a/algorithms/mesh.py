@@ -99,11 +99,12 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     t.gather(s.sb, _c(sd[:, j]), _c(sc[:, j]), arena, int(aoff[j]))
     reqs = []
     soff = 0
+    col_bytes = sc.sum(axis=0).tolist()
+    al = aoff.tolist()
     for jo, ji in zip(peers, lpeers, strict=True):
-        post(t, reqs, arena, aoff[ji], aoff[ji + 1] - aoff[ji], i * c + ji, TAG_MESH, False)
-        n = int(sc[:, jo].sum())
-        post(t, reqs, stage1, soff, n, i * c + jo, TAG_MESH, True)
-        soff += n
+        post(t, reqs, arena, al[ji], al[ji + 1] - al[ji], i * c + ji, TAG_MESH, False)
+        post(t, reqs, stage1, soff, col_bytes[jo], i * c + jo, TAG_MESH, True)
+        soff += col_bytes[jo]
     t.waitall(reqs)
 
     # Local regroup: block (i, j2) -> (i2, j) sits at arena offset boff[j2, i2].
@@ -118,22 +119,23 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     reqs = []
     soff = 0
     late = []
+    out_bytes = lens1.sum(axis=0).tolist()  # to each destination row
+    in_bytes = rc.sum(axis=1).tolist()  # from each source row
+    in_place = (rd[:, 1:] == rd[:, :-1] + rc[:, :-1]).all(axis=1).tolist()
+    first = rd[:, 0].tolist()
     for k in range(1, r):
         io, ii = (i + k) % r, (i - k) % r
-        n = int(lens1[:, io].sum())
-        post(t, reqs, stage2, soff, n, io * c + j, TAG_MESH, True)
-        soff += n
-        lens, offs = rc[ii], rd[ii]
-        if c == 1 or (offs[1:] == offs[:-1] + lens[:-1]).all():
-            post(t, reqs, s.rb, offs[0], lens.sum(), ii * c + j, TAG_MESH, False)
+        post(t, reqs, stage2, soff, out_bytes[io], io * c + j, TAG_MESH, True)
+        soff += out_bytes[io]
+        if in_place[ii]:
+            post(t, reqs, s.rb, first[ii], in_bytes[ii], ii * c + j, TAG_MESH, False)
         else:
             late.append(ii)
-    inbuf = t.empty(int(rc[late].sum())) if late else None
+    inbuf = t.empty(sum(in_bytes[ii] for ii in late)) if late else None
     pos = 0
     for ii in late:
-        n = int(rc[ii].sum())
-        post(t, reqs, inbuf, pos, n, ii * c + j, TAG_MESH, False)
-        pos += n
+        post(t, reqs, inbuf, pos, in_bytes[ii], ii * c + j, TAG_MESH, False)
+        pos += in_bytes[ii]
     t.waitall(reqs)
     if late:
         t.scatter(inbuf, s.rb, _c(rd[late]), _c(rc[late]), 0)
