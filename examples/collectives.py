@@ -17,8 +17,10 @@ for Allreduce, (p-1)/p for Allgather, Gather, Reduce_scatter, Scatter and Alltoa
 for Bcast and Reduce. Each size is checked (sampled elements against the known answer).
 
 Alltoall goes through pya2a (the communicator is a pya2a.Comm with --algorithm); the
-others are the MPI library's. run_suite(comm, ...) is the importable entry point (for
-`python -m pya2a bench --suite collectives`); it returns the JSON-ready dict.
+others are the MPI library's, so with --device cuda they need a CUDA-aware MPI (pya2a's
+detection, or PYA2A_CUDA_AWARE=1) and are reported as skipped otherwise.
+run_suite(comm, ...) is the importable entry point (for `python -m pya2a bench --suite
+collectives`); it returns the JSON-ready dict.
 
 Options: --min-bytes, --max-bytes, --factor, --iters, --warmup, --target-seconds,
 --mem-fraction, --only NAME..., --algorithm, --device {cpu,cuda}, --json PATH, --png PATH.
@@ -72,6 +74,7 @@ class Collective:
         call: (comm, Buffers) -> None, one collective call.
         expect: (idx, n, rank, p) -> expected values of `out` at indices idx (numpy),
             or None where this rank's `out` is not defined (non-root ranks).
+        via_pya2a: goes through pya2a (runs on device buffers with any MPI).
     """
 
     name: str
@@ -80,6 +83,7 @@ class Collective:
     setup: Callable[[MPI.Intracomm, int, ModuleType], Buffers]
     call: Callable[[MPI.Intracomm, Buffers], None]
     expect: Callable[[np.ndarray, int, int, int], np.ndarray | None]
+    via_pya2a: bool = False
 
 
 def _blocks(xp: ModuleType, n: int, p: int, value: Callable[[Any], Any]):
@@ -181,6 +185,7 @@ COLLECTIVES: tuple[Collective, ...] = (
         ),
         lambda c, b: c.Alltoall(b.send, b.out),
         lambda idx, n, r, p: (idx // (n // p)) * p + r,
+        via_pya2a=True,
     ),
     Collective(
         "Allreduce(RS+AG)",
@@ -312,22 +317,29 @@ def _check(comm: MPI.Intracomm, coll: Collective, bufs: Buffers, n: int, xp: Mod
 
 
 def _array_module(device: str, comm: MPI.Intracomm) -> ModuleType:
-    """NumPy, or CuPy on this rank's GPU (device path untested: no GPU in CI here)."""
+    """NumPy, or CuPy on this rank's GPU (local rank modulo the GPUs of its node)."""
     if device == "cpu":
         return np
-    if os.environ.get("PYA2A_CUDA_AWARE") != "1":
-        # The non-pya2a collectives hand device pointers straight to MPI, and an MPI that
-        # is not CUDA-aware crashes on them.
-        raise RuntimeError(
-            "collectives --device cuda passes GPU buffers to MPI: set PYA2A_CUDA_AWARE=1 "
-            "if your MPI is CUDA-aware"
-        )
     import cupy  # only needed for --device cuda
 
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     cupy.cuda.Device(local.Get_rank() % cupy.cuda.runtime.getDeviceCount()).use()
     local.Free()
     return cupy
+
+
+def _mpi_takes_device_buffers(comm: MPI.Intracomm) -> tuple[bool, str]:
+    """Whether the MPI library may be handed GPU pointers (agreed over comm), and why.
+
+    An MPI that is not CUDA-aware crashes on device pointers, so without this only the
+    pya2a collective (Alltoall, which stages through host memory itself) runs on device.
+    """
+    try:
+        from pya2a.gpu.device import comm_cuda_aware, cuda_aware_reason
+    except ImportError:  # a pya2a without device detection: only the override counts
+        aware = os.environ.get("PYA2A_CUDA_AWARE") == "1"
+        return bool(comm.allreduce(int(aware), op=MPI.MIN)), "PYA2A_CUDA_AWARE"
+    return comm_cuda_aware(comm), cuda_aware_reason()
 
 
 def _provenance(comm: MPI.Intracomm, device: str, algorithm: str) -> dict[str, Any]:
@@ -379,7 +391,8 @@ def run_suite(
         iters: at most this many timed calls per size ...
         target_seconds: ... and about this much time per size (at least one call).
         mem_fraction: fraction of the available memory the sweep may use.
-        device: "cpu" (NumPy) or "cuda" (CuPy; needs a CUDA-aware MPI).
+        device: "cpu" (NumPy) or "cuda" (CuPy); with an MPI that is not CUDA-aware only
+            Alltoall runs (pya2a stages it), the others are reported as skipped.
         algorithm: recorded in the provenance (default: comm.algorithm if any, else "native").
         log: called with one line per size on rank 0 (e.g. print); None for quiet.
 
@@ -407,6 +420,7 @@ def run_suite(
 
     p, rank = comm.Get_size(), comm.Get_rank()
     xp = _array_module(device, comm)
+    mpi_device_ok, why = _mpi_takes_device_buffers(comm) if xp is not np else (True, "")
     sync = (lambda: None) if xp is np else xp.cuda.Device().synchronize
     say = log if (log is not None and rank == 0) else (lambda line: None)
     algorithm = algorithm or getattr(comm, "algorithm", "native")
@@ -418,6 +432,15 @@ def run_suite(
         "collectives": {},
     }
     for coll in (c for c in COLLECTIVES if c.name in chosen):
+        if not (mpi_device_ok or coll.via_pya2a):
+            say(f"# {coll.name}: skipped, MPI is not CUDA-aware ({why})")
+            report["collectives"][coll.name] = {
+                "busbw_factor": coll.busbw(p),
+                "results": [],
+                "largest_bytes": 0,
+                "stopped": {"reason": "skipped", "why": f"MPI is not CUDA-aware ({why})"},
+            }
+            continue
         say(f"# {coll.name} (p={p}, busbw factor {coll.busbw(p):.3f})")
         say(
             f"# {'bytes':>14} {'count':>12} {'time(us)':>12} {'algbw(GB/s)':>12} "
@@ -558,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             algorithm=args.algorithm,
             log=print,
         )
-    except (ValueError, RuntimeError) as exc:  # raised on every rank alike
+    except ValueError as exc:  # raised on every rank alike
         if rank == 0:
             print(f"collectives: {exc}", file=sys.stderr)
         return 2
