@@ -11,7 +11,9 @@ the last step position j holds the block from ``rank - j`` (``rank ^ j``) for th
 A block is final once the step of its highest set bit is done; it is then unpacked.
 
 Few start-ups (ceil(log2 p)) for more bytes (each block moves popcount(j) times, about
-(log2 p)/2 on average): the small-message algorithm.
+(log2 p)/2 on average): the small-message algorithm. Scratch: what every step received is
+kept to the end (the all-ones position passes through every step's buffer), about
+(log2 p)/2 times the rank's data; acceptable where the algorithm is meant to win.
 
 Variable counts travel one step ahead of the data: while the data of step k are in flight,
 each rank sends its step-(k+1) partner the int64 sizes of the blocks it will send it at

@@ -106,6 +106,7 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
         post(t, reqs, stage1, soff, col_bytes[jo], i * c + jo, TAG_MESH, True)
         soff += col_bytes[jo]
     t.waitall(reqs)
+    del stage1
 
     # Local regroup: block (i, j2) -> (i2, j) sits at arena offset boff[j2, i2].
     boff = (aoff[:c, None] + np.cumsum(lens1, axis=1) - lens1)
