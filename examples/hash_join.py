@@ -86,10 +86,12 @@ def local_join(r, s, xp: ModuleType):
     s = s[xp.argsort(s[:, 0], kind="stable")]
     first = xp.searchsorted(s[:, 0], r[:, 0], side="left")
     count = xp.searchsorted(s[:, 0], r[:, 0], side="right") - first
-    # Output row t pairs r-row ri[t] with s-row first[ri[t]] + (its rank within that r-row's run).
-    ri = xp.repeat(xp.arange(len(r)), count)
-    run_start = xp.repeat(xp.cumsum(count) - count, count)
-    si = first[ri] + xp.arange(len(ri)) - run_start
+    # Output rows come in runs, one per r-row; output row t belongs to the r-row whose run
+    # contains t and pairs it with the s-row at the same offset into that key's s-run.
+    ends = xp.cumsum(count)
+    t = xp.arange(int(ends[-1]) if len(ends) else 0)
+    ri = xp.searchsorted(ends, t, side="right")
+    si = first[ri] + t - (ends[ri] - count[ri])
     return xp.column_stack([r[ri, 0], r[ri, 1], s[si, 1]])
 
 
