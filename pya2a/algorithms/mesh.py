@@ -25,7 +25,7 @@ from mpi4py import MPI
 from ..bufspec import VSpec
 from . import AlgorithmInfo, Context, register
 from ._common import sides
-from ._forward import TAG_MESH, Step, blocks, grid_from, meta_exchange, post
+from ._forward import TAG_MESH, Step, blocks, default_grid, grid_from, meta_exchange, post
 
 __all__ = ["schedule", "run", "cost", "grid_from"]
 
@@ -152,7 +152,12 @@ def cost(p: int, m: float, params: dict, grid: tuple[int, int] | None = None) ->
     messages. Rearrangement: phase-1 gather, regroup, own row (about 3 p m bytes copied).
     A 1 x p or p x 1 grid is a direct exchange: o + (p-1)(ts + tp + m tw).
     """
-    r, c = grid if grid is not None else grid_from(p)
+    if grid is None:
+        try:
+            grid = grid_from(p)
+        except ValueError:  # a PYA2A_MESH_GRID for another p: price the default grid
+            grid = default_grid(p)
+    r, c = grid
     if r == 1 or c == 1:
         return params["o"] + (p - 1) * (params["ts"] + params["tp"] + m * params["tw"])
     per = params["ts"] + params["tp"]
