@@ -350,7 +350,7 @@ def _provenance(comm: MPI.Intracomm, device: str, algorithm: str) -> dict[str, A
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "command": shlex.join(sys.argv),
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi": MPI.Get_library_version().replace("\0", "").splitlines()[0].strip(),
         "mpi4py": __import__("mpi4py").__version__,
         "numpy": np.__version__,
         "pya2a": getattr(pya2a, "__version__", "unknown"),
