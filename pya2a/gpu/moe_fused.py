@@ -1,0 +1,377 @@
+"""Fused MoE dispatch / combine for the GPUs of one node (IPC, one kernel each way).
+
+Used by :class:`pya2a.moe.ExpertParallel` with ``backend="fused"`` (or "auto" on a device
+when :func:`fused_available`). Each rank allocates three symmetric buffers through
+:class:`pya2a.gpu.ipc.IpcGroup` (control block with flags and counts, expert inputs,
+expert outputs); the kernels in ``kernels/moe_fused.cu`` move the data:
+
+* dispatch: one launch routes the tokens (count per expert, rank within expert), publishes
+  this rank's counts into every rank's control block, waits for everyone's, and stores each
+  (token, expert) row straight into the owning rank's expert-input buffer at its final row
+  (expert-major, then source rank, then token order); a flag per source marks completion.
+* combine: one launch raises "my expert outputs are ready", waits for every rank's, and
+  each warp reads a token's ``topk`` rows from the owners' buffers, sums them weighted in
+  float32 and stores the token.
+
+No host synchronisation, no allocation per call (except ``y`` when ``out`` is not given),
+stream-ordered on the current CuPy stream. By default each call also agrees on argument
+errors across ranks with one small ``Allgather`` (``agree=True``), so that a bad argument
+raises on every rank instead of leaving the others' kernels waiting for it.
+
+Differences from the portable path (documented in docs/moe.md): ``expert_x`` is the whole
+receive buffer (``max_recv_tokens`` rows; the first ``sum(expert_counts)`` are valid) and
+``expert_counts`` is a device int64 array, since the row count is only known on the
+device; dispatch and combine must alternate; expert ids outside ``[0, num_experts)`` are
+dropped, not reported; the weighted sum uses fused multiply-adds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..validate import agree
+from . import cupy as _cupy
+from .ipc import CTRL_BYTES, IpcGroup, check_ipc
+
+__all__ = ["FusedExpertParallel", "FusedHandle", "fused_available", "scale_experts",
+           "MAX_EXPERTS", "MAX_RANKS"]
+
+MAX_RANKS = 8  # MOE_MAXP in kernels/moe_fused.cu
+MAX_EXPERTS = 512  # MOE_MAXE
+_THREADS = 512
+_WARPS = _THREADS // 32
+_KERNEL_FILE = os.path.join(os.path.dirname(__file__), "kernels", "moe_fused.cu")
+# bfloat16 kernels exist but are not wired: ExpertParallel takes NumPy dtypes only.
+_TYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+_NAMES = tuple(f"pya2a_moe_{k}<{t}>" for k in ("combine", "scale_experts")
+               for t in _TYPES.values())
+_MODULES: dict[int, Any] = {}
+
+_P = MAX_RANKS
+_DISPATCH = np.dtype([("x", np.uint64), ("idx", np.uint64), ("ctrl", np.uint64),
+                      ("slot", np.uint64), ("expert_counts", np.uint64),
+                      ("peer_ctrl", np.uint64, (_P,)), ("peer_x", np.uint64, (_P,)),
+                      ("seq", np.uint64), ("n", np.int64), ("topk", np.int64),
+                      ("E", np.int64), ("El", np.int64), ("row_bytes", np.int64),
+                      ("rank", np.int64), ("p", np.int64), ("epb", np.int64),
+                      ("segs", np.int64), ("seg_bytes", np.int64)])
+_COMBINE = np.dtype([("y", np.uint64), ("w", np.uint64), ("idx", np.uint64),
+                     ("slot", np.uint64), ("ctrl", np.uint64),
+                     ("peer_ctrl", np.uint64, (_P,)), ("peer_x", np.uint64, (_P,)),
+                     ("peer_y", np.uint64, (_P,)), ("seq", np.uint64), ("n", np.int64),
+                     ("topk", np.int64), ("E", np.int64), ("El", np.int64),
+                     ("row_bytes", np.int64), ("rank", np.int64), ("p", np.int64),
+                     ("use_x", np.int64), ("segs", np.int64), ("seg_vecs", np.int64)])
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _module(cp: Any, device: int) -> Any:
+    """The compiled RawModule for ``device`` (once per process and device)."""
+    mod = _MODULES.get(device)
+    if mod is None:
+        with open(_KERNEL_FILE, encoding="utf-8") as f:
+            src = f.read()
+        mod = _MODULES[device] = cp.RawModule(code=src, options=("-std=c++17",),
+                                              name_expressions=_NAMES)
+    return mod
+
+
+def _type_name(dtype: Any) -> str:
+    name = str(dtype).replace("torch.", "")
+    return name
+
+
+def fused_available(comm: Any, ep: Any = None) -> tuple[bool, str]:
+    """Collective: can the fused path run on ``comm`` (for ``ep``'s configuration)?
+
+    Needs everything :func:`pya2a.gpu.ipc.check_ipc` needs (one node, one GPU per rank,
+    peer access, at most 8 ranks), at most 512 experts, float16 / bfloat16 / float32 rows
+    and ``hidden * itemsize`` a multiple of 16 bytes. Same answer on every rank.
+    """
+    why = ""
+    if ep is not None:
+        if _type_name(ep.dtype) not in _TYPES:
+            why = f"dtype {ep.dtype} (fused path: float16, bfloat16, float32)"
+        elif ep.row_bytes % 16:
+            why = f"rows of {ep.row_bytes} bytes (fused path: a multiple of 16)"
+        elif ep.num_experts > MAX_EXPERTS:
+            why = f"{ep.num_experts} experts (fused path: at most {MAX_EXPERTS})"
+    if why:  # configuration is agreed on every rank already: same answer everywhere
+        return False, why
+    return check_ipc(comm, None if ep is None else ep.device)
+
+
+@dataclass(eq=False)
+class FusedHandle:
+    """One fused dispatch, for :meth:`FusedExpertParallel.combine`.
+
+    Attributes:
+        owner: id of the FusedExpertParallel.
+        seq: call number (the flags' value).
+        num_tokens: n.
+        expert_counts: int64 device array (E_local,).
+    """
+
+    owner: int
+    seq: int
+    num_tokens: int
+    expert_counts: Any
+    done: bool = False
+
+    def num_rows(self) -> int:
+        """Rows this rank received (synchronises with the device)."""
+        return int(self.expert_counts.sum().get())
+
+
+class FusedExpertParallel:
+    """The state of the fused path for one :class:`pya2a.moe.ExpertParallel`. Collective.
+
+    Args:
+        comm: the internal communicator (ranks on one node, see :func:`fused_available`).
+        ep: the owning ExpertParallel (configuration already agreed across ranks).
+
+    Memory per rank: 64 KiB control block plus two symmetric buffers of
+    ``max_recv_tokens * hidden * itemsize`` bytes, plus small index buffers.
+    """
+
+    def __init__(self, comm: Any, ep: Any, *, agree_errors: bool = True) -> None:
+        cp = _cupy()
+        self._cp, self.ep, self.comm = cp, ep, comm
+        self.agree_errors = agree_errors
+        if ep.size > MAX_RANKS:
+            raise ValueError(f"ExpertParallel: fused path takes at most {MAX_RANKS} ranks")
+        self.device = ep.device
+        self.type = _TYPES[_type_name(ep.dtype)]
+        cap, rb = ep.max_recv_tokens, ep.row_bytes
+        N = ep.max_tokens * ep.topk
+        with cp.cuda.Device(self.device):
+            self.group = IpcGroup(comm, device=self.device)
+            self.ctrl = self.group.allocate(CTRL_BYTES)
+            self.xa = self.group.allocate(max(cap * rb, 256))
+            self.ya = self.group.allocate(max(cap * rb, 256))
+            self._mod = _module(cp, self.device)
+            self._fn = {
+                "dispatch": self._mod.get_function("pya2a_moe_dispatch").kernel.ptr,
+                "combine": self._mod.get_function(f"pya2a_moe_combine<{self.type}>").kernel.ptr,
+            }
+            self._scale = self._mod.get_function(f"pya2a_moe_scale_experts<{self.type}>")
+            sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
+            self.slot = cp.empty(max(N, 1), dtype=np.int32)
+            self.idx = cp.empty(max(N, 1), dtype=np.int64)
+            self.w = cp.empty(max(N, 1), dtype=np.float32)
+            self.counts = cp.zeros(ep.local_experts, dtype=np.int64)
+            self.xbuf = self.group.as_array(self.xa, (cap, ep.hidden), ep.dtype)
+            self.ybuf = self.group.as_array(self.ya, (cap, ep.hidden), ep.dtype)
+        self.sms = int(sms)
+        p = ep.size
+        d = self._dargs = np.zeros((), dtype=_DISPATCH)
+        d["ctrl"], d["slot"], d["expert_counts"] = self.ctrl.ptr, self.slot.data.ptr, \
+            self.counts.data.ptr
+        d["idx"] = self.idx.data.ptr
+        d["peer_ctrl"][:p] = self.ctrl.peer_ptrs
+        d["peer_x"][:p] = self.xa.peer_ptrs
+        d["topk"], d["E"], d["El"] = ep.topk, ep.num_experts, ep.local_experts
+        d["row_bytes"], d["rank"], d["p"] = rb, ep.rank, p
+        c = self._cargs = np.zeros((), dtype=_COMBINE)
+        c["w"], c["idx"], c["slot"], c["ctrl"] = (self.w.data.ptr, self.idx.data.ptr,
+                                                  self.slot.data.ptr, self.ctrl.ptr)
+        c["peer_ctrl"][:p] = self.ctrl.peer_ptrs
+        c["peer_x"][:p] = self.xa.peer_ptrs
+        c["peer_y"][:p] = self.ya.peer_ptrs
+        c["topk"], c["E"], c["El"] = ep.topk, ep.num_experts, ep.local_experts
+        c["row_bytes"], c["rank"], c["p"] = rb, ep.rank, p
+        self._dparams = (ctypes.c_void_p * 1)(d.ctypes.data)
+        self._cparams = (ctypes.c_void_p * 1)(c.ctypes.data)
+        self.seq = 0
+        self._pending: FusedHandle | None = None
+        self._freed = False
+
+    # ------------------------------------------------------------------ helpers
+    def _agree(self, exc: BaseException | None) -> None:
+        if self.agree_errors:
+            agree(self.comm, exc, np.zeros(0, dtype=np.int64))
+        elif exc is not None:
+            raise exc
+
+    def _device_array(self, call: str, name: str, a: Any) -> Any:
+        """A CuPy view of a CuPy / torch / CAI device array on this rank's device."""
+        cp = self._cp
+        mod = type(a).__module__.split(".")[0]
+        if mod == "cupy":
+            arr = a
+        elif hasattr(a, "__cuda_array_interface__"):
+            arr = cp.asarray(a)
+        else:
+            raise TypeError(f"{call}: {name} must be a device array (CuPy, torch) on device "
+                            f"{self.device}, got {type(a).__name__}")
+        if arr.device.id != self.device:
+            raise ValueError(f"{call}: {name} is on device {arr.device.id}, expected "
+                             f"{self.device}")
+        return arr
+
+    def _check_rows(self, call: str, name: str, a: Any, max_rows: int) -> Any:
+        arr = self._device_array(call, name, a)
+        ep = self.ep
+        if arr.ndim != 2 or arr.shape[1] != ep.hidden or arr.shape[0] > max_rows:
+            raise ValueError(f"{call}: {name} has shape {tuple(arr.shape)}, expected "
+                             f"(<= {max_rows}, {ep.hidden})")
+        if _type_name(a.dtype) != str(ep.dtype):
+            raise TypeError(f"{call}: {name} has dtype {a.dtype}, expected {ep.dtype}")
+        if not arr.flags.c_contiguous or arr.data.ptr % 16:
+            raise ValueError(f"{call}: {name} must be C-contiguous and 16-byte aligned")
+        return arr
+
+    def _launch(self, fn: int, grid: int, params: Any) -> None:
+        cp = self._cp
+        stream = cp.cuda.get_current_stream().ptr
+        cp.cuda.driver.launchKernel(fn, grid, 1, 1, _THREADS, 1, 1, 0, stream,
+                                    ctypes.addressof(params), 0)
+
+    # ------------------------------------------------------------------ calls
+    def dispatch(self, x: Any, topk_idx: Any) -> tuple[Any, Any, FusedHandle]:
+        """See :meth:`pya2a.moe.ExpertParallel.dispatch`; ``expert_x`` is the whole buffer."""
+        call = "ExpertParallel.dispatch"
+        ep, cp = self.ep, self._cp
+        exc = None
+        n = 0
+        try:
+            if self._freed:
+                raise ValueError(f"{call}: used after free()")
+            if self._pending is not None:
+                raise ValueError(f"{call}: the previous dispatch was not combined yet (the "
+                                 f"fused path needs dispatch and combine to alternate)")
+            xa = self._check_rows(call, "x", x, ep.max_tokens)
+            n = int(xa.shape[0])
+            ia = self._device_array(call, "topk_idx", topk_idx)
+            if tuple(ia.shape) != (n, ep.topk):
+                raise ValueError(f"{call}: topk_idx has shape {tuple(ia.shape)}, expected "
+                                 f"({n}, {ep.topk})")
+            if ia.dtype.kind not in "iu":
+                raise TypeError(f"{call}: topk_idx must be integers, got {ia.dtype}")
+        except Exception as e:
+            exc = e
+        self._agree(exc)
+        N = n * ep.topk
+        with cp.cuda.Device(self.device):
+            if N:
+                self.idx[:N].reshape(n, ep.topk)[...] = ia  # own copy: combine reads it
+            self.seq += 1
+            d = self._dargs
+            g = min(self.sms, max(1, N))
+            epb = _cdiv(N, g) if N else 1
+            g = max(1, _cdiv(N, epb)) if N else 1
+            segs = max(1, min(_cdiv(g * _WARPS, max(N, 1)), ep.row_bytes // 512))
+            seg_bytes = _cdiv(_cdiv(ep.row_bytes, segs), 16) * 16
+            d["x"] = xa.data.ptr if n else self.xbuf.data.ptr
+            d["seq"], d["n"], d["epb"], d["segs"], d["seg_bytes"] = self.seq, n, epb, segs, \
+                seg_bytes
+            self._launch(self._fn["dispatch"], g, self._dparams)
+        h = FusedHandle(id(self), self.seq, n, self.counts)
+        self._pending = h
+        return ep._wrap(self.xbuf, x), self.counts, h
+
+    def expert_output(self, rows: int) -> Any:
+        """The first ``rows`` rows of the symmetric expert-output buffer (CuPy)."""
+        if not 0 <= rows <= self.ep.max_recv_tokens:
+            raise ValueError(f"ExpertParallel.expert_output: rows={rows} outside "
+                             f"[0, {self.ep.max_recv_tokens}]")
+        return self.ybuf[:rows]
+
+    def scale_experts(self, expert_x: Any, out: Any) -> None:
+        """The benchmark's trivial expert op on device: ``out = expert_x * factor(expert)``.
+
+        Rows of local expert ``l`` are scaled by ``1 + ((first_expert + l) % 5) / 4``; the
+        row count comes from the device counts of the last dispatch (no host sync).
+        """
+        ep, cp = self.ep, self._cp
+        xa = self._device_array("scale_experts", "expert_x", expert_x)
+        oa = self._device_array("scale_experts", "out", out)
+        with cp.cuda.Device(self.device):
+            self._scale((self.sms * 2,), (256,),
+                        (np.uint64(xa.data.ptr), np.uint64(oa.data.ptr), self.counts,
+                         np.int32(ep.local_experts), np.int32(ep.first_expert),
+                         np.int64(ep.row_bytes)))
+
+    def combine(self, expert_y: Any, topk_weight: Any, handle: FusedHandle, *,
+                out: Any = None) -> Any:
+        """See :meth:`pya2a.moe.ExpertParallel.combine` (``y`` is a CuPy / torch array)."""
+        call = "ExpertParallel.combine"
+        ep, cp = self.ep, self._cp
+        exc = None
+        try:
+            if not isinstance(handle, FusedHandle):
+                raise TypeError(f"{call}: handle must be the handle from dispatch, got "
+                                f"{type(handle).__name__}")
+            if handle.owner != id(self):
+                raise ValueError(f"{call}: handle comes from another ExpertParallel")
+            if handle is not self._pending:
+                raise ValueError(f"{call}: handle is not the latest dispatch's (or was "
+                                 f"combined already)")
+            n = handle.num_tokens
+            ya = self._check_rows(call, "expert_y", expert_y, ep.max_recv_tokens)
+            wa = self._device_array(call, "topk_weight", topk_weight)
+            if tuple(wa.shape) != (n, ep.topk):
+                raise ValueError(f"{call}: topk_weight has shape {tuple(wa.shape)}, "
+                                 f"expected ({n}, {ep.topk})")
+            if wa.dtype.kind != "f":
+                raise TypeError(f"{call}: topk_weight must be floating point, got {wa.dtype}")
+            oa = None
+            if out is not None:
+                oa = self._check_rows(call, "out", out, n)
+                if oa.shape[0] != n:
+                    raise ValueError(f"{call}: out has {oa.shape[0]} rows, expected {n}")
+        except Exception as e:
+            exc = e
+        self._agree(exc)
+        N = n * ep.topk
+        with cp.cuda.Device(self.device):
+            yp = ya.data.ptr
+            use_x = int(yp == self.xbuf.data.ptr)
+            if not use_x and yp != self.ybuf.data.ptr and ya.shape[0]:
+                cp.cuda.runtime.memcpyAsync(self.ybuf.data.ptr, yp, ya.nbytes, 3,
+                                            cp.cuda.get_current_stream().ptr)  # D2D
+            if N:
+                self.w[:N].reshape(n, ep.topk)[...] = wa
+            if oa is None:
+                oa = cp.empty((n, ep.hidden), dtype=ep.dtype)
+            c = self._cargs
+            nvec = ep.row_bytes // 16
+            segs = max(1, min(_cdiv(self.sms * _WARPS, max(n, 1)), ep.row_bytes // 512))
+            seg_vecs = _cdiv(nvec, segs)
+            g = min(self.sms, max(1, _cdiv(n * segs, _WARPS)))
+            c["y"] = oa.data.ptr if n else self.ybuf.data.ptr
+            c["seq"], c["n"], c["use_x"], c["segs"], c["seg_vecs"] = handle.seq, n, use_x, \
+                segs, seg_vecs
+            self._launch(self._fn["combine"], g, self._cparams)
+        handle.done = True
+        self._pending = None
+        if out is not None:
+            return out
+        if type(topk_weight).__module__.split(".")[0] == "torch" or \
+                type(expert_y).__module__.split(".")[0] == "torch":
+            import torch
+
+            return torch.as_tensor(oa, device=f"cuda:{self.device}")
+        return oa
+
+    def free(self) -> None:
+        """Collective: release the symmetric memory. Idempotent."""
+        if self._freed:
+            return
+        self._freed = True
+        self.group.free()
+
+
+def scale_experts(ep: Any, expert_x: Any, out: Any) -> None:
+    """Trivial expert op on the fused path (see :meth:`FusedExpertParallel.scale_experts`)."""
+    if ep._fused is None:
+        raise ValueError("scale_experts: ExpertParallel is not on the fused path")
+    ep._fused.scale_experts(expert_x, out)
