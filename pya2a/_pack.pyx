@@ -185,3 +185,75 @@ def check_blocks(const int64_t[::1] counts, const int64_t[::1] displs, int64_t e
         if c > largest:
             largest = c
     return (0, -1, 0, total, largest)
+
+
+# ---- index builders for the store-and-forward schedules (hypercube) -------------------------
+__all__ += ["take_runs", "record_arrival"]
+
+
+def take_runs(const int64_t[::1] offset, const int64_t[::1] length,
+              const int64_t[::1] index, const int64_t[::1] cuts):
+    """Offsets and lengths of the blocks ``index[cuts[s]:cuts[s+1]]``, one run per s.
+
+    A message built from several buffers is one run per buffer; this returns, in one call,
+    what each run's ``gather`` takes. Returns ``(runs, total)``: ``runs`` a list of
+    ``(offsets, lengths)`` int64 arrays, ``total`` the sum of all lengths (bytes).
+    """
+    cdef Py_ssize_t nrun = cuts.shape[0] - 1, s, i, a, b, n = offset.shape[0]
+    cdef int64_t total = 0, j
+    cdef int64_t[::1] o, l
+    if length.shape[0] != n:
+        raise ValueError("take_runs: offset and length differ in length")
+    runs = []
+    for s in range(nrun):
+        a, b = cuts[s], cuts[s + 1]
+        if a < 0 or b < a or b > index.shape[0]:
+            raise ValueError(f"take_runs: run {s} [{a}, {b}) outside the index")
+        offs = np.empty(b - a, dtype=np.int64)
+        lens = np.empty(b - a, dtype=np.int64)
+        o, l = offs, lens
+        for i in range(a, b):
+            j = index[i]
+            if j < 0 or j >= n:
+                raise ValueError(f"take_runs: index {j} outside 0..{n - 1}")
+            o[i - a] = offset[j]
+            l[i - a] = length[j]
+            total += length[j]
+        runs.append((offs, lens))
+    return runs, total
+
+
+def record_arrival(int64_t[::1] offset, int64_t[::1] length, const int64_t[::1] index,
+                   const int64_t[::1] incoming, const int64_t[::1] done,
+                   const int64_t[::1] home):
+    """Record a received message whose blocks now sit back to back in its buffer.
+
+    Block i (length ``incoming[i]``) takes position ``index[i]``: ``offset`` becomes the
+    exclusive prefix sum of ``incoming``, ``length`` becomes ``incoming``. For the blocks
+    ``done`` (indices into ``index``) that have arrived home, returns the ``pack`` arguments
+    ``(src_offsets, lengths, dst_offsets)`` with ``dst_offsets[k] = home[index[done[k]]]``.
+    """
+    cdef Py_ssize_t m = index.shape[0], nd = done.shape[0], n = offset.shape[0], i, k
+    cdef int64_t pos = 0, j
+    if incoming.shape[0] != m or length.shape[0] != n or home.shape[0] != n:
+        raise ValueError("record_arrival: array lengths differ")
+    for i in range(m):
+        j = index[i]
+        if j < 0 or j >= n:
+            raise ValueError(f"record_arrival: index {j} outside 0..{n - 1}")
+        offset[j] = pos
+        length[j] = incoming[i]
+        pos += incoming[i]
+    so = np.empty(nd, dtype=np.int64)
+    ln = np.empty(nd, dtype=np.int64)
+    do = np.empty(nd, dtype=np.int64)
+    cdef int64_t[::1] a = so, b = ln, c = do
+    for k in range(nd):
+        i = done[k]
+        if i < 0 or i >= m:
+            raise ValueError(f"record_arrival: done index {i} outside 0..{m - 1}")
+        j = index[i]
+        a[k] = offset[j]
+        b[k] = length[j]
+        c[k] = home[j]
+    return so, ln, do

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from pya2a.algorithms import _forward, hypercube, mesh, ring
+from pya2a.algorithms import _forward, direct, hypercube, mesh, ring
 
 pytestmark = pytest.mark.serial
 
@@ -169,8 +169,44 @@ def test_cost_models_are_positive_and_grow_with_message_size(name):
         assert 0 < small <= big
 
 
-def test_hypercube_beats_ring_for_small_blocks_and_not_for_large():
-    params = {"o": 5e-6, "ts": 2e-6, "tw": 1e-10, "tp": 3e-6, "tr": 5e-11}
-    assert hypercube.cost(64, 8, params) < ring.cost(64, 8, params)
-    assert hypercube.cost(64, 8, params) < mesh.cost(64, 8, params)
-    assert mesh.cost(64, 1 << 16, params) < ring.cost(64, 1 << 16, params)
+def test_models_order_the_regimes():
+    """Small blocks over a network with a large start-up: fewest messages wins; large blocks:
+    fewest bytes wins."""
+    shm = {"o": 5e-6, "ts": 1e-6, "tw": 2e-10, "tp": 1.5e-6, "tr": 1e-10}
+    net = dict(shm, ts=5e-5)
+    small = {n: m.cost(64, 8, net) for n, m in
+             [("hypercube", hypercube), ("mesh", mesh), ("ring", ring), ("direct", direct)]}
+    assert small["hypercube"] < small["mesh"] < small["direct"] < small["ring"]
+    large = {n: m.cost(64, 1 << 20, shm) for n, m in
+             [("hypercube", hypercube), ("mesh", mesh), ("ring", ring), ("direct", direct)]}
+    assert large["direct"] < large["mesh"] < large["hypercube"] < large["ring"]
+    assert mesh.cost(256, 64, shm) < direct.cost(256, 64, shm)
+
+
+def test_pack_index_builders_match_numpy():
+    from pya2a import _pack
+
+    rng = np.random.default_rng(3)
+    offset = rng.integers(0, 1000, 50).astype(np.int64)
+    length = rng.integers(0, 9, 50).astype(np.int64)
+    index = rng.permutation(50)[:20].astype(np.int64)
+    cuts = np.array([0, 5, 5, 12, 20], dtype=np.int64)
+    runs, total = _pack.take_runs(offset, length, index, cuts)
+    assert total == length[index].sum() and len(runs) == 4
+    for (offs, lens), a, b in zip(runs, cuts[:-1], cuts[1:], strict=True):
+        np.testing.assert_array_equal(offs, offset[index[a:b]])
+        np.testing.assert_array_equal(lens, length[index[a:b]])
+    incoming = rng.integers(0, 7, 20).astype(np.int64)
+    done = np.array([0, 3, 19], dtype=np.int64)
+    home = rng.integers(0, 10**6, 50).astype(np.int64)
+    so, ln, do = _pack.record_arrival(offset, length, index, incoming, done, home)
+    starts = np.cumsum(incoming) - incoming
+    np.testing.assert_array_equal(offset[index], starts)
+    np.testing.assert_array_equal(length[index], incoming)
+    np.testing.assert_array_equal(so, starts[done])
+    np.testing.assert_array_equal(ln, incoming[done])
+    np.testing.assert_array_equal(do, home[index[done]])
+    with pytest.raises(ValueError, match="outside"):
+        _pack.take_runs(offset, length, np.array([50], np.int64), np.array([0, 1], np.int64))
+    with pytest.raises(ValueError, match="outside"):
+        _pack.record_arrival(offset, length, index, incoming, np.array([20], np.int64), home)

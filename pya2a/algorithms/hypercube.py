@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 from mpi4py import MPI
 
+from .._pack import record_arrival, take_runs
 from ..bufspec import VSpec
 from . import AlgorithmInfo, Context, register
 from ._common import sides
@@ -97,7 +98,8 @@ class _Round(NamedTuple):
     """Rank-independent facts about one step (cached per p)."""
 
     order: np.ndarray  # positions sent and received, in message order
-    segments: tuple  # (holding buffer, positions): one gather each, in message order
+    holders: tuple  # buffer of each run of ``order`` (0 = send buffer, b = step b-1's)
+    cuts: np.ndarray  # run s is order[cuts[s]:cuts[s + 1]]: one gather each
     done: np.ndarray  # indices into ``order`` of the positions that are home after this step
 
 
@@ -107,14 +109,13 @@ def _rounds(p: int) -> tuple[_Round, ...]:
     for k in range(nsteps(p)):
         o = order(p, k)
         held = _last_step(o, k)
-        cuts = np.flatnonzero(np.diff(held)) + 1
-        segs = tuple((int(h[0]), np.ascontiguousarray(seg))
-                     for seg, h in zip(np.split(o, cuts), np.split(held, cuts), strict=True)
-                     if seg.size)
-        done = np.flatnonzero((o >> (k + 1)) == 0)  # highest set bit is k
-        for a in (o, done, *(seg for _, seg in segs)):
+        starts = np.flatnonzero(np.diff(held)) + 1
+        cuts = np.concatenate([[0], starts, [o.size]]).astype(np.int64)
+        holders = tuple(int(held[a]) for a in cuts[:-1])
+        done = np.flatnonzero((o >> (k + 1)) == 0).astype(np.int64)  # highest set bit is k
+        for a in (o, cuts, done):
             a.setflags(write=False)
-        out.append(_Round(o, segs, done))
+        out.append(_Round(o, holders, cuts, done))
     return tuple(out)
 
 
@@ -127,9 +128,13 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     rounds = _rounds(p)
     if not rounds:
         return
-    xor = _pow2(p)
     pos = np.arange(p, dtype=np.int64)
-    home = pos ^ r if xor else (r + pos) % p  # destination of position j at the start
+    if _pow2(p):
+        home = pos ^ r  # destination of position j at the start = its source at the end
+        where = s.rd[home]
+    else:
+        home = (r + pos) % p
+        where = s.rd[(r - pos) % p]  # receive offset of the block that ends at position j
     length = s.sc[home]  # data state: bytes at each position
     offset = s.sd[home]
     known = length.copy()  # size state, one step ahead of the data
@@ -140,13 +145,13 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     MPI.Request.Waitall(meta_exchange(ctx.comm, [(to, known[rounds[0].order], frm,
                                                   incoming)]))
     known[rounds[0].order] = incoming
-    for k, rd_k in enumerate(rounds):
-        o = rd_k.order
+    for k, st in enumerate(rounds):
         to, frm = peers(r, p, k)
-        out = t.empty(int(length[o].sum()))
+        runs, total = take_runs(offset, length, st.order, st.cuts)
+        out = t.empty(total)
         end = 0
-        for b, seg in rd_k.segments:
-            end = t.gather(bufs[b], offset[seg], length[seg], out, end)
+        for b, (offs, lens) in zip(st.holders, runs, strict=True):
+            end = t.gather(bufs[b], offs, lens, out, end)
         nin = int(incoming.sum())
         inc = t.empty(nin)
         reqs: list = []
@@ -161,13 +166,10 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
         t.waitall(reqs)
         MPI.Request.Waitall(meta)
         bufs.append(inc)
-        starts = np.cumsum(incoming) - incoming
-        offset[o] = starts
-        length[o] = incoming
-        d = rd_k.done
-        if d.size:
-            src = o[d] ^ r if xor else (r - o[d]) % p  # the block's source rank
-            t.pack(inc, starts[d], incoming[d], s.rb, s.rd[src])
+        src_off, lens, dst_off = record_arrival(offset, length, st.order, incoming, st.done,
+                                                where)
+        if lens.size:
+            t.pack(inc, src_off, lens, s.rb, dst_off)
         if k + 1 < len(rounds):
             known[o2] = ahead
             incoming = ahead
@@ -175,7 +177,8 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
 
 # Python work per step besides its messages (index arrays, one gather per holding buffer,
 # unpacking), in units of tp: about 15 us per step with a no-op transport on the development
-# VM at p = 16..256.
+# VM at p = 16..1024 (two Cython calls build the index arrays: _pack.take_runs and
+# record_arrival).
 STEP_PY = 10
 
 

@@ -143,8 +143,8 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
 
 
 # Python work per call besides the messages (grid, index arrays, four gathers), in units of
-# tp: about 25 us with a no-op transport on the development VM at p = 16..256.
-CALL_PY = 16
+# tp: about 40 us with a no-op transport on the development VM at p = 16..256.
+CALL_PY = 25
 
 
 def cost(p: int, m: float, params: dict, grid: tuple[int, int] | None = None) -> float:

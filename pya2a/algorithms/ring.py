@@ -85,8 +85,8 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
 
 
 # Python work per step besides the message itself (own-block copy, bookkeeping), in units
-# of tp: about 2 us per step with a no-op transport on the development VM, p = 16..256.
-STEP_PY = 1.2
+# of tp: 1-2 us per step with a no-op transport on the development VM, p = 16..1024.
+STEP_PY = 1.0
 
 
 def cost(p: int, m: float, params: dict) -> float:
