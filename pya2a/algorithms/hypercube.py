@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 from mpi4py import MPI
 
-from .._pack import record_arrival, take_runs
+from .. import _pack
 from ..bufspec import VSpec
 from . import AlgorithmInfo, Context, register
 from ._common import sides
@@ -147,7 +147,7 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     known[rounds[0].order] = incoming
     for k, st in enumerate(rounds):
         to, frm = peers(r, p, k)
-        runs, total = take_runs(offset, length, st.order, st.cuts)
+        runs, total = _pack.take_runs(offset, length, st.order, st.cuts)
         out = t.empty(total)
         end = 0
         for b, (offs, lens) in zip(st.holders, runs, strict=True):
@@ -166,8 +166,8 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
         t.waitall(reqs)
         MPI.Request.Waitall(meta)
         bufs.append(inc)
-        src_off, lens, dst_off = record_arrival(offset, length, st.order, incoming, st.done,
-                                                where)
+        src_off, lens, dst_off = _pack.record_arrival(offset, length, st.order, incoming,
+                                                      st.done, where)
         if lens.size:
             t.pack(inc, src_off, lens, s.rb, dst_off)
         if k + 1 < len(rounds):
