@@ -8,7 +8,8 @@ and Allreduce composed as Reduce_scatter + Allgather, the message size doubles f
 buffers plus an allowance for MPI's scratch space), and all ranks agree to stop when that
 would not fit: host memory is MemAvailable (and the cgroup limit, if lower) shared by the
 ranks of a node; device memory is CuPy's free memory shared by the ranks of a GPU. The
-sweep stops cleanly there and reports the largest size reached. --max-bytes caps it.
+sweep stops cleanly there and reports the largest size reached. --max-bytes caps it, and
+an MPI older than 4.0 (no large counts) stops it at 2**31 - 1 elements.
 
 Conventions follow nccl-tests: "bytes" is the size of the largest buffer on a rank (float64
 elements, rounded down to a multiple of 8 * p so blocks are equal); time is the slowest
@@ -424,6 +425,8 @@ def run_suite(
     sync = (lambda: None) if xp is np else xp.cuda.Device().synchronize
     say = log if (log is not None and rank == 0) else (lambda line: None)
     algorithm = algorithm or getattr(comm, "algorithm", "native")
+    # Before MPI 4 there are no large-count calls: a count must fit in a C int.
+    max_count = 2**63 - 1 if MPI.Get_version() >= (4, 0) else 2**31 - 1
 
     report: dict[str, Any] = {
         "suite": "collectives",
@@ -453,6 +456,14 @@ def run_suite(
             need = coll.need(n, p) * ITEM
             if max_bytes is not None and nbytes > max_bytes:
                 stopped = {"reason": "max_bytes", "next_bytes": nbytes, "max_bytes": max_bytes}
+                break
+            if n > max_count:
+                stopped = {
+                    "reason": "count_limit",
+                    "next_bytes": nbytes,
+                    "max_count": max_count,
+                    "mpi_version": list(MPI.Get_version()),
+                }
                 break
             budget = _budget(comm, xp, mem_fraction)
             if need > budget:
