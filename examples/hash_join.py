@@ -38,7 +38,7 @@ def block_range(n: int, p: int, i: int) -> tuple[int, int]:
 
 
 def array_module(device: str, comm: MPI.Intracomm) -> ModuleType:
-    """NumPy, or CuPy on this rank's GPU for --device cuda (GPU path untested here)."""
+    """NumPy, or CuPy on GPU (local rank modulo the node's GPUs) for --device cuda."""
     if device == "cpu":
         return np
     import cupy  # only needed for --device cuda
