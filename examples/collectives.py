@@ -27,8 +27,8 @@ Options: --min-bytes, --max-bytes, --factor, --iters, --warmup, --target-seconds
 --mem-fraction, --only NAME..., --algorithm, --device {cpu,cuda}, --json PATH, --png PATH.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the dataclasses below would then need this
+# module in sys.modules, and `python -m pya2a bench --suite collectives` loads it by path.
 import argparse
 import datetime
 import json
@@ -398,7 +398,8 @@ def run_suite(
         log: called with one line per size on rank 0 (e.g. print); None for quiet.
 
     Returns:
-        JSON-ready dict: "suite", "provenance", "ok", "peak_rss_bytes_per_rank", and
+        JSON-ready dict: "suite", "provenance", "ok", "peak_rss_bytes_per_rank",
+        "summary": name -> {"largest_bytes", "peak_busbw_GBps", "stopped"}, and
         "collectives": name ->
         {"busbw_factor", "results": [{"bytes", "count", "time_s", "algbw_GBps",
         "busbw_GBps", "iters", "ok"}], "largest_bytes", "stopped": {"reason", ...}}.
@@ -523,6 +524,14 @@ def run_suite(
             "largest_bytes": largest,
             "stopped": stopped,
         }
+    report["summary"] = {
+        name: {
+            "largest_bytes": entry["largest_bytes"],
+            "peak_busbw_GBps": max((r["busbw_GBps"] for r in entry["results"]), default=0.0),
+            "stopped": entry["stopped"].get("reason"),
+        }
+        for name, entry in report["collectives"].items()
+    }
     # Peak resident memory of the fattest rank, to compare with the need estimates above.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     report["peak_rss_bytes_per_rank"] = comm.allreduce(peak, op=MPI.MAX)
