@@ -40,7 +40,7 @@ def internal_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
         _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_internal)
     dup = comm.Get_attr(_KEYVAL)
     if dup is None:
-        dup = MPI.Intracomm.Dup(comm)
+        dup = MPI.Intracomm(comm).Dup()  # a plain Intracomm even when comm is a pya2a.Comm
         comm.Set_attr(_KEYVAL, dup)
     return dup
 

@@ -153,3 +153,22 @@ def test_subcommunicators(comm):
     finally:
         sub.Free()
     assert p >= 1
+
+
+@pytest.mark.parametrize("algorithm", ["auto", *ALGORITHMS])
+def test_fresh_comm_wrapped_before_first_call(comm, algorithm):
+    # The first pya2a call on a communicator creates its internal duplicate; when that call
+    # comes through a pya2a.Comm the duplicate must still be a plain MPI communicator.
+    fresh = comm.Dup()
+    try:
+        pc = pya2a.Comm(fresh, algorithm=algorithm)
+        p, r = pc.Get_size(), pc.Get_rank()
+        s = np.arange(2 * p, dtype="i8") + 100 * r
+        out, ref = np.empty_like(s), np.empty_like(s)
+        pc.Alltoall(s, out)
+        comm.Alltoall(s, ref)
+        np.testing.assert_array_equal(out, ref)
+        pc.Alltoallv(s, out)
+        np.testing.assert_array_equal(out, ref)
+    finally:
+        fresh.Free()
