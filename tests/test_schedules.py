@@ -5,16 +5,28 @@ they hold, then receive. It checks that sender and receiver agree on every messa
 block order), that nobody sends a block it does not hold, that every (source, destination)
 block reaches its destination exactly once and ends nowhere else, and the textbook step
 counts: ring p-1, mesh (r-1)+(c-1), hypercube ceil(log2 p).
+
+Then the algorithms' ``run()`` itself, every rank in its own thread on a simulated network
+(eager mailboxes per (source, destination, tag), a barrier for the counts Alltoall), for
+p = 1..40 and larger primes and non-squares up to 64: self-describing data, variable counts
+with empty and large blocks, every mesh grid for a few p. This covers what the oversubscribed
+MPI runs (p <= 16) cannot.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import queue
+import threading
 
 import numpy as np
 import pytest
 
-from pya2a.algorithms import _forward, direct, hypercube, mesh, ring
+from pya2a.algorithms import Context, _forward, direct, hypercube, mesh, ring
+from pya2a.algorithms import get as get_algorithm
+from pya2a.bufspec import parse_vector
+from pya2a.transport import HostTransport
 
 pytestmark = pytest.mark.serial
 
@@ -210,3 +222,145 @@ def test_pack_index_builders_match_numpy():
         _pack.take_runs(offset, length, np.array([50], np.int64), np.array([0, 1], np.int64))
     with pytest.raises(ValueError, match="outside"):
         _pack.record_arrival(offset, length, index, incoming, np.array([20], np.int64), home)
+
+
+# ---- run() of every rank on a simulated network (threads), p up to 64 without mpiexec ---------
+class _Net:
+    """Mailboxes per (source, destination, tag); eager sends; a barrier for Alltoall."""
+
+    TIMEOUT = 20.0
+
+    def __init__(self, p: int) -> None:
+        self.p = p
+        self.boxes: dict = collections.defaultdict(queue.Queue)
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(p, timeout=self.TIMEOUT)
+        self.slots: list = [None] * p
+
+    def box(self, key: tuple) -> queue.Queue:
+        with self.lock:
+            return self.boxes[key]
+
+
+class _Req:
+    def __init__(self, fn=None) -> None:
+        self.fn = fn
+
+    def Wait(self) -> None:  # noqa: N802 (mpi4py's name)
+        if self.fn is not None:
+            fn, self.fn = self.fn, None
+            fn()
+
+
+def _bytes_of(msg) -> np.ndarray:
+    buf = msg[0] if isinstance(msg, list) else msg
+    return np.asarray(buf).reshape(-1).view(np.uint8)
+
+
+class _Comm:
+    """The few internal-communicator calls the bodies make, over a :class:`_Net`."""
+
+    def __init__(self, net: _Net, rank: int) -> None:
+        self.net, self.rank = net, rank
+
+    def Isend(self, msg, dest: int, tag: int) -> _Req:  # noqa: N802
+        self.net.box((self.rank, dest, tag)).put(_bytes_of(msg).copy())
+        return _Req()
+
+    def Irecv(self, msg, source: int, tag: int) -> _Req:  # noqa: N802
+        view = _bytes_of(msg)
+
+        def land() -> None:
+            data = self.net.box((source, self.rank, tag)).get(timeout=self.net.TIMEOUT)
+            if data.size != view.size:
+                raise RuntimeError(f"rank {self.rank}: {data.size} bytes from {source} tag {tag}"
+                                   f" into a receive of {view.size}")
+            view[...] = data
+
+        return _Req(land)
+
+    def Alltoall(self, sendbuf, recvbuf) -> None:  # noqa: N802
+        self.net.slots[self.rank] = np.array(sendbuf, copy=True)
+        self.net.barrier.wait()
+        recvbuf[...] = [self.net.slots[s][self.rank] for s in range(self.net.p)]
+        self.net.barrier.wait()
+
+
+class _Transport(HostTransport):
+    def isend(self, buf, off, n, dest, tag):
+        return self.comm.Isend([buf[off:off + n]], dest, tag)
+
+    def irecv(self, buf, off, n, source, tag):
+        return self.comm.Irecv([buf[off:off + n]], source, tag)
+
+    def sendrecv(self, sbuf, soff, sn, dest, rbuf, roff, rn, source, tag):
+        req = self.irecv(rbuf, roff, rn, source, tag)
+        self.isend(sbuf, soff, sn, dest, tag)
+        req.Wait()
+
+    @staticmethod
+    def waitall(reqs) -> None:
+        for q in reqs:
+            q.Wait()
+
+
+def _named(c: np.ndarray, src: int) -> np.ndarray:
+    return np.concatenate([src * 10**9 + d * 10**6 + np.arange(c[src, d], dtype=np.int64)
+                           for d in range(c.shape[0])])
+
+
+def simulate_run(name: str, c: np.ndarray, options: dict | None = None) -> None:
+    """Every rank's ``run()`` in its own thread; checks every receive buffer."""
+    p = c.shape[0]
+    net, info = _Net(p), get_algorithm(name)
+    errors: list = []
+
+    def rank_main(r: int) -> None:
+        try:
+            out = np.full(int(c[:, r].sum()), -1, dtype=np.int64)
+            send = parse_vector([_named(c, r), c[r]], p, readonly=True)
+            recv = parse_vector([out, c[:, r]], p, readonly=False, what="receive message",
+                                name="recv")
+            comm = _Comm(net, r)
+            info.run(send, recv, Context(comm=comm, rank=r, size=p, kind="alltoallv",
+                                         transport=_Transport(comm), options=options or {}))
+            want = np.concatenate([s * 10**9 + r * 10**6 + np.arange(c[s, r], dtype=np.int64)
+                                   for s in range(p)])
+            if not np.array_equal(out, want):
+                bad = int(np.flatnonzero(out != want)[0])
+                raise AssertionError(f"{name} p={p}: rank {r} element {bad} is {out[bad]}, "
+                                     f"expected {want[bad]}")
+        except BaseException as e:  # reported below; the others time out instead of hanging
+            errors.append(e)
+            net.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(p)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(2 * _Net.TIMEOUT)
+    assert not any(th.is_alive() for th in threads), f"{name} p={p}: a rank hung"
+    if errors:
+        raise errors[0]
+
+
+def _sim_counts(p: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([p, seed])
+    c = rng.integers(0, 6, (p, p)) * (rng.random((p, p)) < 0.7)
+    c[rng.integers(0, p), rng.integers(0, p)] += 300  # one big block
+    return c.astype(np.int64)
+
+
+SIM_PS = list(range(1, 41)) + [45, 48, 53, 61, 63, 64]
+
+
+@pytest.mark.parametrize("p", SIM_PS)
+@pytest.mark.parametrize("name", ["ring", "mesh", "hypercube"])
+def test_run_on_a_simulated_network(name, p):
+    simulate_run(name, _sim_counts(p, 1))
+
+
+@pytest.mark.parametrize("p", [6, 12, 16, 30, 36])
+def test_mesh_run_on_a_simulated_network_every_grid(p):
+    for grid in _divisor_grids(p):
+        simulate_run("mesh", _sim_counts(p, 2), {"grid": grid})

@@ -18,7 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 __all__ = ["Step", "blocks", "TAG_RING", "TAG_MESH", "TAG_HYPERCUBE", "TAG_META",
-           "post", "meta_exchange", "grid_from", "default_grid"]
+           "post", "meta_exchange", "meta_wait", "grid_from", "default_grid"]
 
 # Distinct from _common's 7101/7102; one tag per algorithm is enough (see _common), the
 # metadata tag keeps count messages apart from data messages between the same pair.
@@ -73,6 +73,18 @@ def meta_exchange(comm: MPI.Intracomm, pairs: list[tuple[int, np.ndarray, int, n
         if out.size:
             reqs.append(comm.Isend([out, MPI.INT64_T], dst, TAG_META))
     return reqs
+
+
+def meta_wait(reqs: list) -> None:
+    """Complete metadata requests: one Waitall for MPI requests, else each one's ``Wait``
+    (the simulated network of tests/test_schedules.py runs the bodies without MPI)."""
+    if not reqs:
+        return
+    if isinstance(reqs[0], MPI.Request):
+        MPI.Request.Waitall(reqs)
+    else:
+        for q in reqs:
+            q.Wait()
 
 
 def default_grid(p: int) -> tuple[int, int]:

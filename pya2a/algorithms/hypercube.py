@@ -28,13 +28,12 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
-from mpi4py import MPI
 
 from .. import _pack
 from ..bufspec import VSpec
 from . import AlgorithmInfo, Context, register
 from ._common import sides
-from ._forward import TAG_HYPERCUBE, Step, blocks, meta_exchange, post
+from ._forward import TAG_HYPERCUBE, Step, blocks, meta_exchange, meta_wait, post
 
 __all__ = ["schedule", "run", "cost", "nsteps", "order", "peers"]
 
@@ -142,7 +141,7 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
 
     to, frm = peers(r, p, 0)
     incoming = np.empty(rounds[0].order.size, dtype=np.int64)
-    MPI.Request.Waitall(meta_exchange(ctx.comm, [(to, known[rounds[0].order], frm,
+    meta_wait(meta_exchange(ctx.comm, [(to, known[rounds[0].order], frm,
                                                   incoming)]))
     known[rounds[0].order] = incoming
     for k, st in enumerate(rounds):
@@ -164,7 +163,7 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
             ahead = np.empty(o2.size, dtype=np.int64)
             meta = meta_exchange(ctx.comm, [(to2, known[o2], frm2, ahead)])
         t.waitall(reqs)
-        MPI.Request.Waitall(meta)
+        meta_wait(meta)
         bufs.append(inc)
         src_off, lens, dst_off = _pack.record_arrival(offset, length, st.order, incoming,
                                                       st.done, where)

@@ -20,12 +20,20 @@ round of r int64 to each row peer before phase 1 tells the receiver their sizes.
 from __future__ import annotations
 
 import numpy as np
-from mpi4py import MPI
 
 from ..bufspec import VSpec
 from . import AlgorithmInfo, Context, register
 from ._common import sides
-from ._forward import TAG_MESH, Step, blocks, default_grid, grid_from, meta_exchange, post
+from ._forward import (
+    TAG_MESH,
+    Step,
+    blocks,
+    default_grid,
+    grid_from,
+    meta_exchange,
+    meta_wait,
+    post,
+)
 
 __all__ = ["schedule", "run", "cost", "grid_from"]
 
@@ -87,7 +95,7 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     outs = [np.ascontiguousarray(sc[:, jo]) for jo in peers]
     reqs = meta_exchange(ctx.comm, [(i * c + jo, out, i * c + ji, lens1[ji])
                                     for jo, out, ji in zip(peers, outs, lpeers, strict=True)])
-    MPI.Request.Waitall(reqs)
+    meta_wait(reqs)
 
     # Phase 1: regroup the send buffer by destination column, exchange along the row.
     cols = np.array(peers, dtype=np.int64)
