@@ -306,25 +306,42 @@ def test_device_backends_match_reference(comm, backend: str, route: str) -> None
         ok, why = fused_available(moe.internal_comm(comm), None)
         if not ok:
             pytest.skip(why)
+    try:
+        import torch
+    except ImportError:
+        torch = None
     p = comm.Get_size()
     E, H, T, K = 4 * p, 64, 24, 3
     ep = moe.ExpertParallel(comm, E, H, T, K, np.float16, device=dev, backend=backend)
     try:
-        for it in range(3):
+        # expert outputs: 0 in expert_output(), 1 a separate array (some ranks without
+        # tokens), 2 written over expert_x, 3 torch tensors in and out
+        for it in range(4 if torch is not None else 3):
             tokens = "some_zero" if it == 1 else "random"
             x, idx, w = make_inputs(comm, 50 + it, E, H, T, K, "float16", tokens, route)
-            ex, counts, h = ep.dispatch(cupy.asarray(x), cupy.asarray(idx))
+            conv = cupy.asarray
+            if it == 3:
+                def conv(a):
+                    return torch.as_tensor(a, device=f"cuda:{dev}")
+            ex, counts, h = ep.dispatch(conv(x), conv(idx))
             counts = cupy.asnumpy(counts)
+            rows = int(counts.sum())
             ref_x, ref_y = reference(comm, x, idx, w, E)
             assert [len(r) for r in ref_x] == counts.tolist()
-            got = cupy.asnumpy(ex[:int(counts.sum())])
+            got = cupy.asnumpy(cupy.asarray(ex)[:rows])
             for le, part in enumerate(np.split(got, np.cumsum(counts)[:-1])):
                 np.testing.assert_array_equal(part, ref_x[le])
-            ey = cupy.asarray(run_experts(ep, got, counts))
-            if backend == "fused":
-                ep.expert_output(int(counts.sum()))[...] = ey
-                ey = ep.expert_output(int(counts.sum()))
-            y = cupy.asnumpy(ep.combine(ey, cupy.asarray(w), h))
+            ey = run_experts(ep, got, counts)
+            if it == 0:
+                ep.expert_output(rows)[...] = cupy.asarray(ey)
+                ey = ep.expert_output(rows)
+            elif it == 2:
+                cupy.asarray(ex)[:rows] = cupy.asarray(ey)
+                ey = ex
+            else:
+                ey = conv(ey)
+            y = ep.combine(ey, conv(w), h)
+            y = cupy.asnumpy(cupy.asarray(y))
             np.testing.assert_allclose(y.astype(np.float32), ref_y.astype(np.float32),
                                        rtol=2e-3, atol=2e-3)
     finally:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validate import agree
+from ..validate import agree, error_code
 from . import cupy as _cupy
 from .ipc import CTRL_BYTES, IpcGroup, check_ipc
 
@@ -59,7 +59,7 @@ _DISPATCH = np.dtype([("x", np.uint64), ("idx", np.uint64), ("ctrl", np.uint64),
                       ("seq", np.uint64), ("n", np.int64), ("topk", np.int64),
                       ("E", np.int64), ("El", np.int64), ("row_bytes", np.int64),
                       ("rank", np.int64), ("p", np.int64), ("epb", np.int64),
-                      ("segs", np.int64), ("seg_bytes", np.int64)])
+                      ("segs", np.int64), ("seg_bytes", np.int64), ("idx_own", np.uint64)])
 _COMBINE = np.dtype([("y", np.uint64), ("w", np.uint64), ("idx", np.uint64),
                      ("slot", np.uint64), ("ctrl", np.uint64),
                      ("peer_ctrl", np.uint64, (_P,)), ("peer_x", np.uint64, (_P,)),
@@ -131,12 +131,21 @@ class FusedHandle:
         return int(self.expert_counts.sum().get())
 
 
+def _word(dt: np.dtype, field: str) -> int:
+    """Index of a scalar field in the struct seen as 8-byte words."""
+    return dt.fields[field][1] // 8
+
+
 class FusedExpertParallel:
     """The state of the fused path for one :class:`pya2a.moe.ExpertParallel`. Collective.
 
     Args:
         comm: the internal communicator (ranks on one node, see :func:`fused_available`).
         ep: the owning ExpertParallel (configuration already agreed across ranks).
+        agree_errors: agree on argument errors across ranks with one small Allgather per
+            call (default). False removes all host communication from the calls; a bad
+            argument on one rank then raises only there, and the other ranks' kernels
+            wait for it until their watchdog (5 s) gives up with a message.
 
     Memory per rank: 64 KiB control block plus two symmetric buffers of
     ``max_recv_tokens * hidden * itemsize`` bytes, plus small index buffers.
@@ -161,12 +170,12 @@ class FusedExpertParallel:
             self._fn = {
                 "dispatch": self._mod.get_function("pya2a_moe_dispatch").kernel.ptr,
                 "combine": self._mod.get_function(f"pya2a_moe_combine<{self.type}>").kernel.ptr,
+                "scale": self._mod.get_function(
+                    f"pya2a_moe_scale_experts<{self.type}>").kernel.ptr,
             }
-            self._scale = self._mod.get_function(f"pya2a_moe_scale_experts<{self.type}>")
             sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
             self.slot = cp.empty(max(N, 1), dtype=np.int32)
             self.idx = cp.empty(max(N, 1), dtype=np.int64)
-            self.w = cp.empty(max(N, 1), dtype=np.float32)
             self.counts = cp.zeros(ep.local_experts, dtype=np.int64)
             self.xbuf = self.group.as_array(self.xa, (cap, ep.hidden), ep.dtype)
             self.ybuf = self.group.as_array(self.ya, (cap, ep.hidden), ep.dtype)
@@ -175,73 +184,94 @@ class FusedExpertParallel:
         d = self._dargs = np.zeros((), dtype=_DISPATCH)
         d["ctrl"], d["slot"], d["expert_counts"] = self.ctrl.ptr, self.slot.data.ptr, \
             self.counts.data.ptr
-        d["idx"] = self.idx.data.ptr
+        d["idx_own"] = self.idx.data.ptr
         d["peer_ctrl"][:p] = self.ctrl.peer_ptrs
         d["peer_x"][:p] = self.xa.peer_ptrs
         d["topk"], d["E"], d["El"] = ep.topk, ep.num_experts, ep.local_experts
         d["row_bytes"], d["rank"], d["p"] = rb, ep.rank, p
         c = self._cargs = np.zeros((), dtype=_COMBINE)
-        c["w"], c["idx"], c["slot"], c["ctrl"] = (self.w.data.ptr, self.idx.data.ptr,
-                                                  self.slot.data.ptr, self.ctrl.ptr)
+        c["idx"], c["slot"], c["ctrl"] = self.idx.data.ptr, self.slot.data.ptr, self.ctrl.ptr
         c["peer_ctrl"][:p] = self.ctrl.peer_ptrs
         c["peer_x"][:p] = self.xa.peer_ptrs
         c["peer_y"][:p] = self.ya.peer_ptrs
         c["topk"], c["E"], c["El"] = ep.topk, ep.num_experts, ep.local_experts
         c["row_bytes"], c["rank"], c["p"] = rb, ep.rank, p
+        # the per-call fields, written through word views (cheaper than field access)
+        self._dw = np.frombuffer(d.data, dtype=np.uint64)
+        self._cw = np.frombuffer(c.data, dtype=np.uint64)
+        self._dk = {f: _word(_DISPATCH, f) for f in ("x", "idx", "seq", "n", "epb", "segs",
+                                                      "seg_bytes")}
+        self._ck = {f: _word(_COMBINE, f) for f in ("y", "w", "seq", "n", "use_x", "segs",
+                                                     "seg_vecs")}
         self._dparams = (ctypes.c_void_p * 1)(d.ctypes.data)
         self._cparams = (ctypes.c_void_p * 1)(c.ctypes.data)
+        self._scale_params: dict[tuple[int, int], Any] = {}
+        self._rec = np.zeros(1, dtype=np.int64)
+        self._table = np.zeros(ep.size, dtype=np.int64)
+        self._launch_fn = cp.cuda.driver.launchKernel
+        self._ndarray = cp.ndarray
         self.seq = 0
         self._pending: FusedHandle | None = None
+        self._keep: Any = None
         self._freed = False
 
     # ------------------------------------------------------------------ helpers
     def _agree(self, exc: BaseException | None) -> None:
-        if self.agree_errors:
+        """validate.agree's outcome, with one preallocated 8-byte Allgather when all is well."""
+        if not self.agree_errors:
+            if exc is not None:
+                raise exc
+            return
+        self._rec[0] = error_code(exc)
+        self.comm.Allgather(self._rec, self._table)
+        if self._table.any():  # every rank sees it: all run the full agreement, which raises
             agree(self.comm, exc, np.zeros(0, dtype=np.int64))
-        elif exc is not None:
-            raise exc
 
     def _device_array(self, call: str, name: str, a: Any) -> Any:
         """A CuPy view of a CuPy / torch / CAI device array on this rank's device."""
-        cp = self._cp
-        mod = type(a).__module__.split(".")[0]
-        if mod == "cupy":
-            arr = a
-        elif hasattr(a, "__cuda_array_interface__"):
-            arr = cp.asarray(a)
-        else:
-            raise TypeError(f"{call}: {name} must be a device array (CuPy, torch) on device "
-                            f"{self.device}, got {type(a).__name__}")
-        if arr.device.id != self.device:
-            raise ValueError(f"{call}: {name} is on device {arr.device.id}, expected "
+        if type(a) is not self._ndarray:
+            if not hasattr(a, "__cuda_array_interface__"):
+                raise TypeError(f"{call}: {name} must be a device array (CuPy, torch) on "
+                                f"device {self.device}, got {type(a).__name__}")
+            a = self._cp.asarray(a)
+        if a.data.device_id != self.device:
+            raise ValueError(f"{call}: {name} is on device {a.data.device_id}, expected "
                              f"{self.device}")
-        return arr
+        return a
 
     def _check_rows(self, call: str, name: str, a: Any, max_rows: int) -> Any:
         arr = self._device_array(call, name, a)
         ep = self.ep
-        if arr.ndim != 2 or arr.shape[1] != ep.hidden or arr.shape[0] > max_rows:
-            raise ValueError(f"{call}: {name} has shape {tuple(arr.shape)}, expected "
+        shape = arr.shape
+        if len(shape) != 2 or shape[1] != ep.hidden or shape[0] > max_rows:
+            raise ValueError(f"{call}: {name} has shape {tuple(shape)}, expected "
                              f"(<= {max_rows}, {ep.hidden})")
-        if _type_name(a.dtype) != str(ep.dtype):
+        if arr.dtype != ep.dtype:
             raise TypeError(f"{call}: {name} has dtype {a.dtype}, expected {ep.dtype}")
-        if not arr.flags.c_contiguous or arr.data.ptr % 16:
+        if shape[0] and (arr.data.ptr & 15 or not arr.flags.c_contiguous):
             raise ValueError(f"{call}: {name} must be C-contiguous and 16-byte aligned")
         return arr
 
-    def _launch(self, fn: int, grid: int, params: Any) -> None:
+    def _launch(self, fn: int, grid: int, threads: int, params: Any) -> None:
         cp = self._cp
+        if cp.cuda.runtime.getDevice() != self.device:
+            with cp.cuda.Device(self.device):
+                return self._launch(fn, grid, threads, params)
         stream = cp.cuda.get_current_stream().ptr
-        cp.cuda.driver.launchKernel(fn, grid, 1, 1, _THREADS, 1, 1, 0, stream,
-                                    ctypes.addressof(params), 0)
+        self._launch_fn(fn, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(params), 0)
 
     # ------------------------------------------------------------------ calls
     def dispatch(self, x: Any, topk_idx: Any) -> tuple[Any, Any, FusedHandle]:
-        """See :meth:`pya2a.moe.ExpertParallel.dispatch`; ``expert_x`` is the whole buffer."""
+        """See :meth:`pya2a.moe.ExpertParallel.dispatch`; ``expert_x`` is the whole buffer.
+
+        ``topk_idx`` is read by the dispatch kernel only (it keeps its own copy for
+        combine); int64 C-contiguous avoids a conversion.
+        """
         call = "ExpertParallel.dispatch"
-        ep, cp = self.ep, self._cp
+        ep = self.ep
         exc = None
         n = 0
+        xa = ia = None
         try:
             if self._freed:
                 raise ValueError(f"{call}: used after free()")
@@ -249,9 +279,9 @@ class FusedExpertParallel:
                 raise ValueError(f"{call}: the previous dispatch was not combined yet (the "
                                  f"fused path needs dispatch and combine to alternate)")
             xa = self._check_rows(call, "x", x, ep.max_tokens)
-            n = int(xa.shape[0])
+            n = xa.shape[0]
             ia = self._device_array(call, "topk_idx", topk_idx)
-            if tuple(ia.shape) != (n, ep.topk):
+            if ia.shape != (n, ep.topk):
                 raise ValueError(f"{call}: topk_idx has shape {tuple(ia.shape)}, expected "
                                  f"({n}, {ep.topk})")
             if ia.dtype.kind not in "iu":
@@ -260,23 +290,27 @@ class FusedExpertParallel:
             exc = e
         self._agree(exc)
         N = n * ep.topk
-        with cp.cuda.Device(self.device):
-            if N:
-                self.idx[:N].reshape(n, ep.topk)[...] = ia  # own copy: combine reads it
-            self.seq += 1
-            d = self._dargs
-            g = min(self.sms, max(1, N))
-            epb = _cdiv(N, g) if N else 1
-            g = max(1, _cdiv(N, epb)) if N else 1
-            segs = max(1, min(_cdiv(g * _WARPS, max(N, 1)), ep.row_bytes // 512))
-            seg_bytes = _cdiv(_cdiv(ep.row_bytes, segs), 16) * 16
-            d["x"] = xa.data.ptr if n else self.xbuf.data.ptr
-            d["seq"], d["n"], d["epb"], d["segs"], d["seg_bytes"] = self.seq, n, epb, segs, \
-                seg_bytes
-            self._launch(self._fn["dispatch"], g, self._dparams)
+        if N and (ia.dtype != np.int64 or not ia.flags.c_contiguous):
+            ia = self._cp.ascontiguousarray(ia, dtype=np.int64)  # allocates; stream-ordered
+        self._keep = (x, topk_idx, ia)
+        self.seq += 1
+        g = min(self.sms, max(1, N))
+        epb = _cdiv(N, g) if N else 1
+        g = _cdiv(N, epb) if N else 1
+        segs = max(1, min(_cdiv(g * _WARPS, max(N, 1)), ep.row_bytes // 512))
+        w, k = self._dw, self._dk
+        w[k["x"]] = xa.data.ptr if n else self.xa.ptr
+        w[k["idx"]] = ia.data.ptr if N else self.idx.data.ptr
+        w[k["seq"]] = self.seq
+        w[k["n"]] = n
+        w[k["epb"]] = epb
+        w[k["segs"]] = segs
+        w[k["seg_bytes"]] = _cdiv(_cdiv(ep.row_bytes, segs), 16) * 16
+        self._launch(self._fn["dispatch"], g, _THREADS, self._dparams)
         h = FusedHandle(id(self), self.seq, n, self.counts)
         self._pending = h
-        return ep._wrap(self.xbuf, x), self.counts, h
+        return (self.xbuf if type(x) is self._ndarray else ep._wrap(self.xbuf, x)), \
+            self.counts, h
 
     def expert_output(self, rows: int) -> Any:
         """The first ``rows`` rows of the symmetric expert-output buffer (CuPy)."""
@@ -290,15 +324,20 @@ class FusedExpertParallel:
 
         Rows of local expert ``l`` are scaled by ``1 + ((first_expert + l) % 5) / 4``; the
         row count comes from the device counts of the last dispatch (no host sync).
+        ``expert_x`` and ``out`` need ``max_recv_tokens`` rows (e.g. the dispatch's
+        ``expert_x`` and ``expert_output(max_recv_tokens)``) and may be the same buffer.
         """
-        ep, cp = self.ep, self._cp
-        xa = self._device_array("scale_experts", "expert_x", expert_x)
-        oa = self._device_array("scale_experts", "out", out)
-        with cp.cuda.Device(self.device):
-            self._scale((self.sms * 2,), (256,),
-                        (np.uint64(xa.data.ptr), np.uint64(oa.data.ptr), self.counts,
-                         np.int32(ep.local_experts), np.int32(ep.first_expert),
-                         np.int64(ep.row_bytes)))
+        ep = self.ep
+        key = (self._device_array("scale_experts", "expert_x", expert_x).data.ptr,
+               self._device_array("scale_experts", "out", out).data.ptr)
+        params = self._scale_params.get(key)
+        if params is None:
+            vals = (ctypes.c_uint64(key[0]), ctypes.c_uint64(key[1]),
+                    ctypes.c_uint64(self.counts.data.ptr), ctypes.c_int32(ep.local_experts),
+                    ctypes.c_int32(ep.first_expert), ctypes.c_int64(ep.row_bytes))
+            arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+            params = self._scale_params[key] = (arr, vals)
+        self._launch(self._fn["scale"], self.sms * 2, 256, params[0])
 
     def combine(self, expert_y: Any, topk_weight: Any, handle: FusedHandle, *,
                 out: Any = None) -> Any:
@@ -306,6 +345,8 @@ class FusedExpertParallel:
         call = "ExpertParallel.combine"
         ep, cp = self.ep, self._cp
         exc = None
+        n = 0
+        ya = wa = oa = None
         try:
             if not isinstance(handle, FusedHandle):
                 raise TypeError(f"{call}: handle must be the handle from dispatch, got "
@@ -318,12 +359,11 @@ class FusedExpertParallel:
             n = handle.num_tokens
             ya = self._check_rows(call, "expert_y", expert_y, ep.max_recv_tokens)
             wa = self._device_array(call, "topk_weight", topk_weight)
-            if tuple(wa.shape) != (n, ep.topk):
+            if wa.shape != (n, ep.topk):
                 raise ValueError(f"{call}: topk_weight has shape {tuple(wa.shape)}, "
                                  f"expected ({n}, {ep.topk})")
             if wa.dtype.kind != "f":
                 raise TypeError(f"{call}: topk_weight must be floating point, got {wa.dtype}")
-            oa = None
             if out is not None:
                 oa = self._check_rows(call, "out", out, n)
                 if oa.shape[0] != n:
@@ -332,27 +372,32 @@ class FusedExpertParallel:
             exc = e
         self._agree(exc)
         N = n * ep.topk
-        with cp.cuda.Device(self.device):
-            yp = ya.data.ptr
-            use_x = int(yp == self.xbuf.data.ptr)
-            if not use_x and yp != self.ybuf.data.ptr and ya.shape[0]:
-                cp.cuda.runtime.memcpyAsync(self.ybuf.data.ptr, yp, ya.nbytes, 3,
+        yp = ya.data.ptr
+        use_x = int(yp == self.xa.ptr)
+        if not use_x and yp != self.ya.ptr and ya.shape[0]:
+            with cp.cuda.Device(self.device):
+                cp.cuda.runtime.memcpyAsync(self.ya.ptr, yp, ya.nbytes, 3,
                                             cp.cuda.get_current_stream().ptr)  # D2D
-            if N:
-                self.w[:N].reshape(n, ep.topk)[...] = wa
-            if oa is None:
+        if N and (wa.dtype != np.float32 or not wa.flags.c_contiguous):
+            with cp.cuda.Device(self.device):
+                wa = cp.ascontiguousarray(wa, dtype=np.float32)  # allocates; stream-ordered
+        if oa is None:
+            with cp.cuda.Device(self.device):
                 oa = cp.empty((n, ep.hidden), dtype=ep.dtype)
-            c = self._cargs
-            nvec = ep.row_bytes // 16
-            segs = max(1, min(_cdiv(self.sms * _WARPS, max(n, 1)), ep.row_bytes // 512))
-            seg_vecs = _cdiv(nvec, segs)
-            g = min(self.sms, max(1, _cdiv(n * segs, _WARPS)))
-            c["y"] = oa.data.ptr if n else self.ybuf.data.ptr
-            c["seq"], c["n"], c["use_x"], c["segs"], c["seg_vecs"] = handle.seq, n, use_x, \
-                segs, seg_vecs
-            self._launch(self._fn["combine"], g, self._cparams)
+        segs = max(1, min(_cdiv(self.sms * _WARPS, max(n, 1)), ep.row_bytes // 512))
+        w, k = self._cw, self._ck
+        w[k["y"]] = oa.data.ptr if n else self.ya.ptr
+        w[k["w"]] = wa.data.ptr if N else self.idx.data.ptr
+        w[k["seq"]] = handle.seq
+        w[k["n"]] = n
+        w[k["use_x"]] = use_x
+        w[k["segs"]] = segs
+        w[k["seg_vecs"]] = _cdiv(ep.row_bytes // 16, segs)
+        self._launch(self._fn["combine"], min(self.sms, max(1, _cdiv(n * segs, _WARPS))),
+                     _THREADS, self._cparams)
         handle.done = True
         self._pending = None
+        self._keep = (expert_y, topk_weight, wa)
         if out is not None:
             return out
         if type(topk_weight).__module__.split(".")[0] == "torch" or \
@@ -367,6 +412,7 @@ class FusedExpertParallel:
         if self._freed:
             return
         self._freed = True
+        self._keep = None
         self.group.free()
 
 

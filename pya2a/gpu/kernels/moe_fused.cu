@@ -23,6 +23,8 @@
 //                         + (rows from lower ranks for this expert) + pos[i].
 //   4. warps store the rows straight into the destination's xbuf (16-byte vectors).
 //   5. the last block to finish raises DATA at every rank and waits for DATA from all.
+//   Each block also copies its entries' expert ids into idx_own for combine, so the
+//   caller's topk_idx is read only by this launch.
 // combine (one launch): every block raises READY at every rank, waits for READY from
 //   all, then each warp reads a token's topk rows from the owners' ybuf (or xbuf),
 //   sums them weighted in float32 and stores the token.
@@ -137,6 +139,7 @@ struct DispatchArgs {
     i64 epb;           // entries per block
     i64 segs;          // pieces a row is cut into (one warp each)
     i64 seg_bytes;     // bytes per piece (multiple of 16)
+    u64 idx_own;       // out: int64 (n * topk) copy of idx for combine
 };
 
 extern "C" __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_dispatch(const DispatchArgs a) {
@@ -254,6 +257,7 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_dispatch(con
         }
         // final destination row of each own entry
         for (i64 i = lo + tid; i < hi; i += MOE_THREADS) {
+            ((long long*)a.idx_own)[i] = idx[i];
             const int ps = slot[i];
             if (ps >= 0) {
                 const int e = (int)idx[i];
