@@ -1,6 +1,7 @@
 # pya2a: every target installs what it needs into $(VENV) first.
 #   make demo   - mpiexec demo on 4 ranks: a real exchange with every algorithm, timed
-#   make test   - unit tests, the MPI suite under mpiexec -n 1 2 3 4 5 8, then the examples
+#   make test   - unit tests and examples (serial pass), then the MPI suite under
+#                 mpiexec -n 1 2 3 4 5 8, and the multi-hop suite at 6 7 9 16 too
 #   make lint   - ruff
 #   make bench  - python -m pya2a bench on 4 ranks, JSON into bench/results/
 # MPI=mpich (default) uses the MPICH wheel from the package registry; MPI=system builds
@@ -14,6 +15,8 @@ PY      := $(VENV)/bin/python
 MPIEXEC ?= $(if $(filter system,$(MPI)),mpiexec,$(VENV)/bin/mpiexec)
 STAMP   := $(VENV)/.installed-$(MPI)
 NPS     ?= 1 2 3 4 5 8
+# the multi-hop algorithms' own suite also runs at the sizes in between and at 16
+NPS_MULTIHOP ?= 6 7 9 16
 # oversubscribed runs on small machines; a hung job is killed, never waited on forever
 RUN_MPI  = timeout -k 10 900 $(MPIEXEC) -n $$n $(PY) -m mpi4py tests/run_mpi.py
 
@@ -42,6 +45,10 @@ test-mpi: install
 	@set -e; for n in $(NPS); do \
 	  echo "== mpiexec -n $$n"; \
 	  $(RUN_MPI) -q -m "not serial" -p no:cacheprovider tests; \
+	done
+	@set -e; for n in $(NPS_MULTIHOP); do \
+	  echo "== mpiexec -n $$n (multi-hop algorithms)"; \
+	  $(RUN_MPI) -q -m "not serial" -p no:cacheprovider tests/test_multihop.py; \
 	done
 
 demo: install

@@ -43,6 +43,8 @@ CASES = [
     ("hash_join.py", ["--small"]),
     ("hash_join.py", ["--small", "--skew"]),
     ("reshard.py", ["--small"]),
+    ("moe.py", ["--small"]),
+    ("demo.py", ["--small"]),
 ]
 
 # Loaded by the child through PYTHONPATH: after every pya2a exchange, rank 0 adds 1 to the
