@@ -198,7 +198,7 @@ def _provenance(comm, command: str) -> dict:
     from .api import internal_comm
     from .plan import ranks_per_node
 
-    lib = MPI.Get_library_version().strip().splitlines()
+    lib = MPI.Get_library_version().replace("\x00", "").strip().splitlines()
     return {"host": socket.gethostname(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "pya2a": pya2a.__version__, "mpi4py": _mpi4py_version(),
@@ -224,7 +224,8 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
           iters: int = 50, algorithms: list[str] | None = None, pattern: str = "uniform",
           check: bool = False, api: str = "plan", oneshot: bool = False,
           max_time: float = 0.5, max_slowdown: float = 4.0, device: str = "cpu",
-          progress: bool = True, seed: int = 0, command: str = "") -> dict:
+          progress: bool = True, seed: int = 0, command: str = "",
+          partial: str | None = None) -> dict:
     """Run the sweep (collective); returns the JSON-ready report on every rank.
 
     Args:
@@ -237,8 +238,10 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
         api: "plan" (persistent plans) or "oneshot" (``pya2a.Alltoallv`` per call).
         oneshot: also time auto through the one-shot API (sizes <= 64 KiB) as "auto/oneshot".
         max_slowdown: stop timing an algorithm at larger sizes once it is this many times
-            slower than native (at >= 4 KiB per peer).
+            slower than native (at >= 4 KiB per peer), or slower than native by 25 % with
+            one call longer than ``max_time``.
         device: buffer kind ("cpu"; others through :func:`register_allocator`).
+        partial: JSON path rewritten (rank 0) after every size, marked incomplete.
     """
     from mpi4py import MPI
 
@@ -263,7 +266,26 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
     ref = np.empty(max_recv, dtype=np.uint8) if check and device == "cpu" else None
     bar = _Progress(len(sweep) * len(rows), progress and rank == 0)
     dropped: dict[str, int] = {}
-    results = []
+    results: list[dict] = []
+    meta = _provenance(comm, command)
+    meta.update({"pattern": pattern, "api": api, "device": device, "warmup": warmup,
+                 "iters": iters, "max_time_s": max_time, "seed": seed,
+                 "algorithms": rows, "sizes": sweep, "tuning_table": _table_meta()})
+    # First use of a communication pattern pays connection and page set-up: do it for every
+    # row before the sweep, so the first size is not timed cold.
+    c0 = mats[sweep[0]]
+    w_s = c0[rank].copy()
+    w_r = c0[:, rank].copy()
+    t0 = time.perf_counter()
+    while True:  # about 0.3 s of the library's own call: launch noise settles meanwhile
+        for _ in range(20):
+            comm.Alltoallv([sbuf, w_s, MPI.BYTE], [rbuf, w_r, MPI.BYTE])
+        if comm.allreduce(time.perf_counter() - t0, op=MPI.MAX) > 0.3:
+            break
+    for name in names:
+        with pya2a.plan(comm, w_s, w_r, MPI.BYTE, algorithm=name) as pl:
+            for _ in range(3):
+                pl.run(sbuf, rbuf)
     for m in sweep:
         c = mats[m]
         sc, rc = c[rank].copy(), c[:, rank].copy()
@@ -280,7 +302,7 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
         for name in rows:
             bar.step(f"{fmt_size(m)} {name}")
             if name in dropped:
-                point["rows"][name] = {"skipped": f"over {max_slowdown:g}x native at "
+                point["rows"][name] = {"skipped": f"slower than native at "
                                                   f"{fmt_size(dropped[name])}"}
                 continue
             if name == "auto/oneshot" and m > 64 * 1024:
@@ -320,8 +342,11 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
                 t_native = avg
             else:
                 row["speedup_vs_native"] = t_native / avg if t_native else None
-                if (not name.startswith("auto") and m >= 4096 and t_native
-                        and avg > max_slowdown * t_native):
+                # not timed at larger sizes: far slower than native, or slower and already
+                # longer per call than a whole point may take (grows with the size)
+                if not name.startswith("auto") and t_native and (
+                        (m >= 4096 and avg > max_slowdown * t_native)
+                        or (avg > 1.25 * t_native and avg > max_time)):
                     dropped[name] = m
             point["rows"][name] = row
         point["auto_choice"] = point["rows"]["auto"].get("algorithm")
@@ -332,12 +357,19 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
         point["best_speedup_vs_native"] = (point["rows"]["native"]["avg_us"] / best[0]
                                            if names else None)
         results.append(point)
-    meta = _provenance(comm, command)
-    meta.update({"pattern": pattern, "api": api, "device": device, "warmup": warmup,
-                 "iters": iters, "max_time_s": max_time, "seed": seed,
-                 "algorithms": rows, "sizes": sweep,
-                 "tuning_table": _table_meta()})
+        if partial and rank == 0:  # a sweep cut short still leaves every finished size
+            _write_json(partial, {"meta": dict(meta, complete=False), "results": results,
+                                  "summary": summarize(results)})
+    meta["complete"] = True
     return {"meta": meta, "results": results, "summary": summarize(results)}
+
+
+def _write_json(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _table_meta() -> dict:
@@ -414,8 +446,9 @@ def write_plot(report: dict, path: str) -> bool:
               if "avg_us" in pt["rows"].get(name, {})]
         if not xs:
             continue
-        style = {"native": dict(color="black", lw=2.2), "auto": dict(ls="--", lw=2, color="red"),
-                 "auto/oneshot": dict(ls=":", color="red")}.get(name, {})
+        style = {"native": dict(color="black", lw=2.2),
+                 "auto": dict(ls="--", lw=2, color="magenta"),
+                 "auto/oneshot": dict(ls=":", color="magenta")}.get(name, {})
         ax.plot(xs, ys, marker="o", ms=3, label=name, **style)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -488,13 +521,11 @@ def _bench_main(args, argv) -> int:
                    pattern=args.pattern, check=args.check, api=args.api, oneshot=args.oneshot,
                    max_time=args.max_time, max_slowdown=args.max_slowdown,
                    device=args.device, progress=not args.no_progress, seed=args.seed,
-                   command=_command(argv))
+                   command=_command(argv), partial=args.json)
     if comm.Get_rank() == 0:
         print_table(report)
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+            _write_json(args.json, report)
             print(f"# wrote {args.json}")
         if args.plot:
             if write_plot(report, args.plot):

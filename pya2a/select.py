@@ -41,24 +41,52 @@ from . import algorithms
 __all__ = ["Stats", "choose", "ranking", "predict", "load_table", "table_path", "DEFAULT_TABLE",
            "DEFAULT_PARAMS", "DEFAULT_MARGIN"]
 
-# Machine parameters when no tuning table is found: fitted by `python -m pya2a tune --quick`
-# on the lent 64-core machine (nvidia-h200-x4, MPICH 5.0.2 wheel, shared memory, p = 64),
-# bench/results/cpu_tune_p64.json; docs/selection.md.
+# Built-in defaults, used when no tuning table is found: `python -m pya2a tune --quick` on
+# the lent 64-core machine (nvidia-h200-x4, MPICH 5.0.2 wheel, one node, shared memory),
+# 2026-11-21, at p = 64, 32 and 16 (bench/results/cpu_tune.json; docs/selection.md).
+# Parameters from the p = 16 run (least contention); the measured times below are uniform
+# exchanges through plans, in microseconds, at 64 B .. 1 MiB per peer (the 8 B points of that
+# run were timed before any warm-up and are left out; below 64 B the 64 B value holds).
 DEFAULT_PARAMS: dict[str, float] = {
-    "o": 3.0e-6,  # per-call software overhead of a plan run, s
-    "ts": 1.0e-6,  # MPI message start-up, s
-    "tw": 2.0e-10,  # s per byte through shared memory (~5 GB/s per rank, all ranks busy)
-    "tp": 1.5e-6,  # our Python cost per message (persistent start/wait), s
-    "tr": 1.0e-10,  # local pack/unpack, s per byte (~10 GB/s memcpy)
+    "o": 5.1e-7,  # per-call software overhead of a plan run (COMM_SELF, 8 B), s
+    "ts": 2.9e-6,  # 8-byte Sendrecv with a partner, every rank at once, s
+    "tw": 1.29e-10,  # s per byte from the same at 1 MiB (~7.8 GB/s per rank, all busy)
+    "tp": 6.1e-7,  # persistent send/recv Startall + Waitall per message, s
+    "tr": 4.4e-11,  # _pack.gather of 64 blocks, s per byte (~23 GB/s)
 }
 DEFAULT_MARGIN = 0.10
+_DEFAULT_M = [64, 512, 4096, 32768, 262144, 1048576]
+_DEFAULT_US: list[tuple[str, int, list[float]]] = [
+    ("native", 64, [214.6, 175.7, 245.2, 2634.0, 11968.4, 47135.7]),
+    ("direct", 64, [186.4, 140.0, 222.1, 1254.0, 12460.0, 47676.1]),
+    ("hypercube", 64, [60.4, 141.1, 499.8, 6622.9, 86120.2]),
+    ("mesh", 64, [119.7, 131.6, 402.1, 4116.3, 49709.2]),
+    ("pairwise", 64, [211.0, 240.0, 325.4, 1393.9, 16456.2, 66327.9]),
+    ("ring", 64, [526.0, 1092.8, 7495.9]),
+    ("native", 32, [47.2, 53.9, 68.9, 252.8, 2516.9, 15272.6]),
+    ("direct", 32, [40.9, 46.4, 62.0, 214.7, 2318.5, 15002.1]),
+    ("hypercube", 32, [25.0, 57.3, 106.1, 696.3, 15165.1]),
+    ("mesh", 32, [39.0, 44.1, 110.8, 552.4, 12002.4]),
+    ("pairwise", 32, [63.3, 66.9, 99.1, 318.2, 3189.6, 18212.1]),
+    ("ring", 32, [121.5, 235.2, 613.0]),
+    ("native", 16, [28.4, 32.5, 38.8, 102.1, 463.9, 3300.9]),
+    ("direct", 16, [23.8, 21.9, 32.1, 88.8, 409.6, 3014.4]),
+    ("hypercube", 16, [27.7, 32.6, 80.1, 298.3, 2271.7]),
+    ("mesh", 16, [37.5, 38.5, 66.4, 231.4, 1584.1, 13638.6]),
+    ("pairwise", 16, [35.2, 39.0, 49.5, 109.4, 653.2, 5219.5]),
+    ("ring", 16, [80.6, 89.9, 215.9]),
+]
 
 DEFAULT_TABLE: dict = {
     "version": 1,
-    "provenance": {"source": "built-in defaults (pya2a/select.py); see docs/selection.md"},
+    "provenance": {"source": "built-in defaults (pya2a/select.py): tune --quick on "
+                             "nvidia-h200-x4, 64 cores, MPICH 5.0.2, p = 16/32/64, "
+                             "2026-11-21; see docs/selection.md"},
     "params": DEFAULT_PARAMS,
     "margin": DEFAULT_MARGIN,
-    "corrections": [],
+    "corrections": [{"algorithm": a, "p": p, "ranks_per_node": p, "device": False,
+                     "m": _DEFAULT_M[:len(us)], "measured_us": us}
+                    for a, p, us in _DEFAULT_US],
 }
 
 
@@ -172,7 +200,15 @@ def _normalize(raw: dict) -> dict:
     corr = []
     for c in raw.get("corrections", []):
         m = [float(x) for x in c["m"]]
-        r = [float(x) for x in c["ratio"]]
+        if "measured_us" in c:  # ratios against this table's params (runs may be merged)
+            try:
+                cost = algorithms.get(str(c["algorithm"])).cost
+            except ValueError:
+                continue  # an algorithm this installation does not have
+            r = [float(t) * 1e-6 / max(cost(int(c["p"]), x, params), 1e-12)
+                 for t, x in zip(c["measured_us"], m, strict=True)]
+        else:
+            r = [float(x) for x in c["ratio"]]
         if len(m) != len(r) or not m:
             raise ValueError("correction entries need equal-length non-empty m and ratio")
         corr.append({"algorithm": str(c["algorithm"]), "p": int(c["p"]),

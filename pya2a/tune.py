@@ -11,8 +11,10 @@ What is measured (all ranks of MPI.COMM_WORLD, collectively):
 ``tr``  local rearrangement: ``_pack.gather`` of 64 blocks, seconds per byte.
 
 Then, per algorithm, the time of a uniform exchange through a plan at a ladder of sizes
-(``--quick``: 8 B .. 1 MiB by 8x; full: 8 B .. 4 MiB by 4x); the table stores each measured
-time and its ratio to the algorithm's cost model, which :mod:`pya2a.select` interpolates.
+(``--quick``: 8 B .. 1 MiB by 8x; full: 8 B .. 4 MiB by 4x), after an untimed warm-up of
+every algorithm; the table stores each measured time (and its ratio to the algorithm's cost
+model, which :mod:`pya2a.select` recomputes from the times and the table's own parameters
+when it loads the table, so merged runs stay consistent).
 An algorithm more than 4x slower than native at >= 4 KiB is not timed at larger sizes (the
 last ratio is then carried, and the margin keeps it from being chosen there).
 
@@ -124,10 +126,15 @@ def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[s
 
     p, rank = comm.Get_size(), comm.Get_rank()
     rpn = ranks_per_node(internal_comm(comm))
+    lib = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
     top = max(sizes) * p
     sbuf = np.ones(top, dtype=np.uint8)
     rbuf = np.ones(top, dtype=np.uint8)
     bar = _Progress(len(sizes) * len(algorithms), progress and rank == 0)
+    for a in algorithms:  # first use of each pattern is slow (connections, pages): not timed
+        with Plan(comm, sizes[0], sizes[0], MPI.BYTE, algorithm=a) as pl:
+            for _ in range(5):
+                pl.run(sbuf[:sizes[0] * p], rbuf[:sizes[0] * p])
     meas: dict[str, list[tuple[int, float]]] = {a: [] for a in algorithms}
     dropped: set[str] = set()
     for m in sizes:
@@ -155,7 +162,8 @@ def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[s
         ts = [t for _, t in pts]
         ratio = [t / max(cost(p, float(m), params), 1e-12) for m, t in pts]
         out.append({"algorithm": a, "p": p, "ranks_per_node": rpn, "device": False,
-                    "m": ms, "ratio": ratio, "measured_us": [t * 1e6 for t in ts]})
+                    "mpi_library": lib, "m": ms, "ratio": ratio,
+                    "measured_us": [t * 1e6 for t in ts]})
     return out
 
 
@@ -201,11 +209,16 @@ def main(args, command: str) -> int:
         if args.merge and path.exists():
             try:
                 old = json.loads(path.read_text())
+                prov = table["provenance"]
                 keep = [c for c in old.get("corrections", [])
                         if (c.get("p"), c.get("ranks_per_node")) !=
-                        (table["provenance"]["p"], table["provenance"]["ranks_per_node"])]
+                        (prov["p"], prov["ranks_per_node"])
+                        and c.get("mpi_library", prov["mpi_library"]) == prov["mpi_library"]]
                 table["corrections"] = keep + table["corrections"]
-                table["provenance"]["merged_from"] = old.get("provenance", {})
+                earlier = old.get("provenance", {})
+                runs = earlier.pop("merged_runs", [])
+                earlier.pop("merged_from", None)
+                prov["merged_runs"] = runs + [earlier]
             except (OSError, ValueError) as e:
                 print(f"tune: not merging {path}: {e}", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)

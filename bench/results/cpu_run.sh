@@ -6,25 +6,32 @@
 # MPICH 5.0.2 and Cython wheels in .whl/:  bash bench/results/cpu_run.sh [RESULT_DIR]
 # Env: PS="16 32 64", PATTERNS="uniform skew", SIZES="-b 8 -e 4M -f 4".
 set -u
+SITE=${SITE:-/tmp/pya2a_site}
 RES=${1:-/tmp/res}
 mkdir -p "$RES"
 PS=${PS:-"64 32 16"}
+TUNE_PS=${TUNE_PS:-$PS}
 PATTERNS=${PATTERNS:-"uniform skew"}
 SIZES=${SIZES:-"-b 8 -e 4M -f 4"}
-if [ -z "${SKIP_INSTALL:-}" ] && [ -d .whl ] && ! [ -x /tmp/site/bin/mpiexec ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    || exit 1
+if [ -z "${SKIP_INSTALL:-}" ] && [ -d .whl ] && ! [ -x ${SITE}/mpich/bin/mpiexec ]; then
+  # Cython for the build through pip; MPICH unpacked as is: pip --target drops the
+  # wheel's data files (lib/libmpi.so.12), which mpi4py must load
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target ${SITE} \
+    .whl/cython*.whl || exit 1
+  python3 -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.whl/mpich*.whl')[0]).extractall('${SITE}/whl')" || exit 1
+  mkdir -p ${SITE}/mpich && cp -r ${SITE}/whl/mpich-*.data/data/* ${SITE}/mpich/ && chmod +x ${SITE}/mpich/bin/*
 fi
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-[ -n "${SKIP_INSTALL:-}" ] || export MPI4PY_LIBMPI=${MPI4PY_LIBMPI:-/tmp/site/lib/libmpi.so.12}
-MPIEXEC=${MPIEXEC:-/tmp/site/bin/mpiexec}
+export PYTHONPATH=${SITE}${PYTHONPATH:+:$PYTHONPATH}
+[ -n "${SKIP_INSTALL:-}" ] || export MPI4PY_LIBMPI=${MPI4PY_LIBMPI:-${SITE}/mpich/lib/libmpi.so.12}
+[ -n "${SKIP_INSTALL:-}" ] || MPIEXEC=${MPIEXEC:-${SITE}/mpich/bin/mpiexec}
+MPIEXEC=${MPIEXEC:-${SITE}/bin/mpiexec}
 PY=${PY:-python3}
 python3 setup.py build_ext --inplace > "$RES/build.log" 2>&1 || { tail -20 "$RES/build.log"; exit 1; }
-$MPIEXEC -n 2 $PY -c "from mpi4py import MPI; import pya2a; MPI.COMM_WORLD.rank or print(MPI.Get_library_version().splitlines()[0], pya2a.available_algorithms())" || exit 1
+$MPIEXEC -n 2 $PY -c "from mpi4py import MPI; import pya2a, sys; c = MPI.COMM_WORLD; c.rank or print(c.size, MPI.Get_library_version().splitlines()[0], pya2a.available_algorithms()); sys.exit(0 if c.size == 2 else 3)" || { echo "MPI launch check failed"; exit 1; }
 T0=$SECONDS
 PMAX=$(echo $PS | tr " " "\n" | sort -n | tail -1)
 $MPIEXEC -n "$PMAX" $PY -m pya2a info > "$RES/cpu_info_p${PMAX}.txt" 2>&1
-for p in $PS; do
+for p in $TUNE_PS; do
   timeout 90 $MPIEXEC -n "$p" $PY -m pya2a tune --quick --merge -o "$RES/cpu_tune.json" \
     --no-progress 2>&1 | tail -9
 done
@@ -32,9 +39,9 @@ echo "== tune done at $((SECONDS - T0)) s"
 export PYA2A_TUNING=$RES/cpu_tune.json
 for p in $PS; do
   for pat in $PATTERNS; do
-    timeout 150 $MPIEXEC -n "$p" $PY -m pya2a bench $SIZES -w 3 -n 30 --max-time 0.25 \
+    timeout 150 $MPIEXEC -n "$p" $PY -m pya2a bench $SIZES -w 3 -n 20 --max-time ${MAX_TIME:-0.15} \
       --pattern "$pat" --oneshot --no-progress --json "$RES/cpu_p${p}_${pat}.json" \
-      --plot "$RES/cpu_p${p}_${pat}.png" 2>&1 | grep -v "^#.*wrote"
+      --plot "$RES/cpu_p${p}_${pat}.png" 2>&1 | grep -av "^#.*wrote"
     echo "== bench p=$p $pat done at $((SECONDS - T0)) s"
   done
 done
