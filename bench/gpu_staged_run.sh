@@ -26,11 +26,11 @@ PYA2A_EXPECT_CUDA_AWARE=0 timeout -k 5 150 $M -n 4 python3 -m mpi4py tests/run_m
   -m "not serial" tests/test_gpu_device.py > "$OUT/mpi4.log" 2>&1
 tail -n 3 "$OUT/mpi4.log"
 stamp bench
-timeout -k 5 120 $M -n 4 python3 -m pya2a.gpu.bench_staged \
+[ "${BENCH:-1}" = 1 ] && timeout -k 5 120 $M -n 4 python3 -m pya2a.gpu.bench_staged \
   --out "$OUT/gpu_staged_h200x4.json" > "$OUT/bench.log" 2>&1
 tail -n 4 "$OUT/bench.log"
 stamp extras
-{
+[ "${EXTRAS:-0}" = 1 ] && {
   ompi_info --parsable --param btl vader --level 9 2>/dev/null | grep -E "single_copy|max_send|eager" | head
   for mech in cma none; do
     echo "-- btl_vader_single_copy_mechanism=$mech"
@@ -41,7 +41,7 @@ stamp extras
   for alg in native pairwise; do
     timeout -k 5 40 $M -n 4 python3 -m pya2a.gpu.bench_staged --profile $alg:4096 2>&1 | head -45
   done
-} > "$OUT/extras.log" 2>&1
+} > "$OUT/extras.log" 2>&1  # EXTRAS=1: vader copy mechanism, small-call profiles
 stamp one_gpu
 CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 $M -n 4 python3 -m mpi4py tests/run_mpi.py $PT \
   -m "not serial" -k "gpu_every or gpu_in_place or torch or gpu_dtypes" \

@@ -257,6 +257,14 @@ def test_describe_fake_array_formats(fake):
     assert spec.device == 0 and list(spec.counts) == [4, 4]
 
 
+def test_format_falls_back_when_mpi_lacks_the_type(monkeypatch):
+    # Open MPI 4: mpi4py's table has 'f2' but the library has no float16 (DATATYPE_NULL)
+    monkeypatch.setitem(MPI._typedict, "f2", MPI.DATATYPE_NULL)
+    assert gdev._mpi_fmt("f2", 2) == "u2"
+    assert gdev._mpi_fmt("f8", 8) == "f8"
+    assert gdev._mpi_fmt("", 3) == ""
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
 def test_fake_device_every_algorithm(comm, fake_any, algorithm, pattern):

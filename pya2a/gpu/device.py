@@ -340,11 +340,26 @@ def _contiguous(shape: tuple[int, ...], strides: tuple[int, ...] | None, itemsiz
 
 
 def _mpi_fmt(typestr: str, itemsize: int) -> str:
+    """A typecode MPI can use: the buffer's own, else the unsigned integer of its size.
+
+    mpi4py's table names some types the library lacks (Open MPI 4 has no float16: 'f2'
+    there is a handle that fails with MPI_ERR_TYPE), so each is tried, not just looked up.
+    """
     table = MPI._typedict
-    if typestr and typestr in table:
+
+    def ok(code: str) -> bool:
+        dt = table.get(code)
+        if dt is None or dt == MPI.DATATYPE_NULL:
+            return False
+        try:  # a placeholder handle answers MPI_ERR_TYPE
+            return dt.Get_size() == itemsize
+        except MPI.Exception:
+            return False
+
+    if typestr and ok(typestr):
         return typestr
     alt = f"u{itemsize}"
-    return alt if typestr and alt in table else ""
+    return alt if typestr and ok(alt) else ""
 
 
 def _has(obj: object, name: str, errors: list[str] | None = None) -> bool:

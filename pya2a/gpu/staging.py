@@ -48,6 +48,8 @@ MiB = 1 << 20
 DEFAULT_CHUNK = 4 * MiB
 # above this many separate runs, a host->device scatter goes as one upload + one pack kernel
 _MAX_RUNS = 8
+# send buffers whose blocks span at most this many bytes are downloaded in one copy
+_SMALL = 1 << 20
 
 
 def default_chunk() -> int:
@@ -382,6 +384,13 @@ class StagedTransport(DeviceTransport):
             # the rest of the send buffer streams down behind the first request, in the
             # order direct/pairwise-shift walk peers; the own block is copied on the device
             sb.prefetched = True
+            spans = [(o, o + n) for o, n in sb.blocks if n > 0]
+            lo = min((s[0] for s in spans), default=0)
+            hi = max((s[1] for s in spans), default=0)
+            if hi - lo <= _SMALL:  # small exchange: one copy, one event, no per-block calls
+                for g in sb.have.gaps(lo, hi):
+                    self._download(sb, *g)
+                return
             p = len(sb.blocks)
             first = next((j for j, (o, n) in enumerate(sb.blocks) if o <= a < o + n),
                          self.rank)
