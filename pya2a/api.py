@@ -96,7 +96,8 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
     inplace = in_place(sendmsg)
     exc: BaseException | None = None
     send = recv = None
-    stats = np.zeros(6, dtype=np.int64)
+    rows = p if p <= ROWS_IN_RECORD else 0
+    stats = np.zeros(6 + 2 * rows, dtype=np.int64)
     try:
         recv = parse(recvmsg, p, readonly=False, call=call, what="receive message",
                      name="recv")
@@ -108,9 +109,12 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
             why = _usable(info, p, send, recv)
             if why:
                 raise ValueError(f"{call}: algorithm {requested!r} {why}")
-        stats[:] = (_code(requested), send.largest * send.tsize, send.total_bytes,
+        stats[:6] = (_code(requested), send.largest * send.tsize, send.total_bytes,
                     recv.device is not None, send.contiguous and recv.contiguous,
                     recv.total_bytes)
+        if rows and send.contiguous and recv.contiguous:  # bytes to / from each rank
+            stats[6:6 + p] = send.bcounts
+            stats[6 + p:] = recv.bcounts
     except Exception as e:  # agreed on below, then raised on every rank
         exc = e
     table = agree(icomm, exc, stats)
@@ -131,9 +135,15 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
                       if _usable(algorithms.get(n), p, send, recv) is None)
         requested = _choose(st, cands)
     info = algorithms.get(requested, call)
-    if info.prepare is not None and not inplace and not device and info.name != "native":
-        _cached_plan(icomm, kind, info.name, send, recv).run_specs(send, recv)
-        return info.name
+    if not inplace and not device and info.name != "native":
+        if info.prepare is not None:
+            _cached_plan(icomm, kind, info.name, send, recv).run_specs(send, recv)
+            return info.name
+        if rows and info.schedule is not None and table[:, 5].all():
+            sent, expected = table[:, 7:7 + p], table[:, 7 + p:7 + 2 * p]
+            if np.array_equal(sent, expected.T):  # same verdict on every rank
+                _cached_plan(icomm, kind, info.name, send, recv, sent).run_specs(send, recv)
+                return info.name
     transport = _transport(icomm, recv.device)
     ctx = Context(comm=icomm, rank=rank, size=p, kind=kind, transport=transport,
                   in_place=inplace)
@@ -149,6 +159,10 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
 _CHOICES: OrderedDict = OrderedDict()
 _PLANS: OrderedDict = OrderedDict()
 ONESHOT_CACHE = 8  # one-shot plans kept (LRU); each keeps its 2 latest buffer bindings
+# Up to this many ranks the agreement record also carries each rank's bytes to and from every
+# rank (2p int64): every rank then knows the whole exchange, so ring/mesh/hypercube run as
+# bound plans in one-shot calls too (no size messages), when send and receive sides agree.
+ROWS_IN_RECORD = 64
 
 
 def _choose(stats: select.Stats, cands: tuple[str, ...]) -> str:
@@ -163,16 +177,23 @@ def _choose(stats: select.Stats, cands: tuple[str, ...]) -> str:
     return hit
 
 
-def _cached_plan(icomm: MPI.Intracomm, kind: str, name: str, send: VSpec, recv: VSpec):
-    """The one-shot plan for (comm, algorithm, dtype, counts digest), made on first use."""
+def _cached_plan(icomm: MPI.Intracomm, kind: str, name: str, send: VSpec, recv: VSpec,
+                 cmat: np.ndarray | None = None):
+    """The one-shot plan for (comm, algorithm, dtype, counts digest), made on first use.
+
+    ``cmat`` (bytes from every rank to every rank, from the agreement record) lets the plan
+    bind store-and-forward schedules (ring, mesh, hypercube) without size messages.
+    """
     key = (icomm.handle, name, kind, send.tsize, send.extent, recv.extent,
            send.counts.tobytes(), send.displs.tobytes(), recv.counts.tobytes(),
-           recv.displs.tobytes())
+           recv.displs.tobytes(), None if cmat is None else cmat.tobytes())
     pl = _PLANS.get(key)
     if pl is None:
         from .plan import Plan
 
         pl = _PLANS[key] = Plan._from_specs(icomm, name, send, recv, cache_size=2)
+        if cmat is not None:
+            pl._cmat = np.ascontiguousarray(cmat, dtype=np.int64)
         while len(_PLANS) > ONESHOT_CACHE:
             _PLANS.popitem(last=False)[1].free()
     else:

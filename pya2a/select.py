@@ -143,13 +143,24 @@ class Stats:
         return float(self.max_rank) / mean if mean and self.max_rank else 1.0
 
 
+_PATHS: dict[tuple, Path] = {}
+
+
 def table_path() -> Path:
     """Where the tuning table is read from and ``tune`` writes by default."""
-    env = os.environ.get("PYA2A_TUNING")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pya2a" / "tuning.json"
+    key = (os.environ.get("PYA2A_TUNING"), os.environ.get("XDG_CACHE_HOME"),
+           os.environ.get("HOME"))
+    hit = _PATHS.get(key)
+    if hit is None:
+        if key[0]:
+            hit = Path(key[0]).expanduser()
+        else:
+            base = key[1] or os.path.join(os.path.expanduser("~"), ".cache")
+            hit = Path(base) / "pya2a" / "tuning.json"
+        if len(_PATHS) > 16:
+            _PATHS.clear()
+        _PATHS[key] = hit
+    return hit
 
 
 _CACHE: dict[tuple[str, float], dict] = {}
@@ -165,7 +176,7 @@ def load_table(path: str | os.PathLike | None = None) -> dict:
     """
     p = Path(path) if path is not None else table_path()
     try:
-        mtime = p.stat().st_mtime
+        mtime = os.stat(p).st_mtime
     except OSError:
         if path is not None:
             raise FileNotFoundError(f"tuning table {str(p)!r} not found") from None
@@ -179,17 +190,23 @@ def load_table(path: str | os.PathLike | None = None) -> dict:
         table = _normalize(raw)
         table["provenance"] = dict(raw.get("provenance", {}), path=str(p))
     except (OSError, ValueError, TypeError, KeyError) as e:
-        table = _builtin()
+        table = dict(_builtin())
         table["provenance"] = dict(table["provenance"], error=f"{p}: {e}")
     _CACHE.clear()
     _CACHE[key] = table
     return table
 
 
+_BUILTIN: list[dict] = []
+
+
 def _builtin() -> dict:
-    t = _normalize(DEFAULT_TABLE)
-    t["provenance"] = dict(DEFAULT_TABLE["provenance"], path=None)
-    return t
+    """The built-in table, normalised once (callers must not modify it)."""
+    if not _BUILTIN:
+        t = _normalize(DEFAULT_TABLE)
+        t["provenance"] = dict(DEFAULT_TABLE["provenance"], path=None)
+        _BUILTIN.append(t)
+    return _BUILTIN[0]
 
 
 def _normalize(raw: dict) -> dict:

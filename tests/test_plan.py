@@ -90,13 +90,19 @@ def test_bind_gives_argument_free_runs(comm, algorithm):
     pl.free()
 
 
-def test_oneshot_cache_gives_same_results(comm):
-    sc, rc, sbuf, want = _case(comm, "hot")
+@pytest.mark.parametrize("pattern", ["hot", "zeros"])
+def test_oneshot_cache_gives_same_results(comm, pattern):
+    """Cached one-shot plans (bound requests; bound schedules from the agreement record)."""
+    from pya2a import api
+
+    sc, rc, sbuf, want = _case(comm, pattern)
     for _ in range(3):
-        for alg in ("direct", "pairwise"):
+        for alg in [a for a in ALGORITHMS if a != "native"]:
             rbuf = np.zeros(int(rc.sum()), sbuf.dtype)
             pya2a.Alltoallv(comm, [sbuf, sc], [rbuf, rc], algorithm=alg)
             np.testing.assert_array_equal(rbuf, want)
+    if 1 < comm.Get_size() <= api.ROWS_IN_RECORD:
+        assert any(pl._cmat is not None for pl in api._PLANS.values())
 
 
 def test_plan_errors_raise_on_every_rank(comm):
