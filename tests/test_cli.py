@@ -109,3 +109,13 @@ def test_module_entry_point_info():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "MPI:" in out.stdout and "tuning table" in out.stdout
+
+
+@pytest.mark.serial
+def test_suite_collectives_runs_the_example_or_says_why(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    rc = cli.main(["bench", "--suite", "collectives", "-b", "64", "-e", "1K", "-n", "1",
+                   "-w", "1", "--json", str(out)])
+    assert rc == 0 and json.loads(out.read_text())
+    rc = cli.main(["bench", "--suite", "collectives", "--suite-path", str(tmp_path / "no.py")])
+    assert rc == 2 and "not found" in capsys.readouterr().err
