@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 from mpi4py import MPI
 
 from . import algorithms, select
-from .algorithms import Context
+from .algorithms import Context, ipc
 from .bufspec import VSpec, in_place, is_device_buffer, parse_block, parse_vector
 from .transport import HostTransport
 from .validate import agree, check_counts_match, check_pair
@@ -87,7 +88,7 @@ def _transport(comm: MPI.Intracomm, device: int | None):
 
 
 def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg: object,
-              algorithm: str, check: bool) -> str:
+              algorithm: str, check: bool, options: Mapping | None = None) -> str:
     _check_comm(call, comm)
     icomm = internal_comm(comm)
     p, rank = icomm.Get_size(), icomm.Get_rank()
@@ -104,6 +105,8 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
         send = recv if inplace else parse(sendmsg, p, readonly=True, call=call,
                                           what="send message", name="send")
         check_pair(call, send, recv, rank, kind)
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"{call}: options must be a dict, not {type(options).__name__}")
         if requested != "auto":
             info = algorithms.get(requested, call)
             why = _usable(info, p, send, recv)
@@ -127,15 +130,24 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
     if check:
         check_counts_match(icomm, call, send, recv)
     device = recv.device is not None
+    if device:
+        _load_device()
     if requested == "auto":
         from .plan import ranks_per_node
 
         st = select.Stats.from_records(table, p, device, ranks_per_node(icomm))
         cands = tuple(n for n in algorithms.names()
                       if _usable(algorithms.get(n), p, send, recv) is None)
+        if "ipc" in cands and not ipc.comm_available(icomm, recv.device)[0]:
+            cands = tuple(n for n in cands if n != "ipc")  # same verdict on every rank
         requested = _choose(st, cands)
     info = algorithms.get(requested, call)
-    if not inplace and not device and info.name != "native":
+    opts = dict(options or {})
+    opts["max_block"] = int(table[:, 2].max())
+    # One-shot plans keep their buffers' bindings; only small exchanges are worth it, and
+    # the test reads the all-gathered record so every rank takes the same path.
+    small = int(max(table[:, 3].max(), table[:, 6].max())) <= ONESHOT_MAX_BYTES
+    if small and not options and not inplace and not device and info.name != "native":
         if info.prepare is not None:
             _cached_plan(icomm, kind, info.name, send, recv).run_specs(send, recv)
             return info.name
@@ -144,11 +156,11 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
             if np.array_equal(sent, expected.T):  # same verdict on every rank
                 _cached_plan(icomm, kind, info.name, send, recv, sent).run_specs(send, recv)
                 return info.name
-    transport = _transport(icomm, recv.device)
+    transport = None if info.name == "ipc" else _transport(icomm, recv.device)
     ctx = Context(comm=icomm, rank=rank, size=p, kind=kind, transport=transport,
-                  in_place=inplace)
+                  in_place=inplace, options=opts)
     if inplace:
-        if info.name == "native":
+        if info.name in ("native", "ipc"):
             info.run(None, recv, ctx)
             return info.name
         send = transport.clone(recv)
@@ -159,6 +171,10 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
 _CHOICES: OrderedDict = OrderedDict()
 _PLANS: OrderedDict = OrderedDict()
 ONESHOT_CACHE = 8  # one-shot plans kept (LRU); each keeps its 2 latest buffer bindings
+# Largest per-rank send or receive total (bytes) that one-shot calls bind as plans. A bound
+# plan keeps references to its buffers, so big arrays are not cached (their set-up cost is
+# small next to their transfer time anyway).
+ONESHOT_MAX_BYTES = 1 << 22
 # Up to this many ranks the agreement record also carries each rank's bytes to and from every
 # rank (2p int64): every rank then knows the whole exchange, so ring/mesh/hypercube run as
 # bound plans in one-shot calls too (no size messages), when send and receive sides agree.
@@ -202,7 +218,8 @@ def _cached_plan(icomm: MPI.Intracomm, kind: str, name: str, send: VSpec, recv: 
 
 
 def Alltoallv(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,
-              algorithm: str = "auto", check: bool = False) -> None:
+              algorithm: str = "auto", check: bool = False,
+              options: Mapping | None = None) -> None:
     """Personalized all-to-all with per-peer counts, like ``comm.Alltoallv(sendmsg, recvmsg)``.
 
     Args:
@@ -215,22 +232,30 @@ def Alltoallv(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,
             :func:`available_algorithms`. Must be the same on every rank.
         check: also verify across ranks that every send count matches the receiver's
             receive count (one extra Alltoall of counts).
+        options: algorithm options, the same on every rank, e.g. ``{"grid": (r, c)}`` for
+            ``mesh`` (r * c == p; rows of the grid are consecutive ranks) or
+            ``{"window": 8}`` for ``direct``.
+
+    Device buffers (CuPy, torch, DLPack): with ``ipc`` the call is stream-ordered on the
+    current CuPy stream and returns before the data lands; the staged algorithms return
+    with the receive buffer written.
 
     Raises:
         TypeError, ValueError, BufferError: bad arguments on any rank, raised on every rank
             before any data moves.
     """
-    _exchange("Alltoallv", "alltoallv", comm, sendmsg, recvmsg, algorithm, check)
+    _exchange("Alltoallv", "alltoallv", comm, sendmsg, recvmsg, algorithm, check, options)
 
 
 def Alltoall(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,
-             algorithm: str = "auto", check: bool = False) -> None:
+             algorithm: str = "auto", check: bool = False,
+             options: Mapping | None = None) -> None:
     """Personalized all-to-all with one block size, like ``comm.Alltoall(sendmsg, recvmsg)``.
 
     Same arguments and errors as :func:`Alltoallv`; messages take mpi4py's ``Alltoall``
     forms (``buf``, ``[buf, count]``, ``[buf, (count, displ)]``, ``[buf, count, dtype]``, ...).
     """
-    _exchange("Alltoall", "alltoall", comm, sendmsg, recvmsg, algorithm, check)
+    _exchange("Alltoall", "alltoall", comm, sendmsg, recvmsg, algorithm, check, options)
 
 
 def alltoallv(comm: MPI.Intracomm, sendbuf, sendcounts, *, algorithm: str = "auto"):
@@ -307,7 +332,16 @@ def _row_bytes(a) -> int:
 def available_algorithms(comm: MPI.Intracomm | None = None, device: object = None) -> list[str]:
     """Algorithm names that can run on ``comm`` (any size if None), host or device buffers."""
     p = None if comm is None else comm.Get_size()
+    if device:
+        _load_device()
     return algorithms.available(p, device=bool(device))
+
+
+def _load_device() -> None:
+    """Register the device-capable variants (imports without CuPy; idempotent)."""
+    from .gpu import device as _device
+
+    _device.register_device_algorithms()
 
 
 class Comm(MPI.Intracomm):
@@ -322,25 +356,31 @@ class Comm(MPI.Intracomm):
     """
 
     algorithm: str = "auto"
+    options: dict | None = None
 
-    def __new__(cls, comm: MPI.Intracomm | None = None, *, algorithm: str = "auto"):
+    def __new__(cls, comm: MPI.Intracomm | None = None, *, algorithm: str = "auto",
+                options: Mapping | None = None):
         if comm is None:
             comm = MPI.COMM_WORLD
         _check_comm("Comm", comm)
         return super().__new__(cls, comm)
 
-    def __init__(self, comm: MPI.Intracomm | None = None, *, algorithm: str = "auto") -> None:
+    def __init__(self, comm: MPI.Intracomm | None = None, *, algorithm: str = "auto",
+                 options: Mapping | None = None) -> None:
         if algorithm != "auto":
             algorithms.get(algorithm, "Comm")
         self.algorithm = algorithm
+        self.options = dict(options) if options else None
 
     def Alltoallv(self, sendbuf, recvbuf) -> None:  # noqa: N802 (mpi4py's name)
         """``MPI.Comm.Alltoallv`` through pya2a with this communicator's algorithm."""
-        _exchange("Alltoallv", "alltoallv", self, sendbuf, recvbuf, self.algorithm, False)
+        _exchange("Alltoallv", "alltoallv", self, sendbuf, recvbuf, self.algorithm, False,
+                  self.options)
 
     def Alltoall(self, sendbuf, recvbuf) -> None:  # noqa: N802
         """``MPI.Comm.Alltoall`` through pya2a with this communicator's algorithm."""
-        _exchange("Alltoall", "alltoall", self, sendbuf, recvbuf, self.algorithm, False)
+        _exchange("Alltoall", "alltoall", self, sendbuf, recvbuf, self.algorithm, False,
+                  self.options)
 
 
 from .plan import Plan, explain, plan  # noqa: E402  (plan.py builds on the helpers above)

@@ -108,15 +108,13 @@ def is_device_buffer(obj: object) -> bool:
     """True if ``obj`` lives in device memory (CUDA array interface or non-host DLPack)."""
     if isinstance(obj, (bytes, bytearray, memoryview, np.ndarray)):
         return False
-    if hasattr(obj, "__cuda_array_interface__"):
-        return True
-    dev = getattr(obj, "__dlpack_device__", None)
-    if dev is not None:
-        try:
+    try:  # DLPack first: torch's __cuda_array_interface__ raises for tensors needing grad
+        dev = getattr(obj, "__dlpack_device__", None)
+        if dev is not None:
             return int(dev()[0]) not in _DLPACK_HOST
-        except Exception:
-            return False
-    return False
+        return hasattr(obj, "__cuda_array_interface__")
+    except Exception:
+        return hasattr(type(obj), "__cuda_array_interface__")
 
 
 def _is_datatype(ob: object) -> bool:
@@ -138,16 +136,23 @@ def _datatype(call: str, what: str, ob: object) -> MPI.Datatype:
                     f"not {type(ob).__name__}")
 
 
-def _format_datatype(call: str, what: str, fmt: str) -> MPI.Datatype:
+def _format_datatype(call: str, what: str, fmt: str, itemsize: int = 0) -> MPI.Datatype:
     if fmt and fmt[0] in "@=<>!":
         if fmt[0] in ">!" and np.little_endian or fmt[0] == "<" and not np.little_endian:
             raise BufferError(f"{call}: {what} has non-native byte order (format {fmt!r})")
         fmt = fmt[1:]
     try:
-        return _TYPEDICT[fmt]
+        dt = _TYPEDICT[fmt]
     except KeyError:
         raise TypeError(f"{call}: {what}: cannot map buffer format {fmt!r} to an MPI datatype; "
                         f"pass the datatype explicitly, e.g. [buf, MPI.BYTE]") from None
+    try:
+        dt.Get_size()
+    except MPI.Exception:
+        # A type this MPI only names (float16 in Open MPI 4): move the bytes as unsigned
+        # integers of the same size, which every MPI has.
+        dt = _TYPEDICT.get(f"u{itemsize}", dt)
+    return dt
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ class _Buf:
     fmt: str
     device: int | None
     keepalive: object
+    itemsize: int = 0
 
 
 def _acquire(call: str, what: str, obj: object, readonly: bool) -> _Buf:
@@ -172,7 +178,8 @@ def _acquire(call: str, what: str, obj: object, readonly: bool) -> _Buf:
             raise TypeError(f"{call}: {what} is a device buffer, but pya2a's GPU support "
                             f"is not available ({exc})") from exc
         d = _device.describe(obj, call=call, what=what, readonly=readonly)
-        return _Buf(obj, d.addr, d.nbytes, d.readonly, d.fmt, d.device, d.keepalive)
+        return _Buf(obj, d.addr, d.nbytes, d.readonly, d.fmt, d.device, d.keepalive,
+                    int(getattr(d, "itemsize", 0) or 0))
     try:
         mv = memoryview(obj)
     except TypeError:
@@ -183,7 +190,7 @@ def _acquire(call: str, what: str, obj: object, readonly: bool) -> _Buf:
     if not readonly and mv.readonly:
         raise BufferError(f"{call}: {what} buffer is not writable")
     mem = MPI.buffer(obj)
-    return _Buf(obj, mem.address, mem.nbytes, mv.readonly, mv.format, None, mem)
+    return _Buf(obj, mem.address, mem.nbytes, mv.readonly, mv.format, None, mem, mv.itemsize)
 
 
 def _index(call: str, what: str, name: str, ob: object) -> int:
@@ -267,7 +274,8 @@ def parse_vector(msg: object, p: int, *, readonly: bool, call: str = "Alltoallv"
     """Parse an Alltoallv message for ``p`` peers into a :class:`VSpec`."""
     o_buf, o_counts, o_displs, o_type = _unpack(call, what, msg, vector=True)
     b = _acquire(call, what, o_buf, readonly)
-    dt = _format_datatype(call, what, b.fmt) if o_type is None else _datatype(call, what, o_type)
+    dt = _datatype(call, what, o_type) if o_type is not None else \
+        _format_datatype(call, what, b.fmt, b.itemsize)
     if o_counts is None:
         _, extent = dt.Get_extent()
         if b.nbytes and extent <= 0:
@@ -298,7 +306,8 @@ def parse_block(msg: object, p: int, *, readonly: bool, call: str = "Alltoall",
     """Parse an Alltoall message (``count`` elements for each of ``p`` peers)."""
     o_buf, o_count, o_displ, o_type = _unpack(call, what, msg, vector=False)
     b = _acquire(call, what, o_buf, readonly)
-    dt = _format_datatype(call, what, b.fmt) if o_type is None else _datatype(call, what, o_type)
+    dt = _datatype(call, what, o_type) if o_type is not None else \
+        _format_datatype(call, what, b.fmt, b.itemsize)
     _, extent = dt.Get_extent()
     displ = 0 if o_displ is None else _index(call, what, "displacement", o_displ)
     if displ < 0:

@@ -464,6 +464,28 @@ def write_plot(report: dict, path: str) -> bool:
     return True
 
 
+def _bench_cuda(args) -> int:
+    """``--device cuda``: the IPC engine's methods and NCCL (torch) in one table.
+
+    The generic sweep is host-only: its ``native`` row hands buffers to MPI, which must never
+    see a device pointer unless the MPI is CUDA-aware. The staged-MPI rows have their own
+    driver, ``python -m pya2a.gpu.bench_staged``.
+    """
+    from .gpu import bench as gpu_bench
+    from .gpu import have_cupy
+
+    if not have_cupy():
+        print("bench --device cuda: CuPy is not importable (pip install 'pya2a[gpu]')",
+              file=sys.stderr)
+        return 2
+    argv = ["--sizes", ",".join(str(m) for m in sizes(args.begin, args.end, args.factor))]
+    if args.json:
+        argv += ["--out", args.json]
+    if args.plot:
+        argv += ["--plot", args.plot]
+    return gpu_bench.main(argv)
+
+
 def _run_suite(comm, args) -> int:
     path = Path(args.suite_path) if args.suite_path else None
     cands = [path] if path else [Path.cwd() / "examples" / "collectives.py",
@@ -515,6 +537,8 @@ def _bench_main(args, argv) -> int:
     comm = MPI.COMM_WORLD
     if args.suite == "collectives":
         return _run_suite(comm, args)
+    if args.device == "cuda":
+        return _bench_cuda(args)
     algs = [a for a in args.algorithms.split(",") if a] if args.algorithms else None
     report = bench(comm, begin=args.begin, end=args.end, factor=args.factor,
                    warmup=args.warmup, iters=args.iters, algorithms=algs,

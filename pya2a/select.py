@@ -312,6 +312,8 @@ def choose(stats: Stats, candidates: list[str], table: dict | None = None) -> st
         raise ValueError("choose: no usable algorithm")
     if stats.p <= 1 or not stats.contiguous:
         return "native" if "native" in candidates else candidates[0]
+    if stats.device:
+        return _choose_device(stats, candidates)
     table = load_table() if table is None else table
     order = ranking(stats, candidates, table)
     best = order[0]
@@ -320,3 +322,18 @@ def choose(stats: Stats, candidates: list[str], table: dict | None = None) -> st
         if best["predicted_s"] > (1.0 - table["margin"]) * t_native:
             return "native"
     return best["algorithm"]
+
+
+# Device buffers, staged through host memory (measured on nvidia-h200-x4, 4 ranks, Open MPI
+# 4.1.6; docs/gpu.md): native (one staged MPI call) is best below about 1 MiB per pair,
+# pairwise (chunked, pipelined staging) above.
+DEVICE_PAIRWISE_FROM = 1 << 20
+
+
+def _choose_device(stats: Stats, candidates: list[str]) -> str:
+    """``ipc`` when the caller found it available (one node, peer access), else staged."""
+    if "ipc" in candidates:
+        return "ipc"
+    if stats.max_block >= DEVICE_PAIRWISE_FROM and "pairwise" in candidates:
+        return "pairwise"
+    return "native" if "native" in candidates else candidates[0]

@@ -124,7 +124,7 @@ def available(p: int | None = None, device: bool = False) -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import direct, hypercube, mesh, native, pairwise, ring  # noqa: F401  (registration)
+    from . import direct, hypercube, ipc, mesh, native, pairwise, ring  # noqa: F401  (registration)
 
 
 _load_builtin()

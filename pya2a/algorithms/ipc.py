@@ -1,0 +1,120 @@
+"""``ipc``: GPU buffers of ranks on one node, moved by kernels over CUDA/HIP IPC (NVLink).
+
+The engine is :class:`pya2a.gpu.ipc_alltoallv.IpcAlltoallv` (design and measurements in
+docs/gpu-ipc.md): symmetric staging memory opened by every peer once, one kernel launch per
+call, completion signalled by flags in peer memory, no host barrier, stream-ordered on the
+current CuPy stream (the call returns before the data has landed; work queued after it on
+that stream sees the result).
+
+This module adapts it to the registry: one engine per internal communicator and device,
+made on first use (collective) and made again, larger, when a call's largest block exceeds
+its staging capacity. Both decisions use the all-gathered agreement record (the largest
+block over all ranks, ``ctx.options["max_block"]``), so every rank makes them together.
+Availability (one node, one GPU per rank, peer access between every pair) is checked once
+per communicator, collectively, by :func:`comm_available`; ``auto`` only picks ``ipc`` when
+it holds. Engines live until :func:`free_engines` or process exit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpi4py import MPI
+
+from ..bufspec import VSpec
+from . import AlgorithmInfo, Context, register
+
+__all__ = ["run", "cost", "comm_available", "free_engines"]
+
+MIN_CAPACITY = 1 << 20  # staging bytes per peer pair in a fresh engine
+_AVAILABLE: dict[int, tuple[bool, str]] = {}
+_ENGINES: dict[tuple[int, int], Any] = {}
+
+
+class _Raw:
+    """A flat byte view of a device buffer, as ``__cuda_array_interface__``."""
+
+    __slots__ = ("__cuda_array_interface__",)
+
+    def __init__(self, addr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                         "data": (addr, False), "strides": None, "version": 3}
+
+
+def comm_available(comm: MPI.Intracomm, device: int | None = None) -> tuple[bool, str]:
+    """Collective on first use per communicator: can ``ipc`` run here? Same on every rank."""
+    key = comm.py2f()
+    hit = _AVAILABLE.get(key)
+    if hit is None:
+        try:
+            from ..gpu.ipc_alltoallv import IpcAlltoallv
+        except ImportError as exc:  # pragma: no cover - packaging problem
+            hit = (False, f"IPC backend unavailable: {exc}")
+        else:
+            hit = IpcAlltoallv.available(comm, device=device)
+        _AVAILABLE[key] = hit
+    return hit
+
+
+def _engine(comm: MPI.Intracomm, device: int, need: int):
+    from ..gpu.ipc_alltoallv import IpcAlltoallv
+
+    key = (comm.py2f(), device)
+    eng = _ENGINES.get(key)
+    if eng is not None and eng.slot_bytes >= need:
+        return eng
+    cap = max(MIN_CAPACITY, 1 << max(0, int(need) - 1).bit_length())
+    if eng is not None:
+        cap = max(cap, 2 * eng.slot_bytes)
+        eng.free()
+    eng = _ENGINES[key] = IpcAlltoallv(comm, cap, device=device)
+    return eng
+
+
+def free_engines() -> None:
+    """Collective over every communicator that used ``ipc``: release their GPU memory."""
+    while _ENGINES:
+        _, eng = _ENGINES.popitem()
+        eng.free()
+
+
+def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
+    """One engine call: method by the global largest block (``ll`` small, ``push`` large)."""
+    from ..gpu import cupy as _cupy
+    from ..gpu.ipc_alltoallv import IpcAlltoallv
+
+    ok, why = comm_available(ctx.comm, recv.device)
+    if not ok:
+        raise ValueError(f"algorithm 'ipc' is not available on this communicator: {why}")
+    need = int(ctx.options.get("max_block", max(int(recv.bcounts.max(initial=0)), 1)))
+    eng = _engine(ctx.comm, int(recv.device), need)
+    keep = None
+    if send is None:  # in place: the engine needs a separate source
+        cp = _cupy()
+        keep = cp.empty(recv.nbytes, dtype=cp.uint8)
+        cp.cuda.runtime.memcpyAsync(keep.data.ptr, recv.addr, recv.nbytes,
+                                    cp.cuda.runtime.memcpyDeviceToDevice,
+                                    cp.cuda.get_current_stream().ptr)
+        sbuf, scounts, sdispls = keep, recv.bcounts, recv.bdispls
+    else:
+        sbuf, scounts, sdispls = _Raw(send.addr, send.nbytes), send.bcounts, send.bdispls
+    eng.alltoallv(sbuf, scounts, sdispls, _Raw(recv.addr, recv.nbytes), recv.bcounts,
+                  recv.bdispls, method=IpcAlltoallv.choose(need))
+    del keep  # stream-ordered: CuPy's pool reuses it only after work queued before now
+
+
+def cost(p: int, m: float, params: dict) -> float:
+    """One launch, flags instead of messages: o_gpu + (p-1) m / bw_peer (see docs/gpu-ipc.md)."""
+    return params.get("o_ipc", 6e-6) + (p - 1) * m / params.get("bw_ipc", 3.3e11)
+
+
+def _supports(p: int, send: VSpec | None, recv: VSpec | None, device: bool) -> str | None:
+    if not device:
+        return "takes device buffers only"
+    if p > 8:
+        return "needs at most 8 ranks (one node, one GPU each)"
+    return None
+
+
+register(AlgorithmInfo(name="ipc", run=run, cost=cost, supports=_supports, host=False,
+                       device=True, doc=__doc__ or ""))

@@ -1,0 +1,166 @@
+"""The public API on device buffers: every device algorithm, ``ipc`` included, and ``auto``.
+
+Skips cleanly without CuPy or a GPU. Under mpiexec with one GPU per rank (nvidia-h200-x4)
+``ipc`` runs; with ranks sharing one GPU it is unavailable, ``auto`` must fall back to a
+staged algorithm and an explicit ``algorithm="ipc"`` must raise on every rank. The oracle is
+the MPI library's own Alltoallv on host copies of the same data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import pya2a
+from pya2a.algorithms import ipc as ipc_alg
+
+from helpers import count_matrix, expected_recv, send_data
+
+WORLD = MPI.COMM_WORLD
+
+
+def _ndev() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+NDEV = _ndev()
+pytestmark = pytest.mark.skipif(NDEV == 0, reason="no CUDA device (or no CuPy)")
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    local = WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    cupy.cuda.Device(local.Get_rank() % NDEV).use()
+    local.Free()
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def ipc_ok(cp):
+    comm = pya2a.api.internal_comm(WORLD)
+    return ipc_alg.comm_available(comm, cp.cuda.Device().id)[0]
+
+
+def _algorithms():
+    return ["auto", *pya2a.available_algorithms(device=True)]
+
+
+def test_device_algorithms_are_listed():
+    names = pya2a.available_algorithms(device=True)
+    assert "ipc" in names and "pairwise" in names
+    assert "ipc" not in pya2a.available_algorithms()
+
+
+@pytest.mark.parametrize("pattern", ["random", "zeros", "hot", "skew", "empty"])
+@pytest.mark.parametrize("dtype", ["float32", "int64", "float16", "int8"])
+def test_every_device_algorithm_matches_host_oracle(cp, ipc_ok, pattern, dtype):
+    comm = WORLD
+    p, r = comm.Get_size(), comm.Get_rank()
+    c = count_matrix(pattern, p, scale=40)
+    want = expected_recv(c, r, dtype)
+    for alg in _algorithms():
+        if alg == "ipc" and not ipc_ok:
+            continue
+        sbuf = cp.asarray(send_data(c, r, dtype))
+        rbuf = cp.full(int(c[:, r].sum()), 3, dtype=dtype)
+        pya2a.Alltoallv(comm, [sbuf, c[r]], [rbuf, c[:, r]], algorithm=alg)
+        got = cp.asnumpy(rbuf)  # ordered after the exchange on the current stream
+        assert got.tobytes() == want.tobytes(), alg
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "ipc", "pairwise", "native"])
+def test_in_place_on_device(cp, ipc_ok, algorithm):
+    if algorithm == "ipc" and not ipc_ok:
+        pytest.skip("ipc unavailable here")
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    c = count_matrix("random", p, scale=30)
+    c = c + c.T
+    host = send_data(c, r, "float64")
+    ref = host.copy()
+    WORLD.Alltoallv(MPI.IN_PLACE, [ref, c[r]])
+    dev = cp.asarray(host)
+    pya2a.Alltoallv(WORLD, MPI.IN_PLACE, [dev, c[r]], algorithm=algorithm)
+    np.testing.assert_array_equal(cp.asnumpy(dev), ref)
+
+
+def test_ipc_large_blocks_grow_the_engine(cp, ipc_ok):
+    if not ipc_ok:
+        pytest.skip("ipc unavailable here")
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    for per_peer in (1 << 10, 3 << 20, 9 << 20):  # past the first engine's capacity
+        c = np.full((p, p), per_peer // 4, dtype=np.int64)
+        c[0, p - 1] += 5
+        s = cp.asarray(send_data(c, r, "float32"))
+        out = cp.zeros(int(c[:, r].sum()), dtype=cp.float32)
+        pya2a.Alltoallv(WORLD, [s, c[r]], [out, c[:, r]], algorithm="ipc")
+        np.testing.assert_array_equal(cp.asnumpy(out), expected_recv(c, r, "float32"))
+
+
+def test_ipc_repeated_calls_with_changing_data(cp, ipc_ok):
+    if not ipc_ok:
+        pytest.skip("ipc unavailable here")
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    c = count_matrix("random", p, scale=64)
+    base = cp.asarray(send_data(c, r, "int64"))
+    out = cp.zeros(int(c[:, r].sum()), dtype=cp.int64)
+    want = cp.asarray(expected_recv(c, r, "int64"))
+    for it in range(300):
+        pya2a.Alltoallv(WORLD, [base + it, c[r]], [out, c[:, r]], algorithm="ipc")
+        if it % 50 == 49:
+            assert bool(cp.all(out == want + it)), it
+
+
+def test_explicit_ipc_without_peer_access_raises_everywhere(cp, ipc_ok):
+    if ipc_ok:
+        pytest.skip("ipc is available here")
+    p = WORLD.Get_size()
+    s = cp.zeros(2 * p)
+    out = cp.full(2 * p, 7.0)
+    with pytest.raises(ValueError, match="ipc"):
+        pya2a.Alltoallv(WORLD, s, out, algorithm="ipc")
+    assert bool(cp.all(out == 7.0))
+
+
+def test_array_api_keeps_the_array_type(cp):
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    c = count_matrix("skew", p, scale=4)
+    rows = cp.arange(int(c[r].sum()) * 3, dtype=cp.float32).reshape(-1, 3) + 1000 * r
+    recv, rcounts = pya2a.alltoallv(WORLD, rows, c[r])
+    assert isinstance(recv, cp.ndarray) and recv.shape == (int(c[:, r].sum()), 3)
+    ref = np.zeros((int(c[:, r].sum()), 3), np.float32)
+    WORLD.Alltoallv([cp.asnumpy(rows), c[r] * 3], [ref, c[:, r] * 3])
+    np.testing.assert_array_equal(cp.asnumpy(recv), ref)
+    np.testing.assert_array_equal(rcounts, c[:, r])
+
+
+def test_torch_bfloat16_through_auto(cp):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    dev = f"cuda:{cp.cuda.Device().id}"
+    c = count_matrix("random", p, scale=16)
+    host = send_data(c, r, "float32")
+    x = torch.from_numpy(host).to(dev, dtype=torch.bfloat16)
+    out = torch.zeros(int(c[:, r].sum()), dtype=torch.bfloat16, device=dev)
+    pya2a.Alltoallv(WORLD, [x, c[r]], [out, c[:, r]])
+    torch.cuda.synchronize()
+    want = torch.from_numpy(expected_recv(c, r, "float32")).to(torch.bfloat16)
+    assert torch.equal(out.cpu(), want)
+
+
+def test_mixed_host_and_device_raises_everywhere(cp):
+    p = WORLD.Get_size()
+    out = np.full(2 * p, 5.0)
+    s = cp.zeros(2 * p) if WORLD.Get_rank() == p - 1 else np.zeros(2 * p)
+    with pytest.raises(TypeError):
+        pya2a.Alltoallv(WORLD, s, out)
+    assert (out == 5.0).all()
