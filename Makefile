@@ -4,6 +4,8 @@
 #                 mpiexec -n 1 2 3 4 5 8, and the multi-hop suite at 6 7 9 16 too
 #   make lint   - ruff
 #   make bench  - python -m pya2a bench on 4 ranks, JSON into bench/results/
+#   make bench-cpu - the CPU sweep quoted in the README (tune, then bench at P ranks; for a
+#                 machine with many cores, e.g. PS="64 32 16" make bench-cpu)
 # MPI=mpich (default) uses the MPICH wheel from the package registry; MPI=system builds
 # mpi4py against the mpicc / mpiexec found on PATH (Open MPI, Intel MPI, Cray MPICH, ...).
 
@@ -20,7 +22,7 @@ NPS_MULTIHOP ?= 6 7 9 16
 # oversubscribed runs on small machines; a hung job is killed, never waited on forever
 RUN_MPI  = timeout -k 10 900 $(MPIEXEC) -n $$n $(PY) -m mpi4py tests/run_mpi.py
 
-.PHONY: install test test-unit test-mpi test-examples demo lint bench clean
+.PHONY: install test test-unit test-mpi demo lint bench bench-cpu clean
 
 install: $(STAMP)
 
@@ -59,6 +61,10 @@ lint: install
 
 bench: install
 	$(MPIEXEC) -n $(NP) $(PY) -m pya2a bench --json bench/results/bench-local-$(NP).json
+
+bench-cpu: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" SKIP_INSTALL=1 MPIEXEC=$(MPIEXEC) PY=$(PY) \
+	  bash bench/results/cpu_run.sh bench/results
 
 clean:
 	rm -rf build *.egg-info pya2a/_pack.c pya2a/_pack*.so
