@@ -14,7 +14,7 @@ from . import algorithms, select
 from .algorithms import Context, ipc
 from .bufspec import VSpec, in_place, is_device_buffer, parse_block, parse_vector
 from .transport import HostTransport
-from .validate import agree, check_counts_match, check_pair
+from .validate import agree, check_counts_match, check_pair, check_uniform
 
 __all__ = ["Alltoall", "Alltoallv", "alltoallv", "Comm", "available_algorithms", "plan",
            "explain", "Plan"]
@@ -122,11 +122,7 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
         exc = e
     table = agree(icomm, exc, stats)
     assert send is not None and recv is not None  # agree() raised otherwise
-    if (table[:, 1] != table[0, 1]).any():
-        raise ValueError(f"{call}: ranks asked for different algorithms "
-                         f"(algorithm must be the same on every rank)")
-    if (table[:, 4] != table[0, 4]).any():
-        raise TypeError(f"{call}: some ranks pass device buffers and others host buffers")
+    check_uniform(call, table)
     if check:
         check_counts_match(icomm, call, send, recv)
     device = recv.device is not None

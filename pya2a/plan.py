@@ -32,7 +32,7 @@ from . import algorithms, select
 from .algorithms import Bound, Context
 from .api import _check_comm, _code, _requested, _transport, _usable, internal_comm
 from .bufspec import VSpec, in_place, parse_vector
-from .validate import agree, check_counts_match
+from .validate import agree, check_counts_match, check_uniform
 
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain", "ranks_per_node",
            "bind_schedule"]
@@ -421,11 +421,7 @@ class Plan:
             exc = e
         rows = agree(icomm, exc, stats)
         assert send is not None and recv is not None  # agree() raised otherwise
-        if (rows[:, 1] != rows[0, 1]).any():
-            raise ValueError(f"{call}: ranks asked for different algorithms "
-                             f"(algorithm must be the same on every rank)")
-        if (rows[:, 4] != rows[0, 4]).any():
-            raise TypeError(f"{call}: some ranks pass device buffers and others host buffers")
+        check_uniform(call, rows)
         check_counts_match(icomm, call, send, recv)
         self.algorithm, self._explanation = _decide(icomm, send, recv, rows, algorithm,
                                                         requested)

@@ -15,7 +15,8 @@ from mpi4py import MPI
 from . import _pack
 from .bufspec import VSpec
 
-__all__ = ["CollectiveError", "agree", "check_pair", "check_counts_match", "error_code"]
+__all__ = ["CollectiveError", "agree", "check_pair", "check_counts_match", "check_uniform",
+           "error_code"]
 
 # Error kinds carried in the agreement record; 0 = no error.
 _KINDS: list[type[BaseException]] = [TypeError, ValueError, BufferError, OverflowError,
@@ -66,6 +67,19 @@ def agree(comm: MPI.Intracomm, exc: BaseException | None, stats: np.ndarray) -> 
     code = int(table[root, 0])
     kind = _KINDS[code - 1] if code <= len(_KINDS) else CollectiveError
     raise kind(f"{payload} [raised on rank {root}]")
+
+
+def check_uniform(call: str, table: np.ndarray) -> None:
+    """Raise (on every rank: all see the same table) if ranks disagree on what must match.
+
+    ``table`` is the all-gathered record of an exchange: column 1 the requested algorithm's
+    code, column 4 whether the buffers are on a device.
+    """
+    if (table[:, 1] != table[0, 1]).any():
+        raise ValueError(f"{call}: ranks asked for different algorithms "
+                         f"(algorithm must be the same on every rank)")
+    if (table[:, 4] != table[0, 4]).any():
+        raise TypeError(f"{call}: some ranks pass device buffers and others host buffers")
 
 
 def check_pair(call: str, send: VSpec, recv: VSpec, rank: int, kind: str) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from mpi4py import MPI
 
 from ..bufspec import VSpec
+from . import Bound, Context
 
-__all__ = ["Sides", "sides", "TAG_DIRECT", "TAG_PAIRWISE"]
+__all__ = ["Sides", "sides", "exchange_groups", "bind_groups", "TAG_DIRECT", "TAG_PAIRWISE"]
 
 # Fixed tags on the internal communicator: each call completes all its messages before it
 # returns and MPI does not overtake on one (source, tag, comm), so one tag per algorithm is
@@ -32,3 +34,64 @@ def sides(send: VSpec, recv: VSpec, transport) -> Sides:
     """Buffers as flat bytes plus counts/displacements in bytes, as Python-friendly arrays."""
     return Sides(transport.buffer(send), send.bcounts, send.bdispls,
                  transport.buffer(recv), recv.bcounts, recv.bdispls)
+
+
+def exchange_groups(send: VSpec, recv: VSpec, ctx: Context, groups: list[list[tuple[int, int]]],
+                    tag: int) -> None:
+    """Copy the own block, then post each group's (dst, src) steps and wait for the group.
+
+    Zero-byte blocks are skipped on both sides (their counts agree when the call is
+    correct). ``direct`` passes windows of steps, ``pairwise`` one step per group.
+    """
+    t = ctx.transport
+    s = sides(send, recv, t)
+    r = ctx.rank
+    t.copy(s.rb, int(s.rd[r]), s.sb, int(s.sd[r]), int(s.rc[r]))
+    sc, sd, rc, rd = s.sc.tolist(), s.sd.tolist(), s.rc.tolist(), s.rd.tolist()
+    for group in groups:
+        reqs = []
+        for dst, src in group:
+            if rc[src]:
+                reqs.append(t.irecv(s.rb, rd[src], rc[src], src, tag))
+            if sc[dst]:
+                reqs.append(t.isend(s.sb, sd[dst], sc[dst], dst, tag))
+        t.waitall(reqs)
+
+
+def bind_groups(send: VSpec, recv: VSpec, ctx: Context, groups: list[list[tuple[int, int]]],
+          tag: int) -> Bound | None:
+    """Persistent Send_init/Recv_init per block, started group by group (plans)."""
+    if ctx.transport.device is not None or ctx.in_place:
+        return None
+    s = sides(send, recv, ctx.transport)
+    comm, r = ctx.comm, ctx.rank
+    sc, sd, rc, rd = s.sc.tolist(), s.sd.tolist(), s.rc.tolist(), s.rd.tolist()
+    batches = []
+    for group in groups:
+        reqs = []
+        for dst, src in group:
+            if rc[src]:
+                reqs.append(comm.Recv_init([s.rb[rd[src]:rd[src] + rc[src]], MPI.BYTE], src, tag))
+            if sc[dst]:
+                reqs.append(comm.Send_init([s.sb[sd[dst]:sd[dst] + sc[dst]], MPI.BYTE], dst, tag))
+        if reqs:
+            batches.append(reqs)
+    n = rc[r]
+    mine = (s.rb[rd[r]:rd[r] + n], s.sb[sd[r]:sd[r] + n]) if n else None
+    startall, waitall = MPI.Prequest.Startall, MPI.Request.Waitall
+
+    def run_bound() -> None:
+        if mine is not None:
+            mine[0][...] = mine[1]
+        for reqs in batches:
+            startall(reqs)
+            waitall(reqs)
+
+    def free() -> None:
+        for reqs in batches:
+            for q in reqs:
+                if q:
+                    q.Free()
+        batches.clear()
+
+    return Bound(run=run_bound, free=free)

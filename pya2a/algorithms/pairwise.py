@@ -8,11 +8,9 @@ receiver, the schedule of choice for large blocks.
 
 from __future__ import annotations
 
-from mpi4py import MPI
-
 from ..bufspec import VSpec
 from . import AlgorithmInfo, Bound, Context, register
-from ._common import TAG_PAIRWISE, sides
+from ._common import TAG_PAIRWISE, bind_groups, exchange_groups
 
 __all__ = ["schedule", "run", "cost", "prepare"]
 
@@ -26,63 +24,14 @@ def schedule(rank: int, size: int) -> list[tuple[int, int]]:
 
 def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     """Walk the schedule; each step is an Irecv + Isend + Waitall (zeros skipped)."""
-    t = ctx.transport
-    s = sides(send, recv, t)
-    r = ctx.rank
-    t.copy(s.rb, int(s.rd[r]), s.sb, int(s.sd[r]), int(s.rc[r]))
-    sc, sd, rc, rd = s.sc.tolist(), s.sd.tolist(), s.rc.tolist(), s.rd.tolist()
-    for dst, src in schedule(r, ctx.size):
-        reqs = []
-        if rc[src]:
-            reqs.append(t.irecv(s.rb, rd[src], rc[src], src, TAG_PAIRWISE))
-        if sc[dst]:
-            reqs.append(t.isend(s.sb, sd[dst], sc[dst], dst, TAG_PAIRWISE))
-        t.waitall(reqs)
-
-
-def _bind(send: VSpec, recv: VSpec, ctx: Context, groups: list[list[tuple[int, int]]],
-          tag: int) -> Bound | None:
-    """Persistent Send_init/Recv_init per block, started group by group (plans)."""
-    if ctx.transport.device is not None or ctx.in_place:
-        return None
-    s = sides(send, recv, ctx.transport)
-    comm, r = ctx.comm, ctx.rank
-    sc, sd, rc, rd = s.sc.tolist(), s.sd.tolist(), s.rc.tolist(), s.rd.tolist()
-    batches = []
-    for group in groups:
-        reqs = []
-        for dst, src in group:
-            if rc[src]:
-                reqs.append(comm.Recv_init([s.rb[rd[src]:rd[src] + rc[src]], MPI.BYTE], src, tag))
-            if sc[dst]:
-                reqs.append(comm.Send_init([s.sb[sd[dst]:sd[dst] + sc[dst]], MPI.BYTE], dst, tag))
-        if reqs:
-            batches.append(reqs)
-    n = rc[r]
-    mine = (s.rb[rd[r]:rd[r] + n], s.sb[sd[r]:sd[r] + n]) if n else None
-    startall, waitall = MPI.Prequest.Startall, MPI.Request.Waitall
-
-    def run_bound() -> None:
-        if mine is not None:
-            mine[0][...] = mine[1]
-        for reqs in batches:
-            startall(reqs)
-            waitall(reqs)
-
-    def free() -> None:
-        for reqs in batches:
-            for q in reqs:
-                if q:
-                    q.Free()
-        batches.clear()
-
-    return Bound(run=run_bound, free=free)
+    exchange_groups(send, recv, ctx, [[step] for step in schedule(ctx.rank, ctx.size)],
+                    TAG_PAIRWISE)
 
 
 def prepare(send: VSpec, recv: VSpec, ctx: Context) -> Bound | None:
     """Bind to these buffers with persistent point-to-point requests (same schedule as run)."""
-    return _bind(send, recv, ctx, [[step] for step in schedule(ctx.rank, ctx.size)],
-                 TAG_PAIRWISE)
+    return bind_groups(send, recv, ctx, [[step] for step in schedule(ctx.rank, ctx.size)],
+                       TAG_PAIRWISE)
 
 
 def cost(p: int, m: float, params: dict) -> float:
