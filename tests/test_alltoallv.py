@@ -172,3 +172,22 @@ def test_fresh_comm_wrapped_before_first_call(comm, algorithm):
         np.testing.assert_array_equal(out, ref)
     finally:
         fresh.Free()
+
+
+def test_mesh_grid_option_through_the_api(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    c = count_matrix("random", p)
+    for rows in [d for d in range(1, p + 1) if p % d == 0]:
+        out = np.zeros(int(c[:, r].sum()))
+        pya2a.Alltoallv(comm, [send_data(c, r), c[r]], [out, c[:, r]], algorithm="mesh",
+                        options={"grid": (rows, p // rows)})
+        np.testing.assert_array_equal(out, expected_recv(c, r))
+    pc = pya2a.Comm(comm, algorithm="mesh", options={"grid": (1, p)})
+    out = np.zeros(int(c[:, r].sum()))
+    pc.Alltoallv([send_data(c, r), c[r]], [out, c[:, r]])
+    np.testing.assert_array_equal(out, expected_recv(c, r))
+    out[:] = -1.0
+    with pytest.raises(ValueError, match="grid"):
+        pya2a.Alltoallv(comm, [send_data(c, r), c[r]], [out, c[:, r]], algorithm="mesh",
+                        options={"grid": (p + 1, 1)})
+    assert (out == -1.0).all()
