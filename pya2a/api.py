@@ -132,8 +132,7 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
         from .plan import ranks_per_node
 
         st = select.Stats.from_records(table, p, device, ranks_per_node(icomm))
-        cands = tuple(n for n in algorithms.names()
-                      if _usable(algorithms.get(n), p, send, recv) is None)
+        cands = _candidates(p, send, recv)
         if "ipc" in cands and not ipc.comm_available(icomm, recv.device)[0]:
             cands = tuple(n for n in cands if n != "ipc")  # same verdict on every rank
         requested = _choose(st, cands)
@@ -175,6 +174,24 @@ ONESHOT_MAX_BYTES = 1 << 22
 # rank (2p int64): every rank then knows the whole exchange, so ring/mesh/hypercube run as
 # bound plans in one-shot calls too (no size messages), when send and receive sides agree.
 ROWS_IN_RECORD = 64
+
+
+_CANDIDATES: dict[tuple, tuple[str, ...]] = {}
+
+
+def _candidates(p: int, send: VSpec, recv: VSpec) -> tuple[str, ...]:
+    """Usable algorithm names, memoised on what usability depends on (AlgorithmInfo.supports).
+
+    Every input of the key is identical on every rank once the agreement has passed (p,
+    buffer kind, datatype density, the registry, the mesh grid setting).
+    """
+    key = (p, recv.device is not None, send.contiguous and recv.contiguous,
+           len(algorithms.names()), os.environ.get("PYA2A_MESH_GRID"))
+    hit = _CANDIDATES.get(key)
+    if hit is None:
+        hit = _CANDIDATES[key] = tuple(n for n in algorithms.names()
+                                       if _usable(algorithms.get(n), p, send, recv) is None)
+    return hit
 
 
 def _choose(stats: select.Stats, cands: tuple[str, ...]) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from mpi4py import MPI
@@ -155,8 +156,9 @@ def _format_datatype(call: str, what: str, fmt: str, itemsize: int = 0) -> MPI.D
     return dt
 
 
-@dataclass(frozen=True)
-class _Buf:
+class _Buf(NamedTuple):
+    """Address, size and format of one acquired buffer (a tuple: cheap to make per call)."""
+
     obj: object
     addr: int
     nbytes: int

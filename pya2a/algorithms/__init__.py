@@ -65,6 +65,8 @@ class AlgorithmInfo:
         cost: ``cost(p, m, params) -> seconds`` for ``m`` bytes per peer.
         schedule: the pure schedule function, if the algorithm has one.
         supports: ``supports(p, send, recv, device) -> reason or None``; None means usable.
+            For ``auto`` the answer is memoised per (p, device, datatype density, the
+            registry, PYA2A_MESH_GRID): it must not depend on anything else.
         host, device: buffer kinds the algorithm accepts.
         needs_contiguous: works on bytes, so the datatype must be dense.
         prepare: optional ``prepare(send, recv, ctx) -> Bound | None``: bind the exchange to
