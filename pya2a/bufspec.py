@@ -142,17 +142,29 @@ def _format_datatype(call: str, what: str, fmt: str, itemsize: int = 0) -> MPI.D
         if fmt[0] in ">!" and np.little_endian or fmt[0] == "<" and not np.little_endian:
             raise BufferError(f"{call}: {what} has non-native byte order (format {fmt!r})")
         fmt = fmt[1:]
-    try:
-        dt = _TYPEDICT[fmt]
-    except KeyError:
-        raise TypeError(f"{call}: {what}: cannot map buffer format {fmt!r} to an MPI datatype; "
-                        f"pass the datatype explicitly, e.g. [buf, MPI.BYTE]") from None
-    try:
-        dt.Get_size()
-    except MPI.Exception:
-        # A type this MPI only names (float16 in Open MPI 4): move the bytes as unsigned
-        # integers of the same size, which every MPI has.
-        dt = _TYPEDICT.get(f"u{itemsize}", dt)
+    dt = _TYPEDICT.get(fmt)
+    if dt is not None:
+        try:
+            dt.Get_size()
+            return dt
+        except MPI.Exception:  # a type this MPI only names (float16 in Open MPI 4)
+            pass
+    # All-to-all only moves bytes: a format this MPI cannot map (float16 where the MPI has
+    # none, structured NumPy dtypes) travels as elements of the same size.
+    if itemsize > 0:
+        return _TYPEDICT.get(f"u{itemsize}") or _bytes_type(itemsize)
+    raise TypeError(f"{call}: {what}: cannot map buffer format {fmt!r} to an MPI datatype; "
+                    f"pass the datatype explicitly, e.g. [buf, MPI.BYTE]")
+
+
+_BYTE_TYPES: dict[int, MPI.Datatype] = {}
+
+
+def _bytes_type(n: int) -> MPI.Datatype:
+    """A committed contiguous type of ``n`` bytes (made once per size)."""
+    dt = _BYTE_TYPES.get(n)
+    if dt is None:
+        dt = _BYTE_TYPES[n] = MPI.BYTE.Create_contiguous(n).Commit()
     return dt
 
 

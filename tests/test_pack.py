@@ -67,3 +67,16 @@ def test_even_split_gives_the_remainder_to_the_first_blocks():
     spec = parse_vector(np.zeros(11), 4, readonly=True)
     assert spec.counts.tolist() == [3, 3, 3, 2]
     assert spec.displs.tolist() == [0, 3, 6, 9]
+
+
+def test_unmappable_formats_travel_as_same_size_elements():
+    from mpi4py import MPI
+
+    from pya2a.bufspec import parse_vector
+
+    rec = np.zeros(6, dtype=[("key", "i4"), ("val", "f8")])  # no MPI datatype for this
+    spec = parse_vector(rec, 3, readonly=True)
+    assert spec.tsize == rec.itemsize and spec.counts.tolist() == [2, 2, 2]
+    half = parse_vector(np.zeros(4, np.float16), 2, readonly=True)
+    assert half.tsize == 2 and half.datatype.Get_size() == 2
+    assert MPI.BYTE.Get_size() == 1
