@@ -205,3 +205,36 @@ def test_mesh_grid_option_through_the_api(comm):
         pya2a.Alltoallv(comm, [send_data(c, r), c[r]], [out, c[:, r]], algorithm="mesh",
                         options={"grid": (p + 1, 1)})
     assert (out == -1.0).all()
+
+
+@pytest.mark.parametrize("rpn", [1, 2, 3, 4])
+def test_hierarchical_on_simulated_nodes(comm, rpn, monkeypatch):
+    # PYA2A_RANKS_PER_NODE declares blocks of consecutive ranks nodes, so the two-level
+    # path (within nodes, then between them) runs on one machine too.
+    p, r = comm.Get_size(), comm.Get_rank()
+    monkeypatch.setenv("PYA2A_RANKS_PER_NODE", str(rpn))
+    fresh = comm.Dup()  # the layout is cached per communicator
+    try:
+        for pattern in ("random", "hot", "zeros"):
+            c = count_matrix(pattern, p)
+            out = np.full(int(c[:, r].sum()), -1.0)
+            smsg, rmsg = [send_data(c, r), c[r]], [out, c[:, r]]
+            if p % rpn:
+                with pytest.raises(ValueError, match="does not divide"):
+                    pya2a.Alltoallv(fresh, smsg, rmsg, algorithm="hierarchical")
+                assert (out == -1.0).all()
+            else:
+                pya2a.Alltoallv(fresh, smsg, rmsg, algorithm="hierarchical")
+                np.testing.assert_array_equal(out, expected_recv(c, r))
+    finally:
+        fresh.Free()
+
+
+def test_hierarchical_detects_one_node(comm):
+    from pya2a.algorithms.hierarchical import _layout, node_layout
+
+    assert node_layout(pya2a.api.internal_comm(comm)) == (1, comm.Get_size())
+    # two nodes of two, numbered node by node / round robin
+    assert _layout([(0, 0, 2, ""), (0, 1, 2, ""), (2, 0, 2, ""), (2, 1, 2, "")], 4) == (2, 2)
+    assert isinstance(_layout([(0, 0, 2, ""), (1, 0, 2, ""), (0, 1, 2, ""), (1, 1, 2, "")],
+                              4), str)

@@ -126,7 +126,16 @@ def available(p: int | None = None, device: bool = False) -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import direct, hypercube, ipc, mesh, native, pairwise, ring  # noqa: F401  (registration)
+    from . import (  # noqa: F401  (registration)
+        direct,
+        hierarchical,
+        hypercube,
+        ipc,
+        mesh,
+        native,
+        pairwise,
+        ring,
+    )
 
 
 _load_builtin()
