@@ -531,8 +531,13 @@ def transport(comm: MPI.Intracomm, device: int) -> DeviceTransport:
     return StagedTransport(comm, int(device), be)
 
 
-def _wrap(run):
-    """Run an algorithm body on a device transport and always finish the exchange."""
+def _wrap(run, body=None):
+    """Run an algorithm on a device transport: begin, the body, always finish the exchange.
+
+    ``body(send, recv, ctx)`` defaults to the algorithm's own ``run``; host transports get
+    the plain ``run``.
+    """
+    body = body or run
 
     @functools.wraps(run)
     def device_run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
@@ -542,7 +547,7 @@ def _wrap(run):
         t.begin()
         ok = False
         try:
-            run(send, recv, ctx)
+            body(send, recv, ctx)
             ok = True
         finally:
             t.finish(ok)
@@ -552,29 +557,14 @@ def _wrap(run):
     return device_run
 
 
-def _wrap_native(run):
-    """``native`` on device buffers: pointers straight through if aware, else staged."""
-
-    @functools.wraps(run)
-    def device_run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
-        t = ctx.transport
-        if not isinstance(t, DeviceTransport):
-            return run(send, recv, ctx)
-        t.begin()
-        ok = False
-        try:
-            if isinstance(t, StagedTransport):
-                t.native(send, recv, ctx.kind)
-            else:
-                t.native_ready()
-                _native_raw(send, recv, ctx)
-            ok = True
-        finally:
-            t.finish(ok)
-        return None
-
-    device_run._pya2a_device = True  # type: ignore[attr-defined]
-    return device_run
+def _native_body(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
+    """``native`` on device buffers: staged, or pointers straight through if MPI is aware."""
+    t = ctx.transport
+    if isinstance(t, StagedTransport):
+        t.native(send, recv, ctx.kind)
+    else:
+        t.native_ready()
+        _native_raw(send, recv, ctx)
 
 
 def _raw_message(spec: VSpec, kind: str) -> list:
@@ -606,7 +596,7 @@ def register_device_algorithms() -> list[str]:
             continue
         info: AlgorithmInfo = algorithms.get(name)
         if not getattr(info.run, "_pya2a_device", False):
-            run = _wrap_native(info.run) if name == "native" else _wrap(info.run)
+            run = _wrap(info.run, _native_body if name == "native" else None)
             algorithms.register(dataclasses.replace(info, run=run, device=True))
         done.append(name)
     return done
