@@ -41,7 +41,7 @@ def main() -> int:
         print(f"pya2a {pya2a.__version__} on {p} ranks, {lib}")
         print(f"Alltoallv of float64, random counts, mean {args.kib:g} KiB per peer, "
               f"{counts.sum() * 8 / 2**20:.2f} MiB in total; median of {args.iters} calls")
-        print(f"{'algorithm':>10} {'time':>11} {'busbw':>10}  check")
+        print(f"{'algorithm':>12} {'time':>11} {'busbw':>10}  check")
     ok = True
     for alg in ["native", *[a for a in pya2a.available_algorithms() if a != "native"], "auto"]:
         out = np.empty_like(ref)
@@ -56,7 +56,7 @@ def main() -> int:
         ok &= good
         busbw = counts.sum() * 8 / p / t * (p - 1) / p / 1e9 if t > 0 else 0.0
         if r == 0:
-            print(f"{alg:>10} {t * 1e6:9.1f} us {busbw:6.2f} GB/s  {'ok' if good else 'WRONG'}")
+            print(f"{alg:>12} {t * 1e6:9.1f} us {busbw:6.2f} GB/s  {'ok' if good else 'WRONG'}")
     if r == 0:
         print("OK: every algorithm matched MPI's own Alltoallv" if ok else
               "WRONG: some algorithm differed from MPI's own Alltoallv")
