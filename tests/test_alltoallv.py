@@ -238,3 +238,22 @@ def test_hierarchical_detects_one_node(comm):
     assert _layout([(0, 0, 2, ""), (0, 1, 2, ""), (2, 0, 2, ""), (2, 1, 2, "")], 4) == (2, 2)
     assert isinstance(_layout([(0, 0, 2, ""), (1, 0, 2, ""), (0, 1, 2, ""), (1, 1, 2, "")],
                               4), str)
+
+
+def test_one_shot_cache_does_not_keep_large_buffers_alive(comm):
+    import gc
+    import weakref
+
+    from pya2a import api
+
+    p, r = comm.Get_size(), comm.Get_rank()
+    n = api.ONESHOT_MAX_BYTES // 8 // p + 1  # just over the bound per rank
+    c = np.full((p, p), n, dtype=np.int64)
+    send = np.ones(n * p)
+    recv = np.zeros(n * p)
+    pya2a.Alltoallv(comm, [send, c[r]], [recv, c[:, r]], algorithm="pairwise")
+    assert (recv == 1).all()
+    ref = weakref.ref(recv)
+    del recv
+    gc.collect()
+    assert ref() is None, "a one-shot call kept a large receive buffer alive"
