@@ -215,17 +215,19 @@ def _index(call: str, what: str, name: str, ob: object) -> int:
             f"{call}: {what} {name} must be an integer, not {type(ob).__name__}") from None
 
 
-def _int_array(call: str, what: str, name: str, ob: object, p: int) -> np.ndarray:
+def int_vector(call: str, what: str, name: str, ob: object, p: int) -> np.ndarray:
+    """``ob`` as a new int64 array of exactly ``p`` integers (TypeError / ValueError)."""
+    who = f"{what} {name}" if what else name
     if isinstance(ob, (str, bytes)):
-        raise TypeError(f"{call}: {what} {name} must be a sequence of integers")
+        raise TypeError(f"{call}: {who} must be a sequence of integers")
     try:
         arr = np.asarray(ob)
     except Exception:
-        raise TypeError(f"{call}: {what} {name} must be a sequence of integers") from None
+        raise TypeError(f"{call}: {who} must be a sequence of integers") from None
     if arr.ndim != 1:
         raise ValueError(f"{call}: {name} must be one-dimensional, got shape {arr.shape}")
     if arr.size and not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
-        raise TypeError(f"{call}: {what} {name} must be integers, got {arr.dtype}")
+        raise TypeError(f"{call}: {who} must be integers, got {arr.dtype}")
     if arr.size != p:
         raise ValueError(f"{call}: {name} has {arr.size} entries, expected {p}")
     return arr.astype(np.int64, copy=True)
@@ -301,7 +303,7 @@ def parse_vector(msg: object, p: int, *, readonly: bool, call: str = "Alltoallv"
         counts = np.full(p, n // p, dtype=np.int64)
         counts[: n % p] += 1
     elif isinstance(o_counts, (list, tuple, np.ndarray)) or hasattr(o_counts, "__len__"):
-        counts = _int_array(call, what, name + "counts", o_counts, p)
+        counts = int_vector(call, what, name + "counts", o_counts, p)
     else:
         counts = np.full(p, _index(call, what, "counts", o_counts), dtype=np.int64)
     if o_displs is None:
@@ -309,7 +311,7 @@ def parse_vector(msg: object, p: int, *, readonly: bool, call: str = "Alltoallv"
         if p > 1:
             np.cumsum(counts[:-1], out=displs[1:])
     elif isinstance(o_displs, (list, tuple, np.ndarray)) or hasattr(o_displs, "__len__"):
-        displs = _int_array(call, what, name + "displs", o_displs, p)
+        displs = int_vector(call, what, name + "displs", o_displs, p)
     else:
         displs = np.arange(p, dtype=np.int64) * _index(call, what, "displs", o_displs)
     return _finish(call, what, b, dt, counts, displs, name)

@@ -31,8 +31,8 @@ from mpi4py import MPI
 from . import algorithms, select
 from .algorithms import Bound, Context
 from .api import _check_comm, _code, _requested, _transport, _usable, internal_comm
-from .bufspec import VSpec, in_place, parse_vector
-from .validate import agree, check_counts_match, check_uniform
+from .bufspec import VSpec, in_place, int_vector, parse_vector
+from .validate import agree, check_counts_match, check_layout, check_uniform
 
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain", "ranks_per_node",
            "bind_schedule"]
@@ -81,18 +81,12 @@ def _datatype(call: str, dtype: object) -> MPI.Datatype:
 
 
 def _counts(call: str, name: str, ob: object, p: int) -> np.ndarray:
-    if isinstance(ob, (str, bytes)):
-        raise TypeError(f"{call}: {name} must be a sequence of integers")
-    arr = np.asarray(ob)
-    if arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer):
-        arr = np.full(p, int(arr), dtype=np.int64)
-    if arr.ndim != 1:
-        raise ValueError(f"{call}: {name} must be one-dimensional, got shape {arr.shape}")
-    if arr.size and not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
-        raise TypeError(f"{call}: {name} must be integers, got {arr.dtype}")
-    if arr.size != p:
-        raise ValueError(f"{call}: {name} has {arr.size} entries, expected {p}")
-    arr = arr.astype(np.int64)
+    """p non-negative int64 (one integer means the same for every peer), read-only."""
+    scalar = None if isinstance(ob, (str, bytes)) else np.asarray(ob)
+    if scalar is not None and scalar.ndim == 0 and np.issubdtype(scalar.dtype, np.integer):
+        arr = np.full(p, int(scalar), dtype=np.int64)
+    else:
+        arr = int_vector(call, "", name, ob, p)
     if (arr < 0).any():
         j = int(np.argmax(arr < 0))
         raise ValueError(f"{call}: {name}[{j}] = {arr[j]} is negative")
@@ -400,15 +394,7 @@ class Plan:
             rd = _displs(call, "recvdispls", recvdispls, rc)
             dev = None if device is None else int(device)
             send, recv = _template(sc, sd, dt, dev), _template(rc, rd, dt, dev)
-            if sc[rank] != rc[rank]:
-                raise ValueError(f"{call}: rank {rank} sends itself {sc[rank]} elements but "
-                                 f"expects {rc[rank]} from itself")
-            if recv.contiguous:
-                from . import _pack
-
-                hit = _pack.blocks_overlap(recv.bdispls, recv.bcounts)
-                if hit is not None:
-                    raise ValueError(f"{call}: receive blocks {hit[0]} and {hit[1]} overlap")
+            check_layout(call, send, recv, rank)
             if requested != "auto":
                 why = _usable(algorithms.get(requested, call), p, send, recv)
                 if why:

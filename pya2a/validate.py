@@ -15,8 +15,8 @@ from mpi4py import MPI
 from . import _pack
 from .bufspec import VSpec
 
-__all__ = ["CollectiveError", "agree", "check_pair", "check_counts_match", "check_uniform",
-           "error_code"]
+__all__ = ["CollectiveError", "agree", "check_pair", "check_layout", "check_counts_match",
+           "check_uniform", "error_code"]
 
 # Error kinds carried in the agreement record; 0 = no error.
 _KINDS: list[type[BaseException]] = [TypeError, ValueError, BufferError, OverflowError,
@@ -102,14 +102,19 @@ def check_pair(call: str, send: VSpec, recv: VSpec, rank: int, kind: str) -> Non
     elif send.tsize != recv.tsize:
         raise ValueError(f"{call}: send datatype size {send.tsize} differs from receive "
                          f"datatype size {recv.tsize}")
-    if int(send.counts[rank]) * send.tsize != int(recv.counts[rank]) * recv.tsize:
-        raise ValueError(f"{call}: rank {rank} sends itself {send.counts[rank]} elements but "
-                         f"expects {recv.counts[rank]} from itself")
+    check_layout(call, send, recv, rank)
     if send is not recv and send.nbytes and recv.nbytes:
         if send.addr < recv.addr + recv.nbytes and recv.addr < send.addr + send.nbytes \
                 and send.device == recv.device:
             raise ValueError(f"{call}: send and receive buffers overlap; pass MPI.IN_PLACE "
                              f"as the send message for an in-place exchange")
+
+
+def check_layout(call: str, send: VSpec, recv: VSpec, rank: int) -> None:
+    """Checks of the block tables alone (no buffers needed): own block, receive overlaps."""
+    if int(send.counts[rank]) * send.tsize != int(recv.counts[rank]) * recv.tsize:
+        raise ValueError(f"{call}: rank {rank} sends itself {send.counts[rank]} elements but "
+                         f"expects {recv.counts[rank]} from itself")
     if recv.contiguous:
         hit = _pack.blocks_overlap(recv.bdispls, recv.bcounts)
         if hit is not None:
