@@ -412,6 +412,7 @@ class Plan:
         self.algorithm, self._explanation = _decide(icomm, send, recv, rows, algorithm,
                                                         requested)
         self._init(icomm, send, recv, cache_size)
+        self._max_block = int(rows[:, 2].max())  # global: algorithms size shared state by it
         info = self._info
         if info.prepare is None and info.schedule is not None and self.device is None and \
                 send.contiguous:  # same on every rank: the algorithm and buffer kind agree
@@ -434,6 +435,7 @@ class Plan:
         self._last: _Entry | None = None
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
+        self._max_block: int | None = None  # largest block over all ranks, bytes
 
     @classmethod
     def _from_specs(cls, icomm: MPI.Intracomm, algorithm: str, send: VSpec, recv: VSpec,
@@ -447,6 +449,8 @@ class Plan:
 
     # ---- binding ---------------------------------------------------------------------------
     def _ctx(self, kind: str = "alltoallv", **options: object) -> Context:
+        if self._max_block is not None:
+            options.setdefault("max_block", self._max_block)
         return Context(comm=self.comm, rank=self.rank, size=self.size, kind=kind,
                        transport=_transport(self.comm, self.device), in_place=False,
                        options=dict(options))

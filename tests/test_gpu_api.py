@@ -164,3 +164,19 @@ def test_mixed_host_and_device_raises_everywhere(cp):
     with pytest.raises(TypeError):
         pya2a.Alltoallv(WORLD, s, out)
     assert (out == 5.0).all()
+
+
+def test_ipc_plan_with_uneven_counts(cp, ipc_ok):
+    # Ranks' largest blocks differ: the engine size and method must still agree (the plan
+    # carries the global largest block), or the collective engine set-up would hang.
+    if not ipc_ok:
+        pytest.skip("ipc unavailable here")
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    c = count_matrix("skew", p, scale=1 << 16)
+    s = cp.asarray(send_data(c, r, "float32"))
+    out = cp.zeros(int(c[:, r].sum()), dtype=cp.float32)
+    with pya2a.plan(WORLD, c[r], c[:, r], "f", device=cp.cuda.Device().id,
+                    algorithm="ipc") as pl:
+        for _ in range(3):
+            pl.run(s, out)
+    np.testing.assert_array_equal(cp.asnumpy(out), expected_recv(c, r, "float32"))

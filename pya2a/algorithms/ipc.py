@@ -86,7 +86,10 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     ok, why = comm_available(ctx.comm, recv.device)
     if not ok:
         raise ValueError(f"algorithm 'ipc' is not available on this communicator: {why}")
-    need = int(ctx.options.get("max_block", max(int(recv.bcounts.max(initial=0)), 1)))
+    need = ctx.options.get("max_block")
+    if need is None:  # engine size and method must agree on every rank: never a local value
+        need = ctx.comm.allreduce(int(recv.bcounts.max(initial=0)), op=MPI.MAX)
+    need = max(int(need), 1)
     eng = _engine(ctx.comm, int(recv.device), need)
     keep = None
     if send is None:  # in place: the engine needs a separate source
