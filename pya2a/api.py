@@ -351,10 +351,11 @@ def available_algorithms(comm: MPI.Intracomm | None = None, device: object = Non
 
 
 def _load_device() -> None:
-    """Register the device-capable variants (imports without CuPy; idempotent)."""
-    from .gpu import device as _device
+    """Register the device-capable variants: importing pya2a.gpu.device does it, once.
 
-    _device.register_device_algorithms()
+    It imports without CuPy, after every built-in algorithm is registered.
+    """
+    from .gpu import device  # noqa: F401
 
 
 class Comm(MPI.Intracomm):

@@ -524,7 +524,6 @@ def comm_cuda_aware(comm: MPI.Intracomm) -> bool:
 # ---------------------------------------------------------------------------------------
 def transport(comm: MPI.Intracomm, device: int) -> DeviceTransport:
     """The device transport for an exchange on ``comm`` with buffers on ``device``."""
-    register_device_algorithms()
     be = backend()
     if comm_cuda_aware(comm):
         return AwareTransport(comm, int(device), be)
