@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 from mpi4py import MPI
 
-from . import algorithms, select
+from . import _fast, algorithms, select
 from .algorithms import Context, ipc
 from .bufspec import VSpec, in_place, is_device_buffer, parse_block, parse_vector
 from .transport import HostTransport
@@ -22,12 +22,35 @@ __all__ = ["Alltoall", "Alltoallv", "alltoallv", "Comm", "available_algorithms",
 _KEYVAL: int | None = None
 
 
-def _free_internal(comm: MPI.Comm, keyval: int, dup: MPI.Comm) -> None:
+class _Internal:
+    """What pya2a keeps per user communicator: its private duplicate and call signatures."""
+
+    __slots__ = ("comm", "fast")
+
+    def __init__(self, comm: MPI.Intracomm) -> None:
+        self.comm = comm
+        self.fast = _fast.register(_fast.FastCache())
+
+
+def _free_internal(comm: MPI.Comm, keyval: int, held: _Internal) -> None:
+    held.fast.clear()
     if not MPI.Is_finalized():
         try:
-            dup.Free()
+            held.comm.Free()
         except MPI.Exception:
             pass
+
+
+def _internal(comm: MPI.Intracomm) -> _Internal:
+    global _KEYVAL
+    if _KEYVAL is None:
+        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_internal)
+    held = comm.Get_attr(_KEYVAL)
+    if held is None:
+        # a plain Intracomm even when comm is a pya2a.Comm
+        held = _Internal(MPI.Intracomm(comm).Dup())
+        comm.Set_attr(_KEYVAL, held)
+    return held
 
 
 def internal_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
@@ -36,14 +59,7 @@ def internal_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
     It is cached as an MPI attribute on ``comm`` and freed with it, so user messages on
     ``comm`` can never match ours.
     """
-    global _KEYVAL
-    if _KEYVAL is None:
-        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_internal)
-    dup = comm.Get_attr(_KEYVAL)
-    if dup is None:
-        dup = MPI.Intracomm(comm).Dup()  # a plain Intracomm even when comm is a pya2a.Comm
-        comm.Set_attr(_KEYVAL, dup)
-    return dup
+    return _internal(comm).comm
 
 
 def _check_comm(call: str, comm: object) -> None:
@@ -87,14 +103,57 @@ def _transport(comm: MPI.Intracomm, device: int | None):
     return _device.transport(comm, device)
 
 
+class _Decision:
+    """The agreed outcome of a one-shot call's full path, replayed on signature hits.
+
+    ``send`` / ``recv`` are the parsed specs without their buffer objects (a cached entry
+    must not keep user memory alive); each hit rebinds them to the call's own objects.
+    """
+
+    __slots__ = ("info", "opts", "plan", "send", "recv", "ctx")
+
+    def __init__(self, info: algorithms.AlgorithmInfo, opts: dict, plan, send: VSpec,
+                 recv: VSpec) -> None:
+        self.info, self.opts, self.plan = info, opts, plan
+        self.ctx: Context | None = None  # reusable where the transport keeps no state
+        self.send = send.with_buffer(None, None)
+        self.recv = recv.with_buffer(None, None)
+
+    def usable(self) -> bool:
+        """False once its one-shot plan was evicted and freed."""
+        return self.plan is None or not self.plan._freed
+
+
 def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg: object,
               algorithm: str, check: bool, options: Mapping | None = None) -> str:
     _check_comm(call, comm)
-    icomm = internal_comm(comm)
-    p, rank = icomm.Get_size(), icomm.Get_rank()
-    parse = parse_vector if kind == "alltoallv" else parse_block
+    held = _internal(comm)
+    icomm = held.comm
     requested = _requested(algorithm)
     inplace = in_place(sendmsg)
+    fast = held.fast
+    sig = _fast.signature(kind, sendmsg, recvmsg, inplace, requested, check, options)
+    hit = fast.lookup(None if sig is None else sig[0])
+    if fast.agree(icomm, -1 if hit is None else hit[0]):  # collective, 2 integers
+        assert sig is not None and hit is not None
+        d = hit[1]
+        recv = d.recv.with_buffer(sig[3], sig[4])
+        send = recv if inplace else d.send.with_buffer(sig[1], sig[2])
+        return _execute(icomm, kind, d, send, recv, inplace)
+    number = fast.next_number()  # every rank, failed calls too: numbers stay aligned
+    d, send, recv = _decide_call(call, kind, icomm, sendmsg, recvmsg, requested, check,
+                                 options, inplace)
+    if sig is not None:
+        fast.store(sig[0], number, d)
+    return _execute(icomm, kind, d, send, recv, inplace)
+
+
+def _decide_call(call: str, kind: str, icomm: MPI.Intracomm, sendmsg: object,
+                 recvmsg: object, requested: str, check: bool, options: Mapping | None,
+                 inplace: bool) -> tuple[_Decision, VSpec, VSpec]:
+    """The full path: parse, agree (raising on every rank), check, select."""
+    p, rank = icomm.Get_size(), icomm.Get_rank()
+    parse = parse_vector if kind == "alltoallv" else parse_block
     exc: BaseException | None = None
     send = recv = None
     rows = p if p <= ROWS_IN_RECORD else 0
@@ -141,19 +200,33 @@ def _exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvms
     opts["max_block"] = int(table[:, 2].max())
     # One-shot plans keep their buffers' bindings; only small exchanges are worth it, and
     # the test reads the all-gathered record so every rank takes the same path.
+    pl = None
     small = int(max(table[:, 3].max(), table[:, 6].max())) <= ONESHOT_MAX_BYTES
     if small and not options and not inplace and not device and info.name != "native":
         if info.prepare is not None:
-            _cached_plan(icomm, kind, info.name, send, recv).run_specs(send, recv)
-            return info.name
-        if rows and info.schedule is not None and table[:, 5].all():
+            pl = _cached_plan(icomm, kind, info.name, send, recv)
+        elif rows and info.schedule is not None and table[:, 5].all():
             sent, expected = table[:, 7:7 + p], table[:, 7 + p:7 + 2 * p]
             if np.array_equal(sent, expected.T):  # same verdict on every rank
-                _cached_plan(icomm, kind, info.name, send, recv, sent).run_specs(send, recv)
-                return info.name
-    transport = None if info.name == "ipc" else _transport(icomm, recv.device)
-    ctx = Context(comm=icomm, rank=rank, size=p, kind=kind, transport=transport,
-                  in_place=inplace, options=opts)
+                pl = _cached_plan(icomm, kind, info.name, send, recv, sent)
+    return _Decision(info, opts, pl, send, recv), send, recv
+
+
+def _execute(icomm: MPI.Intracomm, kind: str, d: _Decision, send: VSpec, recv: VSpec,
+             inplace: bool) -> str:
+    """Move the data as decided (the same on every rank)."""
+    info = d.info
+    if d.plan is not None:
+        d.plan.run_specs(send, recv)
+        return info.name
+    ctx = d.ctx
+    if ctx is None:
+        transport = None if info.name == "ipc" else _transport(icomm, recv.device)
+        ctx = Context(comm=icomm, rank=icomm.Get_rank(), size=icomm.Get_size(), kind=kind,
+                      transport=transport, in_place=inplace, options=dict(d.opts))
+        if transport is None or type(transport) is HostTransport:  # stateless: keep it
+            d.ctx = ctx
+    transport = ctx.transport
     if inplace:
         if info.name in ("native", "ipc"):
             info.run(None, recv, ctx)

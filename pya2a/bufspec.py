@@ -88,6 +88,15 @@ class VSpec:
         """Bytes in all blocks together."""
         return self.total * self.tsize
 
+    def with_buffer(self, obj: object, keepalive: object) -> VSpec:
+        """The same spec for another object over the same memory (or None, None: none)."""
+        new = object.__new__(VSpec)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d["obj"] = obj
+        d["keepalive"] = keepalive
+        return new
+
     def message(self) -> list:
         """The equivalent mpi4py vector message, for handing to MPI itself."""
         return [self.obj, (self.counts, self.displs), self.datatype]

@@ -1,0 +1,196 @@
+"""One-shot calls repeated with the same signature skip parsing and agreement (pya2a._fast).
+
+Each test checks results against the MPI library's own Alltoallv, and that the fast path
+was (or was not) taken, through the per-communicator count of full-path calls.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import pya2a
+from pya2a import _fast
+from pya2a.api import _internal
+
+SEED = 20261121
+SENTINEL = -7.0
+
+
+def _full_calls(comm) -> int:
+    return _internal(comm).fast.seq
+
+
+def _exchange_data(comm, counts_row, it):
+    """Send buffer of this rank for iteration ``it`` (values name source, block, item)."""
+    rank = comm.Get_rank()
+    n = int(np.sum(counts_row))
+    return (rank * 1e6 + it * 1e3 + np.arange(n)).astype("d")
+
+
+def _counts(comm, seed=SEED):
+    p = comm.Get_size()
+    rng = np.random.default_rng(seed)
+    c = rng.integers(0, 5, size=(p, p))
+    return c
+
+
+def _oracle(comm, send, sc, rc):
+    out = np.empty(int(rc.sum()), dtype="d")
+    comm.Alltoallv([send, sc], [out, rc])
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "native", "pairwise", "hypercube", "ring"])
+def test_repeated_calls_take_the_fast_path_and_stay_correct(comm, algorithm):
+    c = _counts(comm)
+    rank = comm.Get_rank()
+    sc, rc = c[rank].copy(), c[:, rank].copy()
+    recv = np.empty(int(rc.sum()), dtype="d")
+    send = _exchange_data(comm, sc, 0)
+    pya2a.Alltoallv(comm, [send, sc], [recv, rc], algorithm=algorithm)
+    before = _full_calls(comm)
+    for it in range(1, 6):
+        send[:] = _exchange_data(comm, sc, it)  # same buffer, new data
+        pya2a.Alltoallv(comm, [send, sc], [recv, rc], algorithm=algorithm)
+        np.testing.assert_array_equal(recv, _oracle(comm, send, sc, rc))
+    assert _full_calls(comm) == before, "a repeated call took the full path"
+
+
+def test_counts_changed_in_place_take_the_full_path(comm):
+    p, rank = comm.Get_size(), comm.Get_rank()
+    sc = np.full(p, 2, dtype=np.int64)
+    rc = np.full(p, 2, dtype=np.int64)
+    send = np.arange(4 * p, dtype="d") + 100 * rank
+    recv = np.full(4 * p, SENTINEL)
+    pya2a.Alltoallv(comm, [send, sc], [recv, rc])
+    before = _full_calls(comm)
+    sc[:] = 3  # the same arrays, mutated: a new signature on every rank
+    rc[:] = 3
+    recv[:] = SENTINEL
+    pya2a.Alltoallv(comm, [send, sc], [recv, rc])
+    assert _full_calls(comm) == before + 1
+    want = np.full(4 * p, SENTINEL)
+    comm.Alltoallv([send, sc], [want, rc])
+    np.testing.assert_array_equal(recv, want)
+
+
+def test_bad_input_after_a_cached_call_raises_everywhere(comm):
+    p, rank = comm.Get_size(), comm.Get_rank()
+    send = np.arange(2 * p, dtype="d")
+    recv = np.full(2 * p, SENTINEL)
+    counts = [2] * p
+    pya2a.Alltoallv(comm, [send, counts], [recv, counts])
+    pya2a.Alltoallv(comm, [send, counts], [recv, counts])
+    recv[:] = SENTINEL
+    bad = [-1] + counts[1:] if rank == p - 1 else counts
+    with pytest.raises(ValueError, match="negative"):
+        pya2a.Alltoallv(comm, [send, bad], [recv, counts])
+    assert (recv == SENTINEL).all(), "receive buffer was written"
+    # and the good call still works (and is still cached)
+    pya2a.Alltoallv(comm, [send, counts], [recv, counts])
+    want = np.empty_like(recv)
+    comm.Alltoallv([send, counts], [want, counts])
+    np.testing.assert_array_equal(recv, want)
+    comm.Barrier()
+
+
+def test_one_rank_with_a_new_buffer_makes_every_rank_take_the_full_path(comm):
+    p, rank = comm.Get_size(), comm.Get_rank()
+    send = np.arange(3 * p, dtype="d") + 10 * rank
+    recv = np.empty(3 * p)
+    pya2a.Alltoallv(comm, send, recv)
+    before = _full_calls(comm)
+    if rank == 0:
+        recv = np.empty(3 * p)  # a different buffer on rank 0 only
+    pya2a.Alltoallv(comm, send, recv)
+    assert _full_calls(comm) == before + 1
+    want = np.empty(3 * p)
+    comm.Alltoallv(send, want)
+    np.testing.assert_array_equal(recv, want)
+
+
+def test_in_place_repeated(comm):
+    p, rank = comm.Get_size(), comm.Get_rank()
+    for algorithm in ("native", "pairwise", "auto"):
+        for it in range(3):
+            buf = np.arange(2 * p, dtype="d") + 1000 * rank + it
+            orig = buf.copy()
+            pya2a.Alltoallv(comm, MPI.IN_PLACE, [buf, [2] * p], algorithm=algorithm)
+            want = np.empty_like(orig)
+            comm.Alltoallv(orig, want)
+            np.testing.assert_array_equal(buf, want)
+
+
+def test_more_signatures_than_the_caches_hold(comm):
+    """Cycling through many signatures evicts entries and one-shot plans; still correct."""
+    p, rank = comm.Get_size(), comm.Get_rank()
+    n = _fast.CAPACITY + 6
+    bufs = [(np.arange(p, dtype="d") * (k + 1) + rank, np.empty(p)) for k in range(n)]
+    for _ in range(2):
+        for s, r in bufs:
+            pya2a.Alltoallv(comm, s, r, algorithm="pairwise")
+            want = np.empty(p)
+            comm.Alltoallv(s, want)
+            np.testing.assert_array_equal(r, want)
+
+
+def test_alltoall_block_form_repeated(comm):
+    p, rank = comm.Get_size(), comm.Get_rank()
+    send = np.arange(4 * p, dtype="i4") + 100 * rank
+    recv = np.empty(4 * p, dtype="i4")
+    for _ in range(3):
+        pya2a.Alltoall(comm, [send, 4, MPI.INT], [recv, 4, MPI.INT])
+    want = np.empty_like(recv)
+    comm.Alltoall(send, want)
+    np.testing.assert_array_equal(recv, want)
+
+
+def test_cached_signatures_keep_no_buffer_alive(comm):
+    p = comm.Get_size()
+    send = np.ones(p * 1024, dtype="d")
+    recv = np.empty(p * 1024)
+    pya2a.Alltoallv(comm, send, recv, algorithm="native")
+    ref = weakref.ref(recv)
+    del recv
+    assert ref() is None
+
+
+@pytest.mark.serial
+def test_signature_covers_only_forms_it_can_describe():
+    sig = _fast.signature
+    a = np.zeros(8)
+    assert sig("alltoallv", a, np.zeros(8), False, "auto", False, None) is not None
+    # non-contiguous buffer, derived datatype, float counts in an array, unknown types
+    assert sig("alltoallv", a[::2], np.zeros(8), False, "auto", False, None) is None
+    vec = MPI.DOUBLE.Create_contiguous(2).Commit()
+    try:
+        assert sig("alltoallv", [a, [1] * 4, vec], np.zeros(8), False, "auto", False,
+                   None) is None
+    finally:
+        vec.Free()
+    assert sig("alltoallv", [a, np.ones(4)], np.zeros(8), False, "auto", False, None) is None
+    assert sig("alltoallv", [a, [1.0] * 4], np.zeros(8), False, "auto", False, None) is None
+    assert sig("alltoallv", [a, object()], np.zeros(8), False, "auto", False, None) is None
+    assert sig("alltoallv", a, np.zeros(8), False, "auto", False, {"grid": [1]}) is None
+
+
+@pytest.mark.serial
+def test_signature_distinguishes_what_parsing_depends_on():
+    a, r = np.zeros(8), np.zeros(8)
+
+    def key(*args, **kw):
+        return _fast.signature("alltoallv", *args, False, "auto", False, None)[0]
+
+    base = key([a, [2, 2, 2, 2]], r)
+    assert key([a, [2, 2, 2, 2]], r) == base
+    assert key([a, [2, 2, 2, 1]], r) != base
+    assert key([a, ([2, 2, 2, 2], None)], r) != base
+    assert key([a.view("i8"), [2, 2, 2, 2]], r) != base  # format decides the datatype
+    assert key([a[:4], [2, 2, 2, 2]], r) != base  # size
+    assert key([a, np.array([2, 2, 2, 2])], r) != key([a, np.array([2, 2, 2, 2], "i4")], r)
+    assert _fast.signature("alltoall", [a, 2], r, False, "auto", False, None)[0] != \
+        _fast.signature("alltoallv", [a, 2], r, False, "auto", False, None)[0]
