@@ -13,11 +13,12 @@ One ``Allreduce`` of two integers establishes that; any other outcome takes the 
 Entry numbers are consistent across ranks by construction: every full-path call (collective:
 all ranks take it together) draws the next number from a per-communicator counter on every
 rank, failed calls included. A signature is only computed for forms whose meaning is fixed
-by what it records: NumPy arrays, ``bytes`` / ``bytearray`` and contiguous CuPy arrays as
-buffers; Python ints, flat lists / tuples of Python ints and NumPy integer arrays as counts
-and displacements; typecode strings and *predefined* MPI datatypes (a derived datatype's
-handle may be reused for another layout after ``Free``). Anything else always takes the
-full path, which stays the reference behaviour.
+by what it records: NumPy arrays, ``bytes`` / ``bytearray``, contiguous CuPy arrays and
+contiguous CUDA torch tensors (on CuPy's current stream) as buffers; Python ints, flat
+lists / tuples of Python ints and NumPy integer arrays as counts and displacements; typecode
+strings and *predefined* MPI datatypes (a derived datatype's handle may be reused for another
+layout after ``Free``). Anything else always takes the full path, which stays the reference
+behaviour.
 
 What a cached entry does not see: a changed tuning table or ``PYA2A_MESH_GRID`` applies to
 signatures not cached yet (``clear()`` forgets them all). ``PYA2A_ALGORITHM`` is part of the
@@ -46,16 +47,38 @@ _PREDEFINED: frozenset[int] = frozenset(
                                       "UINT16_T", "UINT32_T", "UINT64_T", "C_BOOL")
     if getattr(MPI, n, MPI.DATATYPE_NULL) != MPI.DATATYPE_NULL)
 
-# buffer types by how their signature is taken: 1 NumPy / bytes-like, 2 CuPy array, 0 none
+# buffer types by how their signature is taken: 1 NumPy / bytes-like, 2 CuPy array,
+# 3 torch tensor, 0 none (always the full path)
 _KIND: dict[type, int] = {np.ndarray: 1, bytes: 1, bytearray: 1}
 
 
 def _kind(t: type) -> int:
     k = _KIND.get(t)
     if k is None:
-        k = _KIND[t] = 2 if (t.__module__.split(".")[0] == "cupy"
-                             and t.__name__ == "ndarray") else 0
+        top = t.__module__.split(".")[0]
+        k = 2 if (top == "cupy" and t.__name__ == "ndarray") else \
+            3 if (top == "torch" and t.__name__ in ("Tensor", "Parameter")) else 0
+        _KIND[t] = k
     return k
+
+
+def _torch(obj: Any) -> tuple[Any, Any] | None:
+    """Signature of a CUDA tensor whose producer stream is CuPy's current stream.
+
+    The full path imports the tensor through DLPack on CuPy's current stream, which makes
+    that stream wait for torch's current stream; a tensor signature is only taken when the
+    two are the same stream (the common case), so skipping that import changes nothing.
+    """
+    if not obj.is_cuda or obj.requires_grad or not obj.is_contiguous():
+        return None
+    import cupy
+    import torch
+
+    dev = obj.device.index
+    if torch.cuda.current_stream(dev).cuda_stream != cupy.cuda.get_current_stream().ptr:
+        return None
+    return (torch.Tensor, obj.data_ptr(), obj.numel() * obj.element_size(), obj.dtype,
+            dev), obj
 
 
 def _buffer(obj: Any) -> tuple[Any, Any] | None:
@@ -74,6 +97,11 @@ def _buffer(obj: Any) -> tuple[Any, Any] | None:
             if not obj.flags.c_contiguous:
                 return None
             return (t, obj.data.ptr, obj.nbytes, obj.dtype, obj.device.id), obj
+        except Exception:
+            return None
+    if k == 3:
+        try:
+            return _torch(obj)
         except Exception:
             return None
     return None

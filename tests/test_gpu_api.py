@@ -180,3 +180,53 @@ def test_ipc_plan_with_uneven_counts(cp, ipc_ok):
         for _ in range(3):
             pl.run(s, out)
     np.testing.assert_array_equal(cp.asnumpy(out), expected_recv(c, r, "float32"))
+
+
+def _full_calls() -> int:
+    return pya2a.api._internal(WORLD).fast.seq
+
+
+def test_repeated_cupy_calls_take_the_fast_path(cp):
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    c = count_matrix("random", p, scale=32)
+    s = cp.asarray(send_data(c, r, "float32"))
+    out = cp.zeros(int(c[:, r].sum()), dtype=cp.float32)
+    want = cp.asarray(expected_recv(c, r, "float32"))
+    pya2a.Alltoallv(WORLD, [s, c[r]], [out, c[:, r]])
+    before = _full_calls()
+    for it in range(20):
+        s += 1
+        pya2a.Alltoallv(WORLD, [s, c[r]], [out, c[:, r]])
+        assert bool(cp.all(out == want + it + 1)), it
+    assert _full_calls() == before
+
+
+def test_repeated_torch_calls_take_the_fast_path_on_one_stream(cp):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    dev = f"cuda:{cp.cuda.Device().id}"
+    c = count_matrix("random", p, scale=16)
+    x = torch.from_numpy(send_data(c, r, "float32")).to(dev)
+    out = torch.zeros(int(c[:, r].sum()), dtype=torch.float32, device=dev)
+    want = torch.from_numpy(expected_recv(c, r, "float32")).to(dev)
+    with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        pya2a.Alltoallv(WORLD, [x, c[r]], [out, c[:, r]])
+        before = _full_calls()
+        for _ in range(10):
+            x += 1
+            pya2a.Alltoallv(WORLD, [x, c[r]], [out, c[:, r]])
+        torch.cuda.synchronize()
+        assert torch.equal(out, want + 10)
+        assert _full_calls() == before
+    # torch on a side stream, CuPy on its own: no signature, the full path orders them
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        x += 1
+        before = _full_calls()
+        pya2a.Alltoallv(WORLD, [x, c[r]], [out, c[:, r]])
+        assert _full_calls() == before + 1
+    torch.cuda.synchronize()
+    assert torch.equal(out, want + 11)
