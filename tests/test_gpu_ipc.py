@@ -229,6 +229,198 @@ def test_cuda_graph_capture(engine, method):
     assert COMM.allreduce(bad) == 0
 
 
+# ---------------------------------------------------------------- registered buffers
+def _layout(seed, kind, maxc):
+    rng = np.random.default_rng(seed)
+    counts = _counts(rng, kind, maxc=maxc)
+    sd_all = np.stack([_displs(rng, counts[i], True) for i in range(P)])
+    rd_all = np.stack([_displs(rng, counts[:, i], True) for i in range(P)])
+    return counts, sd_all, rd_all
+
+
+def _rlen(counts, rd_all):
+    return max(int((rd_all[RANK] + counts[:, RANK]).max()), 1)
+
+
+def _check_eager(eng, method, counts, sd_all, rd_all, dtype, recv, it=0, direct=None):
+    send, recv, exp, sc, sd, rc, rd = _make(counts, sd_all, rd_all, dtype, it, recv)
+    eng.alltoallv(send, _bytes(sc, dtype), _bytes(sd, dtype), recv, _bytes(rc, dtype),
+                  _bytes(rd, dtype), method=method, direct=direct)
+    cupy.cuda.get_current_stream().synchronize()
+    bad = int(cupy.count_nonzero(recv != exp))
+    assert COMM.allreduce(bad) == 0, f"{method} it={it}: {bad} wrong elements here"
+
+
+@pytest.mark.parametrize("method,direct", [("ce", None), ("push", True)])
+@pytest.mark.parametrize("kind", ["random", "skew", "zeros", "uniform"])
+def test_registered_pool_buffer_larger_than_staging(engine, method, direct, kind):
+    """Blocks of up to 2 MiB with 1 MiB staging slots: only the direct path can take them."""
+    dtype = np.float64
+    counts, sd_all, rd_all = _layout(50, kind, maxc=(2 << 20) // 8)
+    recv = cupy.empty(_rlen(counts, rd_all), dtype=dtype)  # CuPy memory pool
+    _check_eager(engine, method, counts, sd_all, rd_all, dtype, recv, direct=direct)
+    reg = engine.register_recv(recv, _bytes(rd_all[RANK], dtype))
+    assert reg is engine._reg  # unchanged buffer: no new exchange
+    assert reg.direct_here and reg.everyone
+
+
+@pytest.mark.parametrize("method", ["ce", "push"])
+def test_unregistered_pool_buffer_is_staged(engine, method):
+    dtype = np.int16
+    counts, sd_all, rd_all = _layout(57, "random", maxc=1 << 18)
+    recv = cupy.empty(_rlen(counts, rd_all), dtype=dtype)
+    _check_eager(engine, method, counts, sd_all, rd_all, dtype, recv, direct=False)
+
+
+def test_registration_cached_while_buffer_unchanged(engine):
+    dtype = np.int32
+    counts, sd_all, rd_all = _layout(51, "random", maxc=1 << 16)
+    recv = cupy.empty(_rlen(counts, rd_all), dtype=dtype)
+    rd = _bytes(rd_all[RANK], dtype)
+    r1 = engine.register_recv(recv, rd)
+    r2 = engine.register_recv(recv, rd)
+    assert r1 is r2  # one Allgather of digests, no exchange
+    r3 = engine.register_recv(recv, rd + 4 if P > 1 else rd + 0)  # rdispls changed
+    assert (r3 is not r1) == (P > 1)
+    assert engine.register_recv(recv, rd) is r1  # alternating: both stay cached
+
+
+def test_buffers_change_between_calls(engine):
+    """Different pool buffers, freed and re-made (same address, new allocation), views."""
+    dtype = np.int64
+    pool = cupy.get_default_memory_pool()
+    counts, sd_all, rd_all = _layout(52, "skew", maxc=(3 << 20) // 8)
+    n = _rlen(counts, rd_all)
+    for it in range(12):
+        if it % 4 == 3:
+            pool.free_all_blocks()  # the next array is a new cudaMalloc, maybe at the same VA
+        bufs = [cupy.empty(n + 8 + 64 * k, dtype=dtype) for k in range(1 + it % 3)]
+        recv = bufs[-1][it % 5: it % 5 + n]  # an offset into the allocation
+        _check_eager(engine, "ce" if it % 2 else "push", counts, sd_all, rd_all, dtype,
+                     recv, it=it, direct=True)
+        del bufs, recv
+
+
+def test_many_distinct_buffers_evict_old_mappings(engine):
+    dtype = np.float32
+    counts, sd_all, rd_all = _layout(53, "random", maxc=(1 << 20) // 4)
+    n = _rlen(counts, rd_all)
+    keep = [cupy.empty(n + 1024 * k, dtype=dtype) for k in range(engine.KEEP_MAPS + 6)]
+    for it, buf in enumerate(keep + keep[:3]):
+        _check_eager(engine, "ce", counts, sd_all, rd_all, dtype, buf[:n], it=it)
+    assert len(engine._maps) <= (engine.KEEP_MAPS + 1) * max(P - 1, 1)
+
+
+def test_stream_ordered_pool_buffer_falls_back_to_staging(engine):
+    """cudaMallocAsync memory cannot be exported: that rank receives staged, others direct."""
+    dtype = np.uint8
+    counts, sd_all, rd_all = _layout(54, "random", maxc=1 << 19)
+    n = _rlen(counts, rd_all)
+    if RANK == 0:
+        try:
+            mem = cupy.cuda.MemoryAsyncPool().malloc(n)
+        except Exception as exc:  # no stream-ordered allocator here
+            mem = exc
+    else:
+        mem = None
+    ok = COMM.allreduce(0 if isinstance(mem, Exception) else 1, op=MPI.MIN)
+    if not ok:
+        pytest.skip("cudaMallocAsync not available")
+    recv = (cupy.ndarray((n,), dtype=dtype, memptr=mem) if RANK == 0
+            else cupy.empty(n, dtype=dtype))
+    for method in ("ce", "push"):
+        _check_eager(engine, method, counts, sd_all, rd_all, dtype, recv, direct=True)
+    reg = engine.register_recv(recv, _bytes(rd_all[RANK], dtype))
+    assert reg.direct_here == (RANK != 0)
+    assert not reg.everyone or P == 1
+    del recv, mem
+
+
+@pytest.mark.parametrize("method", ["ce", "push"])
+def test_registered_repeated_calls_changing_data(engine, method):
+    """1000 back-to-back direct calls into a pool buffer, new data each call, no host sync."""
+    rng = np.random.default_rng(55)
+    counts = _counts(rng, "random", maxc=4096)
+    sd_all = np.stack([_displs(rng, counts[i], False) for i in range(P)])
+    rd_all = np.stack([_displs(rng, counts[:, i], False) for i in range(P)])
+    dtype = np.int64
+    send, recv, exp, sc, sd, rc, rd = _make(counts, sd_all, rd_all, dtype, 0)
+    base_send, base_exp = send.copy(), exp.copy()
+    mask = exp != 99
+    bad = cupy.zeros((), dtype=np.int64)
+    args = (_bytes(sc, dtype), _bytes(sd, dtype), _bytes(rc, dtype), _bytes(rd, dtype))
+    for it in range(1000):
+        cupy.add(base_send, it, out=send)
+        engine.alltoallv(send, args[0], args[1], recv, args[2], args[3], method=method,
+                         direct=True)
+        bad += cupy.count_nonzero((recv != base_exp + it) & mask)
+        recv.fill(-1)
+    cupy.cuda.get_current_stream().synchronize()
+    assert COMM.allreduce(int(bad)) == 0
+
+
+def test_ce_plan_into_pool_buffer_survives_later_registrations(engine):
+    dtype = np.float64
+    counts, sd_all, rd_all = _layout(56, "random", maxc=1 << 17)
+    send, recv, exp, sc, sd, rc, rd = _make(counts, sd_all, rd_all, dtype, 0)
+    plan = engine.plan(send, _bytes(sc, dtype), _bytes(sd, dtype), recv, _bytes(rc, dtype),
+                       _bytes(rd, dtype), method="ce")
+    others = [cupy.empty(recv.size + 512 * k, dtype=dtype) for k in range(engine.KEEP_MAPS + 3)]
+    for it, other in enumerate(others):  # evicts unpinned mappings, never the plan's
+        _check_eager(engine, "ce", counts, sd_all, rd_all, dtype, other[: recv.size], it=it)
+    recv.fill(99)  # the sentinel _make expects in the gaps
+    plan.run()
+    cupy.cuda.get_current_stream().synchronize()
+    bad = int(cupy.count_nonzero(recv != exp))
+    assert COMM.allreduce(bad) == 0
+
+
+def test_choose_direct():
+    big = IpcAlltoallv.CE_FROM
+    assert IpcAlltoallv.choose(big, direct=True) == "ce"
+    assert IpcAlltoallv.choose(big - 1, direct=True) == "push"
+    assert IpcAlltoallv.choose(IpcAlltoallv.LL_UPTO, direct=True) == "ll"
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_public_api_large_blocks_direct(engine, inplace):
+    """pya2a.Alltoallv(algorithm='ipc') at >= CE_FROM per pair: ce into the user's buffer."""
+    import pya2a
+    from pya2a.algorithms import ipc as ipc_alg
+
+    if P < 2:
+        pytest.skip("needs peers")
+    n = IpcAlltoallv.CE_FROM // 4 + 16  # float32 elements: just over CE_FROM bytes
+    c = np.zeros((P, P), dtype=np.int64)  # symmetric, so in place works with it too
+    c[0, P - 1] = c[P - 1, 0] = n  # one big block each way, the rest small or empty
+    c[P - 1, P - 1] = 7
+    if P > 2:
+        c[1, 0] = c[0, 1] = 1000
+    sc, rc = c[RANK], c[:, RANK]
+    rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
+    sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
+    total = max(int(rc.sum()), int(sc.sum()), 1)
+    buf = cupy.full(total, -1, dtype=np.float32)
+    exp = cupy.full(total, -1, dtype=np.float32)
+    for j in range(P):
+        k = cupy.arange(int(sc[j]))
+        buf[int(sd[j]): int(sd[j]) + int(sc[j])] = _value(RANK, j, k, 3, np.float32)
+        k = cupy.arange(int(rc[j]))
+        exp[int(rd[j]): int(rd[j]) + int(rc[j])] = _value(j, RANK, k, 3, np.float32)
+    if inplace:
+        pya2a.Alltoallv(COMM, MPI.IN_PLACE, [buf, rc], algorithm="ipc")
+        out = buf
+    else:
+        out = cupy.full(total, -1, dtype=np.float32)
+        pya2a.Alltoallv(COMM, [buf, sc], [out, rc], algorithm="ipc")
+    cupy.cuda.get_current_stream().synchronize()
+    bad = int(cupy.count_nonzero(out[: int(rc.sum())] != exp[: int(rc.sum())]))
+    assert COMM.allreduce(bad) == 0
+    eng = next(iter(ipc_alg._ENGINES.values()))
+    assert eng._reg is not None and eng._reg.everyone
+    assert eng.slot_bytes < n * 4  # no staging slots grown for the big block
+
+
 def test_choose_thresholds():
     assert IpcAlltoallv.choose(0) == "ll"
     assert IpcAlltoallv.choose(IpcAlltoallv.LL_UPTO) == "ll"

@@ -13,6 +13,14 @@ block over all ranks, ``ctx.options["max_block"]``), so every rank makes them to
 Availability (one node, one GPU per rank, peer access between every pair) is checked once
 per communicator, collectively, by :func:`comm_available`; ``auto`` only picks ``ipc`` when
 it holds. Engines live until :func:`free_engines` or process exit.
+
+From ``IpcAlltoallv.DIRECT_FROM`` bytes per pair (global largest block) the receive buffer
+is registered with the peers (``IpcAlltoallv.register_recv``: a one-int64 ``Allgather`` per
+call, handles and displacements all-gathered only for a combination of buffers not seen
+recently), so
+``ce`` (from ``CE_FROM``) and ``push`` write straight into the user's buffer, pool arrays
+included. The engine then grows its staging slots only if some rank's buffer could not be
+registered (every rank learns that from the same exchange).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ def comm_available(comm: MPI.Intracomm, device: int | None = None) -> tuple[bool
 
 
 def _engine(comm: MPI.Intracomm, device: int, need: int):
+    """The engine for (comm, device) with staging slots of at least ``need`` bytes (global)."""
     from ..gpu.ipc_alltoallv import IpcAlltoallv
 
     key = (comm.py2f(), device)
@@ -79,7 +88,8 @@ def free_engines() -> None:
 
 
 def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
-    """One engine call: method by the global largest block (``ll`` small, ``push`` large)."""
+    """One engine call: method by the global largest block (``ll`` small, ``push`` large,
+    ``ce`` straight into registered receive buffers when every rank's could be registered)."""
     from ..gpu import cupy as _cupy
     from ..gpu.ipc_alltoallv import IpcAlltoallv
 
@@ -90,7 +100,16 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     if need is None:  # engine size and method must agree on every rank: never a local value
         need = ctx.comm.allreduce(int(recv.bcounts.max(initial=0)), op=MPI.MAX)
     need = max(int(need), 1)
-    eng = _engine(ctx.comm, int(recv.device), need)
+    direct = need >= IpcAlltoallv.DIRECT_FROM  # global: every rank registers, or none
+    eng = _engine(ctx.comm, int(recv.device), 1 if direct else need)
+    rbuf = _Raw(recv.addr, recv.nbytes)
+    reg = None
+    if direct:
+        reg = eng.register_recv(rbuf, recv.bdispls)
+        if not reg.everyone and need > eng.slot_bytes:  # same verdict on every rank
+            eng = _engine(ctx.comm, int(recv.device), need)
+            reg = eng.register_recv(rbuf, recv.bdispls)
+    method = IpcAlltoallv.choose(need, direct=reg is not None and reg.everyone)
     keep = None
     if send is None:  # in place: the engine needs a separate source
         cp = _cupy()
@@ -101,8 +120,8 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
         sbuf, scounts, sdispls = keep, recv.bcounts, recv.bdispls
     else:
         sbuf, scounts, sdispls = _Raw(send.addr, send.nbytes), send.bcounts, send.bdispls
-    eng.alltoallv(sbuf, scounts, sdispls, _Raw(recv.addr, recv.nbytes), recv.bcounts,
-                  recv.bdispls, method=IpcAlltoallv.choose(need))
+    eng.alltoallv(sbuf, scounts, sdispls, rbuf, recv.bcounts, recv.bdispls, method=method,
+                  registration=reg if method in ("push", "ce") else None)
     del keep  # stream-ordered: CuPy's pool reuses it only after work queued before now
 
 

@@ -12,12 +12,24 @@ communicator, keeps the per-allocation table that kernels use to turn a
 Only the runtime calls that CuPy maps on ROCm too are used: ``malloc``,
 ``ipcGetMemHandle``, ``ipcOpenMemHandle``, ``ipcCloseMemHandle``,
 ``deviceCanAccessPeer``. Untested on AMD hardware.
+
+Ordinary user buffers (CuPy memory pool, torch caching allocator, plain ``cudaMalloc``)
+can be shared too: :func:`allocation_of` finds the ``cudaMalloc`` allocation holding a
+pointer (``cuPointerGetAttributes`` through ctypes: base, size, the process-wide unique
+buffer id, and whether legacy IPC can export it), :func:`export_handle` exports that
+allocation once per buffer id, and :func:`open_handle` / :func:`close_handle` open a
+peer's handle once per process with a reference count (CUDA maps one handle at most once
+per process: a second ``cudaIpcOpenMemHandle`` fails with "already mapped").
+Stream-ordered pool memory (``cudaMallocAsync``), managed and host memory are not
+exportable; :func:`allocation_of` says so and callers fall back to staging.
 """
 
 from __future__ import annotations
 
+import ctypes
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,6 +39,12 @@ __all__ = [
     "CTRL_BYTES",
     "IpcGroup",
     "SymmetricAlloc",
+    "AllocationInfo",
+    "allocation_of",
+    "export_handle",
+    "open_handle",
+    "close_handle",
+    "mapped",
     "check_ipc",
 ]
 
@@ -54,6 +72,141 @@ def _cupy() -> Any:
 
         return cupy
     return get()
+
+
+class AllocationInfo(NamedTuple):
+    """The device allocation holding a pointer (``cuPointerGetAttributes``).
+
+    Attributes:
+        base: start of the ``cudaMalloc`` allocation (CU_POINTER_ATTRIBUTE_RANGE_START_ADDR).
+        size: its size in bytes (RANGE_SIZE).
+        buffer_id: process-wide unique id of the allocation (BUFFER_ID): never reused,
+            so a freed and re-made allocation at the same address gets a new one.
+        ipc: True if ``cudaIpcGetMemHandle`` can export it (IS_LEGACY_CUDA_IPC_CAPABLE;
+            false for ``cudaMallocAsync`` pools, managed and host memory).
+    """
+
+    base: int
+    size: int
+    buffer_id: int
+    ipc: bool
+
+
+_ATTR_MEMORY_TYPE = 2
+_ATTR_BUFFER_ID = 7
+_ATTR_LEGACY_IPC = 10
+_ATTR_RANGE_START = 11
+_ATTR_RANGE_SIZE = 12
+_MEMORYTYPE_DEVICE = 2
+_DRIVER: list[Any] = []  # [callable or None], loaded once
+
+
+def _pointer_attributes() -> Any:
+    """``cuPointerGetAttributes`` from libcuda through ctypes, or None (ROCm, no driver)."""
+    if not _DRIVER:
+        fn = None
+        for name in ("libcuda.so.1", "libcuda.so"):
+            try:
+                lib = ctypes.CDLL(name)
+                fn = lib.cuPointerGetAttributes
+            except (OSError, AttributeError):
+                continue
+            fn.argtypes = [ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+            fn.restype = ctypes.c_int
+            break
+        _DRIVER.append(fn)
+    return _DRIVER[0]
+
+
+_NATTR = 5
+_ATTR_LIST = (ctypes.c_int * _NATTR)(_ATTR_MEMORY_TYPE, _ATTR_BUFFER_ID, _ATTR_LEGACY_IPC,
+                                     _ATTR_RANGE_START, _ATTR_RANGE_SIZE)
+_ATTR_DATA = (ctypes.c_uint64 * _NATTR)()
+_ATTR_PTRS = (ctypes.c_void_p * _NATTR)(*[ctypes.addressof(_ATTR_DATA) + 8 * i
+                                          for i in range(_NATTR)])
+
+
+def allocation_of(ptr: int) -> AllocationInfo | None:
+    """The device allocation holding ``ptr``, or None if it cannot be found (not device
+    memory, no CUDA driver library, ROCm). One driver call, about a microsecond."""
+    fn = _pointer_attributes()
+    if fn is None or not ptr:
+        return None
+    for i in range(_NATTR):
+        _ATTR_DATA[i] = 0  # attributes narrower than 8 bytes leave the rest untouched
+    if fn(_NATTR, ctypes.addressof(_ATTR_LIST), ctypes.addressof(_ATTR_PTRS), int(ptr)) != 0:
+        return None
+    mtype, bid, legacy, base, size = (int(_ATTR_DATA[i]) for i in range(_NATTR))
+    if mtype & 0xFFFFFFFF != _MEMORYTYPE_DEVICE or not base or not size:
+        return None
+    return AllocationInfo(base, size, bid, bool(legacy & 0xFF))
+
+
+_EXPORTS: OrderedDict[int, bytes] = OrderedDict()  # buffer id -> IPC handle
+_EXPORTS_MAX = 256
+_IMPORTS: dict[bytes, list[int]] = {}  # handle -> [mapped address, references]
+
+
+def export_handle(info: AllocationInfo) -> bytes | None:
+    """The 64-byte IPC handle of an allocation (cached per buffer id), None if not exportable."""
+    if not info.ipc:
+        return None
+    h = _EXPORTS.get(info.buffer_id)
+    if h is None:
+        try:
+            h = bytes(_cupy().cuda.runtime.ipcGetMemHandle(info.base))
+        except Exception:
+            _clear_last_error()
+            return None
+        _EXPORTS[info.buffer_id] = h
+        if len(_EXPORTS) > _EXPORTS_MAX:
+            _EXPORTS.popitem(last=False)
+    else:
+        _EXPORTS.move_to_end(info.buffer_id)
+    return h
+
+
+def open_handle(handle: bytes) -> int | None:
+    """Map a peer's allocation (once per process; counted), its address here or None."""
+    ent = _IMPORTS.get(handle)
+    if ent is None:
+        try:
+            ptr = int(_cupy().cuda.runtime.ipcOpenMemHandle(handle))
+        except Exception:
+            _clear_last_error()
+            return None
+        ent = _IMPORTS[handle] = [ptr, 0]
+    ent[1] += 1
+    return ent[0]
+
+
+def mapped(handle: bytes) -> int | None:
+    """Address of an already opened peer handle in this process, or None."""
+    ent = _IMPORTS.get(handle)
+    return ent[0] if ent is not None else None
+
+
+def close_handle(handle: bytes) -> None:
+    """Drop one reference; unmap when none is left. The caller makes sure that no queued
+    work still touches the mapping (device synchronize)."""
+    ent = _IMPORTS.get(handle)
+    if ent is None:
+        return
+    ent[1] -= 1
+    if ent[1] <= 0:
+        del _IMPORTS[handle]
+        try:
+            _cupy().cuda.runtime.ipcCloseMemHandle(ent[0])
+        except Exception:
+            _clear_last_error()
+
+
+def _clear_last_error() -> None:
+    """Reset the runtime's last error after a failed call we handled (others may check it)."""
+    try:
+        _cupy().cuda.runtime.getLastError()
+    except Exception:
+        pass
 
 
 @dataclass
@@ -207,9 +360,13 @@ class IpcGroup:
         return alloc
 
     def _write_table(self, alloc: SymmetricAlloc) -> None:
+        self.write_row(alloc.index, alloc.peer_ptrs)
+
+    def write_row(self, index: int, bases: list[int]) -> None:
+        """Key table row ``index``: base address of each rank's memory in this process."""
         row = np.zeros(MAX_PEERS, dtype=np.uint64)
-        row[: self.size] = alloc.peer_ptrs
-        dst = self._table_ptr + alloc.index * MAX_PEERS * 8
+        row[: len(bases)] = bases
+        dst = self._table_ptr + index * MAX_PEERS * 8
         with self._cp.cuda.Device(self.device):
             self._cp.cuda.runtime.memcpy(dst, row.ctypes.data, row.nbytes, 1)  # H2D
 

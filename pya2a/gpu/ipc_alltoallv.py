@@ -17,26 +17,44 @@ Example::
     eng = IpcAlltoallv(comm, capacity_bytes=1 << 24)
     recv = eng.alloc_symmetric(nbytes)           # receives in place, no staging copy
     eng.alltoallv(send, sc, sd, recv, rc, rd)    # counts/displs in bytes, numpy int64
+    eng.alltoallv(send, sc, sd, pool_buf, rc, rd, method="ce")  # registered: copies in place
     eng.free()
+
+Receive buffers that are not symmetric (a CuPy pool array, a torch tensor) can be
+*registered* (:meth:`IpcAlltoallv.register_recv`, collective): every rank finds its
+buffer's ``cudaMalloc`` allocation, exports its IPC handle with the offset from the
+allocation base, and opens the peers' handles once (process-wide cache, reference
+counted). Per call only a one-int64 ``Allgather`` (a digest of each rank's buffer identity:
+allocation id, offset, size, rdispls) runs; handles and displacements are all-gathered
+only for a combination of buffers not seen among the last ``KEEP_MAPS``.
+``push`` and ``ce`` then write straight into the peers' buffers (no staging copy).
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 from .ipc import (
     CTRL_BYTES,
+    KEY_SHIFT,
     MAX_CHUNKS,
     MAX_PEERS,
     STAGED,
     IpcGroup,
     SymmetricAlloc,
     _cupy,
+    allocation_of,
     check_ipc,
+    close_handle,
+    export_handle,
+    mapped,
+    open_handle,
 )
 
 __all__ = ["IpcAlltoallv", "METHODS"]
@@ -68,6 +86,7 @@ _ARGS_DTYPE = np.dtype(
         ("ll_slot", np.int64),
         ("self_blocks", np.int64),
         ("ce_sub", np.int64),
+        ("reg_base", np.uint64, (_P,)),
     ]
 )
 _THREADS = 512
@@ -116,10 +135,44 @@ def _counts_key(x: Any) -> bytes:
 
 
 def _buf_key(buf: Any) -> tuple:
-    try:  # CuPy fast path: address, size and layout identify the call
-        return (buf.data.ptr, buf.nbytes, buf.flags.c_contiguous)
-    except AttributeError:
-        return _ptr_nbytes(buf)
+    data = getattr(buf, "data", None)
+    if data is not None and hasattr(data, "ptr"):  # CuPy: address, size and layout
+        return (data.ptr, buf.nbytes, buf.flags.c_contiguous)
+    return _ptr_nbytes(buf)
+
+
+class Registration:
+    """Where every rank's receive buffer is, as agreed by :meth:`IpcAlltoallv.register_recv`.
+
+    Attributes:
+        epoch: increases with every exchange (part of the engine's call cache key).
+        bases: per rank, the base of its receive buffer's allocation in this process
+            (kernel argument ``reg_base``; 0 where not registered).
+        addr: per rank, the address in this process of that rank's receive buffer (its
+            first byte), or None where that rank receives through staging slots.
+        rdispls: per rank, its receive displacements in bytes (as registered).
+        my_key: this rank's kernel key for its receive buffer (``push``), STAGED if none.
+        everyone: True if every rank's receive buffer is reachable (same on every rank).
+        handles: peer handles this registration keeps mapped.
+    """
+
+    __slots__ = ("epoch", "addr", "bases", "rdispls", "my_key", "everyone", "handles", "ident")
+
+    def __init__(self, epoch: int, addr: list, bases: list, rdispls: list, my_key: int,
+                 handles: list, ident: tuple) -> None:
+        self.epoch = epoch
+        self.addr = addr
+        self.bases = bases
+        self.rdispls = rdispls
+        self.my_key = my_key
+        self.everyone = all(a is not None for a in addr)
+        self.handles = handles
+        self.ident = ident
+
+    @property
+    def direct_here(self) -> bool:
+        """This rank's receive buffer is written in place by its peers."""
+        return self.my_key != STAGED
 
 
 def _stream_ptr(cp: Any, stream: Any) -> int:
@@ -134,16 +187,27 @@ def _stream_ptr(cp: Any, stream: Any) -> int:
     raise TypeError(f"IpcAlltoallv: cannot use {type(stream).__name__} as a stream")
 
 
+KEY_REGISTERED = 255  # kernels/ipc_alltoallv.cu: key index of a registered buffer
+
+
+def _in_place() -> Any:
+    from mpi4py import MPI
+
+    return MPI.IN_PLACE
+
+
 class _Call:
     """One packed call: kernel argument block, grid, and copy-engine work."""
 
-    __slots__ = ("args", "params", "grid", "method", "copies", "self_copy", "qvals", "qparams")
+    __slots__ = ("args", "params", "paddr", "grid", "method", "copies", "self_copy", "qvals",
+                 "qparams")
 
     def __init__(self, args: np.ndarray, grid: int, method: str,
                  copies: list[tuple[int, int, int, int, int]],
                  self_copy: tuple[int, int, int]) -> None:
         self.args = args
         self.params = (ctypes.c_void_p * 1)(args.ctypes.data)
+        self.paddr = ctypes.addressof(self.params)
         self.grid = grid
         self.method = method
         self.copies = copies
@@ -157,10 +221,18 @@ class _Call:
 class IpcPlan:
     """A prepared call: arguments packed once, :meth:`run` only launches."""
 
-    def __init__(self, eng: IpcAlltoallv, call: _Call) -> None:
+    def __init__(self, eng: IpcAlltoallv, call: _Call, reg: Registration | None = None) -> None:
         self._eng = eng
         self._call = call
         self.method = call.method
+        self._reg = reg  # keeps the peers' mappings it writes into open
+        if reg is not None:
+            eng._pin(reg, 1)
+
+    def __del__(self) -> None:
+        reg = getattr(self, "_reg", None)
+        if reg is not None:
+            self._eng._pin(reg, -1)
 
     def run(self, *, stream: Any = None) -> None:
         """Launch the exchange on ``stream`` (default: current stream); no host sync."""
@@ -189,6 +261,12 @@ class IpcAlltoallv:
     # Method thresholds in bytes per pair, measured on 4 x H200 (docs/gpu-ipc.md).
     LL_UPTO = 256 * 1024
     CE_FROM = 32 * 1024 * 1024
+    # From this size on an eager call registers its receive buffer (a ~5 us host
+    # collective per call, noise next to the transfer) so peers write in place.
+    DIRECT_FROM = 4 * 1024 * 1024
+    # Registrations (combinations of every rank's receive buffer) kept, LRU; their peer
+    # mappings stay open, older ones are closed unless a plan uses them.
+    KEEP_MAPS = 8
 
     @staticmethod
     def available(comm: Any, *, device: int | None = None) -> tuple[bool, str]:
@@ -245,6 +323,13 @@ class IpcAlltoallv:
         self.ll_min_chunk = int(ll_min_chunk)
         self.ll_off = CTRL_BYTES + p * self.slot_bytes
         self.heap = self.group.allocate(self.ll_off + 2 * p * self.ll_slot)
+        # LL lines carry call numbers >= 1: zeroed buffers never match a stale tag
+        with cp.cuda.Device(self.device):
+            cp.cuda.runtime.memset(self.heap.ptr + self.ll_off, 0, 2 * p * self.ll_slot)
+            cp.cuda.runtime.deviceSynchronize()
+        self.group.comm.Barrier()
+        self._launchk = cp.cuda.driver.launchKernel
+        self._getdev = cp.cuda.runtime.getDevice
         self._template = np.zeros((), dtype=_ARGS_DTYPE)
         t = self._template
         t["ctrl"] = self.heap.ptr
@@ -257,6 +342,12 @@ class IpcAlltoallv:
         t["ll_off"] = self.ll_off
         t["ll_slot"] = self.ll_slot
         self._cache: dict[tuple, _Call] = {}
+        # registered receive buffers (register_recv)
+        self._reg: Registration | None = None
+        self._epoch = 0
+        self._maps: OrderedDict[bytes, int] = OrderedDict()  # handle -> pins by plans
+        self._regs: OrderedDict[bytes, Registration] = OrderedDict()
+        self._digests = np.zeros(p, dtype=np.int64)
         # sub-copies per staged block on the copy-engine path (same on every rank);
         # 4 measured no faster at 256 MiB and slower below (bench/results, run 5)
         self.ce_sub = max(1, min(int(ce_sub), self.max_chunks))
@@ -281,24 +372,141 @@ class IpcAlltoallv:
         return self.group.find(ptr, n)
 
     @classmethod
-    def choose(cls, max_bytes_per_pair: int, *, inplace_plan: bool = False) -> str:
+    def choose(cls, max_bytes_per_pair: int, *, inplace_plan: bool = False,
+               direct: bool = False) -> str:
         """Method for a call whose largest block is ``max_bytes_per_pair`` bytes.
 
-        Pass a value that is the same on every rank (e.g. all-reduced max), so that
+        Pass values that are the same on every rank (e.g. all-reduced max), so that
         every rank picks the same method. ``inplace_plan``: the call runs through
-        :meth:`plan` with symmetric receive buffers on every rank (then large blocks go
-        by copy engines straight into place).
+        :meth:`plan` with symmetric receive buffers on every rank; ``direct``: every
+        rank's receive buffer is registered (:attr:`Registration.everyone`). Either way
+        large blocks go by copy engines straight into place.
         """
         if max_bytes_per_pair <= cls.LL_UPTO:
             return "ll"
-        if inplace_plan and max_bytes_per_pair >= cls.CE_FROM:
+        if (inplace_plan or direct) and max_bytes_per_pair >= cls.CE_FROM:
             return "ce"
         return "push"
+
+    # ------------------------------------------------------------ registration
+    def _ident(self, rptr: int, rn: int, rdispls: Any) -> tuple:
+        sym = self.group.find(rptr, rn)
+        d = _counts_key(rdispls)
+        if sym is not None:
+            return ("s", sym.index, rptr - sym.ptr, rn, d)
+        info = allocation_of(rptr)
+        if info is None or not info.ipc or rptr + rn > info.base + info.size:
+            return ("n", rptr, rn, d)
+        return ("u", info.buffer_id, info.base, info.size, rptr - info.base, rn, d)
+
+    def register_recv(self, recvbuf: Any, rdispls: Any) -> Registration:
+        """Collective: agree where every rank's receive buffer is, so peers write in place.
+
+        Every rank passes its own receive buffer and displacements (bytes). A buffer in
+        symmetric memory needs nothing more; any other device buffer whose allocation
+        CUDA IPC can export (``cudaMalloc``, the CuPy pool, torch) is exported as
+        (handle, offset from the allocation base) and opened by the peers once.
+        Buffers that cannot be exported (``cudaMallocAsync`` pools, managed memory)
+        stay staged, for that rank only. Cost when the combination of buffers was seen
+        recently: one driver query and a one-int64 ``Allgather``.
+        """
+        if self._freed:
+            raise ValueError("IpcAlltoallv: used after free()")
+        rptr, rn = _ptr_nbytes(recvbuf)
+        ident = self._ident(rptr, rn, rdispls)
+        me, p = self.rank, self.size
+        # one int64 per rank: a digest of its buffer identity; the gathered vector names
+        # the combination, so ranks alternating between buffers hit the cache too
+        self._digests[me] = int.from_bytes(
+            hashlib.blake2b(repr(ident).encode(), digest_size=8).digest(), "little", signed=True)
+        comm = self.group.comm
+        comm.Allgather(_in_place(), self._digests)
+        combo = self._digests.tobytes()
+        reg = self._regs.get(combo)
+        if reg is not None:  # every rank's digest as cached: every rank hits, same buffers
+            self._regs.move_to_end(combo)
+            self._reg = reg
+            return reg
+        handle = export_handle(allocation_of(rptr)) if ident[0] == "u" else None  # type: ignore[arg-type]
+        kind = ident[0] if ident[0] != "u" or handle is not None else "n"
+        if kind == "s":
+            mine: tuple = ("s", ident[1], ident[2], [int(x) for x in np.asarray(rdispls)])
+        elif kind == "u":
+            mine = ("u", handle, ident[4], [int(x) for x in np.asarray(rdispls)])
+        else:
+            mine = ("n", None, 0, [int(x) for x in np.asarray(rdispls)])
+        allv = comm.allgather(mine)
+        addr: list = [None] * p
+        bases: list[int] = [0] * p
+        handles: list[bytes] = []
+        failed: list[int] = []
+        for r, (k, h, off, _d) in enumerate(allv):
+            if k == "s":
+                base = self.group.allocs[h].peer_ptrs[r]
+            elif k == "u" and r == me:
+                base = rptr - off
+            elif k == "u":
+                q = self._open(h)
+                if q is None:
+                    failed.append(r)
+                    continue
+                handles.append(h)
+                base = q
+            else:
+                continue
+            bases[r] = base
+            addr[r] = base + off
+        # a receiver is written in place only if every sender could map it
+        bad = set().union(*comm.allgather(failed))
+        for r in bad:
+            addr[r] = None
+        for r in bad:
+            bases[r] = 0
+        if addr[me] is None:
+            my_key = STAGED
+        elif kind == "s":
+            my_key = (ident[1] << KEY_SHIFT) | ident[2]
+        else:  # peers find my allocation's base in their kernel arguments (reg_base)
+            my_key = (KEY_REGISTERED << KEY_SHIFT) | ident[4]
+        self._epoch += 1
+        reg = Registration(self._epoch, addr, bases, [d for _k, _h, _o, d in allv], my_key,
+                           handles, ident)
+        self._reg = reg
+        self._regs[combo] = reg
+        if len(self._regs) > self.KEEP_MAPS:
+            self._regs.popitem(last=False)
+        self._evict()
+        return reg
+
+    def _open(self, handle: bytes) -> int | None:
+        if handle in self._maps:
+            self._maps.move_to_end(handle)
+            return mapped(handle)
+        q = open_handle(handle)
+        if q is not None:
+            self._maps[handle] = 0
+        return q
+
+    def _pin(self, reg: Registration, d: int) -> None:
+        for h in reg.handles:
+            if h in self._maps:
+                self._maps[h] += d
+
+    def _evict(self) -> None:
+        """Unmap peer buffers that no cached registration and no plan uses any more."""
+        used = {h for reg in self._regs.values() for h in reg.handles}
+        spare = [h for h, pins in self._maps.items() if pins <= 0 and h not in used]
+        if not spare:
+            return
+        self._cp.cuda.runtime.deviceSynchronize()  # nothing queued may still write there
+        for h in spare:
+            del self._maps[h]
+            close_handle(h)
 
     # ------------------------------------------------------------------ calls
     def _pack(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
               recvcounts: Any, rdispls: Any, method: str,
-              remote: list | None = None) -> _Call:
+              reg: Registration | None = None) -> _Call:
         if self._freed:
             raise ValueError("IpcAlltoallv: used after free()")
         if method not in METHODS:
@@ -345,13 +553,17 @@ class IpcAlltoallv:
             a["my_key"] = alloc.key(sptr)
             a["mode"] = 1
         elif method == "push":
-            alloc = self.group.find(rptr, rn)
-            a["my_key"] = alloc.key(rptr) if alloc is not None else STAGED
-            if alloc is None:
+            if reg is not None:
+                a["my_key"] = reg.my_key
+                a["reg_base"][:p] = reg.bases
+            else:
+                alloc = self.group.find(rptr, rn)
+                a["my_key"] = alloc.key(rptr) if alloc is not None else STAGED
+            if a["my_key"] == STAGED:
                 self._check_slots(rc)
-        else:  # ce: copy engines into the receivers' staging slots or symmetric buffers
-            staged_here = remote is None or remote[me][0] is None
-            a["my_key"] = STAGED if staged_here else remote[me][0]
+        else:  # ce: copy engines into the receivers' staging slots or their own buffers
+            staged_here = reg is None or reg.addr[me] is None
+            a["my_key"] = STAGED if staged_here else 0
             if staged_here:
                 self._check_slots(rc)
             a["ce_sub"] = self.ce_sub
@@ -360,15 +572,13 @@ class IpcAlltoallv:
                 n = int(sc[dst])
                 if not n:
                     continue
-                if remote is None or remote[dst][0] is None:
+                if reg is None or reg.addr[dst] is None:
                     if n > self.slot_bytes:
                         self._check_slots(sc)
                     base = self.heap.peer_ptrs[dst] + CTRL_BYTES + me * self.slot_bytes
                     nsub = self.ce_sub  # staged at dst: split so dst copies out early
-                else:
-                    key, rdispls_dst = remote[dst]
-                    alloc = self.group.allocs[key >> 56]
-                    base = alloc.peer_ptrs[dst] + (key & ((1 << 56) - 1)) + rdispls_dst[me]
+                else:  # straight into dst's receive buffer, at dst's rdispls[me]
+                    base = reg.addr[dst] + reg.rdispls[dst][me]
                     nsub = 1
                 sub = (-(-n // nsub) + 255) // 256 * 256
                 for j in range(nsub):
@@ -396,16 +606,16 @@ class IpcAlltoallv:
                 "use a symmetric receive buffer or a larger capacity")
 
     def _launch(self, call: _Call, stream: int) -> None:
-        cp = self._cp
-        rt = cp.cuda.runtime
-        if rt.getDevice() != self.device:
-            with cp.cuda.Device(self.device):
+        if self._getdev() != self.device:
+            with self._cp.cuda.Device(self.device):
                 return self._launch(call, stream)
-        launch = cp.cuda.driver.launchKernel
-        params = ctypes.addressof(call.params)
-        if call.method != "ce":
+        launch = self._launchk
+        params = call.paddr
+        if call.method != "ce":  # the common path: one launch, nothing else
             launch(self._fn[call.method], call.grid, 1, 1, _THREADS, 1, 1, 0, stream, params, 0)
             return
+        cp = self._cp
+        rt = cp.cuda.runtime
         launch(self._fn["pre"], 1, 1, 1, 32, 1, 1, 0, stream, params, 0)
         rt.eventRecord(self._ev_fork.ptr, stream)
         # Peer copies go in phase order q = 1..p-1 (rank me -> me+q) on one stream:
@@ -434,7 +644,8 @@ class IpcAlltoallv:
 
     def alltoallv(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
                   recvcounts: Any, rdispls: Any, *, stream: Any = None,
-                  method: str = "push") -> None:
+                  method: str = "push", direct: bool | None = None,
+                  registration: Registration | None = None) -> None:
         """Exchange blocks between all ranks; stream-ordered, returns without host sync.
 
         Args:
@@ -443,8 +654,9 @@ class IpcAlltoallv:
             sendcounts, sdispls: host int64 arrays of length ``size``, in BYTES:
                 block for rank ``j`` is ``sendbuf[sdispls[j] : sdispls[j] + sendcounts[j]]``.
             recvbuf: like ``sendbuf``; must not overlap it. For ``push``, if it lies in
-                memory from :meth:`alloc_symmetric`, peers write into it directly;
-                otherwise they write into staging slots and this rank copies them out.
+                memory from :meth:`alloc_symmetric` or is registered (``direct``),
+                peers write into it directly; otherwise they write into staging slots
+                and this rank copies them out.
             recvcounts, rdispls: as above for the receive side; ``recvcounts[i]`` here
                 must equal ``sendcounts[me]`` on rank ``i`` (not checked: a mismatch
                 hangs or truncates).
@@ -453,18 +665,32 @@ class IpcAlltoallv:
             method: ``"ll"`` (small blocks, up to ``ll_bytes``: data and flag in one
                 8-byte store, staged), ``"push"`` (SM stores into peers), ``"pull"``
                 (SM loads from peers; sendbuf must be symmetric) or ``"ce"`` (copy
-                engines into the peers' staging slots). Must be the same on every rank
-                for one call; :meth:`choose` picks one from a global size.
+                engines). Must be the same on every rank for one call; :meth:`choose`
+                picks one from a global size.
+            direct: ``push``/``ce`` only: register ``recvbuf`` (:meth:`register_recv`,
+                collective: a one-int64 Allgather per call, an all-gather of handles
+                when a buffer changed) so that peers write straight into it. Default: True for
+                ``ce``, False otherwise. Must be the same on every rank.
+            registration: the result of this call's :meth:`register_recv` on the same
+                ``recvbuf`` and ``rdispls``, when the caller registered already.
 
-        Packed arguments are cached per (buffers, counts, displacements, method), so a
-        repeated call costs about as little host time as :meth:`plan`.
+        Packed arguments are cached per (buffers, counts, displacements, method,
+        registration), so a repeated call costs about as little host time as :meth:`plan`.
         """
+        reg = registration
+        if reg is None and method in ("push", "ce") and (direct or (direct is None
+                                                                    and method == "ce")):
+            reg = self.register_recv(recvbuf, rdispls)
         key = (method, _buf_key(sendbuf), _buf_key(recvbuf), _counts_key(sendcounts),
-               _counts_key(sdispls), _counts_key(recvcounts), _counts_key(rdispls))
+               _counts_key(sdispls), _counts_key(recvcounts), _counts_key(rdispls),
+               reg.epoch if reg is not None else 0)
         call = self._cache.get(key)
         if call is None:
+            if reg is not None and method == "ce" and reg.rdispls[self.rank] != [
+                    int(x) for x in np.asarray(rdispls)]:
+                raise ValueError("IpcAlltoallv: registration made with other rdispls")
             call = self._pack(sendbuf, sendcounts, sdispls, recvbuf, recvcounts, rdispls,
-                              method)
+                              method, reg)
             if len(self._cache) >= 256:
                 self._cache.clear()
             self._cache[key] = call
@@ -476,19 +702,14 @@ class IpcAlltoallv:
 
         Same arguments as :meth:`alltoallv`; the buffers are bound by address, so their
         contents may change between runs but not their location. Collective when
-        ``method == "ce"``: the ranks exchange where their receive buffers are, so the
-        copy engines write straight into symmetric receive buffers (no staging copy).
+        ``method == "ce"``: the ranks register their receive buffers
+        (:meth:`register_recv`), so the copy engines write straight into them (symmetric
+        or any exportable device buffer; the plan keeps the peers' mappings open).
         """
-        remote = None
-        if method == "ce":
-            rptr, rn = _ptr_nbytes(recvbuf)
-            alloc = self.group.find(rptr, rn)
-            mine = (alloc.key(rptr) if alloc is not None else None,
-                    [int(x) for x in np.asarray(rdispls, dtype=np.int64)])
-            remote = self.group.comm.allgather(mine)
+        reg = self.register_recv(recvbuf, rdispls) if method == "ce" else None
         call = self._pack(sendbuf, sendcounts, sdispls, recvbuf, recvcounts, rdispls, method,
-                          remote)
-        return IpcPlan(self, call)
+                          reg)
+        return IpcPlan(self, call, reg)
 
     def free(self) -> None:
         """Collective: release symmetric memory and peer mappings. Idempotent."""
@@ -496,4 +717,12 @@ class IpcAlltoallv:
             return
         self._freed = True
         self._cache.clear()
+        if self._maps:
+            with self._cp.cuda.Device(self.device):
+                self._cp.cuda.runtime.deviceSynchronize()
+            for h in self._maps:
+                close_handle(h)
+            self._maps.clear()
+        self._reg = None
+        self._regs.clear()
         self.group.free()
