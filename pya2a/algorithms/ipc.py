@@ -102,6 +102,14 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     need = max(int(need), 1)
     direct = need >= IpcAlltoallv.DIRECT_FROM  # global: every rank registers, or none
     eng = _engine(ctx.comm, int(recv.device), 1 if direct else need)
+    # A one-shot call's context lives as long as its agreed decision (api._Decision), whose
+    # specs are fixed: the same engine and buffers repeat the packed call (small sizes,
+    # where the host time is the call's time).
+    memo = ctx.options.get("_ipc_last")
+    if memo is not None and memo[0] is eng and send is not None and \
+            memo[1] == send.addr and memo[2] == recv.addr:
+        eng.launch(memo[3])
+        return
     rbuf = _Raw(recv.addr, recv.nbytes)
     reg = None
     if direct:
@@ -120,8 +128,10 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
         sbuf, scounts, sdispls = keep, recv.bcounts, recv.bdispls
     else:
         sbuf, scounts, sdispls = _Raw(send.addr, send.nbytes), send.bcounts, send.bdispls
-    eng.alltoallv(sbuf, scounts, sdispls, rbuf, recv.bcounts, recv.bdispls, method=method,
-                  registration=reg if method in ("push", "ce") else None)
+    call = eng.alltoallv(sbuf, scounts, sdispls, rbuf, recv.bcounts, recv.bdispls,
+                         method=method, registration=reg if method in ("push", "ce") else None)
+    if not direct and send is not None:  # registration (direct) is collective every call
+        ctx.options["_ipc_last"] = (eng, send.addr, recv.addr, call)
     del keep  # stream-ordered: CuPy's pool reuses it only after work queued before now
 
 

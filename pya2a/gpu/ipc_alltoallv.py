@@ -645,7 +645,7 @@ class IpcAlltoallv:
     def alltoallv(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
                   recvcounts: Any, rdispls: Any, *, stream: Any = None,
                   method: str = "push", direct: bool | None = None,
-                  registration: Registration | None = None) -> None:
+                  registration: Registration | None = None) -> _Call:
         """Exchange blocks between all ranks; stream-ordered, returns without host sync.
 
         Args:
@@ -676,6 +676,7 @@ class IpcAlltoallv:
 
         Packed arguments are cached per (buffers, counts, displacements, method,
         registration), so a repeated call costs about as little host time as :meth:`plan`.
+        Returns the packed call, which :meth:`launch` repeats without any of that lookup.
         """
         reg = registration
         if reg is None and method in ("push", "ce") and (direct or (direct is None
@@ -694,6 +695,13 @@ class IpcAlltoallv:
             if len(self._cache) >= 256:
                 self._cache.clear()
             self._cache[key] = call
+        self._launch(call, _stream_ptr(self._cp, stream))
+        return call
+
+    def launch(self, call: _Call, stream: Any = None) -> None:
+        """Repeat a call returned by :meth:`alltoallv` (same buffers, counts, method)."""
+        if self._freed:
+            raise ValueError("IpcAlltoallv: used after free()")
         self._launch(call, _stream_ptr(self._cp, stream))
 
     def plan(self, sendbuf: Any, sendcounts: Any, sdispls: Any, recvbuf: Any,
