@@ -139,6 +139,7 @@ def _load_builtin() -> None:
         ipc,
         mesh,
         native,
+        padded,
         pairwise,
         ring,
     )
