@@ -21,7 +21,9 @@ other than ``native`` is only chosen when predicted faster than ``native`` by th
 
 ``m`` is the *busiest* rank's bytes per peer, ``max(send or receive bytes of one rank) / p``:
 an exchange ends when its busiest rank is done, so a skewed or hot exchange is priced like a
-uniform one of the busiest rank's size.
+uniform one of the busiest rank's size. An algorithm may name another size
+(``AlgorithmInfo.model_m``): ``padded`` carries every block in a slot of the largest block,
+so it is priced, model and correction alike, at ``max_block``.
 
 Tuning table: ``PYA2A_TUNING=path``, else ``$XDG_CACHE_HOME/pya2a/tuning.json`` (default
 ``~/.cache/pya2a/tuning.json``), else the built-in :data:`DEFAULT_TABLE`; docs/selection.md
@@ -252,7 +254,13 @@ def _interp_loglog(xs: list[float], ys: list[float], x: float) -> float:
     return ys[-1]  # pragma: no cover
 
 
-def _correction(table: dict, name: str, stats: Stats) -> tuple[float, dict | None]:
+def _model_m(info: algorithms.AlgorithmInfo, stats: Stats) -> float:
+    """Bytes per peer at which ``info``'s model and correction are read (AlgorithmInfo.model_m)."""
+    return stats.m_eff if info.model_m is None else float(info.model_m(stats))
+
+
+def _correction(table: dict, name: str, stats: Stats,
+                m: float | None = None) -> tuple[float, dict | None]:
     best = None
     for c in table["corrections"]:
         if c["algorithm"] != name or c["device"] != stats.device:
@@ -267,15 +275,17 @@ def _correction(table: dict, name: str, stats: Stats) -> tuple[float, dict | Non
     if best is None:
         return 1.0, None
     c = best[1]
-    return _interp_loglog(c["m"], c["ratio"], max(stats.m_eff, 1.0)), c
+    m = stats.m_eff if m is None else m
+    return _interp_loglog(c["m"], c["ratio"], max(m, 1.0)), c
 
 
 def predict(name: str, stats: Stats, table: dict | None = None) -> float:
     """Predicted seconds of algorithm ``name`` for the exchange described by ``stats``."""
     table = load_table() if table is None else table
     info = algorithms.get(name)
-    model = info.cost(stats.p, stats.m_eff, table["params"])
-    ratio, _ = _correction(table, name, stats)
+    m = _model_m(info, stats)
+    model = info.cost(stats.p, m, table["params"])
+    ratio, _ = _correction(table, name, stats, m)
     return ratio * model
 
 
@@ -291,8 +301,9 @@ def ranking(stats: Stats, candidates: list[str], table: dict | None = None) -> l
     rows = []
     for i, name in enumerate(candidates):
         info = algorithms.get(name)
-        model = info.cost(stats.p, stats.m_eff, table["params"])
-        ratio, c = _correction(table, name, stats)
+        m = _model_m(info, stats)
+        model = info.cost(stats.p, m, table["params"])
+        ratio, c = _correction(table, name, stats, m)
         rows.append({"algorithm": name, "predicted_s": ratio * model, "model_s": model,
                      "correction": ratio, "tuned_p": c["p"] if c else None, "_i": i})
     rows.sort(key=lambda r: (r["predicted_s"], r["_i"]))

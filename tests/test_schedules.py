@@ -280,9 +280,12 @@ class _Comm:
         return _Req(land)
 
     def Alltoall(self, sendbuf, recvbuf) -> None:  # noqa: N802
-        self.net.slots[self.rank] = np.array(sendbuf, copy=True)
+        # arrays of p elements (ring's counts) or [bytes, MPI.BYTE] messages (padded)
+        p = self.net.p
+        self.net.slots[self.rank] = _bytes_of(sendbuf).reshape(p, -1).copy()
         self.net.barrier.wait()
-        recvbuf[...] = [self.net.slots[s][self.rank] for s in range(self.net.p)]
+        _bytes_of(recvbuf).reshape(p, -1)[...] = [self.net.slots[s][self.rank]
+                                                  for s in range(p)]
         self.net.barrier.wait()
 
 
@@ -355,12 +358,25 @@ SIM_PS = list(range(1, 41)) + [45, 48, 53, 61, 63, 64]
 
 
 @pytest.mark.parametrize("p", SIM_PS)
-@pytest.mark.parametrize("name", ["ring", "mesh", "hypercube"])
+@pytest.mark.parametrize("name", ["ring", "mesh", "hypercube", "padded"])
 def test_run_on_a_simulated_network(name, p):
-    simulate_run(name, _sim_counts(p, 1))
+    c = _sim_counts(p, 1)
+    # padded's slot size is a global value, from the agreement record in real calls
+    simulate_run(name, c, {"max_block": int(c.max()) * 8} if name == "padded" else None)
 
 
 @pytest.mark.parametrize("p", [6, 12, 16, 30, 36])
 def test_mesh_run_on_a_simulated_network_every_grid(p):
     for grid in _divisor_grids(p):
         simulate_run("mesh", _sim_counts(p, 2), {"grid": grid})
+
+
+@pytest.mark.parametrize("p", [2, 3, 8, 17])
+def test_padded_in_rounds_on_a_simulated_network(monkeypatch, p):
+    """Scratch above the limit: the slots move in rounds of SCRATCH_LIMIT // p bytes."""
+    from pya2a.algorithms import padded
+
+    monkeypatch.setattr(padded, "SCRATCH_LIMIT", 16 * p)
+    c = _sim_counts(p, 3)
+    assert padded.chunking(p, int(c.max()) * 8)[1] > 1
+    simulate_run("padded", c, {"max_block": int(c.max()) * 8})

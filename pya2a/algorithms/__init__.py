@@ -73,6 +73,11 @@ class AlgorithmInfo:
             these two buffers once (persistent requests, precomputed views) for plans;
             ``ctx.options["persistent_collective"]`` allows a collective init (native's
             ``Alltoallv_init``). None (or a None result) means plans call ``run`` each time.
+        model_m: optional ``model_m(stats) -> bytes``: the bytes per peer at which the
+            selector evaluates ``cost`` and the measured correction, from the global
+            :class:`pya2a.select.Stats`. None: ``stats.m_eff`` (the busiest rank's bytes / p).
+            ``padded`` moves every block in a slot of the largest one, so it is priced at
+            ``max_block``.
     """
 
     name: str
@@ -85,6 +90,7 @@ class AlgorithmInfo:
     needs_contiguous: bool = True
     doc: str = ""
     prepare: Callable[[VSpec | None, VSpec, Context], Bound | None] | None = None
+    model_m: Callable[[Any], float] | None = None
 
 
 _REGISTRY: dict[str, AlgorithmInfo] = {}
@@ -133,6 +139,7 @@ def _load_builtin() -> None:
         ipc,
         mesh,
         native,
+        padded,
         pairwise,
         ring,
     )

@@ -1,0 +1,259 @@
+"""``padded``: every block in a slot of the largest block, one ``MPI_Alltoall``.
+
+MPI libraries give ``MPI_Alltoall`` (one size for every block) algorithms in C that they do
+not use for ``MPI_Alltoallv``: MPICH runs Bruck's ceil(log2 p) rounds below 256 B per block
+(from 8 ranks on), Open MPI's tuned component does the same for small blocks, while both
+post p-1 point-to-point messages for ``Alltoallv``. ``padded`` turns any Alltoallv into an
+Alltoall: S = the largest block of the whole exchange (the same on every rank: it comes from
+the agreement record, ``ctx.options["max_block"]``, or a plan's all-gathered counts), every
+send block is copied into slot j of a p*S scratch buffer (one ``_pack.pack`` call), one
+``MPI_Alltoall`` of S bytes per peer moves all slots, and the received slots are copied to
+their places in the receive buffer (one more ``_pack.pack``). Padding bytes cross the wire
+but are never read.
+
+When every block of this rank is exactly S bytes and both layouts are packed (the uniform
+Alltoall case) the user's buffers go to ``MPI_Alltoall`` directly, with no copy. That choice
+is local: every rank still makes the same call (an Alltoall of S bytes per peer), only with
+different buffers. Exchanges whose scratch would exceed :data:`SCRATCH_LIMIT` per side move
+in rounds of ``C = SCRATCH_LIMIT // p`` bytes per slot (round k carries bytes
+``[k C, (k+1) C)`` of every block): p*S can be large when one block is (the cost model keeps
+``auto`` away from those exchanges; an explicit request must still work).
+
+Plans bind the scratch buffers and offset arrays once per buffer pair; ``Plan.bind`` (every
+rank binds at the same point) makes the persistent ``MPI_Alltoall_init`` where the library
+has it (MPI 4). Host buffers only: the device transports have no collective primitive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from mpi4py import MPI
+
+from .. import _pack
+from ..bufspec import VSpec
+from . import AlgorithmInfo, Bound, Context, register
+from ._common import sides
+
+__all__ = ["run", "cost", "prepare", "model_m", "chunking", "SCRATCH_LIMIT", "BRUCK_MAX",
+           "BRUCK_MIN_P"]
+
+# Per-destination bytes up to which MPICH's MPI_Alltoall runs Bruck's algorithm
+# (MPIR_CVAR_ALLTOALL_SHORT_MSG_SIZE), and the smallest communicator it does so for.
+BRUCK_MAX = 256
+BRUCK_MIN_P = 8
+# Bytes of scratch per side (send slots, receive slots) above which the exchange moves in
+# rounds of SCRATCH_LIMIT // p bytes per slot.
+SCRATCH_LIMIT = 32 << 20
+
+
+def chunking(p: int, slot: int) -> tuple[int, int]:
+    """(bytes per slot and round, rounds) for p ranks and a largest block of ``slot`` bytes.
+
+    The same on every rank (a function of global values only). No rounds when ``slot`` is 0.
+    """
+    if slot <= 0 or p <= 0:
+        return 0, 0
+    chunk = slot if p * slot <= SCRATCH_LIMIT else max(1, SCRATCH_LIMIT // p)
+    return chunk, -(-slot // chunk)
+
+
+def _dense(counts: np.ndarray, displs: np.ndarray, slot: int) -> bool:
+    """Every block is ``slot`` bytes and block j starts ``j * slot`` after block 0."""
+    if not counts.size:
+        return True
+    d0 = int(displs[0])
+    return bool((counts == slot).all() and
+                (displs == d0 + slot * np.arange(counts.size, dtype=np.int64)).all())
+
+
+class _Exchange:
+    """One padded exchange bound to two byte buffers: offsets, scratch, MPI arguments."""
+
+    def __init__(self, comm: MPI.Intracomm, p: int, slot: int, sb: np.ndarray | None,
+                 sc: np.ndarray, sd: np.ndarray, rb: np.ndarray, rc: np.ndarray,
+                 rd: np.ndarray, persistent: bool = False) -> None:
+        self.comm = comm
+        self.rb = rb
+        self.req: MPI.Prequest | None = None
+        chunk, rounds = chunking(p, slot)
+        self.rounds = rounds
+        if rounds and int(rc.max()) > slot:
+            j = int(np.argmax(rc > slot))
+            raise ValueError(f"padded: receive block from rank {j} is {int(rc[j])} bytes, "
+                             f"larger than any block sent ({slot}); send and receive counts "
+                             f"do not match")
+        in_place = sb is None
+        self.direct = rounds == 1 and not in_place and _dense(sc, sd, slot) and \
+            _dense(rc, rd, slot)
+        if not rounds:
+            self.steps: list = []
+            return
+        if self.direct:  # the user's buffers as they are
+            s0, r0 = int(sd[0]), int(rd[0])
+            smsg = [sb[s0:s0 + p * slot], MPI.BYTE]
+            rmsg = [rb[r0:r0 + p * slot], MPI.BYTE]
+            self.steps = []
+            self.msgs = (smsg, rmsg)
+        else:
+            src = rb if in_place else sb
+            self.sbuf = np.zeros(p * chunk, dtype=np.uint8)
+            self.rbuf = np.zeros(p * chunk, dtype=np.uint8)
+            slots = np.arange(p, dtype=np.int64) * chunk
+            steps = []
+            for k in range(rounds):  # a few rounds at most; vector work inside each
+                a = k * chunk
+                sl = np.clip(sc - a, 0, chunk).astype(np.int64)
+                rl = np.clip(rc - a, 0, chunk).astype(np.int64)
+                so = np.where(sl > 0, sd + a, 0).astype(np.int64)  # empty: any offset in
+                ro = np.where(rl > 0, rd + a, 0).astype(np.int64)  # bounds will do
+                steps.append(((src, so, sl) if sl.any() else None,
+                              (ro, rl) if rl.any() else None))
+            self.steps = steps
+            self.slots = slots
+            self.msgs = ([self.sbuf, MPI.BYTE], [self.rbuf, MPI.BYTE])
+        if persistent:
+            init = getattr(comm, "Alltoall_init", None)
+            if init is not None and MPI.Get_version() >= (4, 0):
+                self.req = init(*self.msgs)
+
+    def run(self) -> None:
+        """One exchange: pack the slots, Alltoall per round, unpack the slots."""
+        if not self.rounds:
+            return
+        req = self.req
+        if self.direct:
+            if req is not None:
+                req.Start()
+                req.Wait()
+            else:
+                self.comm.Alltoall(*self.msgs)
+            return
+        pack, slots, sbuf, rbuf = _pack.pack, self.slots, self.sbuf, self.rbuf
+        smsg, rmsg = self.msgs
+        for out, back in self.steps:
+            if out is not None:
+                pack(out[0], out[1], out[2], sbuf, slots)
+            if req is not None:
+                req.Start()
+                req.Wait()
+            else:
+                self.comm.Alltoall(smsg, rmsg)
+            if back is not None:
+                pack(rbuf, slots, back[1], self.rb, back[0])
+
+    def free(self) -> None:
+        """Release the persistent request, if any (local)."""
+        if self.req is not None:
+            if self.req:
+                self.req.Free()
+            self.req = None
+
+
+def _slot(send: VSpec | None, recv: VSpec, ctx: Context) -> int | None:
+    """The global largest block in bytes, when it is known without communication."""
+    if ctx.kind == "alltoall":  # one size for every block of every rank (matching signatures)
+        return int(recv.bcounts[0]) if recv.counts.size else 0
+    mb = ctx.options.get("max_block")
+    return None if mb is None else int(mb)
+
+
+def _build(send: VSpec | None, recv: VSpec, ctx: Context, slot: int,
+           persistent: bool = False) -> _Exchange:
+    t = ctx.transport
+    rb = t.buffer(recv)
+    rc, rd = recv.bcounts, recv.bdispls
+    if send is None or ctx.in_place:
+        sb, sc, sd = None, rc, rd
+    else:
+        sb, sc, sd = t.buffer(send), send.bcounts, send.bdispls
+    return _Exchange(ctx.comm, ctx.size, slot, sb, sc, sd, rb, rc, rd, persistent)
+
+
+def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
+    """Pad every block to the global largest one and call ``MPI_Alltoall`` (see module doc).
+
+    Without ``ctx.options["max_block"]`` (an Alltoallv whose caller did not pass it) the
+    largest block is found with one ``Allreduce``: every rank runs this same code for the
+    call, so every rank makes that extra collective.
+    """
+    if ctx.transport.device is not None:
+        raise TypeError("padded: host buffers only")
+    slot = _slot(send, recv, ctx)
+    if slot is None:
+        mine = max(int(recv.bcounts.max()) if recv.counts.size else 0,
+                   int(send.bcounts.max()) if send is not None and send.counts.size else 0)
+        slot = int(ctx.comm.allreduce(mine, op=MPI.MAX))
+    if ctx.size == 1:
+        t = ctx.transport
+        if send is not None and not ctx.in_place:
+            _common_self_copy(t, send, recv)
+        return
+    _build(send, recv, ctx, slot).run()
+
+
+def _common_self_copy(t, send: VSpec, recv: VSpec) -> None:
+    s = sides(send, recv, t)
+    t.copy(s.rb, int(s.rd[0]), s.sb, int(s.sd[0]), int(s.rc[0]))
+
+
+def prepare(send: VSpec | None, recv: VSpec, ctx: Context) -> Bound | None:
+    """Bind scratch, offsets and MPI arguments to these buffers once (plans).
+
+    With ``ctx.options["persistent_collective"]`` (``Plan.bind``: every rank binds at the
+    same point) the Alltoall is a persistent ``MPI_Alltoall_init`` request on MPI 4. Returns
+    None (plans then call :func:`run`) for device buffers, or when the global largest block
+    is not known here.
+    """
+    if ctx.transport.device is not None:
+        return None
+    slot = _slot(send, recv, ctx)
+    if slot is None:
+        return None
+    if ctx.size == 1:
+        if send is None or ctx.in_place:
+            return Bound(run=lambda: None)
+        t = ctx.transport
+        return Bound(run=lambda: _common_self_copy(t, send, recv))
+    persistent = bool(ctx.options.get("persistent_collective"))
+    ex = _build(send, recv, ctx, slot, persistent)
+    return Bound(run=ex.run, free=ex.free, persistent_collective=ex.req is not None)
+
+
+def model_m(stats) -> float:
+    """Bytes per peer that ``padded`` moves: the largest block, whatever the mean is."""
+    return float(max(stats.max_block, stats.m_eff))
+
+
+# Python work per call besides the MPI call: two _pack calls and the mpi4py call, in tp.
+CALL_PY = 3
+
+
+def cost(p: int, m: float, params: dict) -> float:
+    """One ``MPI_Alltoall`` of ``m`` = S bytes per slot (the selector passes the largest
+    block, :func:`model_m`, so padding waste is priced), plus our two copies.
+
+    Small slots (S <= BRUCK_MAX, p >= BRUCK_MIN_P), the library's Bruck rounds::
+
+        T = o + CALL_PY tp + L (ts + tp + (p/2) S tw) + (L + 5) p S tr
+
+    (L = ceil(log2 p) rounds of p/2 slots; tp per round stands for the library's datatype
+    set-up; Bruck's rotations and per-round packing plus our pack/unpack copy p S bytes
+    about L + 5 times). Otherwise the library posts p-1 messages like Alltoallv::
+
+        T = o + CALL_PY tp + rounds (p-1) ts + (p-1) S tw + 2 p S tr
+    """
+    o, ts, tw, tp, tr = (params[k] for k in ("o", "ts", "tw", "tp", "tr"))
+    if p <= 1:
+        return o + tr * m
+    base = o + CALL_PY * tp
+    if m <= BRUCK_MAX and p >= BRUCK_MIN_P:
+        nk = (p - 1).bit_length()
+        return base + nk * (ts + tp + (p / 2) * m * tw) + (nk + 5) * p * m * tr
+    rounds = max(1, math.ceil(p * m / SCRATCH_LIMIT))
+    return base + rounds * (p - 1) * ts + (p - 1) * m * tw + 2 * p * m * tr
+
+
+register(AlgorithmInfo(name="padded", run=run, cost=cost, host=True, device=False,
+                       doc=__doc__ or "", prepare=prepare, model_m=model_m))
