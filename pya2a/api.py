@@ -204,11 +204,11 @@ def _decide_call(call: str, kind: str, icomm: MPI.Intracomm, sendmsg: object,
     small = int(max(table[:, 3].max(), table[:, 6].max())) <= ONESHOT_MAX_BYTES
     if small and not options and not inplace and not device and info.name != "native":
         if info.prepare is not None:
-            pl = _cached_plan(icomm, kind, info.name, send, recv)
+            pl = _cached_plan(icomm, kind, info.name, send, recv, None, opts["max_block"])
         elif rows and info.schedule is not None and table[:, 5].all():
             sent, expected = table[:, 7:7 + p], table[:, 7 + p:7 + 2 * p]
             if np.array_equal(sent, expected.T):  # same verdict on every rank
-                pl = _cached_plan(icomm, kind, info.name, send, recv, sent)
+                pl = _cached_plan(icomm, kind, info.name, send, recv, sent, opts["max_block"])
     return _Decision(info, opts, pl, send, recv), send, recv
 
 
@@ -280,15 +280,17 @@ def _choose(stats: select.Stats, cands: tuple[str, ...]) -> str:
 
 
 def _cached_plan(icomm: MPI.Intracomm, kind: str, name: str, send: VSpec, recv: VSpec,
-                 cmat: np.ndarray | None = None):
+                 cmat: np.ndarray | None = None, max_block: int | None = None):
     """The one-shot plan for (comm, algorithm, dtype, counts digest), made on first use.
 
     ``cmat`` (bytes from every rank to every rank, from the agreement record) lets the plan
-    bind store-and-forward schedules (ring, mesh, hypercube) without size messages.
+    bind store-and-forward schedules (ring, mesh, hypercube) without size messages;
+    ``max_block`` (the global largest block, bytes) spares algorithms that size shared
+    state by it (``padded``) a collective per binding. Both are global, so both are keyed.
     """
     key = (icomm.handle, name, kind, send.tsize, send.extent, recv.extent,
            send.counts.tobytes(), send.displs.tobytes(), recv.counts.tobytes(),
-           recv.displs.tobytes(), None if cmat is None else cmat.tobytes())
+           recv.displs.tobytes(), None if cmat is None else cmat.tobytes(), max_block)
     pl = _PLANS.get(key)
     if pl is None:
         from .plan import Plan
@@ -296,6 +298,7 @@ def _cached_plan(icomm: MPI.Intracomm, kind: str, name: str, send: VSpec, recv: 
         pl = _PLANS[key] = Plan._from_specs(icomm, name, send, recv, cache_size=2)
         if cmat is not None:
             pl._cmat = np.ascontiguousarray(cmat, dtype=np.int64)
+        pl._max_block = max_block
         while len(_PLANS) > ONESHOT_CACHE:
             _PLANS.popitem(last=False)[1].free()
     else:
