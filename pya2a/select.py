@@ -230,6 +230,8 @@ def _normalize(raw: dict) -> dict:
             r = [float(x) for x in c["ratio"]]
         if len(m) != len(r) or not m:
             raise ValueError("correction entries need equal-length non-empty m and ratio")
+        if not all(math.isfinite(x) and x > 0 for x in r):
+            continue  # no finite model to correct (explicit-only algorithms cost inf)
         corr.append({"algorithm": str(c["algorithm"]), "p": int(c["p"]),
                      "device": bool(c.get("device", False)),
                      "ranks_per_node": int(c.get("ranks_per_node", 0)), "m": m, "ratio": r})

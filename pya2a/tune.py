@@ -26,6 +26,7 @@ command line). ``auto`` reads it from ``PYA2A_TUNING`` or the user cache path
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -177,7 +178,9 @@ def tune(comm, *, quick: bool = False, algorithms: list[str] | None = None,
     t0 = time.perf_counter()
     p = comm.Get_size()
     params = measure_params(comm, quick)
-    names = algorithms or registry.available(p)
+    # explicit-only algorithms (cost inf: auto never picks them) have nothing to correct
+    names = algorithms or [n for n in registry.available(p)
+                           if math.isfinite(registry.get(n).cost(max(p, 2), 64.0, params))]
     if "native" in names:  # native first: the others are dropped relative to it
         names = ["native", *[a for a in names if a != "native"]]
     if quick:

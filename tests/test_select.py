@@ -94,6 +94,21 @@ def test_table_file_env_and_provenance(tmp_path, monkeypatch):
     assert t["provenance"]["path"] == str(path) and t["provenance"]["host"] == "h"
 
 
+def test_measurements_of_explicit_only_algorithms_are_ignored(tmp_path, monkeypatch):
+    # hierarchical costs inf (auto never picks it): a measured entry for it has no finite
+    # correction and must not break loading (log of a zero ratio)
+    path = tmp_path / "t.json"
+    entry = {"p": 16, "ranks_per_node": 16, "device": False, "m": [8, 64],
+             "measured_us": [90.0, 70.0]}
+    path.write_text(json.dumps({"corrections": [dict(entry, algorithm="hierarchical"),
+                                                dict(entry, algorithm="direct")]}))
+    monkeypatch.setenv("PYA2A_TUNING", str(path))
+    t = select.load_table()
+    assert [c["algorithm"] for c in t["corrections"]] == ["direct"]
+    st = select.Stats(p=16, max_block=32, mean_block=32.0, device=False, contiguous=True)
+    assert select.choose(st, algorithms.available(16), t) in algorithms.available(16)
+
+
 @pytest.mark.serial
 def test_broken_or_missing_table_falls_back_to_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("PYA2A_TUNING", str(tmp_path / "missing.json"))
