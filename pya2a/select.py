@@ -46,9 +46,9 @@ __all__ = ["Stats", "choose", "ranking", "predict", "load_table", "table_path", 
 # Built-in defaults, used when no tuning table is found: `python -m pya2a tune --quick` on
 # the lent 64-core machine (nvidia-h200-x4, MPICH 5.0.2 wheel, one node, shared memory),
 # 2026-11-21, at p = 64, 32 and 16 (bench/results/cpu_tune.json; docs/selection.md).
-# Parameters from the p = 16 run (least contention); the measured times below are uniform
-# exchanges through plans, in microseconds, at 64 B .. 1 MiB per peer (the 8 B points of that
-# run were timed before any warm-up and are left out; below 64 B the 64 B value holds).
+# Parameters from the first round's p = 16 run (least contention); the measured times below
+# are the second round (07:14 UTC, with `padded`, every algorithm warmed up first): uniform
+# exchanges through plans, in microseconds, at 8 B .. 1 MiB per peer.
 DEFAULT_PARAMS: dict[str, float] = {
     "o": 5.1e-7,  # per-call software overhead of a plan run (COMM_SELF, 8 B), s
     "ts": 2.9e-6,  # 8-byte Sendrecv with a partner, every rank at once, s
@@ -57,26 +57,29 @@ DEFAULT_PARAMS: dict[str, float] = {
     "tr": 4.4e-11,  # _pack.gather of 64 blocks, s per byte (~23 GB/s)
 }
 DEFAULT_MARGIN = 0.10
-_DEFAULT_M = [64, 512, 4096, 32768, 262144, 1048576]
+_DEFAULT_M = [8, 64, 512, 4096, 32768, 262144, 1048576]
 _DEFAULT_US: list[tuple[str, int, list[float]]] = [
-    ("native", 64, [214.6, 175.7, 245.2, 2634.0, 11968.4, 47135.7]),
-    ("direct", 64, [186.4, 140.0, 222.1, 1254.0, 12460.0, 47676.1]),
-    ("hypercube", 64, [60.4, 141.1, 499.8, 6622.9, 86120.2]),
-    ("mesh", 64, [119.7, 131.6, 402.1, 4116.3, 49709.2]),
-    ("pairwise", 64, [211.0, 240.0, 325.4, 1393.9, 16456.2, 66327.9]),
-    ("ring", 64, [526.0, 1092.8, 7495.9]),
-    ("native", 32, [47.2, 53.9, 68.9, 252.8, 2516.9, 15272.6]),
-    ("direct", 32, [40.9, 46.4, 62.0, 214.7, 2318.5, 15002.1]),
-    ("hypercube", 32, [25.0, 57.3, 106.1, 696.3, 15165.1]),
-    ("mesh", 32, [39.0, 44.1, 110.8, 552.4, 12002.4]),
-    ("pairwise", 32, [63.3, 66.9, 99.1, 318.2, 3189.6, 18212.1]),
-    ("ring", 32, [121.5, 235.2, 613.0]),
-    ("native", 16, [28.4, 32.5, 38.8, 102.1, 463.9, 3300.9]),
-    ("direct", 16, [23.8, 21.9, 32.1, 88.8, 409.6, 3014.4]),
-    ("hypercube", 16, [27.7, 32.6, 80.1, 298.3, 2271.7]),
-    ("mesh", 16, [37.5, 38.5, 66.4, 231.4, 1584.1, 13638.6]),
-    ("pairwise", 16, [35.2, 39.0, 49.5, 109.4, 653.2, 5219.5]),
-    ("ring", 16, [80.6, 89.9, 215.9]),
+    ("native", 64, [161.7, 157.1, 166.2, 285.6, 991.5, 12591.8, 49581.3]),
+    ("direct", 64, [124.2, 120.4, 141.1, 220.4, 889.0, 12846.2, 48045.5]),
+    ("mesh", 64, [122.8, 111.4, 132.8, 446.1, 4182.1]),
+    ("hypercube", 64, [56.7, 68.3, 134.1, 566.3, 7287.5]),
+    ("padded", 64, [32.9, 54.6, 133.2, 218.9, 941.8, 17096.3, 167013.9]),
+    ("pairwise", 64, [200.2, 225.2, 366.9, 361.2, 1290.4, 17125.5, 69519.5]),
+    ("ring", 64, [501.8, 511.1, 1096.9, 5974.4]),
+    ("native", 32, [68.0, 64.8, 71.2, 94.5, 344.2, 3213.7, 16274.4]),
+    ("direct", 32, [52.7, 52.6, 61.5, 83.5, 257.1, 2848.6, 15997.2]),
+    ("mesh", 32, [64.3, 67.3, 76.0, 158.9, 675.8, 13353.4]),
+    ("hypercube", 32, [40.3, 41.6, 82.2, 176.3, 940.8, 18100.4]),
+    ("padded", 32, [19.7, 27.9, 55.9, 80.0, 276.5, 4167.1, 19061.5]),
+    ("pairwise", 32, [87.6, 90.7, 96.2, 130.7, 403.3, 3863.6, 19302.1]),
+    ("ring", 32, [197.2, 203.5, 346.3, 968.4]),
+    ("native", 16, [26.3, 24.9, 27.8, 33.7, 104.7, 465.7, 4013.2]),
+    ("direct", 16, [21.3, 20.3, 23.1, 28.1, 86.5, 403.4, 3527.0]),
+    ("mesh", 16, [24.7, 25.2, 29.6, 58.7, 229.4, 1640.1, 15721.2]),
+    ("hypercube", 16, [20.4, 20.4, 26.3, 57.0, 265.0, 2114.6]),
+    ("padded", 16, [9.9, 13.0, 23.6, 28.9, 97.3, 668.4, 6096.0]),
+    ("pairwise", 16, [30.7, 28.5, 32.3, 45.9, 114.7, 662.3, 5727.5]),
+    ("ring", 16, [54.6, 65.2, 72.2, 187.6]),
 ]
 
 DEFAULT_TABLE: dict = {

@@ -222,8 +222,21 @@ def prepare(send: VSpec | None, recv: VSpec, ctx: Context) -> Bound | None:
 
 
 def model_m(stats) -> float:
-    """Bytes per peer that ``padded`` moves: the largest block, whatever the mean is."""
-    return float(max(stats.max_block, stats.m_eff))
+    """Bytes per peer that ``padded`` moves: the largest block, whatever the mean is.
+
+    Above the Bruck range the slots travel as bandwidth, on every rank at once: a skewed
+    exchange (largest block more than twice the mean) is then priced at S times the waste
+    factor S / mean. The other algorithms are priced at the busiest rank's bytes, and on a
+    shared-memory node the other ranks' lighter traffic makes them cheaper than that; without
+    this, ``padded`` was picked at p = 32 for Zipf-skewed counts at 128 B per peer (S ~ 1 KiB)
+    and ran 0.9x native (bench/results/cpu_p32_skew.json).
+    """
+    s = float(max(stats.max_block, stats.m_eff))
+    mean = max(float(stats.mean_block), 1.0)
+    waste = float(stats.max_block) / mean
+    if s > BRUCK_MAX and waste > 2.0:
+        s *= waste
+    return s
 
 
 # Python work per call besides the MPI call: two _pack calls and the mpi4py call, in tp.
