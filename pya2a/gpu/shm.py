@@ -91,6 +91,20 @@ def _register(backend: Any, spans: list[tuple[int, int]]) -> tuple[list[int], bo
     return done, ok
 
 
+def _backing(addr: int) -> str:
+    """The mapping behind ``addr`` as /proc/self/maps names it ('' if unknown)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= addr < hi:
+                    return parts[5] if len(parts) > 5 else "[anonymous]"
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
 class ShmWindow:
     """Header and data windows of one communicator (collective constructor).
 
@@ -120,7 +134,8 @@ class ShmWindow:
         self.capacity = 0
         self.addrs = np.zeros(p, dtype=np.int64)
         self._pinned: list[int] = []
-        self.pinned = False
+        self.pinned = False  # every region page-locked (else pageable copies: slower)
+        self.backing = ""  # the file behind this rank's region (/proc/self/maps)
         self._keep: list[Any] = []
         comm.Barrier()
         if region > 0:
@@ -137,6 +152,7 @@ class ShmWindow:
             self.addrs[j] = mem.ctypes.data if mem.size else 0
             spans.append((int(self.addrs[j]), int(mem.size)))
         self._pinned, self.pinned = _register(self.backend, spans)
+        self.backing = _backing(int(self.addrs[self.rank]))
         self.capacity = region
         self.comm.Barrier()
 
