@@ -5,7 +5,7 @@
 # 1. build; a probe of the shared window (page-locked? which file backs it?) per MPI;
 # 2. GPU tests of shm (+ the public API suite) at 4 ranks x 1 GPU and 4 ranks sharing GPU 0;
 # 3. `python -m pya2a bench --device cuda` (NCCL, ipc, staged MPI, shm, auto, pinned bound)
-#    at 64K..256M per pair with Open MPI 4.1.6 and with the MPICH wheel as host MPI, and a
+#    at 1M..256M per pair with Open MPI 4.1.6 and with the MPICH wheel as host MPI, and a
 #    shm/staged sweep with 4 ranks sharing GPU 0.
 # Everything lands in $OUT: bench_*.json, env.txt, logs.tar.gz (at most 8 files come back).
 # Budget about 6 minutes; every step runs under timeout. Env: SIZES, SKIP_MPICH=1.
@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LOG=/tmp/shm_logs; rm -rf "$LOG"; mkdir -
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONWARNINGS=ignore::DeprecationWarning
-SIZES=${SIZES:-"-b 64K -e 256M -f 4"}  # 64K 256K 1M 4M 16M 64M 256M per pair
+SIZES=${SIZES:-"-b 1M -e 256M -f 4"}  # 1M 4M 16M 64M 256M per pair
 SITE=/tmp/shm_site
 T0=$(date +%s)
 stamp() { echo "== $1 at +$(( $(date +%s) - T0 ))s" | tee -a "$LOG/steps.txt"; }
@@ -55,26 +55,26 @@ for m in OMPI MPICH; do
 done
 
 stamp "tests 4x1"
-timeout -k 5 100 $OMPI -n 4 python3 -m mpi4py tests/run_mpi.py $PT -m "not serial" \
+timeout -k 5 90 $OMPI -n 4 python3 -m mpi4py tests/run_mpi.py $PT -m "not serial" \
   tests/test_gpu_shm.py tests/test_gpu_api.py > "$LOG/tests_4x1.log" 2>&1
 echo "rc=$?" >> "$LOG/tests_4x1.log"; tail -n 3 "$LOG/tests_4x1.log"
 stamp "tests 4 ranks on GPU 0"
-CUDA_VISIBLE_DEVICES=0 timeout -k 5 100 $OMPI -n 4 python3 -m mpi4py tests/run_mpi.py $PT \
+CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 $OMPI -n 4 python3 -m mpi4py tests/run_mpi.py $PT \
   -m "not serial" tests/test_gpu_shm.py tests/test_gpu_api.py > "$LOG/tests_4on1.log" 2>&1
 echo "rc=$?" >> "$LOG/tests_4on1.log"; tail -n 3 "$LOG/tests_4on1.log"
 
 stamp "bench Open MPI"
-timeout -k 5 100 $OMPI -n 4 python3 -m pya2a bench --device cuda $SIZES \
+timeout -k 5 90 $OMPI -n 4 python3 -m pya2a bench --device cuda $SIZES \
   --json "$OUT/bench_shm_h200x4_ompi.json" > "$LOG/bench_ompi.log" 2>&1
 echo "rc=$?" >> "$LOG/bench_ompi.log"; grep -E "api:|pinned_bound|rc=" "$LOG/bench_ompi.log"
 if [ -z "${SKIP_MPICH:-}" ]; then
   stamp "bench MPICH wheel"
-  timeout -k 5 100 $MPICH -n 4 python3 -m pya2a bench --device cuda $SIZES \
+  timeout -k 5 90 $MPICH -n 4 python3 -m pya2a bench --device cuda $SIZES \
     --json "$OUT/bench_shm_h200x4_mpich.json" > "$LOG/bench_mpich.log" 2>&1
   echo "rc=$?" >> "$LOG/bench_mpich.log"; grep -E "api:|pinned_bound|rc=" "$LOG/bench_mpich.log"
 fi
 stamp "bench 4 ranks on GPU 0 (Open MPI; no NCCL, no ipc)"
-CUDA_VISIBLE_DEVICES=0 timeout -k 5 70 $OMPI -n 4 python3 -m pya2a.gpu.bench --no-nccl \
+CUDA_VISIBLE_DEVICES=0 timeout -k 5 60 $OMPI -n 4 python3 -m pya2a.gpu.bench --no-nccl \
   --methods "" --sizes 1048576,16777216,67108864 --out "$OUT/bench_shm_4on1gpu_ompi.json" \
   > "$LOG/bench_4on1.log" 2>&1
 echo "rc=$?" >> "$LOG/bench_4on1.log"; grep -E "api:|pinned_bound|rc=" "$LOG/bench_4on1.log"
