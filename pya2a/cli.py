@@ -465,11 +465,12 @@ def write_plot(report: dict, path: str) -> bool:
 
 
 def _bench_cuda(args) -> int:
-    """``--device cuda``: the IPC engine's methods and NCCL (torch) in one table.
+    """``--device cuda``: NCCL (torch), the IPC engine's methods and the public API's device
+    paths (staged or CUDA-aware MPI, ``shm``, one-shot ``auto``) against the pinned bound.
 
     The generic sweep is host-only: its ``native`` row hands buffers to MPI, which must never
-    see a device pointer unless the MPI is CUDA-aware. The staged-MPI rows have their own
-    driver, ``python -m pya2a.gpu.bench_staged``.
+    see a device pointer unless the MPI is CUDA-aware. The per-algorithm staged sweep has its
+    own driver, ``python -m pya2a.gpu.bench_staged``.
     """
     from .gpu import bench as gpu_bench
     from .gpu import have_cupy

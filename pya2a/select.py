@@ -347,9 +347,12 @@ DEVICE_PAIRWISE_FROM = 1 << 20
 
 
 def _choose_device(stats: Stats, candidates: list[str]) -> str:
-    """``ipc`` when the caller found it available (one node, peer access), else staged."""
+    """``ipc`` when the caller found it available (one node, peer access); else ``shm``
+    when every rank shares one node (node-shared pinned window, no host MPI); else staged."""
     if "ipc" in candidates:
         return "ipc"
+    if "shm" in candidates and stats.ranks_per_node == stats.p:
+        return "shm"
     if stats.max_block >= DEVICE_PAIRWISE_FROM and "pairwise" in candidates:
         return "pairwise"
     return "native" if "native" in candidates else candidates[0]

@@ -86,6 +86,7 @@ class FakeBackend:
         self.side = FakeStream("side")
         self.rng = np.random.default_rng(seed)
         self.pinned_calls = 0
+        self.registered: dict[int, int] = {}
         self.kernel_launches = 0
 
     use_device = staticmethod(lambda device: contextlib.nullcontext())
@@ -129,6 +130,17 @@ class FakeBackend:
     def pinned(self, nbytes):
         self.pinned_calls += 1
         return np.full(nbytes, 0xCD, dtype=np.uint8)  # garbage: unread bytes show up
+
+    def host_register(self, ptr, nbytes):
+        """Page-locking is bookkeeping here; overlapping registrations fail as in CUDA."""
+        if nbytes <= 0:
+            return
+        for a, n in self.registered.items():
+            assert ptr + nbytes <= a or a + n <= ptr, "memory registered twice"
+        self.registered[ptr] = nbytes
+
+    def host_unregister(self, ptr):
+        del self.registered[ptr]
 
     def alloc(self, nbytes):
         a = np.full(max(nbytes, 1), 0xEE, dtype=np.uint8)

@@ -142,6 +142,7 @@ def _load_builtin() -> None:
         padded,
         pairwise,
         ring,
+        shm,
     )
 
 

@@ -11,6 +11,19 @@ over ranks), algbw = bytes per pair * p / time and busbw = algbw * (p-1)/p as
 nccl-tests defines them. Data is random, not zeros; at small sizes buffers sit in
 L2 for every method alike. NCCL runs through ``torch.distributed.all_to_all_single``
 when torch is importable (optional baseline).
+
+Public-API rows (``staged=True``, the default; also what ``python -m pya2a bench --device
+cuda`` prints): ``api:pairwise`` (the staged MPI path through host MPI, or the CUDA-aware
+path when :func:`pya2a.gpu.device.cuda_aware` holds: the transport is chosen by the library,
+the row's ``transport`` says which), ``api:native`` (up to 1 MiB per pair), ``api:shm`` (the
+node-shared pinned window, when every rank is on one node) and ``api:auto`` (the one-shot
+``pya2a.Alltoallv(..., algorithm="auto")``; ``chose`` names the algorithm it ran), each a
+one-shot ``pya2a.Alltoallv`` on CuPy buffers, timed on the host around ``iters``
+back-to-back calls and a final stream synchronisation. ``pinned_d2h`` / ``pinned_h2d`` /
+``pinned_bound`` time one pinned copy of the remote volume (p-1) m down, up, and both at
+once on two streams, every rank at the same time: ``pinned_bound`` is what a perfectly
+overlapped staging pipeline cannot beat, and each API row carries ``vs_pinned_bound`` =
+bound time / row time (1.0 = the PCIe bound reached).
 """
 
 from __future__ import annotations
@@ -76,8 +89,12 @@ def _latency(comm: Any, fn: Any, sync: Any, reps: int = 20) -> float:
 
 
 def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = True,
-              graph: bool = True, nccl_graph: bool = False, log: Any = None) -> list[dict]:
-    """Benchmark rows for every (method, size); collective over ``comm``."""
+              graph: bool = True, nccl_graph: bool = False, log: Any = None,
+              staged: bool = True) -> list[dict]:
+    """Benchmark rows for every (method, size); collective over ``comm``.
+
+    ``staged`` adds the public-API rows and the pinned bound (module doc).
+    """
     from pya2a.gpu import cupy as get_cupy
     from pya2a.gpu.ipc_alltoallv import IpcAlltoallv
 
@@ -110,6 +127,7 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
 
     ok, why = IpcAlltoallv.available(comm)
     maxb = max(sizes)
+    api = _ApiRows(comm, cp, maxb) if staged else None
     eng = None
     if ok:
         eng = IpcAlltoallv(comm, capacity_bytes=maxb, ll_bytes=min(maxb, 1 << 20))
@@ -130,8 +148,16 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
         row["busbw_GBs"] = algbw * (p - 1) / p
         rows.append(row)
         if rank == 0 and log is not None:
+            extra = ""
+            if "vs_pinned_bound" in row:
+                extra = f"  {row['vs_pinned_bound']:.2f} of pinned bound"
+            if "chose" in row:
+                extra += f"  (auto chose {row['chose']})"
+            if "error" in row:
+                extra += f"  ERROR {row['error']}"
             print(f"{row['method']:>14} {row['bytes_per_pair']:>10} B  {t:10.2f} us  "
-                  f"lat {lat:9.2f} us  busbw {row['busbw_GBs']:7.1f} GB/s", file=log, flush=True)
+                  f"lat {lat:9.2f} us  busbw {row['busbw_GBs']:7.1f} GB/s{extra}", file=log,
+                  flush=True)
 
     for n in sizes:
         warm, iters = _iters(n)
@@ -147,6 +173,9 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                 lat = _latency(comm, f_nccl, tstream.synchronize)
             emit({"method": "nccl", "bytes_per_pair": n, "time_us": t * 1e6,
                   "latency_us": lat * 1e6, "iters": iters})
+        if api is not None:
+            for row in api.rows(n, send, recv, warm, iters):
+                emit(row)
         if eng is None:
             continue
         variants = []  # (name, method, sendbuf, recvbuf, eager path usable)
@@ -202,9 +231,140 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
         rows += _nccl_graph(comm, torch, dist, timer, send, sizes, p, emit_fn=emit)
     if eng is not None:
         eng.free()
+    if api is not None:
+        api.free()
     if dist is not None:
         dist.destroy_process_group()
     return rows
+
+
+class _ApiRows:
+    """Public-API rows on device buffers and the pinned host<->device bound (module doc)."""
+
+    def __init__(self, comm: Any, cp: Any, maxb: int) -> None:
+        import pya2a
+        from pya2a.algorithms import shm
+        from pya2a.gpu import device as gdev
+
+        self.comm, self.cp, self.pya2a = comm, cp, pya2a
+        self.p = p = comm.Get_size()
+        self.aware = gdev.comm_cuda_aware(pya2a.api.internal_comm(comm))
+        self.shm_ok, self.shm_why = shm.comm_available(pya2a.api.internal_comm(comm))
+        vol = max((p - 1) * maxb, 1)
+        self.dsrc = cp.random.randint(0, 255, size=vol, dtype=np.uint8)
+        self.ddst = cp.empty(vol, dtype=np.uint8)
+        self.hsrc = cp.cuda.alloc_pinned_memory(vol)
+        self.hdst = cp.cuda.alloc_pinned_memory(vol)
+        self.s1 = cp.cuda.Stream(non_blocking=True)
+        self.s2 = cp.cuda.Stream(non_blocking=True)
+        self.ref = cp.empty(p * maxb, dtype=np.uint8)
+
+    def _bound(self, n: int, warm: int, iters: int) -> list[dict]:
+        from pya2a.gpu.bench_staged import _time
+
+        rt, vol = self.cp.cuda.runtime, (self.p - 1) * n
+        s1, s2 = self.s1, self.s2
+        if vol == 0:
+            return []
+
+        def d2h() -> None:
+            rt.memcpyAsync(self.hdst.ptr, self.dsrc.data.ptr, vol, rt.memcpyDeviceToHost, s1.ptr)
+            s1.synchronize()
+
+        def h2d() -> None:
+            rt.memcpyAsync(self.ddst.data.ptr, self.hsrc.ptr, vol, rt.memcpyHostToDevice, s2.ptr)
+            s2.synchronize()
+
+        def both() -> None:
+            rt.memcpyAsync(self.hdst.ptr, self.dsrc.data.ptr, vol, rt.memcpyDeviceToHost, s1.ptr)
+            rt.memcpyAsync(self.ddst.data.ptr, self.hsrc.ptr, vol, rt.memcpyHostToDevice, s2.ptr)
+            s1.synchronize()
+            s2.synchronize()
+
+        reps = max(3, min(iters, 20))
+        out = []
+        for name, fn in (("pinned_d2h", d2h), ("pinned_h2d", h2d), ("pinned_bound", both)):
+            t = _time(self.comm, fn, min(warm, 3), reps)  # median of max over ranks
+            out.append({"method": name, "bytes_per_pair": n, "time_us": t * 1e6,
+                        "iters": reps, "GBps_each_way": vol / t / 1e9 if t > 0 else 0.0})
+        self.bound_us = out[-1]["time_us"]
+        return out
+
+    def _call(self, alg: str, n: int, send: Any, recv: Any) -> str | None:
+        """One one-shot call; returns the algorithm that ran when the API says."""
+        pa = self.pya2a
+        counts = np.full(self.p, n, dtype=np.int64)
+        smsg, rmsg = [send[: self.p * n], counts], [recv[: self.p * n], counts]
+        ex = getattr(pa.api, "_exchange", None)
+        if alg == "auto" and ex is not None:
+            try:  # the one-shot path itself, which reports its choice
+                return ex("Alltoallv", "alltoallv", self.comm, smsg, rmsg, "auto", False)
+            except TypeError:  # signature changed: fall through to the public call
+                pass
+        pa.Alltoallv(self.comm, smsg, rmsg, algorithm=alg)
+        return None
+
+    def rows(self, n: int, send: Any, recv: Any, warm: int, iters: int) -> list[dict]:
+        """Bound rows, then one row per public-API path at ``n`` bytes per pair."""
+        from mpi4py import MPI
+
+        cp, comm, p = self.cp, self.comm, self.p
+        self.bound_us = 0.0
+        out = self._bound(n, warm, iters)
+        algs = ["pairwise"] + (["native"] if n <= 1 << 20 else [])
+        algs += (["shm"] if self.shm_ok else []) + ["auto"]
+        sync = cp.cuda.get_current_stream().synchronize
+        first = True
+        for alg in algs:
+            chose = None
+            try:
+                for _ in range(warm):
+                    chose = self._call(alg, n, send, recv) or chose
+                sync()
+                comm.Barrier()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    self._call(alg, n, send, recv)
+                sync()
+                t = (time.perf_counter() - t0) / iters
+            except Exception as exc:  # a failing path is a row with its error, not a crash
+                out.append({"method": f"api:{alg}", "bytes_per_pair": n, "time_us": 0.0,
+                            "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+            # correctness: the first row against MPI's own Alltoall on host copies, every
+            # other row against the first row's output (on the device)
+            if first:
+                host = np.empty(p * n, dtype=np.uint8)
+                comm.Alltoall(cp.asnumpy(send[: p * n]), host)
+                good = bool(np.array_equal(cp.asnumpy(recv[: p * n]), host))
+                self.ref[: p * n] = recv[: p * n]
+                first = False
+            else:
+                good = bool(cp.array_equal(recv[: p * n], self.ref[: p * n]))
+            good = bool(comm.allreduce(int(good), op=MPI.MIN))
+            row = {"method": f"api:{alg}", "bytes_per_pair": n, "time_us": t * 1e6,
+                   "iters": iters, "checked": good, "api": "pya2a.Alltoallv one-shot",
+                   "transport": "shm" if alg == "shm" else
+                   ("aware" if self.aware else "staged")}
+            if alg == "auto":
+                row["chose"] = comm.bcast(chose)
+            if self.bound_us and t > 0:
+                row["pinned_bound_us"] = self.bound_us
+                row["vs_pinned_bound"] = self.bound_us * 1e-6 / comm.allreduce(t, op=MPI.MAX)
+            if alg == "shm":
+                from pya2a.gpu import shm as gshm
+
+                win = gshm._WINDOWS.get(self.pya2a.api.internal_comm(comm).py2f())
+                row["window_pinned"] = bool(win.pinned) if win is not None else None
+                row["window_backing"] = win.backing if win is not None else None
+            out.append(row)
+        return out
+
+    def free(self) -> None:
+        """Collective: release the shm windows this benchmark made."""
+        from pya2a.algorithms import shm
+
+        shm.free_windows()
 
 
 def _nccl_graph(comm, torch, dist, timer, send, sizes, p, emit_fn) -> list:
@@ -269,9 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pya2a.gpu.bench")
     ap.add_argument("--sizes", type=str, default=",".join(map(str, DEFAULT_SIZES)),
                     help="bytes per pair, comma separated")
-    ap.add_argument("--methods", type=str, default="ll,push,push_staged,pull,ce")
+    ap.add_argument("--methods", type=str, default="ll,push,push_staged,pull,ce",
+                    help="IPC engine methods (empty: none)")
     ap.add_argument("--no-nccl", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--no-staged", action="store_true",
+                    help="leave out the public-API rows (staged, shm, aware, auto) and the "
+                         "pinned bound")
     ap.add_argument("--nccl-graph", action="store_true", help="also time NCCL in a CUDA graph")
     ap.add_argument("--out", type=str, default="")
     ap.add_argument("--plot", type=str, default="", help="also write a PNG (needs matplotlib)")
@@ -279,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     sizes = [int(s) for s in a.sizes.split(",") if s]
     rows = run_bench(comm, sizes, a.methods.split(","), nccl=not a.no_nccl,
-                     graph=not a.no_graph, nccl_graph=a.nccl_graph, log=sys.stdout)
+                     graph=not a.no_graph, nccl_graph=a.nccl_graph, log=sys.stdout,
+                     staged=not a.no_staged)
     if comm.Get_rank() == 0 and a.out:
         from pya2a.gpu import cupy as get_cupy
 

@@ -161,6 +161,15 @@ class CupyBackend:
         mem = self.cp.cuda.alloc_pinned_memory(int(nbytes))
         return np.frombuffer(mem, dtype=np.uint8, count=int(nbytes))
 
+    def host_register(self, ptr: int, nbytes: int) -> None:
+        """Page-lock existing host memory (cudaHostRegister, portable to every device)."""
+        if nbytes > 0:
+            self.rt.hostRegister(int(ptr), int(nbytes), 1)  # cudaHostRegisterPortable
+
+    def host_unregister(self, ptr: int) -> None:
+        """Undo :meth:`host_register` (cudaHostUnregister)."""
+        self.rt.hostUnregister(int(ptr))
+
     def alloc(self, nbytes: int) -> tuple[object, int]:
         """Device memory from CuPy's pool on the current device: (keepalive, address)."""
         mem = self.cp.cuda.alloc(max(int(nbytes), 1))
