@@ -64,7 +64,7 @@ CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 $OMPI -n 4 python3 -m mpi4py tests/run_mp
 echo "rc=$?" >> "$LOG/tests_4on1.log"; tail -n 3 "$LOG/tests_4on1.log"
 
 stamp "bench Open MPI"
-timeout -k 5 90 $OMPI -n 4 python3 -m pya2a bench --device cuda $SIZES \
+timeout -k 5 ${BENCH_TIMEOUT:-90} $OMPI -n 4 python3 -m pya2a bench --device cuda $SIZES \
   --json "$OUT/bench_shm_h200x4_ompi.json" > "$LOG/bench_ompi.log" 2>&1
 echo "rc=$?" >> "$LOG/bench_ompi.log"; grep -E "api:|pinned_bound|rc=" "$LOG/bench_ompi.log"
 if [ -z "${SKIP_MPICH:-}" ]; then
