@@ -94,9 +94,11 @@ def _buffer(obj: Any) -> tuple[Any, Any] | None:
         return (m.address, m.nbytes, m.readonly, fmt), m
     if k == 2:
         try:
-            if not obj.flags.c_contiguous:
+            c = getattr(obj, "_c_contiguous", None)  # CuPy's own flag: no Flags object
+            if not (obj.flags.c_contiguous if c is None else c):
                 return None
-            return (t, obj.data.ptr, obj.nbytes, obj.dtype, obj.device.id), obj
+            mem = obj.data
+            return (t, mem.ptr, obj.nbytes, obj.dtype, mem.device_id), obj
         except Exception:
             return None
     if k == 3:

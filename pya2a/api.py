@@ -76,8 +76,17 @@ def _code(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)  # POSIX: the raw mapping, keys in bytes
+_ENV_KEY = b"PYA2A_ALGORITHM"
+
+
 def _requested(algorithm: object) -> str:
     if algorithm == "auto":
+        if isinstance(_ENV_DATA, dict) and os.name == "posix":
+            # read on every call (tests and users change it at run time), without
+            # os.environ's per-call key encoding: this sits on the one-shot fast path
+            raw = _ENV_DATA.get(_ENV_KEY)
+            return raw.decode() if raw else "auto"
         return os.environ.get("PYA2A_ALGORITHM", "auto") or "auto"
     return algorithm  # type: ignore[return-value]
 

@@ -189,9 +189,9 @@ def _full_calls() -> int:
 def test_repeated_cupy_calls_take_the_fast_path(cp):
     p, r = WORLD.Get_size(), WORLD.Get_rank()
     c = count_matrix("random", p, scale=32)
-    s = cp.asarray(send_data(c, r, "float32"))
-    out = cp.zeros(int(c[:, r].sum()), dtype=cp.float32)
-    want = cp.asarray(expected_recv(c, r, "float32"))
+    s = cp.asarray(send_data(c, r, "int64"))  # integers: s += 1 twenty times is exact
+    out = cp.zeros(int(c[:, r].sum()), dtype=cp.int64)
+    want = cp.asarray(expected_recv(c, r, "int64"))
     pya2a.Alltoallv(WORLD, [s, c[r]], [out, c[:, r]])
     before = _full_calls()
     for it in range(20):
@@ -208,9 +208,9 @@ def test_repeated_torch_calls_take_the_fast_path_on_one_stream(cp):
     p, r = WORLD.Get_size(), WORLD.Get_rank()
     dev = f"cuda:{cp.cuda.Device().id}"
     c = count_matrix("random", p, scale=16)
-    x = torch.from_numpy(send_data(c, r, "float32")).to(dev)
-    out = torch.zeros(int(c[:, r].sum()), dtype=torch.float32, device=dev)
-    want = torch.from_numpy(expected_recv(c, r, "float32")).to(dev)
+    x = torch.from_numpy(send_data(c, r, "int64")).to(dev)
+    out = torch.zeros(int(c[:, r].sum()), dtype=torch.int64, device=dev)
+    want = torch.from_numpy(expected_recv(c, r, "int64")).to(dev)
     with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
         pya2a.Alltoallv(WORLD, [x, c[r]], [out, c[:, r]])
         before = _full_calls()
