@@ -344,14 +344,20 @@ def choose(stats: Stats, candidates: list[str], table: dict | None = None) -> st
 # 4.1.6; docs/gpu.md): native (one staged MPI call) is best below about 1 MiB per pair,
 # pairwise (chunked, pipelined staging) above.
 DEVICE_PAIRWISE_FROM = 1 << 20
+# shm against staged native, 4 x H200, Open MPI 4.1.6 (bench/results/gpu_shm_bench_h200x4_
+# ompi.json): 151 vs 89 us at 128 B, 158 vs 141 us at 64 KiB, 210 vs 516 us at 512 KiB per
+# pair (shm's small-size cost is its Python polling loop).
+DEVICE_SHM_FROM = 128 << 10
 
 
 def _choose_device(stats: Stats, candidates: list[str]) -> str:
     """``ipc`` when the caller found it available (one node, peer access); else ``shm``
-    when every rank shares one node (node-shared pinned window, no host MPI); else staged."""
+    when every rank shares one node (node-shared pinned window, no host MPI) and blocks are
+    large enough to pay for its polling (DEVICE_SHM_FROM); else staged."""
     if "ipc" in candidates:
         return "ipc"
-    if "shm" in candidates and stats.ranks_per_node == stats.p:
+    if "shm" in candidates and stats.ranks_per_node == stats.p and \
+            stats.max_block >= DEVICE_SHM_FROM:
         return "shm"
     if stats.max_block >= DEVICE_PAIRWISE_FROM and "pairwise" in candidates:
         return "pairwise"

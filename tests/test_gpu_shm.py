@@ -217,10 +217,13 @@ def test_shm_availability_is_collective_and_true_on_one_node(comm):
 
 
 def test_auto_picks_shm_on_one_node_without_ipc():
-    st = select.Stats(p=4, max_block=1 << 10, mean_block=1024.0, device=True,
-                      contiguous=True, max_rank=4096, ranks_per_node=4)
+    st = select.Stats(p=4, max_block=1 << 20, mean_block=float(1 << 20), device=True,
+                      contiguous=True, max_rank=1 << 22, ranks_per_node=4)
     assert select.choose(st, ["native", "pairwise", "shm"]) == "shm"
     assert select.choose(st, ["native", "pairwise", "ipc", "shm"]) == "ipc"
+    small = select.Stats(p=4, max_block=1 << 10, mean_block=1024.0, device=True,
+                         contiguous=True, max_rank=4096, ranks_per_node=4)
+    assert select.choose(small, ["native", "pairwise", "shm"]) == "native"  # polling cost
     two_nodes = select.Stats(p=4, max_block=1 << 22, mean_block=4e6, device=True,
                              contiguous=True, max_rank=1 << 24, ranks_per_node=2)
     assert select.choose(two_nodes, ["native", "pairwise", "shm"]) == "pairwise"
@@ -232,7 +235,7 @@ def test_auto_uses_shm_for_fake_device_buffers(comm, fake, monkeypatch):
     if comm.Get_size() == 1:
         pytest.skip("p = 1 takes native")
     monkeypatch.setattr(api.ipc, "comm_available", lambda c, d=None: (False, "emulated"))
-    c = count_matrix("skew", comm.Get_size(), scale=100)
+    c = count_matrix("skew", comm.Get_size(), scale=1 << 15)  # blocks past DEVICE_SHM_FROM
     r = comm.Get_rank()
     s = FakeDeviceArray(send_data(c, r, "float64"))
     d = FakeDeviceArray(np.zeros(int(c[:, r].sum())))
