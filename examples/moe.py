@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+from common import to_host
 from mpi4py import MPI
 
 import pya2a.moe
@@ -52,10 +53,6 @@ def run_experts(ep: pya2a.moe.ExpertParallel, expert_x, counts, out):
         out[off:off + c] = expert_x[off:off + c] * factor(ep.first_expert + le, ep.dtype)
         off += c
     return out
-
-
-def to_host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
 def main() -> int:

@@ -30,42 +30,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from types import ModuleType
 
 import numpy as np
+from common import array_module, block_range, to_host
 from mpi4py import MPI
 
 import pya2a
-
-
-def block_range(n: int, p: int, i: int) -> tuple[int, int]:
-    """Indices [lo, hi) of block i when n are split over p ranks (first n % p get one more)."""
-    q, r = divmod(n, p)
-    lo = i * q + min(i, r)
-    return lo, lo + q + (i < r)
 
 
 def sub_block(block: tuple[int, int], p: int, i: int) -> tuple[int, int]:
     """Part i of p of the index range `block`."""
     lo, hi = block_range(block[1] - block[0], p, i)
     return block[0] + lo, block[0] + hi
-
-
-def array_module(device: str, comm: MPI.Intracomm) -> ModuleType:
-    """NumPy, or CuPy on GPU (local rank modulo the node's GPUs) for --device cuda."""
-    if device == "cpu":
-        return np
-    import cupy  # only needed for --device cuda
-
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    cupy.cuda.Device(local.Get_rank() % cupy.cuda.runtime.getDeviceCount()).use()
-    local.Free()
-    return cupy
-
-
-def to_host(a) -> np.ndarray:
-    """A NumPy copy of a NumPy or CuPy array."""
-    return a.get() if hasattr(a, "__cuda_array_interface__") else np.asarray(a)
 
 
 def rows_to_columns(comm: MPI.Intracomm, local, nrows: int, col_blocks, algorithm: str, xp):
