@@ -351,11 +351,12 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
             point["rows"][name] = row
         point["auto_choice"] = point["rows"]["auto"].get("algorithm")
         point["auto_speedup_vs_native"] = point["rows"]["auto"].get("speedup_vs_native")
-        best = min((r["avg_us"], k) for k, r in point["rows"].items()
-                   if "avg_us" in r and k not in ("native", "auto", "auto/oneshot"))
-        point["best"] = best[1] if names else None
+        best = min(((r["avg_us"], k) for k, r in point["rows"].items()
+                    if "avg_us" in r and k not in ("native", "auto", "auto/oneshot")),
+                   default=None)  # none when only native was asked for, or all dropped
+        point["best"] = best[1] if best else None
         point["best_speedup_vs_native"] = (point["rows"]["native"]["avg_us"] / best[0]
-                                           if names else None)
+                                           if best else None)
         results.append(point)
         if partial and rank == 0:  # a sweep cut short still leaves every finished size
             _write_json(partial, {"meta": dict(meta, complete=False), "results": results,

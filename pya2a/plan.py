@@ -35,7 +35,7 @@ from .bufspec import VSpec, in_place, int_vector, parse_vector
 from .validate import agree, check_counts_match, check_layout, check_uniform
 
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain", "ranks_per_node",
-           "bind_schedule"]
+           "bind_schedule", "bind_scratch_ok"]
 
 DEFAULT_CACHE = 4
 _NODE_KEYVAL: int | None = None
@@ -140,6 +140,39 @@ def _schedule_steps(info: algorithms.AlgorithmInfo, ctx: Context) -> list | None
     return list(steps)
 
 
+def _phases(steps: list) -> list[list]:
+    """Steps grouped into runs of equal ``phase`` (steps of one phase are posted together)."""
+    phases: list[list] = []
+    for st in steps:
+        if phases and phases[-1][0].phase == st.phase:
+            phases[-1].append(st)
+        else:
+            phases.append([st])
+    return phases
+
+
+def _scratch_need(phases: list[list], cmat: np.ndarray) -> tuple[int, int]:
+    """Bytes of (outgoing, incoming) scratch a bound schedule holds on this rank."""
+    out_need = max((int(cmat[st.send[:, 0], st.send[:, 1]].sum()) for ph in phases
+                    for st in ph), default=0)
+    out_need = max(out_need, max((sum(int(cmat[st.send[:, 0], st.send[:, 1]].sum())
+                                      for st in ph) for ph in phases), default=0))
+    in_need = sum(int(cmat[st.recv[:, 0], st.recv[:, 1]].sum()) for ph in phases for st in ph)
+    return out_need, in_need
+
+
+def bind_scratch_ok(comm: MPI.Intracomm, info: algorithms.AlgorithmInfo, ctx: Context,
+                    cmat: np.ndarray) -> bool:
+    """Collective: True when every rank's bound-schedule scratch fits :data:`SCRATCH_LIMIT`.
+
+    The answer is the same on every rank (one Allreduce of the largest need), so either all
+    ranks bind the schedule or all call the algorithm's ``run``.
+    """
+    steps = _schedule_steps(info, ctx)
+    need = sum(_scratch_need(_phases(steps), cmat)) if steps else 0
+    return int(comm.allreduce(need, op=MPI.MAX)) <= SCRATCH_LIMIT
+
+
 def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx: Context,
                   cmat: np.ndarray) -> Bound | None:
     """Bind a store-and-forward schedule (ring, mesh, hypercube) to two host buffers.
@@ -150,8 +183,11 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
     and wait the persistent requests of the phase, unpack the blocks that arrived home. No
     size messages travel at run time (the one-shot ``run`` must exchange them), and nothing
     is allocated. Steps of one phase are posted together (they depend only on earlier
-    phases). Returns None (plans then call ``run``) for device buffers, in-place exchanges,
-    schedules that are not lists of Steps, or scratch above :data:`SCRATCH_LIMIT`.
+    phases). Returns None (plans then call ``run``) for device buffers, in-place exchanges
+    and schedules that are not lists of Steps. The scratch limit is the caller's to check, on
+    the largest need over all ranks (:func:`bind_scratch_ok`): with skewed counts one rank's
+    scratch can exceed it while another's does not, and a rank that binds exchanges on other
+    tags than one that calls ``run``, so the two would wait on each other forever.
     """
     from . import _pack
     from .algorithms._common import sides
@@ -166,19 +202,8 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
     sd, rd = s.sd, s.rd
     loc: dict[tuple[int, int], tuple[int, int]] = {(r, d): (0, int(sd[d])) for d in range(p)}
     # one outgoing scratch shared by all steps of the largest phase; incoming ones persist
-    phases: list[list] = []
-    for st in steps:
-        if phases and phases[-1][0].phase == st.phase:
-            phases[-1].append(st)
-        else:
-            phases.append([st])
-    out_need = max((int(cmat[st.send[:, 0], st.send[:, 1]].sum()) for ph in phases
-                    for st in ph), default=0)
-    out_need = max(out_need, max((sum(int(cmat[st.send[:, 0], st.send[:, 1]].sum())
-                                      for st in ph) for ph in phases), default=0))
-    in_need = sum(int(cmat[st.recv[:, 0], st.recv[:, 1]].sum()) for st in steps)
-    if out_need + in_need > SCRATCH_LIMIT:
-        return None
+    phases = _phases(steps)
+    out_need, in_need = _scratch_need(phases, cmat)
     out = np.empty(max(out_need, 1), dtype=np.uint8)
     inc_all = np.empty(max(in_need, 1), dtype=np.uint8)
     bufs = [s.sb, out, inc_all]  # where a block lives: loc[(src, dst)] = (index, offset)
@@ -419,7 +444,8 @@ class Plan:
             row = np.ascontiguousarray(send.counts * send.tsize, dtype=np.int64)
             cmat = np.empty((p, p), dtype=np.int64)
             icomm.Allgather(row, cmat)
-            self._cmat = cmat
+            if bind_scratch_ok(icomm, info, self._ctx(), cmat):
+                self._cmat = cmat
 
     def _init(self, icomm: MPI.Intracomm, send: VSpec, recv: VSpec, cache_size: int) -> None:
         self.comm = icomm

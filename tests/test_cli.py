@@ -51,6 +51,15 @@ def test_bench_small_sweep_reports_every_row(comm):
     json.dumps(rep)
 
 
+def test_bench_with_only_the_library_row(comm):
+    """``--algorithms native``: no pya2a row to rank, the sweep still reports (was a crash)."""
+    rep = cli.bench(comm, begin=8, end=8, warmup=1, iters=1, algorithms=["native"],
+                    progress=False, command="test")
+    pt = rep["results"][0]
+    assert pt["best"] is None and pt["best_speedup_vs_native"] is None
+    assert set(pt["rows"]) == {"native", "auto"}
+
+
 def pya2a_algorithms():
     import pya2a
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -148,3 +150,31 @@ def test_explain_ranks_every_usable_algorithm(comm):
     assert e.choice in names
     assert all(row["predicted_s"] > 0 for row in e.ranking)
     assert "predicted us" in str(e)
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "mesh", "hypercube"])
+def test_bound_schedule_is_chosen_alike_on_every_rank(comm, monkeypatch, algorithm):
+    """Skewed counts put one rank's bound-schedule scratch over the limit and not another's:
+    every rank must still take the same path (binding exchanges on other tags than ``run``,
+    so a split decision waits forever). Regression: the p = 16, 4 MiB skew bench hung."""
+    plan_mod = importlib.import_module("pya2a.plan")  # pya2a.plan is also the function
+    p, r = comm.Get_size(), comm.Get_rank()
+    sc, rc, sbuf, want = _case(comm, "hot")
+    info = pya2a.algorithms.get(algorithm)
+    ctx = plan_mod.Context(comm=comm, rank=r, size=p, kind="alltoallv", transport=None,
+                           in_place=False, options={})
+    cmat = np.asarray(count_matrix("hot", p), dtype=np.int64) * sbuf.itemsize
+    steps = plan_mod._schedule_steps(info, ctx)
+    need = sum(plan_mod._scratch_need(plan_mod._phases(steps), cmat)) if steps else 0
+    needs = comm.allgather(need)
+    limit = min(needs) if min(needs) < max(needs) else max(needs)
+    monkeypatch.setattr(plan_mod, "SCRATCH_LIMIT", limit)
+    with pya2a.plan(comm, sc, rc, sbuf.dtype, algorithm=algorithm) as pl:
+        bound = pl._cmat is not None
+        assert comm.allgather(bound) == [bound] * p
+        assert bound == (max(needs) <= limit)
+        rbuf = np.empty(int(rc.sum()), sbuf.dtype)
+        for _ in range(2):
+            rbuf.fill(-1)
+            pl.run(sbuf, rbuf)
+            np.testing.assert_array_equal(rbuf, want)
