@@ -8,7 +8,7 @@ any byte moves, so a bad index list raises instead of corrupting memory.
 """
 
 from libc.string cimport memcpy, memmove
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, intptr_t
 
 import numpy as np
 
@@ -16,7 +16,8 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-__all__ = ["prefix_sum", "pack", "gather", "scatter", "blocks_overlap", "check_blocks"]
+__all__ = ["prefix_sum", "pack", "gather", "scatter", "blocks_overlap", "check_blocks",
+           "CopyList"]
 
 
 def prefix_sum(const int64_t[::1] counts):
@@ -257,3 +258,37 @@ def record_arrival(int64_t[::1] offset, int64_t[::1] length, const int64_t[::1] 
         b[k] = length[j]
         c[k] = home[j]
     return so, ln, do
+
+
+cdef class CopyList:
+    """A fixed list of copies between raw addresses, made once and run many times.
+
+    ``rows`` is an (n, 3) int64 array of (source address, destination address, bytes).
+    Bound plans build one per phase boundary from buffers they keep alive (``keep``) and
+    whose bounds they checked when building it, so a call is one memcpy loop without the
+    GIL: no per-call memoryview set-up, no Python loop over gathers. Zero-byte rows are
+    dropped. Copies must not overlap (memcpy semantics).
+    """
+
+    cdef int64_t[:, ::1] _rows
+    cdef object _keep
+    cdef readonly Py_ssize_t n
+    cdef readonly int64_t nbytes
+
+    def __init__(self, rows, keep=None):
+        a = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        a = np.ascontiguousarray(a[a[:, 2] > 0])
+        if (a < 0).any():
+            raise ValueError("CopyList: negative address or length")
+        self._rows = a
+        self._keep = (a, keep)
+        self.n = a.shape[0]
+        self.nbytes = int(a[:, 2].sum()) if self.n else 0
+
+    def __call__(self):
+        cdef Py_ssize_t i
+        cdef int64_t[:, ::1] r = self._rows
+        with nogil:
+            for i in range(r.shape[0]):
+                memcpy(<void *> <intptr_t> r[i, 1], <const void *> <intptr_t> r[i, 0],
+                       <size_t> r[i, 2])

@@ -207,7 +207,18 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
     out = np.empty(max(out_need, 1), dtype=np.uint8)
     inc_all = np.empty(max(in_need, 1), dtype=np.uint8)
     bufs = [s.sb, out, inc_all]  # where a block lives: loc[(src, dst)] = (index, offset)
-    plan_steps = []  # (gathers, requests, unpacks) per phase
+    plan_steps = []  # (gathers, requests, unpacks) per phase; a gather names bufs[index]
+    # Copies as (source address, destination address, bytes) rows, checked here once
+    base = [int(b.ctypes.data) for b in bufs]
+    size = [int(b.nbytes) for b in bufs]
+    rb_addr, rb_size = int(s.rb.ctypes.data), int(s.rb.nbytes)
+
+    def rows(src_base, src_size, offs, lens, dst_base, dst_size, dst_offs) -> np.ndarray:
+        offs, lens, dst_offs = (np.asarray(x, dtype=np.int64) for x in (offs, lens, dst_offs))
+        if lens.size and ((offs < 0).any() or (offs + lens > src_size).any()
+                          or (dst_offs < 0).any() or (dst_offs + lens > dst_size).any()):
+            raise ValueError("bind_schedule: a block lies outside its buffer")  # a bug
+        return np.stack([src_base + offs, dst_base + dst_offs, lens], axis=1)
     in_pos = 0
     for ph in phases:
         gathers, reqs, unpacks, moved = [], [], [], []
@@ -220,7 +231,7 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
             for (a, b), n in zip(blk.tolist(), lens.tolist(), strict=True):
                 bi, off = loc[(a, b)]
                 if bi != run_buf and run_lens:
-                    gathers.append((bufs[run_buf], np.array(run_offs, np.int64),
+                    gathers.append((run_buf, np.array(run_offs, np.int64),
                                     np.array(run_lens, np.int64), out_pos))
                     out_pos += sum(run_lens)
                     run_offs, run_lens = [], []
@@ -228,7 +239,7 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
                 run_offs.append(off)
                 run_lens.append(n)
             if run_lens:
-                gathers.append((bufs[run_buf], np.array(run_offs, np.int64),
+                gathers.append((run_buf, np.array(run_offs, np.int64),
                                 np.array(run_lens, np.int64), out_pos))
                 out_pos += sum(run_lens)
             rblk = np.asarray(st.recv, dtype=np.int64).reshape(-1, 2)
@@ -250,23 +261,35 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
             loc[key] = (2, o)
         plan_steps.append((gathers, reqs, unpacks))
     n_self = int(s.rc[r])
-    mine = (s.rb[int(rd[r]):int(rd[r]) + n_self], s.sb[int(sd[r]):int(sd[r]) + n_self]) \
-        if n_self else None
-    gather, pack = _pack.gather, _pack.pack
-    rb = s.rb
+    # One copy list per phase boundary: the unpacks of phase k and the gathers of phase k + 1
+    # (they touch different buffers) run as one memcpy loop; the first also copies the own
+    # block. A run is then three calls per phase: copies, Startall, Waitall.
+    before, after = [], []
+    for gathers, _, unpacks in plan_steps:
+        g = [rows(base[bi], size[bi], offs, lens, base[1], size[1], at + np.cumsum(lens) - lens)
+             for bi, offs, lens, at in gathers]
+        u = [rows(base[2], size[2], offs, lens, rb_addr, rb_size, dst)
+             for offs, lens, dst in unpacks]
+        before.append(g)
+        after.append(u)
+    own = [rows(base[0], size[0], [int(sd[r])], [n_self], rb_addr, rb_size, [int(rd[r])])]
+    keep = (s.sb, s.rb, out, inc_all)
+    lists = []
+    for k in range(len(plan_steps) + 1):
+        parts = (own if k == 0 else after[k - 1]) + (before[k] if k < len(plan_steps) else [])
+        lists.append(_pack.CopyList(np.concatenate(parts) if parts else
+                                    np.zeros((0, 3), np.int64), keep))
+    first, program = lists[0], [(reqs, cl) for (_, reqs, _), cl in
+                                zip(plan_steps, lists[1:], strict=True)]
     startall, waitall = MPI.Prequest.Startall, MPI.Request.Waitall
 
     def run_bound() -> None:
-        if mine is not None:
-            mine[0][...] = mine[1]
-        for gathers, reqs, unpacks in plan_steps:
-            for src, offs, lens, at in gathers:
-                gather(src, offs, lens, out, at)
+        first()
+        for reqs, copies in program:
             if reqs:
                 startall(reqs)
                 waitall(reqs)
-            for offs, lens, dst in unpacks:
-                pack(inc_all, offs, lens, rb, dst)
+            copies()
 
     def free() -> None:
         for _, reqs, _ in plan_steps:

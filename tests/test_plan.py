@@ -178,3 +178,30 @@ def test_bound_schedule_is_chosen_alike_on_every_rank(comm, monkeypatch, algorit
             rbuf.fill(-1)
             pl.run(sbuf, rbuf)
             np.testing.assert_array_equal(rbuf, want)
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "mesh", "hypercube"])
+@pytest.mark.parametrize("pattern", ["random", "skew", "zeros"])
+def test_bound_schedule_with_gaps_and_reversed_blocks(comm, algorithm, pattern):
+    """Bound store-and-forward plans (precomputed copy lists) with gapped, reversed layouts,
+    two buffer pairs and repeated runs, against the MPI library's own Alltoallv."""
+    from helpers import SEED
+
+    p, r = comm.Get_size(), comm.Get_rank()
+    c = count_matrix(pattern, p)
+    sc, rc = c[r], c[:, r]
+    sd = np.cumsum(sc + 3) - (sc + 3)  # gaps of 3 elements
+    rd = np.cumsum((rc + 2)[::-1])[::-1] - (rc + 2)  # blocks in reverse order, gaps of 2
+    rng = np.random.default_rng([SEED, p, r])
+    sbuf = rng.integers(-1000, 1000, int((sd + sc).max(initial=0)) + 1).astype(np.int32)
+    n = int((rd + rc).max(initial=0)) + 1
+    ref = np.full(n, -7, np.int32)
+    comm.Alltoallv([sbuf, (sc, sd)], [ref, (rc, rd)])
+    with pya2a.plan(comm, sc, rc, np.int32, senddispls=sd, recvdispls=rd,
+                    algorithm=algorithm) as pl:
+        outs = [np.full(n, -7, np.int32), np.full(n, -7, np.int32)]
+        for k in range(4):
+            out = outs[k % 2]
+            out[:] = -7
+            pl.run(sbuf, out)
+            np.testing.assert_array_equal(out, ref)
