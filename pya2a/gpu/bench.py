@@ -290,11 +290,9 @@ class _ApiRows:
         self.bound_us = out[-1]["time_us"]
         return out
 
-    def _call(self, alg: str, n: int, send: Any, recv: Any) -> str | None:
+    def _call(self, alg: str, smsg: list, rmsg: list) -> str | None:
         """One one-shot call; returns the algorithm that ran when the API says."""
         pa = self.pya2a
-        counts = np.full(self.p, n, dtype=np.int64)
-        smsg, rmsg = [send[: self.p * n], counts], [recv[: self.p * n], counts]
         ex = getattr(pa.api, "_exchange", None)
         if alg == "auto" and ex is not None:
             try:  # the one-shot path itself, which reports its choice
@@ -315,18 +313,22 @@ class _ApiRows:
         algs += (["shm"] if self.shm_ok else []) + ["auto"]
         sync = cp.cuda.get_current_stream().synchronize
         first = True
+        # the messages are made once, as an application with fixed buffers would (a CuPy
+        # slice per call costs microseconds of host time that are not pya2a's)
+        counts = np.full(p, n, dtype=np.int64)
+        smsg, rmsg = [send[: p * n], counts], [recv[: p * n], counts]
         for alg in algs:
             chose = None
             try:
                 for _ in range(warm):
-                    chose = self._call(alg, n, send, recv) or chose
+                    chose = self._call(alg, smsg, rmsg) or chose
                 sync()
                 comm.Barrier()
                 t0 = time.perf_counter()
                 for _ in range(iters):
-                    self._call(alg, n, send, recv)
+                    self._call(alg, smsg, rmsg)
                 sync()
-                t = (time.perf_counter() - t0) / iters
+                t = comm.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX)
             except Exception as exc:  # a failing path is a row with its error, not a crash
                 out.append({"method": f"api:{alg}", "bytes_per_pair": n, "time_us": 0.0,
                             "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -350,7 +352,7 @@ class _ApiRows:
                 row["chose"] = comm.bcast(chose)
             if self.bound_us and t > 0:
                 row["pinned_bound_us"] = self.bound_us
-                row["vs_pinned_bound"] = self.bound_us * 1e-6 / comm.allreduce(t, op=MPI.MAX)
+                row["vs_pinned_bound"] = self.bound_us * 1e-6 / t
             if alg == "shm":
                 from pya2a.gpu import shm as gshm
 
