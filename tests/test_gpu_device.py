@@ -576,3 +576,15 @@ def test_gpu_plan_runs_repeatedly(comm, cp):
         pl.run(sbuf, rbuf)
         np.testing.assert_array_equal(cp.asnumpy(rbuf), expected_recv(c, r, "float64") + k)
     pl.free()
+
+
+def test_ipc_is_unavailable_under_another_device_backend(comm, fake):
+    """The IPC engine runs on CuPy streams: under the emulated backend ``auto`` must not pick
+    it even on a machine whose real GPUs could (it read results before the engine wrote)."""
+    from pya2a.algorithms import ipc
+
+    ok, why = ipc.comm_available(pya2a.api.internal_comm(comm))
+    assert not ok and "fake" in why
+    c = count_matrix("uniform", comm.Get_size(), scale=300)
+    out = _fake_exchange(comm, c, "float64", "auto")
+    np.testing.assert_array_equal(out, expected_recv(c, comm.Get_rank(), "float64"))

@@ -50,7 +50,18 @@ class _Raw:
 
 
 def comm_available(comm: MPI.Intracomm, device: int | None = None) -> tuple[bool, str]:
-    """Collective on first use per communicator: can ``ipc`` run here? Same on every rank."""
+    """Collective on first use per communicator: can ``ipc`` run here? Same on every rank.
+
+    Only with the CUDA (CuPy) device backend: the engine launches its kernels on CuPy
+    streams, so under another backend (an emulated device, a future HIP one) it would run
+    outside that backend's stream order. The backend is process-wide and the same on
+    every rank of a job, so this verdict needs no communication.
+    """
+    from ..gpu import device as gdev
+
+    be = gdev.backend()
+    if getattr(be, "name", None) != "cupy":
+        return False, f"the device backend in use ({getattr(be, 'name', be)!r}) has no IPC"
     key = comm.py2f()
     hit = _AVAILABLE.get(key)
     if hit is None:
