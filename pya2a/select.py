@@ -47,8 +47,9 @@ __all__ = ["Stats", "choose", "ranking", "predict", "load_table", "table_path", 
 # the lent 64-core machine (nvidia-h200-x4, MPICH 5.0.2 wheel, one node, shared memory),
 # 2026-11-21, at p = 64, 32 and 16 (bench/results/cpu_tune.json; docs/selection.md).
 # Parameters from the first round's p = 16 run (least contention); the measured times below
-# are the second round (07:14 UTC, with `padded`, every algorithm warmed up first): uniform
-# exchanges through plans, in microseconds, at 8 B .. 1 MiB per peer.
+# are the third round (session 3, after bound plans moved to per-phase copy lists, every
+# algorithm warmed up first): uniform exchanges through plans, in microseconds, at
+# 8 B .. 1 MiB per peer.
 DEFAULT_PARAMS: dict[str, float] = {
     "o": 5.1e-7,  # per-call software overhead of a plan run (COMM_SELF, 8 B), s
     "ts": 2.9e-6,  # 8-byte Sendrecv with a partner, every rank at once, s
@@ -59,27 +60,27 @@ DEFAULT_PARAMS: dict[str, float] = {
 DEFAULT_MARGIN = 0.10
 _DEFAULT_M = [8, 64, 512, 4096, 32768, 262144, 1048576]
 _DEFAULT_US: list[tuple[str, int, list[float]]] = [
-    ("native", 64, [161.7, 157.1, 166.2, 285.6, 991.5, 12591.8, 49581.3]),
-    ("direct", 64, [124.2, 120.4, 141.1, 220.4, 889.0, 12846.2, 48045.5]),
-    ("mesh", 64, [122.8, 111.4, 132.8, 446.1, 4182.1]),
-    ("hypercube", 64, [56.7, 68.3, 134.1, 566.3, 7287.5]),
-    ("padded", 64, [32.9, 54.6, 133.2, 218.9, 941.8, 17096.3, 167013.9]),
-    ("pairwise", 64, [200.2, 225.2, 366.9, 361.2, 1290.4, 17125.5, 69519.5]),
-    ("ring", 64, [501.8, 511.1, 1096.9, 5974.4]),
-    ("native", 32, [68.0, 64.8, 71.2, 94.5, 344.2, 3213.7, 16274.4]),
-    ("direct", 32, [52.7, 52.6, 61.5, 83.5, 257.1, 2848.6, 15997.2]),
-    ("mesh", 32, [64.3, 67.3, 76.0, 158.9, 675.8, 13353.4]),
-    ("hypercube", 32, [40.3, 41.6, 82.2, 176.3, 940.8, 18100.4]),
-    ("padded", 32, [19.7, 27.9, 55.9, 80.0, 276.5, 4167.1, 19061.5]),
-    ("pairwise", 32, [87.6, 90.7, 96.2, 130.7, 403.3, 3863.6, 19302.1]),
-    ("ring", 32, [197.2, 203.5, 346.3, 968.4]),
-    ("native", 16, [26.3, 24.9, 27.8, 33.7, 104.7, 465.7, 4013.2]),
-    ("direct", 16, [21.3, 20.3, 23.1, 28.1, 86.5, 403.4, 3527.0]),
-    ("mesh", 16, [24.7, 25.2, 29.6, 58.7, 229.4, 1640.1, 15721.2]),
-    ("hypercube", 16, [20.4, 20.4, 26.3, 57.0, 265.0, 2114.6]),
-    ("padded", 16, [9.9, 13.0, 23.6, 28.9, 97.3, 668.4, 6096.0]),
-    ("pairwise", 16, [30.7, 28.5, 32.3, 45.9, 114.7, 662.3, 5727.5]),
-    ("ring", 16, [54.6, 65.2, 72.2, 187.6]),
+    ("native", 64, [180.6, 174.6, 203.7, 291.9, 1002.6, 12815.5, 48835.7]),
+    ("direct", 64, [136.6, 149.6, 198.3, 240.5, 944.6, 12901.3, 47757.8]),
+    ("mesh", 64, [35.6, 45.9, 63.7, 338.4, 4171.6]),
+    ("hypercube", 64, [29.1, 34.9, 118.0, 499.7, 7420.6]),
+    ("padded", 64, [35.9, 65.9, 152.6, 231.3, 962.6, 17424.0, 172026.7]),
+    ("pairwise", 64, [255.2, 253.9, 260.7, 346.9, 1302.0, 17860.7, 71832.1]),
+    ("ring", 64, [277.4, 311.0, 943.5, 6033.0]),
+    ("native", 32, [77.2, 72.9, 77.8, 114.0, 398.3, 3946.7, 18933.6]),
+    ("direct", 32, [59.7, 60.4, 65.2, 93.8, 355.9, 3382.6, 18614.0]),
+    ("mesh", 32, [28.4, 24.8, 32.8, 130.7, 912.1, 16524.4]),
+    ("hypercube", 32, [18.1, 19.5, 58.3, 170.2, 1463.4, 22136.9]),
+    ("padded", 32, [22.1, 32.1, 62.5, 95.9, 382.5, 4957.3, 21844.6]),
+    ("pairwise", 32, [107.2, 101.6, 117.4, 146.8, 490.3, 4637.5, 22137.4]),
+    ("ring", 32, [98.5, 107.1, 267.2, 975.2]),
+    ("native", 16, [38.4, 35.4, 39.4, 50.1, 155.2, 800.7, 5982.1]),
+    ("direct", 16, [31.7, 29.3, 31.9, 41.4, 130.5, 721.4, 5161.9]),
+    ("mesh", 16, [14.5, 14.9, 22.5, 63.4, 362.2, 3174.9, 18213.3]),
+    ("hypercube", 16, [12.8, 14.6, 21.7, 78.4, 511.0, 4780.0]),
+    ("padded", 16, [17.7, 20.3, 30.8, 41.9, 147.8, 1009.3, 6824.1]),
+    ("pairwise", 16, [43.7, 45.5, 46.6, 61.6, 168.1, 963.8, 6552.9]),
+    ("ring", 16, [42.7, 44.2, 61.6, 226.2]),
 ]
 
 DEFAULT_TABLE: dict = {
@@ -235,9 +236,12 @@ def _normalize(raw: dict) -> dict:
             raise ValueError("correction entries need equal-length non-empty m and ratio")
         if not all(math.isfinite(x) and x > 0 for x in r):
             continue  # no finite model to correct (explicit-only algorithms cost inf)
-        corr.append({"algorithm": str(c["algorithm"]), "p": int(c["p"]),
-                     "device": bool(c.get("device", False)),
-                     "ranks_per_node": int(c.get("ranks_per_node", 0)), "m": m, "ratio": r})
+        entry = {"algorithm": str(c["algorithm"]), "p": int(c["p"]),
+                 "device": bool(c.get("device", False)),
+                 "ranks_per_node": int(c.get("ranks_per_node", 0)), "m": m, "ratio": r}
+        if "measured_us" in c:
+            entry["measured_s"] = [float(t) * 1e-6 for t in c["measured_us"]]
+        corr.append(entry)
     return {"version": int(raw.get("version", 1)), "params": params,
             "margin": float(raw.get("margin", DEFAULT_MARGIN)), "corrections": corr,
             "provenance": dict(raw.get("provenance", {}))}
@@ -284,14 +288,32 @@ def _correction(table: dict, name: str, stats: Stats,
     return _interp_loglog(c["m"], c["ratio"], max(m, 1.0)), c
 
 
-def predict(name: str, stats: Stats, table: dict | None = None) -> float:
-    """Predicted seconds of algorithm ``name`` for the exchange described by ``stats``."""
-    table = load_table() if table is None else table
+def _estimate(name: str, stats: Stats, table: dict) -> tuple[float, float, dict | None]:
+    """(predicted seconds, uncorrected model seconds, correction entry used) for ``name``.
+
+    Between two sizes measured at this very p (and layout) the prediction interpolates the
+    measured times themselves; elsewhere (other p, outside the measured range) it is the
+    model times the interpolated measured/model ratio. Ratios do not interpolate across a
+    change of regime inside the model: ``padded``'s model switches from Bruck rounds to
+    p - 1 messages at BRUCK_MAX = 256 B, so the 64 B and 512 B ratios of a tune averaged
+    two different models and priced a 252 B slot at half its measured cost (auto chose
+    ``padded`` at p = 32, 32 B per peer Zipf-skewed and ran 0.86x native).
+    """
     info = algorithms.get(name)
     m = _model_m(info, stats)
     model = info.cost(stats.p, m, table["params"])
-    ratio, _ = _correction(table, name, stats, m)
-    return ratio * model
+    ratio, c = _correction(table, name, stats, m)
+    if c is not None and c.get("measured_s") and c["p"] == stats.p and \
+            (not stats.ranks_per_node or c["ranks_per_node"] in (0, stats.ranks_per_node)) \
+            and c["m"][0] <= m <= c["m"][-1]:
+        return _interp_loglog(c["m"], c["measured_s"], m), model, c
+    return ratio * model, model, c
+
+
+def predict(name: str, stats: Stats, table: dict | None = None) -> float:
+    """Predicted seconds of algorithm ``name`` for the exchange described by ``stats``."""
+    table = load_table() if table is None else table
+    return _estimate(name, stats, table)[0]
 
 
 def ranking(stats: Stats, candidates: list[str], table: dict | None = None) -> list[dict]:
@@ -305,12 +327,10 @@ def ranking(stats: Stats, candidates: list[str], table: dict | None = None) -> l
     table = load_table() if table is None else table
     rows = []
     for i, name in enumerate(candidates):
-        info = algorithms.get(name)
-        m = _model_m(info, stats)
-        model = info.cost(stats.p, m, table["params"])
-        ratio, c = _correction(table, name, stats, m)
-        rows.append({"algorithm": name, "predicted_s": ratio * model, "model_s": model,
-                     "correction": ratio, "tuned_p": c["p"] if c else None, "_i": i})
+        pred, model, c = _estimate(name, stats, table)
+        rows.append({"algorithm": name, "predicted_s": pred, "model_s": model,
+                     "correction": pred / model if model > 0 else 1.0,
+                     "tuned_p": c["p"] if c else None, "_i": i})
     rows.sort(key=lambda r: (r["predicted_s"], r["_i"]))
     for r in rows:
         del r["_i"]

@@ -22,7 +22,7 @@ if [ -z "${SKIP_INSTALL:-}" ] && [ -d .whl ] && ! [ -x ${SITE}/mpich/bin/mpiexec
   python3 -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.whl/mpich*.whl')[0]).extractall('${SITE}/whl')" || exit 1
   mkdir -p ${SITE}/mpich && cp -r ${SITE}/whl/mpich-*.data/data/* ${SITE}/mpich/ && chmod +x ${SITE}/mpich/bin/*
 fi
-export PYTHONPATH=${SITE}${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=${SITE}:$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -n "${SKIP_INSTALL:-}" ] || export MPI4PY_LIBMPI=${MPI4PY_LIBMPI:-${SITE}/mpich/lib/libmpi.so.12}
 [ -n "${SKIP_INSTALL:-}" ] || MPIEXEC=${MPIEXEC:-${SITE}/mpich/bin/mpiexec}
 MPIEXEC=${MPIEXEC:-${SITE}/bin/mpiexec}
