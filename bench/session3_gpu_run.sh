@@ -37,9 +37,12 @@ if [ "${EXAMPLES:-1}" = 1 ]; then
     echo "$ex rc=$?  $(tail -n 1 /tmp/logs/ex_$ex.log | cut -c1-150)"
   done
 fi
-[ "${BENCH:-1}" = 1 ] && stamp "bench" && \
-timeout -k 5 ${BENCH_S:-200} $M -n "$NG" python3 -m pya2a.gpu.bench ${BENCH_ARGS:---sizes 128,1024,8192,65536,1048576,16777216,268435456 --nccl-graph} \
-  --out "$OUT/gpu_bench_h200$TAG.json" > /tmp/logs/gpu_bench_$TAG.log 2>&1
-[ "${BENCH:-1}" = 1 ] && { echo "rc=$?"; grep -aE "^ *(bytes|[0-9])|nccl|auto" /tmp/logs/gpu_bench_$TAG.log | head -60; }
+if [ "${BENCH:-1}" = 1 ]; then
+  stamp "bench"
+  timeout -k 5 ${BENCH_S:-200} $M -n "$NG" python3 -m pya2a.gpu.bench \
+    ${BENCH_ARGS:---sizes 128,1024,8192,65536,1048576,16777216,268435456 --nccl-graph} \
+    --out "$OUT/gpu_bench_h200$TAG.json" > /tmp/logs/gpu_bench_$TAG.log 2>&1
+  echo "rc=$?"; grep -aE "^ *(bytes|[0-9])|nccl|auto" /tmp/logs/gpu_bench_$TAG.log | head -60
+fi
 tar czf "$OUT/logs_$TAG.tgz" -C /tmp/logs .
 stamp done
