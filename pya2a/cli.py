@@ -225,7 +225,7 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
           check: bool = False, api: str = "plan", oneshot: bool = False,
           max_time: float = 0.5, max_slowdown: float = 4.0, device: str = "cpu",
           progress: bool = True, seed: int = 0, command: str = "",
-          partial: str | None = None) -> dict:
+          partial: str | None = None, rounds: int = 1) -> dict:
     """Run the sweep (collective); returns the JSON-ready report on every rank.
 
     Args:
@@ -242,6 +242,8 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
             one call longer than ``max_time``.
         device: buffer kind ("cpu"; others through :func:`register_allocator`).
         partial: JSON path rewritten (rank 0) after every size, marked incomplete.
+        rounds: interleaved timing passes per size (each ``max_time / rounds``); a row
+            reports its median pass (``passes_us`` lists them all).
     """
     from mpi4py import MPI
 
@@ -250,6 +252,7 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
     from . import algorithms as registry
 
     p, rank = comm.Get_size(), comm.Get_rank()
+    rounds = max(1, int(rounds))
     alloc, sync = _allocator(device)
     avail = registry.available(p, device=device != "cpu")
     names = [a for a in (algorithms or avail) if a not in ("native", "auto")]
@@ -264,12 +267,12 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
     if device == "cpu":
         sbuf[:] = (np.arange(sbuf.size, dtype=np.int64) * 7 + rank * 13).astype(np.uint8)
     ref = np.empty(max_recv, dtype=np.uint8) if check and device == "cpu" else None
-    bar = _Progress(len(sweep) * len(rows), progress and rank == 0)
+    bar = _Progress(len(sweep) * len(rows) * max(1, rounds), progress and rank == 0)
     dropped: dict[str, int] = {}
     results: list[dict] = []
     meta = _provenance(comm, command)
     meta.update({"pattern": pattern, "api": api, "device": device, "warmup": warmup,
-                 "iters": iters, "max_time_s": max_time, "seed": seed,
+                 "iters": iters, "max_time_s": max_time, "seed": seed, "rounds": rounds,
                  "algorithms": rows, "sizes": sweep, "tuning_table": _table_meta()})
     # First use of a communication pattern pays connection and page set-up: do it for every
     # row before the sweep, so the first size is not timed cold.
@@ -298,9 +301,8 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
                                  "max_block": int(c.max()),
                                  "max_rank_bytes": int(max(c.sum(0).max(), c.sum(1).max())),
                                  "rows": {}}
-        t_native = None
+        fns: dict[str, tuple[Callable[[], None], str, Any]] = {}
         for name in rows:
-            bar.step(f"{fmt_size(m)} {name}")
             if name in dropped:
                 point["rows"][name] = {"skipped": f"slower than native at "
                                                   f"{fmt_size(dropped[name])}"}
@@ -323,17 +325,36 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
                 chosen = pl.algorithm
                 def fn(pl=pl, s=sbuf, r=rbuf):
                     pl.run(s, r)
-            avg, tmin, tmax, n = time_call(comm, fn, warmup, iters, max_time, sync)
+            fns[name] = (fn, chosen, pl)
+        # Rows are timed in `rounds` interleaved passes (native, a, b, ..., auto, native, ...)
+        # and each row reports its median pass: machine drift over a point then shifts every
+        # row alike instead of whichever row was timed during it.
+        passes: dict[str, list] = {name: [] for name in fns}
+        for k in range(rounds):
+            for name, (fn, _, _) in fns.items():
+                bar.step(f"{fmt_size(m)} {name}" + (f" {k + 1}/{rounds}" if rounds > 1 else ""))
+                passes[name].append(time_call(comm, fn, warmup if k == 0 else 1, iters,
+                                              max_time / rounds, sync))
+        if ref is not None:  # every row's result against native's, after the timing
+            fns["native"][0]()
+            ref[:] = rbuf[:max_recv]
+        t_native = None
+        for name, (fn, chosen, pl) in fns.items():
+            runs = sorted(passes[name], key=lambda r: r[0])
+            avg, tmin, tmax, _ = runs[(len(runs) - 1) // 2]
             row = {"avg_us": avg * 1e6, "min_us": tmin * 1e6, "max_us": tmax * 1e6,
-                   "iters": n, "algbw_GBps": mean_rank / avg / 1e9,
+                   "iters": sum(r[3] for r in runs), "algbw_GBps": mean_rank / avg / 1e9,
                    "busbw_GBps": mean_rank / avg / 1e9 * (p - 1) / p}
+            if rounds > 1:
+                row["passes_us"] = [r[0] * 1e6 for r in passes[name]]
             if name.startswith("auto"):
                 row["algorithm"] = chosen
             if ref is not None:
                 if name == "native":
-                    ref[:] = rbuf[:max_recv]
                     row["check"] = True
                 else:
+                    rbuf[:int(rc.sum())] = 0
+                    fn()
                     ok = bool(np.array_equal(rbuf[:int(rc.sum())], ref[:int(rc.sum())]))
                     row["check"] = bool(comm.allreduce(ok, op=MPI.LAND))
             if pl is not None:
@@ -552,7 +573,7 @@ def _bench_main(args, argv) -> int:
                    pattern=args.pattern, check=args.check, api=args.api, oneshot=args.oneshot,
                    max_time=args.max_time, max_slowdown=args.max_slowdown,
                    device=args.device, progress=not args.no_progress, seed=args.seed,
-                   command=_command(argv), partial=args.json)
+                   command=_command(argv), partial=args.json, rounds=args.rounds)
     if comm.Get_rank() == 0:
         print_table(report)
         if args.json:
@@ -666,6 +687,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-n", "--iters", type=int, default=50, help="timed calls per point (max)")
     b.add_argument("--max-time", type=float, default=0.5,
                    help="cut iterations so a point takes about this many seconds")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="interleaved timing passes per size; rows report their median pass")
     b.add_argument("--algorithms", default="", help="comma list (default: all usable)")
     b.add_argument("--pattern", choices=PATTERNS, default="uniform")
     b.add_argument("-c", "--check", action="store_true", help="verify against native")
