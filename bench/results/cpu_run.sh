@@ -5,7 +5,8 @@
 # Run from the repository root on the lent nvidia-h200-x4 machine (64 cores), with the
 # MPICH 5.0.2 and Cython wheels in .whl/:  bash bench/results/cpu_run.sh [RESULT_DIR]
 # Env: PS="16 32 64", PATTERNS="uniform skew", SIZES="-b 8 -e 4M -f 4", BENCH_TIMEOUT=150 (s
-# per bench run), MAX_TIME=0.3 (s per point and row), ROUNDS=3 (interleaved passes, median),
+# per bench run), MAX_TIME=0.3 (s per point and row), ROUNDS=5 (interleaved passes, best),
+# ITERS=50 (timed calls per pass at most),
 # PLOT=1 (0: JSON only; `python -m pya2a bench --replot JSON --plot PNG` later).
 set -u
 SITE=${SITE:-/tmp/pya2a_site}
@@ -43,8 +44,8 @@ for p in $PS; do
   for pat in $PATTERNS; do
     plot=""
     [ "${PLOT:-1}" = 1 ] && plot="--plot $RES/cpu_p${p}_${pat}.png"
-    timeout ${BENCH_TIMEOUT:-150} $MPIEXEC -n "$p" $PY -m pya2a bench $SIZES -w 3 -n 20 \
-      --max-time ${MAX_TIME:-0.3} --rounds ${ROUNDS:-3} --pattern "$pat" --oneshot --no-progress \
+    timeout ${BENCH_TIMEOUT:-150} $MPIEXEC -n "$p" $PY -m pya2a bench $SIZES -w 3 -n ${ITERS:-50} \
+      --max-time ${MAX_TIME:-0.3} --rounds ${ROUNDS:-5} --pattern "$pat" --oneshot --no-progress \
       --json "$RES/cpu_p${p}_${pat}.json" $plot 2>&1 | grep -av "^#.*wrote"
     echo "== bench p=$p $pat done at $((SECONDS - T0)) s"
   done
