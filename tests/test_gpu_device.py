@@ -588,3 +588,20 @@ def test_ipc_is_unavailable_under_another_device_backend(comm, fake):
     c = count_matrix("uniform", comm.Get_size(), scale=300)
     out = _fake_exchange(comm, c, "float64", "auto")
     np.testing.assert_array_equal(out, expected_recv(c, comm.Get_rank(), "float64"))
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "native"])
+def test_one_rank_is_a_device_copy(fake, algorithm):
+    """p = 1: the own block moves device to device in stream order; nothing is staged."""
+    comm = MPI.COMM_SELF
+    src = np.arange(10, dtype=np.float32)
+    sbuf, rbuf = FakeDeviceArray(src), FakeDeviceArray(np.zeros(12, np.float32))
+    pya2a.Alltoallv(comm, [sbuf, ([7], [2])], [rbuf, ([7], [4])], algorithm=algorithm)
+    fake.sync(fake.main)
+    want = np.zeros(12, np.float32)
+    want[4:11] = src[2:9]
+    np.testing.assert_array_equal(rbuf.arr, want)
+    assert fake.pinned_calls == 0 and not fake.registered
+    pya2a.Alltoallv(comm, MPI.IN_PLACE, [rbuf, ([7], [4])], algorithm=algorithm)
+    fake.sync(fake.main)
+    np.testing.assert_array_equal(rbuf.arr, want)

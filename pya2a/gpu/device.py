@@ -568,6 +568,14 @@ def _wrap(run, body=None):
 def _native_body(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     """``native`` on device buffers: staged, or pointers straight through if MPI is aware."""
     t = ctx.transport
+    if ctx.size == 1 and (send is None or (send.contiguous and recv.contiguous)):
+        # one rank: the exchange is the own block, a device-to-device copy in stream order
+        # (staging it through host memory cost 10 ms for 32 MiB on an H200)
+        n = int(recv.bcounts[0])
+        if send is not None and n > 0:
+            t.backend.memcpy(recv.addr + int(recv.bdispls[0]), send.addr + int(send.bdispls[0]),
+                             n, t.stream)
+        return
     if isinstance(t, StagedTransport):
         t.native(send, recv, ctx.kind)
     else:
