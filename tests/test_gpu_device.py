@@ -605,3 +605,13 @@ def test_one_rank_is_a_device_copy(fake, algorithm):
     pya2a.Alltoallv(comm, MPI.IN_PLACE, [rbuf, ([7], [4])], algorithm=algorithm)
     fake.sync(fake.main)
     np.testing.assert_array_equal(rbuf.arr, want)
+
+
+def test_launch_config_matches_cuda_h_layout():
+    """ctypes mirrors of CUlaunchConfig / CUlaunchAttribute (cuda.h, CUDA 12-13, 64-bit)."""
+    from pya2a.gpu import ipc_alltoallv as m
+
+    assert ctypes.sizeof(m._LaunchConfig) == 56 and ctypes.sizeof(m._LaunchAttr) == 72
+    assert (m._LaunchConfig.hStream.offset, m._LaunchConfig.attrs.offset,
+            m._LaunchConfig.numAttrs.offset) == (32, 40, 48)
+    assert m._LaunchAttr.value.offset == 8 and m._PDL_ATTRS.value == 1

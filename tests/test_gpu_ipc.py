@@ -229,6 +229,30 @@ def test_cuda_graph_capture(engine, method):
     assert COMM.allreduce(bad) == 0
 
 
+def _pdl_supported() -> bool:
+    from pya2a.gpu.ipc_alltoallv import _launch_ex
+
+    cc = int(cupy.cuda.Device().compute_capability[:-1] or 0)
+    return COMM.allreduce(int(_launch_ex() is not None and cc >= 9), op=MPI.MIN) == 1
+
+
+@pytest.mark.parametrize("case", ["repeated-ll", "repeated-push", "graph-ll", "graph-push"])
+def test_programmatic_dependent_launch(engine, case):
+    """The same races and graph replays with launches through cuLaunchKernelEx + PDL, where
+    the next call's grid is scheduled while the previous one drains (sm_90+)."""
+    if not _pdl_supported():
+        pytest.skip("programmatic dependent launch needs sm_90+ and cuLaunchKernelEx")
+    kind, method = case.split("-")
+    old, engine.pdl = engine.pdl, True
+    try:
+        if kind == "repeated":
+            test_repeated_calls_changing_data(engine, method, method == "push")
+        else:
+            test_cuda_graph_capture(engine, method)
+    finally:
+        engine.pdl = old
+
+
 # ---------------------------------------------------------------- registered buffers
 def _layout(seed, kind, maxc):
     rng = np.random.default_rng(seed)

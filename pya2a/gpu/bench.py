@@ -129,8 +129,14 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
     maxb = max(sizes)
     api = _ApiRows(comm, cp, maxb) if staged else None
     eng = None
+    pdl = pdl_default = False
     if ok:
         eng = IpcAlltoallv(comm, capacity_bytes=maxb, ll_bytes=min(maxb, 1 << 20))
+        from .ipc_alltoallv import _launch_ex
+
+        pdl_default = eng.pdl
+        pdl = _launch_ex() is not None and \
+            int(cp.cuda.Device(eng.device).compute_capability[:-1] or 0) >= 9
         sym_send = eng.alloc_symmetric(p * maxb)
         sym_recv = eng.alloc_symmetric(p * maxb)
     send = cp.random.randint(0, 255, size=p * maxb, dtype=np.uint8)
@@ -182,6 +188,8 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
         for m in methods:
             if m == "ll" and n <= eng.ll_bytes:
                 variants.append(("ll", "ll", send, recv, True))
+                if pdl:  # the same calls through programmatic dependent launch
+                    variants.append(("ll_pdl", "ll", send, recv, True))
             elif m == "push":
                 variants.append(("push_inplace", "push", send, sym_recv, True))
             elif m == "push_staged" and n <= eng.slot_bytes:
@@ -192,6 +200,7 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                 variants.append(("ce_staged", "ce", send, recv, True))
                 variants.append(("ce_inplace", "ce", send, sym_recv, False))
         for name, meth, sb, rb, eager in variants:
+            eng.pdl = name.endswith("_pdl") or pdl_default
             plan = eng.plan(sb[: p * n], counts, displs, rb[: p * n], counts, displs,
                             method=meth)
 
@@ -227,6 +236,8 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                     emit({"method": name + "_graph", "bytes_per_pair": n,
                           "time_us": tg * 1e6, "iters": 10 * iters})
         comm.Barrier()
+    if eng is not None:
+        eng.pdl = pdl_default
     if torch is not None and nccl_graph:
         rows += _nccl_graph(comm, torch, dist, timer, send, sizes, p, emit_fn=emit)
     if eng is not None:
@@ -410,8 +421,15 @@ def _capture(cp: Any, stream: Any, fn: Any, iters: int) -> Any:
     try:
         with stream:
             stream.begin_capture()
-            for _ in range(iters):
-                fn()
+            try:
+                for _ in range(iters):
+                    fn()
+            except Exception:
+                try:  # leave capture mode, or every later call on the stream fails
+                    stream.end_capture()
+                except Exception:
+                    pass
+                raise
             return stream.end_capture()
     except Exception as exc:
         print(f"# graph capture failed: {exc}", file=sys.stderr)

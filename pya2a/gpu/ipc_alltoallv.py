@@ -90,6 +90,57 @@ _ARGS_DTYPE = np.dtype(
     ]
 )
 _THREADS = 512
+
+# Programmatic dependent launch (Hopper and later): single-launch calls may go through
+# cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6 in cuda.h),
+# so the next call's grid is scheduled while this one drains; the kernels begin with
+# griddepcontrol.wait (the previous grid complete, its memory visible) and then release
+# their own dependents. Opt-in while it is being measured: PYA2A_IPC_PDL=1.
+_PDL_ATTRIBUTE = 6
+
+
+class _LaunchAttr(ctypes.Structure):
+    """CUlaunchAttribute with an int value (id, padding, 64-byte value union)."""
+
+    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("value", ctypes.c_int32),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h)."""
+
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint),
+                ("gridDimZ", ctypes.c_uint), ("blockDimX", ctypes.c_uint),
+                ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.c_void_p), ("numAttrs", ctypes.c_uint)]
+
+
+_PDL_ATTRS = _LaunchAttr(id=_PDL_ATTRIBUTE, value=1)
+_LAUNCH_EX: list = []
+
+
+def _launch_ex() -> Any:
+    """The driver's cuLaunchKernelEx through ctypes, or None where it is missing."""
+    if not _LAUNCH_EX:
+        fn = None
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        except (OSError, AttributeError):
+            fn = None
+        _LAUNCH_EX.append(fn)
+    return _LAUNCH_EX[0]
+
+
+def _pdl_wanted(cp: Any, device: int) -> bool:
+    if os.environ.get("PYA2A_IPC_PDL", "0") != "1" or _launch_ex() is None:
+        return False
+    major = cp.cuda.Device(device).compute_capability[:-1]
+    return int(major or 0) >= 9
+
+
 _KERNEL_FILE = os.path.join(os.path.dirname(__file__), "kernels", "ipc_alltoallv.cu")
 _MODULES: dict[int, Any] = {}
 
@@ -200,7 +251,7 @@ class _Call:
     """One packed call: kernel argument block, grid, and copy-engine work."""
 
     __slots__ = ("args", "params", "paddr", "grid", "method", "copies", "self_copy", "qvals",
-                 "qparams")
+                 "qparams", "cfg", "cfg_addr")
 
     def __init__(self, args: np.ndarray, grid: int, method: str,
                  copies: list[tuple[int, int, int, int, int]],
@@ -216,6 +267,11 @@ class _Call:
         self.qvals = [(ctypes.c_int64(c[0]), ctypes.c_int64(c[4])) for c in copies]
         self.qparams = [(ctypes.c_void_p * 3)(args.ctypes.data, ctypes.addressof(q),
                                               ctypes.addressof(j)) for q, j in self.qvals]
+        # cuLaunchKernelEx configuration for programmatic dependent launch (stream set per call)
+        self.cfg = _LaunchConfig(gridDimX=grid, gridDimY=1, gridDimZ=1, blockDimX=_THREADS,
+                                 blockDimY=1, blockDimZ=1, sharedMemBytes=0, hStream=None,
+                                 attrs=ctypes.addressof(_PDL_ATTRS), numAttrs=1)
+        self.cfg_addr = ctypes.addressof(self.cfg)
 
 
 class IpcPlan:
@@ -329,6 +385,7 @@ class IpcAlltoallv:
             cp.cuda.runtime.deviceSynchronize()
         self.group.comm.Barrier()
         self._launchk = cp.cuda.driver.launchKernel
+        self.pdl = _pdl_wanted(cp, self.device)  # per rank; only orders this rank's stream
         self._getdev = cp.cuda.runtime.getDevice
         self._template = np.zeros((), dtype=_ARGS_DTYPE)
         t = self._template
@@ -612,6 +669,13 @@ class IpcAlltoallv:
         launch = self._launchk
         params = call.paddr
         if call.method != "ce":  # the common path: one launch, nothing else
+            if self.pdl:
+                cfg = call.cfg
+                cfg.hStream = stream
+                rc = _LAUNCH_EX[0](call.cfg_addr, self._fn[call.method], params, None)
+                if rc:
+                    raise RuntimeError(f"IpcAlltoallv: cuLaunchKernelEx failed (CUresult {rc})")
+                return
             launch(self._fn[call.method], call.grid, 1, 1, _THREADS, 1, 1, 0, stream, params, 0)
             return
         cp = self._cp

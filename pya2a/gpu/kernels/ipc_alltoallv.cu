@@ -89,6 +89,16 @@ __device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
 #endif
 }
 
+// Programmatic dependent launch (sm_90+): wait until the previous grid in the stream has
+// completed and its memory is visible (a no-op when this launch did not ask for overlap),
+// then let the next grid be scheduled; it waits here in turn.
+__device__ __forceinline__ void pdl_enter() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(__HIP_PLATFORM_AMD__)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void spin_until_ge(const u64* p, u64 s) {
     while (ld_volatile(p) < s) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700) && !defined(__HIP_PLATFORM_AMD__)
@@ -207,6 +217,7 @@ __device__ void finish(const Args& a, u64 s) {
 
 extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args a) {
     __shared__ u64 s_key;
+    pdl_enter();
     u64* ctrl = (u64*)a.ctrl;
     const int me = (int)a.rank, p = (int)a.p;
     int q, c;
@@ -393,6 +404,7 @@ __device__ __forceinline__ uint4 ll_wait(const uint4* p, unsigned int tag) {
 }
 
 extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
+    pdl_enter();
     u64* ctrl = (u64*)a.ctrl;
     const int me = (int)a.rank, p = (int)a.p;
     int q, c;
