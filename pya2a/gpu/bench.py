@@ -200,7 +200,8 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                 variants.append(("ce_staged", "ce", send, recv, True))
                 variants.append(("ce_inplace", "ce", send, sym_recv, False))
         for name, meth, sb, rb, eager in variants:
-            eng.pdl = name.endswith("_pdl") or pdl_default
+            # ll and ll_pdl compare the two launch paths; other methods launch as by default
+            eng.pdl = name.endswith("_pdl") or (pdl_default and not (pdl and name == "ll"))
             plan = eng.plan(sb[: p * n], counts, displs, rb[: p * n], counts, displs,
                             method=meth)
 
