@@ -115,10 +115,12 @@ def _part(x: Any) -> Any:
     if t is int or t is str or x is None:
         return x
     if t is list or t is tuple:
-        try:
-            s = sum(x)
-        except TypeError:
-            s = None
+        s = None
+        if not x or type(x[0]) is int:  # (a pair of arrays would be summed elementwise)
+            try:
+                s = sum(x)
+            except TypeError:
+                s = None
         if type(s) is int:  # a flat sequence of Python ints
             return (t, tuple(x))
         if len(x) == 2:  # (counts, displs)
