@@ -676,9 +676,16 @@ class IpcAlltoallv:
                 cfg = call.cfg
                 cfg.hStream = stream
                 rc = _LAUNCH_EX[0](call.cfg_addr, self._fn[call.method], params, None)
-                if rc:
-                    raise RuntimeError(f"IpcAlltoallv: cuLaunchKernelEx failed (CUresult {rc})")
-                return
+                if not rc:
+                    return
+                # a driver that refuses the attribute: plain launches from now on (PDL only
+                # orders this rank's own stream, so ranks need not agree on it)
+                self.pdl = False
+                import warnings
+
+                warnings.warn(f"pya2a ipc: cuLaunchKernelEx refused programmatic dependent "
+                              f"launch (CUresult {rc}); using plain launches", RuntimeWarning,
+                              stacklevel=3)
             launch(self._fn[call.method], call.grid, 1, 1, _THREADS, 1, 1, 0, stream, params, 0)
             return
         cp = self._cp
