@@ -230,3 +230,32 @@ def test_repeated_torch_calls_take_the_fast_path_on_one_stream(cp):
         assert _full_calls() == before + 1
     torch.cuda.synchronize()
     assert torch.equal(out, want + 11)
+
+
+def _managed(cp, host):
+    """A CuPy array in managed (unified) memory holding ``host``."""
+    mem = cp.cuda.malloc_managed(max(host.nbytes, 1))
+    arr = cp.ndarray(host.shape, dtype=host.dtype, memptr=mem)
+    arr[...] = cp.asarray(host)
+    return arr
+
+
+@pytest.mark.parametrize("side", ["both", "send", "recv"])
+def test_managed_memory_through_every_device_algorithm(cp, ipc_ok, side):
+    """Managed (unified) memory is staged like device memory; ``ipc`` cannot export it and
+    stages it through its own slots (small blocks) or refuses registration (large ones)."""
+    comm = WORLD
+    p, r = comm.Get_size(), comm.Get_rank()
+    for scale in (40, 600000):  # small blocks, then blocks past ipc's 4 MiB direct threshold
+        c = count_matrix("random", p, scale=scale)
+        want = expected_recv(c, r, "float32")
+        for alg in _algorithms():
+            if alg == "ipc" and not ipc_ok:
+                continue
+            host = send_data(c, r, "float32")
+            sbuf = _managed(cp, host) if side in ("both", "send") else cp.asarray(host)
+            rh = np.full(int(c[:, r].sum()), 3, dtype="float32")
+            rbuf = _managed(cp, rh) if side in ("both", "recv") else cp.asarray(rh)
+            pya2a.Alltoallv(comm, [sbuf, c[r]], [rbuf, c[:, r]], algorithm=alg)
+            got = cp.asnumpy(rbuf)
+            assert got.tobytes() == want.tobytes(), (alg, scale, side)
