@@ -447,7 +447,10 @@ class Comm(MPI.Intracomm):
     """Drop-in intracommunicator whose ``Alltoall`` / ``Alltoallv`` go through pya2a.
 
     It is an ``mpi4py.MPI.Intracomm`` (a second handle to the same MPI communicator), so
-    every other method and every isinstance check behaves as the wrapped one's.
+    every other method and every isinstance check behaves as the wrapped one's, except that
+    the rest of the all-to-all family (``Ialltoall(v/w)``, ``Alltoallw``, the ``*_init``
+    calls: still the library's own) raise ``TypeError`` for a device buffer when the MPI is
+    not CUDA-aware, instead of crashing inside MPI.
 
     Args:
         comm: the communicator to wrap (default ``MPI.COMM_WORLD``).
@@ -480,6 +483,56 @@ class Comm(MPI.Intracomm):
         """``MPI.Comm.Alltoall`` through pya2a with this communicator's algorithm."""
         _exchange("Alltoall", "alltoall", self, sendbuf, recvbuf, self.algorithm, False,
                   self.options)
+
+
+# The rest of the all-to-all family stays the library's own call, but a device buffer handed
+# to an MPI that is not CUDA-aware would crash inside MPI (mpi4py passes the device pointer
+# through): refuse it with a TypeError instead. Host buffers, and any buffer when MPI is
+# CUDA-aware, go straight through. The check is local; every rank that passes device
+# buffers raises.
+_GUARDED = ("Ialltoall", "Ialltoallv", "Alltoallw", "Ialltoallw", "Alltoall_init",
+            "Alltoallv_init", "Alltoallw_init")
+
+
+def _message_buffer(msg: object) -> object:
+    if isinstance(msg, (list, tuple)):
+        return msg[0] if msg else None
+    return msg
+
+
+def _refuse_device_without_aware(call: str, msgs: tuple) -> None:
+    for msg in msgs:
+        buf = _message_buffer(msg)
+        if buf is None or in_place(buf) or not is_device_buffer(buf):
+            continue
+        from .gpu import device as gdev
+
+        if not gdev.cuda_aware():
+            raise TypeError(
+                f"{call}: device buffer with an MPI that is not CUDA-aware "
+                f"({gdev.cuda_aware_reason()}): the library's own call would crash on a "
+                f"device pointer. Use {call.split('.')[0]}.Alltoallv / Alltoall (pya2a moves "
+                f"device buffers itself) or a CUDA-aware MPI")
+        return
+
+
+def _guarded(name: str):
+    base = getattr(MPI.Intracomm, name)
+
+    def method(self, *args, **kwargs):
+        _refuse_device_without_aware(f"Comm.{name}", args[:2])
+        return base(self, *args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = (f"``MPI.Comm.{name}`` (the MPI library's own call); a device buffer "
+                      f"with an MPI that is not CUDA-aware raises TypeError instead of "
+                      f"crashing.")
+    return method
+
+
+for _name in _GUARDED:
+    if hasattr(MPI.Intracomm, _name):
+        setattr(Comm, _name, _guarded(_name))
 
 
 from .plan import Plan, explain, plan  # noqa: E402  (plan.py builds on the helpers above)

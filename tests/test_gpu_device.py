@@ -615,3 +615,42 @@ def test_launch_config_matches_cuda_h_layout():
     assert (m._LaunchConfig.hStream.offset, m._LaunchConfig.attrs.offset,
             m._LaunchConfig.numAttrs.offset) == (32, 40, 48)
     assert m._LaunchAttr.value.offset == 8 and m._PDL_ATTRS.value == 1
+
+
+@pytest.mark.parametrize("name", ["Ialltoallv", "Ialltoall", "Alltoallw", "Alltoallv_init"])
+def test_comm_refuses_device_buffers_for_the_library_calls_without_cuda_aware_mpi(
+        comm, fake, monkeypatch, name):
+    """pya2a.Comm keeps the library's own non-blocking / w / persistent all-to-alls, but a
+    device buffer with an MPI that is not CUDA-aware raises instead of crashing in MPI."""
+    if not hasattr(MPI.Intracomm, name):
+        pytest.skip(f"this mpi4py has no {name}")
+    monkeypatch.setattr(gdev, "cuda_aware", lambda: False)
+    p = comm.Get_size()
+    c = pya2a.Comm(comm)
+    dev = FakeDeviceArray(np.zeros(p, np.float64))
+    host = np.zeros(p, np.float64)
+    if name == "Alltoallw":
+        msg = [dev, [1] * p, [8 * j for j in range(p)], [MPI.DOUBLE] * p]
+        hmsg = [host, [1] * p, [8 * j for j in range(p)], [MPI.DOUBLE] * p]
+        args, hargs = (msg, hmsg), (hmsg, msg)
+    else:
+        args, hargs = (dev, host), (host, dev)
+    for a in (args, hargs):  # device send, then device receive
+        with pytest.raises(TypeError, match="not CUDA-aware"):
+            getattr(c, name)(*a)
+    # host buffers still reach the library's own call
+    src = np.arange(p, dtype=np.float64) + 10 * comm.Get_rank()
+    out = np.zeros(p, np.float64)
+    if name == "Alltoallw":
+        disp = [8 * j for j in range(p)]
+        c.Alltoallw([src, [1] * p, disp, [MPI.DOUBLE] * p], [out, [1] * p, disp, [MPI.DOUBLE] * p])
+    elif name == "Alltoallv_init":
+        if MPI.Get_version() < (4, 0):  # MPI-3 libraries have no persistent collectives
+            return
+        req = c.Alltoallv_init(src, out)
+        req.Start()
+        req.Wait()
+        req.Free()
+    else:
+        getattr(c, name)(src, out).Wait()
+    np.testing.assert_array_equal(out, np.arange(p) * 10.0 + comm.Get_rank())
