@@ -540,8 +540,8 @@ def test_gpu_errors_mixed_and_noncontiguous(comm, cp):
     p = comm.Get_size()
     with pytest.raises(TypeError, match="host"):
         pya2a.Alltoallv(comm, cp.zeros(p, cp.float64), np.zeros(p))
-    with pytest.raises(BufferError, match="contiguous"):
-        pya2a.Alltoallv(comm, cp.zeros((p, 2))[:, 0], cp.zeros(p))
+    with pytest.raises(BufferError, match="contiguous"):  # 2p elements: strided even at p = 1
+        pya2a.Alltoallv(comm, cp.zeros((2 * p, 2))[:, 0], cp.zeros(2 * p))
 
 
 @gpu

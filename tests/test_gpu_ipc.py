@@ -222,7 +222,8 @@ def test_cuda_graph_capture(engine, method):
             plan.run(stream=stream)
         graph = stream.end_capture()
     for _ in range(5):
-        recv.fill(0)
+        with stream:  # ordered before the replay; 99 is what exp holds where nothing lands
+            recv.fill(99)  # (at p = 1 with an empty own block, that is the whole buffer)
         graph.launch(stream)
     stream.synchronize()
     bad = int(cupy.count_nonzero(recv != exp))
