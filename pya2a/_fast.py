@@ -38,6 +38,7 @@ __all__ = ["FastCache", "signature", "register", "clear"]
 
 CAPACITY = 64  # signatures kept per communicator (least recently used evicted)
 _NO = object()  # "this part has no signature": take the full path
+_INT_CHARS = frozenset(np.typecodes["AllInteger"])  # NumPy integer type codes
 
 _PREDEFINED: frozenset[int] = frozenset(
     dt.handle for dt in MPI._typedict.values() if dt != MPI.DATATYPE_NULL) | frozenset(
@@ -128,10 +129,11 @@ def _part(x: Any) -> Any:
             return _NO if a is _NO or b is _NO else (t, a, b)
         return _NO
     if t is np.ndarray:
-        if x.dtype.kind not in "iu" or x.ndim != 1:
+        c = x.dtype.char
+        if c not in _INT_CHARS or x.ndim != 1:
             return _NO
-        return (x.dtype.char, x.size, x.tobytes())
-    if isinstance(x, MPI.Datatype):
+        return (c, x.tobytes())  # the type code and the bytes fix the values and the length
+    if t is MPI.Datatype or isinstance(x, MPI.Datatype):
         h = x.handle
         return ("T", h) if h in _PREDEFINED else _NO
     return _NO
@@ -148,13 +150,20 @@ def _message(msg: Any) -> tuple[Any, Any, Any] | None:
         b = _buffer(buf)
         if b is None:
             return None
-        parts = [t, b[0]]
-        for x in msg[1:]:
-            px = _part(x)
-            if px is _NO:
-                return None
-            parts.append(px)
-        return tuple(parts), buf, b[1]
+        p1 = _part(msg[1])
+        if p1 is _NO:
+            return None
+        if n == 2:
+            return (t, b[0], p1), buf, b[1]
+        p2 = _part(msg[2])
+        if p2 is _NO:
+            return None
+        if n == 3:
+            return (t, b[0], p1, p2), buf, b[1]
+        p3 = _part(msg[3])
+        if p3 is _NO:
+            return None
+        return (t, b[0], p1, p2, p3), buf, b[1]
     b = _buffer(msg)
     if b is None:
         return None
