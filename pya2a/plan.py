@@ -207,10 +207,9 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
     out = np.empty(max(out_need, 1), dtype=np.uint8)
     inc_all = np.empty(max(in_need, 1), dtype=np.uint8)
     bufs = [s.sb, out, inc_all]  # where a block lives: loc[(src, dst)] = (index, offset)
-    plan_steps = []  # (gathers, requests, unpacks) per phase; a gather names bufs[index]
-    # Copies as (source address, destination address, bytes) rows, checked here once
-    base = [int(b.ctypes.data) for b in bufs]
-    size = [int(b.nbytes) for b in bufs]
+    # Copies are (source address, destination address, bytes) rows, checked here once
+    base = np.array([b.ctypes.data for b in bufs], dtype=np.int64)
+    size = np.array([b.nbytes for b in bufs], dtype=np.int64)
     rb_addr, rb_size = int(s.rb.ctypes.data), int(s.rb.nbytes)
 
     def rows(src_base, src_size, offs, lens, dst_base, dst_size, dst_offs) -> np.ndarray:
@@ -218,30 +217,20 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
         if lens.size and ((offs < 0).any() or (offs + lens > src_size).any()
                           or (dst_offs < 0).any() or (dst_offs + lens > dst_size).any()):
             raise ValueError("bind_schedule: a block lies outside its buffer")  # a bug
-        return np.stack([src_base + offs, dst_base + dst_offs, lens], axis=1)
+        return np.stack([src_base + offs, dst_base + dst_offs, lens], axis=1).reshape(-1, 3)
+
+    before, after, phase_reqs = [], [], []  # per phase: gather rows, unpack rows, requests
     in_pos = 0
     for ph in phases:
-        gathers, reqs, unpacks, moved = [], [], [], []
+        gathers, unpacks, reqs, moved = [], [], [], []  # gather: (buffer, offset, at, bytes)
         out_pos = 0
         for st in ph:
             blk = np.asarray(st.send, dtype=np.int64).reshape(-1, 2)
             lens = cmat[blk[:, 0], blk[:, 1]].astype(np.int64)
             start = out_pos
-            run_buf, run_offs, run_lens = None, [], []
             for (a, b), n in zip(blk.tolist(), lens.tolist(), strict=True):
-                bi, off = loc[(a, b)]
-                if bi != run_buf and run_lens:
-                    gathers.append((run_buf, np.array(run_offs, np.int64),
-                                    np.array(run_lens, np.int64), out_pos))
-                    out_pos += sum(run_lens)
-                    run_offs, run_lens = [], []
-                run_buf = bi
-                run_offs.append(off)
-                run_lens.append(n)
-            if run_lens:
-                gathers.append((run_buf, np.array(run_offs, np.int64),
-                                np.array(run_lens, np.int64), out_pos))
-                out_pos += sum(run_lens)
+                gathers.append((*loc[(a, b)], out_pos, n))
+                out_pos += n
             rblk = np.asarray(st.recv, dtype=np.int64).reshape(-1, 2)
             rl = cmat[rblk[:, 0], rblk[:, 1]].astype(np.int64)
             rtot = int(rl.sum())
@@ -253,34 +242,30 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
             offs = in_pos + np.cumsum(rl) - rl
             home = rblk[:, 1] == r
             if home.any():
-                unpacks.append((offs[home], rl[home], rd[rblk[home, 0]].astype(np.int64)))
+                unpacks.append(rows(base[2], size[2], offs[home], rl[home], rb_addr, rb_size,
+                                    rd[rblk[home, 0]]))
             moved.extend(((a, b), o) for (a, b), o, h in
                          zip(rblk.tolist(), offs.tolist(), home.tolist(), strict=True) if not h)
             in_pos += rtot
         for key, o in moved:  # received blocks are forwardable from the next phase on
             loc[key] = (2, o)
-        plan_steps.append((gathers, reqs, unpacks))
+        g = np.array(gathers, dtype=np.int64).reshape(-1, 4)
+        before.append([rows(base[g[:, 0]], size[g[:, 0]], g[:, 1], g[:, 3], base[1], size[1],
+                            g[:, 2])])
+        after.append(unpacks)
+        phase_reqs.append(reqs)
     n_self = int(s.rc[r])
     # One copy list per phase boundary: the unpacks of phase k and the gathers of phase k + 1
     # (they touch different buffers) run as one memcpy loop; the first also copies the own
     # block. A run is then three calls per phase: copies, Startall, Waitall.
-    before, after = [], []
-    for gathers, _, unpacks in plan_steps:
-        g = [rows(base[bi], size[bi], offs, lens, base[1], size[1], at + np.cumsum(lens) - lens)
-             for bi, offs, lens, at in gathers]
-        u = [rows(base[2], size[2], offs, lens, rb_addr, rb_size, dst)
-             for offs, lens, dst in unpacks]
-        before.append(g)
-        after.append(u)
     own = [rows(base[0], size[0], [int(sd[r])], [n_self], rb_addr, rb_size, [int(rd[r])])]
     keep = (s.sb, s.rb, out, inc_all)
     lists = []
-    for k in range(len(plan_steps) + 1):
-        parts = (own if k == 0 else after[k - 1]) + (before[k] if k < len(plan_steps) else [])
+    for k in range(len(phases) + 1):
+        parts = (own if k == 0 else after[k - 1]) + (before[k] if k < len(phases) else [])
         lists.append(_pack.CopyList(np.concatenate(parts) if parts else
                                     np.zeros((0, 3), np.int64), keep))
-    first, program = lists[0], [(reqs, cl) for (_, reqs, _), cl in
-                                zip(plan_steps, lists[1:], strict=True)]
+    first, program = lists[0], list(zip(phase_reqs, lists[1:], strict=True))
     startall, waitall = MPI.Prequest.Startall, MPI.Request.Waitall
 
     def run_bound() -> None:
@@ -292,11 +277,11 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
             copies()
 
     def free() -> None:
-        for _, reqs, _ in plan_steps:
+        for reqs in phase_reqs:  # emptied in place: the run's program holds these lists
             for q in reqs:
                 if q:
                     q.Free()
-        plan_steps.clear()
+            reqs.clear()
 
     return Bound(run=run_bound, free=free)
 
