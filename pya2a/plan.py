@@ -161,20 +161,19 @@ def _scratch_need(phases: list[list], cmat: np.ndarray) -> tuple[int, int]:
     return out_need, in_need
 
 
-def bind_scratch_ok(comm: MPI.Intracomm, info: algorithms.AlgorithmInfo, ctx: Context,
-                    cmat: np.ndarray) -> bool:
+def bind_scratch_ok(comm: MPI.Intracomm, steps: list | None, cmat: np.ndarray) -> bool:
     """Collective: True when every rank's bound-schedule scratch fits :data:`SCRATCH_LIMIT`.
 
-    The answer is the same on every rank (one Allreduce of the largest need), so either all
-    ranks bind the schedule or all call the algorithm's ``run``.
+    ``steps`` is this rank's schedule (:func:`_schedule_steps`). The answer is the same on
+    every rank (one Allreduce of the largest need), so either all ranks bind the schedule or
+    all call the algorithm's ``run``.
     """
-    steps = _schedule_steps(info, ctx)
     need = sum(_scratch_need(_phases(steps), cmat)) if steps else 0
     return int(comm.allreduce(need, op=MPI.MAX)) <= SCRATCH_LIMIT
 
 
 def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx: Context,
-                  cmat: np.ndarray) -> Bound | None:
+                  cmat: np.ndarray, steps: list | None = None) -> Bound | None:
     """Bind a store-and-forward schedule (ring, mesh, hypercube) to two host buffers.
 
     With the whole byte-count matrix ``cmat[src, dst]`` (all-gathered once when the plan was
@@ -187,14 +186,16 @@ def bind_schedule(info: algorithms.AlgorithmInfo, send: VSpec, recv: VSpec, ctx:
     and schedules that are not lists of Steps. The scratch limit is the caller's to check, on
     the largest need over all ranks (:func:`bind_scratch_ok`): with skewed counts one rank's
     scratch can exceed it while another's does not, and a rank that binds exchanges on other
-    tags than one that calls ``run``, so the two would wait on each other forever.
+    tags than one that calls ``run``, so the two would wait on each other forever. ``steps``:
+    the schedule when the caller has it already (computed here otherwise).
     """
     from . import _pack
     from .algorithms._common import sides
 
     if ctx.transport.device is not None or ctx.in_place or cmat is None:
         return None
-    steps = _schedule_steps(info, ctx)
+    if steps is None:
+        steps = _schedule_steps(info, ctx)
     if steps is None:
         return None
     s = sides(send, recv, ctx.transport)
@@ -452,7 +453,7 @@ class Plan:
             row = np.ascontiguousarray(send.counts * send.tsize, dtype=np.int64)
             cmat = np.empty((p, p), dtype=np.int64)
             icomm.Allgather(row, cmat)
-            if bind_scratch_ok(icomm, info, self._ctx(), cmat):
+            if bind_scratch_ok(icomm, self._schedule(), cmat):
                 self._cmat = cmat
 
     def _init(self, icomm: MPI.Intracomm, send: VSpec, recv: VSpec, cache_size: int) -> None:
@@ -470,6 +471,7 @@ class Plan:
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
         self._max_block: int | None = None  # largest block over all ranks, bytes
+        self._steps: list | None = None  # this rank's schedule, made on first need
 
     @classmethod
     def _from_specs(cls, icomm: MPI.Intracomm, algorithm: str, send: VSpec, recv: VSpec,
@@ -482,6 +484,12 @@ class Plan:
         return self
 
     # ---- binding ---------------------------------------------------------------------------
+    def _schedule(self) -> list | None:
+        """This rank's store-and-forward schedule (computed once per plan), or None."""
+        if self._steps is None:
+            self._steps = _schedule_steps(self._info, self._ctx())
+        return self._steps
+
     def _ctx(self, kind: str = "alltoallv", **options: object) -> Context:
         if self._max_block is not None:
             options.setdefault("max_block", self._max_block)
@@ -506,7 +514,7 @@ class Plan:
             scratch = (t.buffer(send), t.buffer(recv))
         bound = info.prepare(send, recv, ctx) if info.prepare is not None else None
         if bound is None and info.prepare is None and self._cmat is not None:
-            bound = bind_schedule(info, send, recv, ctx, self._cmat)
+            bound = bind_schedule(info, send, recv, ctx, self._cmat, self._schedule())
         if bound is None:
             if send is None:
                 ctx.in_place = True
