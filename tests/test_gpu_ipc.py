@@ -231,10 +231,10 @@ def test_cuda_graph_capture(engine, method):
 
 
 def _pdl_supported() -> bool:
-    from pya2a.gpu.ipc_alltoallv import _launch_ex
+    from pya2a.gpu.ipc_alltoallv import pdl_supported
 
-    cc = int(cupy.cuda.Device().compute_capability[:-1] or 0)
-    return COMM.allreduce(int(_launch_ex() is not None and cc >= 9), op=MPI.MIN) == 1
+    ok = pdl_supported(cupy, cupy.cuda.Device().id)
+    return COMM.allreduce(int(ok), op=MPI.MIN) == 1
 
 
 @pytest.mark.parametrize("case", ["repeated-ll", "repeated-push", "graph-ll", "graph-push"])

@@ -132,11 +132,10 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
     pdl = pdl_default = False
     if ok:
         eng = IpcAlltoallv(comm, capacity_bytes=maxb, ll_bytes=min(maxb, 1 << 20))
-        from .ipc_alltoallv import _launch_ex
+        from .ipc_alltoallv import pdl_supported
 
         pdl_default = eng.pdl
-        pdl = _launch_ex() is not None and \
-            int(cp.cuda.Device(eng.device).compute_capability[:-1] or 0) >= 9
+        pdl = pdl_supported(cp, eng.device)
         sym_send = eng.alloc_symmetric(p * maxb)
         sym_recv = eng.alloc_symmetric(p * maxb)
     send = cp.random.randint(0, 255, size=p * maxb, dtype=np.uint8)

@@ -137,11 +137,16 @@ def _launch_ex() -> Any:
     return _LAUNCH_EX[0]
 
 
-def _pdl_wanted(cp: Any, device: int) -> bool:
-    if os.environ.get("PYA2A_IPC_PDL", "1") == "0" or _launch_ex() is None:
+def pdl_supported(cp: Any, device: int) -> bool:
+    """Whether this driver and GPU can launch with programmatic dependent launch (sm_90+)."""
+    if _launch_ex() is None:
         return False
     major = cp.cuda.Device(device).compute_capability[:-1]
     return int(major or 0) >= 9
+
+
+def _pdl_wanted(cp: Any, device: int) -> bool:
+    return os.environ.get("PYA2A_IPC_PDL", "1") != "0" and pdl_supported(cp, device)
 
 
 _KERNEL_FILE = os.path.join(os.path.dirname(__file__), "kernels", "ipc_alltoallv.cu")
