@@ -4,17 +4,11 @@
 # peers write into directly), the GPU test suites, the examples in GPU mode, then
 # pya2a.gpu.bench (ll/push engine, one-shot API rows, NCCL eager and in a CUDA graph).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TAG=${TAG:-x$(nvidia-smi -L | wc -l)}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
-export PYTHONWARNINGS=ignore::DeprecationWarning
 T0=$SECONDS
 stamp() { echo "== $1 at +$((SECONDS - T0))s"; }
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/cython*.whl
-export PYTHONPATH=/tmp/site:$PWD
-python3 setup.py build_ext --inplace -q > "$OUT/build.log" 2>&1 || { tail "$OUT/build.log"; exit 1; }
+. bench/device_env.sh
 NG=$(nvidia-smi -L | wc -l)
-M="mpiexec --allow-run-as-root --oversubscribe --bind-to none"
 PT="-q -p no:cacheprovider -o addopts="
 mkdir -p /tmp/logs
 if [ "${SANITIZE:-1}" = 1 ]; then

@@ -3,13 +3,7 @@
 # for the IPC engine (tests with PDL forced, then ll vs ll_pdl vs NCCL, eager and in graphs,
 # in one bench run), and device p = 1 (reshard on 2 ranks has size-1 column communicators).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
-export PYTHONWARNINGS=ignore::DeprecationWarning
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/cython*.whl
-export PYTHONPATH=/tmp/site:$PWD
-python3 setup.py build_ext --inplace -q > "$OUT/build.log" 2>&1 || { tail "$OUT/build.log"; exit 1; }
-M="mpiexec --allow-run-as-root --oversubscribe --bind-to none"
+. bench/device_env.sh
 PT="-q -p no:cacheprovider -o addopts="
 echo "== GPU tests 4x1 (ipc, device, api)"
 timeout -k 5 150 $M -n 4 python3 -m mpi4py tests/run_mpi.py $PT -m "not serial" \
