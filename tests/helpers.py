@@ -87,3 +87,13 @@ def native_oracle(comm: MPI.Intracomm, smsg, rmsg_like: np.ndarray, rspec) -> np
     out = rmsg_like.copy()
     comm.Alltoallv(smsg, [out, *rspec])
     return out
+
+
+def cuda_device_count() -> int:
+    """CUDA devices CuPy sees; 0 without CuPy or a driver (GPU tests then skip)."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0

@@ -15,21 +15,12 @@ from mpi4py import MPI
 import pya2a
 from pya2a.algorithms import ipc as ipc_alg
 
-from helpers import count_matrix, expected_recv, send_data
+from helpers import count_matrix, cuda_device_count, expected_recv, send_data
 
 WORLD = MPI.COMM_WORLD
 
 
-def _ndev() -> int:
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:
-        return 0
-
-
-NDEV = _ndev()
+NDEV = cuda_device_count()
 pytestmark = pytest.mark.skipif(NDEV == 0, reason="no CUDA device (or no CuPy)")
 
 

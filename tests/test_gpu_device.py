@@ -27,7 +27,7 @@ from pya2a.bufspec import parse_vector
 from pya2a.gpu import device as gdev
 from pya2a.gpu import staging
 
-from helpers import PATTERNS, count_matrix, expected_recv, send_data
+from helpers import PATTERNS, count_matrix, cuda_device_count, expected_recv, send_data
 
 WORLD = MPI.COMM_WORLD
 DEVICE_ALGORITHMS = ["auto", *gdev.register_device_algorithms()]
@@ -354,16 +354,7 @@ def test_fake_staged_host_to_device_scatter_many_runs(fake):
 # ---------------------------------------------------------------------------------------
 # real GPU
 # ---------------------------------------------------------------------------------------
-def _ndev() -> int:
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:
-        return 0
-
-
-NDEV = _ndev()
+NDEV = cuda_device_count()
 gpu = pytest.mark.skipif(NDEV == 0, reason="no CUDA device (or no CuPy)")
 
 

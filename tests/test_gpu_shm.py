@@ -22,7 +22,7 @@ from pya2a.algorithms import shm as shm_alg
 from pya2a.gpu import device as gdev
 from pya2a.gpu import shm as gshm
 
-from helpers import PATTERNS, count_matrix, expected_recv, send_data
+from helpers import PATTERNS, count_matrix, cuda_device_count, expected_recv, send_data
 
 WORLD = MPI.COMM_WORLD
 FakeDeviceArray = _emu.FakeDeviceArray
@@ -247,16 +247,7 @@ def test_auto_uses_shm_for_fake_device_buffers(comm, fake, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # real GPU
 # ---------------------------------------------------------------------------------------
-def _ndev() -> int:
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:
-        return 0
-
-
-NDEV = _ndev()
+NDEV = cuda_device_count()
 gpu = pytest.mark.skipif(NDEV == 0, reason="no CUDA device (or no CuPy)")
 
 
