@@ -26,7 +26,7 @@ RUN_MPI  = timeout -k 10 900 $(MPIEXEC) -n $$n $(PY) -m mpi4py tests/run_mpi.py
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py pya2a/_pack.pyx
+$(STAMP): pyproject.toml setup.py pya2a/_pack.pyx pya2a/gpu/_launch.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(MPI),system)

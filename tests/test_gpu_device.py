@@ -599,13 +599,21 @@ def test_one_rank_is_a_device_copy(fake, algorithm):
 
 
 def test_launch_config_matches_cuda_h_layout():
-    """ctypes mirrors of CUlaunchConfig / CUlaunchAttribute (cuda.h, CUDA 12-13, 64-bit)."""
-    from pya2a.gpu import ipc_alltoallv as m
+    """The launcher's CUlaunchConfig / CUlaunchAttribute (cuda.h, CUDA 12-13, 64-bit)."""
+    from pya2a.gpu import _launch
 
-    assert ctypes.sizeof(m._LaunchConfig) == 56 and ctypes.sizeof(m._LaunchAttr) == 72
-    assert (m._LaunchConfig.hStream.offset, m._LaunchConfig.attrs.offset,
-            m._LaunchConfig.numAttrs.offset) == (32, 40, 48)
-    assert m._LaunchAttr.value.offset == 8 and m._PDL_ATTRS.value == 1
+    assert _launch.layout() == (56, 72, 32, 40, 48, 8)
+
+
+def test_launcher_without_a_driver_says_so():
+    """Where libcuda is missing the launcher reports it (the engine then uses CuPy)."""
+    from pya2a.gpu import _launch
+
+    if _launch.available():
+        pytest.skip("a CUDA driver is present")
+    assert not _launch.has_launch_ex()
+    with pytest.raises(RuntimeError, match="libcuda"):
+        _launch.Launcher(0, 1, 32, 0)
 
 
 @pytest.mark.parametrize("name", ["Ialltoallv", "Ialltoall", "Alltoallw", "Alltoallv_init"])

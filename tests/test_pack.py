@@ -80,3 +80,18 @@ def test_unmappable_formats_travel_as_same_size_elements():
     half = parse_vector(np.zeros(4, np.float16), 2, readonly=True)
     assert half.tsize == 2 and half.datatype.Get_size() == 2
     assert MPI.BYTE.Get_size() == 1
+
+
+def test_int64_key_concatenates_four_plain_int64_vectors_and_refuses_the_rest():
+    """The IPC engine's call-cache key: the four vectors' bytes in order, or None for any
+    argument that is not a C-contiguous 1-D int64 array of the common length."""
+    a, b = np.arange(4, dtype=np.int64), np.arange(4, 8, dtype=np.int64)
+    assert _pack.int64_key(a, b, b, a) == a.tobytes() + b.tobytes() + b.tobytes() + a.tobytes()
+    assert _pack.int64_key(a, b, a, b) != _pack.int64_key(b, a, a, b)
+    assert _pack.int64_key(a, b, a, np.arange(3, dtype=np.int64)) is None  # lengths differ
+    assert _pack.int64_key(a, b, a, [0, 1, 2, 3]) is None  # not an array
+    assert _pack.int64_key(a, b, a, a.astype(np.int32)) is None  # other dtype
+    assert _pack.int64_key(a, b, a, np.arange(8, dtype=np.int64)[::2]) is None  # strided
+    assert _pack.int64_key(a, b, a, a.reshape(2, 2)) is None  # not 1-D
+    e = np.zeros(0, dtype=np.int64)
+    assert _pack.int64_key(e, e, e, e) == b""

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .._pack import int64_key as _int64_key
 from .ipc import (
     CTRL_BYTES,
     KEY_SHIFT,
@@ -92,54 +93,31 @@ _ARGS_DTYPE = np.dtype(
 _THREADS = 512
 
 # Programmatic dependent launch (Hopper and later): single-launch calls may go through
-# cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6 in cuda.h),
-# so the next call's grid is scheduled while this one drains; the kernels begin with
-# griddepcontrol.wait (the previous grid complete, its memory visible) and then release
-# their own dependents. Measured on 4 x H200 (bench/results/gpu_pdl_h200x4.json): 0.5-1.0 us
-# less per call at 128 B-256 KiB (plan 5.7 -> 4.7 us at 128 B, graph 4.3 -> 3.9 us). On by
-# default where the driver has cuLaunchKernelEx and the GPU is sm_90+; PYA2A_IPC_PDL=0 turns
-# it off.
-_PDL_ATTRIBUTE = 6
+# cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, so the next
+# call's grid is scheduled while this one drains; the kernels begin with griddepcontrol.wait
+# (the previous grid complete, its memory visible) and then release their own dependents.
+# Measured on 4 x H200 (bench/results/gpu_pdl_h200x4.json): 0.5-1.0 us less per call at
+# 128 B-256 KiB (plan 5.7 -> 4.7 us at 128 B, graph 4.3 -> 3.9 us). On by default where the
+# driver has cuLaunchKernelEx and the GPU is sm_90+; PYA2A_IPC_PDL=0 turns it off.
+# Launches go through the Cython module _launch (one C call into a dlopen'ed libcuda);
+# without it (not built, or no libcuda, e.g. ROCm) through CuPy, and without PDL.
+try:
+    from . import _launch as _fastlaunch
+except ImportError:  # extension not built: CuPy launches
+    _fastlaunch = None
 
 
-class _LaunchAttr(ctypes.Structure):
-    """CUlaunchAttribute with an int value (id, padding, 64-byte value union)."""
-
-    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("value", ctypes.c_int32),
-                ("rest", ctypes.c_char * 60)]
-
-
-class _LaunchConfig(ctypes.Structure):
-    """CUlaunchConfig (cuda.h)."""
-
-    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint),
-                ("gridDimZ", ctypes.c_uint), ("blockDimX", ctypes.c_uint),
-                ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
-                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
-                ("attrs", ctypes.c_void_p), ("numAttrs", ctypes.c_uint)]
-
-
-_PDL_ATTRS = _LaunchAttr(id=_PDL_ATTRIBUTE, value=1)
-_LAUNCH_EX: list = []
-
-
-def _launch_ex() -> Any:
-    """The driver's cuLaunchKernelEx through ctypes, or None where it is missing."""
-    if not _LAUNCH_EX:
-        fn = None
-        try:
-            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        except (OSError, AttributeError):
-            fn = None
-        _LAUNCH_EX.append(fn)
-    return _LAUNCH_EX[0]
+def _fast_launch() -> Any:
+    """The Cython launcher module if it can reach the driver, else None."""
+    if _fastlaunch is not None and _fastlaunch.available():
+        return _fastlaunch
+    return None
 
 
 def pdl_supported(cp: Any, device: int) -> bool:
     """Whether this driver and GPU can launch with programmatic dependent launch (sm_90+)."""
-    if _launch_ex() is None:
+    fl = _fast_launch()
+    if fl is None or not fl.has_launch_ex():
         return False
     major = cp.cuda.Device(device).compute_capability[:-1]
     return int(major or 0) >= 9
@@ -196,8 +174,18 @@ def _counts_key(x: Any) -> bytes:
 def _buf_key(buf: Any) -> tuple:
     data = getattr(buf, "data", None)
     if data is not None and hasattr(data, "ptr"):  # CuPy: address, size and layout
-        return (data.ptr, buf.nbytes, buf.flags.c_contiguous)
+        c = getattr(buf, "_c_contiguous", None)  # CuPy's attribute; .flags builds an object
+        return (data.ptr, buf.nbytes, buf.flags.c_contiguous if c is None else c)
     return _ptr_nbytes(buf)
+
+
+def _layout_key(sendcounts: Any, sdispls: Any, recvcounts: Any, rdispls: Any) -> Any:
+    """Cache key of the counts and displacements (one bytes object in the common case)."""
+    k = _int64_key(sendcounts, sdispls, recvcounts, rdispls)
+    if k is None:
+        k = (_counts_key(sendcounts), _counts_key(sdispls), _counts_key(recvcounts),
+             _counts_key(rdispls))
+    return k
 
 
 class Registration:
@@ -259,11 +247,11 @@ class _Call:
     """One packed call: kernel argument block, grid, and copy-engine work."""
 
     __slots__ = ("args", "params", "paddr", "grid", "method", "copies", "self_copy", "qvals",
-                 "qparams", "cfg", "cfg_addr")
+                 "qparams", "launcher")
 
     def __init__(self, args: np.ndarray, grid: int, method: str,
                  copies: list[tuple[int, int, int, int, int]],
-                 self_copy: tuple[int, int, int]) -> None:
+                 self_copy: tuple[int, int, int], fn: int) -> None:
         self.args = args
         self.params = (ctypes.c_void_p * 1)(args.ctypes.data)
         self.paddr = ctypes.addressof(self.params)
@@ -275,11 +263,10 @@ class _Call:
         self.qvals = [(ctypes.c_int64(c[0]), ctypes.c_int64(c[4])) for c in copies]
         self.qparams = [(ctypes.c_void_p * 3)(args.ctypes.data, ctypes.addressof(q),
                                               ctypes.addressof(j)) for q, j in self.qvals]
-        # cuLaunchKernelEx configuration for programmatic dependent launch (stream set per call)
-        self.cfg = _LaunchConfig(gridDimX=grid, gridDimY=1, gridDimZ=1, blockDimX=_THREADS,
-                                 blockDimY=1, blockDimZ=1, sharedMemBytes=0, hStream=None,
-                                 attrs=ctypes.addressof(_PDL_ATTRS), numAttrs=1)
-        self.cfg_addr = ctypes.addressof(self.cfg)
+        # single-launch methods: one C call per run (Cython launcher), when available
+        fl = _fast_launch()
+        self.launcher = (fl.Launcher(fn, grid, _THREADS, args.ctypes.data, args)
+                         if fl is not None and method != "ce" else None)
 
 
 class IpcPlan:
@@ -343,7 +330,7 @@ class IpcAlltoallv:
 
     def __init__(self, comm: Any, capacity_bytes: int, *, device: int | None = None,
                  ll_bytes: int = LL_MAX_DEFAULT, min_chunk: int = 32 * 1024,
-                 ll_min_chunk: int = 8 * 1024, ce_sub: int = 1) -> None:
+                 ll_min_chunk: int = 2 * 1024, ce_sub: int = 1) -> None:
         cp = _cupy()
         self._cp = cp
         if capacity_bytes < 0 or ll_bytes < 0:
@@ -661,7 +648,8 @@ class IpcAlltoallv:
         self_blocks = min(self.self_max, max(1, -(-nself // (128 << 10))))
         a["bpp"] = bpp
         a["self_blocks"] = self_blocks
-        return _Call(a, self_blocks + max(p - 1, 0) * bpp, method, copies, self_copy)
+        return _Call(a, self_blocks + max(p - 1, 0) * bpp, method, copies, self_copy,
+                     self._fn.get(method, 0))
 
     def _check_slots(self, counts: np.ndarray) -> None:
         big = int(counts.max()) if counts.size else 0
@@ -677,12 +665,13 @@ class IpcAlltoallv:
         launch = self._launchk
         params = call.paddr
         if call.method != "ce":  # the common path: one launch, nothing else
-            if self.pdl:
-                cfg = call.cfg
-                cfg.hStream = stream
-                rc = _LAUNCH_EX[0](call.cfg_addr, self._fn[call.method], params, None)
-                if not rc:
-                    return
+            fast = call.launcher
+            if fast is None:
+                launch(self._fn[call.method], call.grid, 1, 1, _THREADS, 1, 1, 0, stream,
+                       params, 0)
+                return
+            rc = fast.run(stream, self.pdl)
+            if rc and self.pdl:
                 # a driver that refuses the attribute: plain launches from now on (PDL only
                 # orders this rank's own stream, so ranks need not agree on it)
                 self.pdl = False
@@ -691,7 +680,9 @@ class IpcAlltoallv:
                 warnings.warn(f"pya2a ipc: cuLaunchKernelEx refused programmatic dependent "
                               f"launch (CUresult {rc}); using plain launches", RuntimeWarning,
                               stacklevel=3)
-            launch(self._fn[call.method], call.grid, 1, 1, _THREADS, 1, 1, 0, stream, params, 0)
+                rc = fast.run(stream, False)
+            if rc:
+                raise RuntimeError(f"pya2a ipc: kernel launch failed (CUresult {rc})")
             return
         cp = self._cp
         rt = cp.cuda.runtime
@@ -761,8 +752,8 @@ class IpcAlltoallv:
         if reg is None and method in ("push", "ce") and (direct or (direct is None
                                                                     and method == "ce")):
             reg = self.register_recv(recvbuf, rdispls)
-        key = (method, _buf_key(sendbuf), _buf_key(recvbuf), _counts_key(sendcounts),
-               _counts_key(sdispls), _counts_key(recvcounts), _counts_key(rdispls),
+        key = (method, _buf_key(sendbuf), _buf_key(recvbuf),
+               _layout_key(sendcounts, sdispls, recvcounts, rdispls),
                reg.epoch if reg is not None else 0)
         call = self._cache.get(key)
         if call is None:
