@@ -8,7 +8,8 @@
 //   [16]     u64 cur         call number in flight (copy-engine path)
 //   [128]    u64 rdy_seq[P]  written by peer r: "call s, here is my key for you"
 //   [256]    u64 rdy_key[P]  key = (allocation index << 56) | byte offset in it
-//   [384]    u64 fin[P]      written by peer r: r finished call fin[r] (all methods)
+//   [384]    u64 fin[P]      written by peer r: r finished call fin[r] (posted at the
+//                            start of r's next call; the LL method waits on it)
 //   [512]    u32 cnt[P]      local: blocks done with a peer in this call (LL)
 //   [1024]   u64 flag[P][B]  written by peer r: chunk c of call s is done
 //   [8192]   u64 tab[S][P]   local: base address of allocation k on rank r (my VA)
@@ -185,28 +186,49 @@ __device__ void self_copy(const Args& a, int c) {
                    (const char*)a.sendbuf + a.sdispl[a.rank] + b, e - b);
 }
 
+// This call's number. Every thread reads it (a broadcast load, no block barrier): the
+// value changes only in finish(), by the last block, after every thread of every block
+// has passed this point.
 __device__ __forceinline__ u64 start_seq(const Args& a) {
-    __shared__ u64 s_seq;
-    if (threadIdx.x == 0) s_seq = ld_volatile((const u64*)a.ctrl + CTRL_SEQ) + 1;
-    __syncthreads();
-    return s_seq;
+    return ld_volatile((const u64*)a.ctrl + CTRL_SEQ) + 1;
+}
+
+// Tell every peer that this rank has finished call s - 1: the previous grid of this
+// stream completed before this one got past pdl_enter (or started, without PDL). Posted
+// at the start of call s rather than at the end of call s - 1, because a grid completes
+// only once its stores are performed, and a store into peer memory at the very end
+// would hold that back by an NVLink round trip. (PYA2A_LATE_FIN: the old placement,
+// kept for the comparison in bench/ipc_floor.py.)
+__device__ __forceinline__ void announce_finished(const Args& a, u64 s) {
+#ifndef PYA2A_LATE_FIN
+    const int r = (int)threadIdx.x;
+    if (blockIdx.x == 0 && r < (int)a.p && r != (int)a.rank)
+        *(volatile u64*)((u64*)a.peer_ctrl[r] + CTRL_FIN + a.rank) = s - 1;
+#endif
 }
 
 // The last block to finish publishes the call number (every block read it at its
-// start) and tells every peer that this rank is done with call s.
+// start); the next call's grid reads it after this one completed, so no fence is needed
+// for that (PYA2A_FINISH_FENCE: fence first anyway, for the comparison).
 __device__ void finish(const Args& a, u64 s) {
     __syncthreads();
     if (threadIdx.x == 0) {
         u64* ctrl = (u64*)a.ctrl;
+#if defined(PYA2A_FINISH_FENCE) || defined(PYA2A_LATE_FIN)
         __threadfence();
+#endif
         unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
         const unsigned int old = atomicAdd(done, 1u);
         if (old == gridDim.x - 1) {
             *(volatile unsigned int*)done = 0u;
+#ifdef PYA2A_LATE_FIN
             __threadfence();
             *(volatile u64*)(ctrl + CTRL_SEQ) = s;
             for (int r = 0; r < (int)a.p; ++r)
                 if (r != (int)a.rank) *(volatile u64*)((u64*)a.peer_ctrl[r] + CTRL_FIN + a.rank) = s;
+#else
+            *(volatile u64*)(ctrl + CTRL_SEQ) = s;
+#endif
         }
     }
 }
@@ -223,6 +245,7 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
     int q, c;
     role(a, &q, &c);
     const u64 s = start_seq(a);
+    announce_finished(a, s);
     const int dst = (me + q) % p, src = (me - q + p) % p;
     i64 nch, cs;
 
@@ -409,33 +432,46 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
     const int me = (int)a.rank, p = (int)a.p;
     int q, c;
     role(a, &q, &c);
+    const int dst = (me + q) % p, src = (me - q + p) % p;
+    const i64 nt = blockDim.x;
+    // This block's send lines [sb, se) to dst, and the payload of this thread's first
+    // line, loaded before the call number and the buffer-reuse check so that its latency
+    // overlaps theirs (with small chunks that is the only line a thread sends).
+    const i64 ns = (q == 0) ? 0 : a.scount[dst], ls = (ns + 7) >> 3;
+    i64 sb = 0, se = 0;
+    if (ls > 0) {
+        i64 nch, cs;
+        ll_chunking(ls, a, &nch, &cs);
+        if (c < nch) {
+            sb = (i64)c * cs;
+            se = (sb + cs < ls) ? sb + cs : ls;
+        }
+    }
+    const char* in = (const char*)a.sendbuf + a.sdispl[dst];
+    const int sal = ll_align(in);
+    const i64 i0 = sb + threadIdx.x;
+    const uint2 first = (i0 < se) ? ll_load8(in, i0, ns, sal) : make_uint2(0u, 0u);
     const u64 s = start_seq(a);
+    announce_finished(a, s);
     if (q == 0) {
         self_copy(a, c);
     } else {
-        const int dst = (me + q) % p, src = (me - q + p) % p;
         const unsigned int tag = (unsigned int)s;
         const u64 par = s & 1ull;
-        const i64 nt = blockDim.x;
         i64 nch, cs;
-        const i64 ns = a.scount[dst], ls = (ns + 7) >> 3;
-        ll_chunking(ls, a, &nch, &cs);
-        if (ls > 0 && c < nch) {
-            PAIR_RANGE(ls, nch, cs, c, b, e)
-            if (b < e) {
-                if (threadIdx.x == 0 && s >= 3) spin_until_ge(ctrl + CTRL_FIN + dst, s - 2);
-                __syncthreads();
-                uint4* out = (uint4*)(a.peer_ctrl[dst] + a.ll_off + (par * (u64)p + (u64)me) * (u64)a.ll_slot);
-                const char* in = (const char*)a.sendbuf + a.sdispl[dst];
-                const int al = ll_align(in);
-                i64 i = b + threadIdx.x;
-                for (; i + nt < e; i += 2 * nt) {  // two loads in flight before the stores
-                    const uint2 v0 = ll_load8(in, i, ns, al), v1 = ll_load8(in, i + nt, ns, al);
-                    ll_put(out + i, v0, tag);
-                    ll_put(out + i + nt, v1, tag);
-                }
-                if (i < e) ll_put(out + i, ll_load8(in, i, ns, al), tag);
+        if (i0 < se) {
+            // dst finished the call that last used this parity's buffer (every sending
+            // thread reads the flag itself: one broadcast load, no block barrier)
+            if (s >= 3) spin_until_ge(ctrl + CTRL_FIN + dst, s - 2);
+            uint4* out = (uint4*)(a.peer_ctrl[dst] + a.ll_off + (par * (u64)p + (u64)me) * (u64)a.ll_slot);
+            ll_put(out + i0, first, tag);
+            i64 i = i0 + nt;
+            for (; i + nt < se; i += 2 * nt) {  // two loads in flight before the stores
+                const uint2 v0 = ll_load8(in, i, ns, sal), v1 = ll_load8(in, i + nt, ns, sal);
+                ll_put(out + i, v0, tag);
+                ll_put(out + i + nt, v1, tag);
             }
+            if (i < se) ll_put(out + i, ll_load8(in, i, ns, sal), tag);
         }
         const i64 nr = a.rcount[src], lr = (nr + 7) >> 3;
         ll_chunking(lr, a, &nch, &cs);
@@ -482,6 +518,7 @@ extern "C" __global__ void pya2a_ipc_ce_pre(const Args a) {
     const u64 s = ld_volatile(ctrl + CTRL_SEQ) + 1;
     const int r = threadIdx.x;
     if (r == 0) *(volatile u64*)(ctrl + CTRL_CUR) = s;
+    announce_finished(a, s);
     if (r < p && r != me) {
         if (a.rcount[r] > 0) {
             u64* pc = (u64*)a.peer_ctrl[r];
