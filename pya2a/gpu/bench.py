@@ -54,10 +54,12 @@ def _iters(nbytes: int) -> tuple[int, int]:
 
 
 class _Timer:
-    """CUDA events on one torch or CuPy stream."""
+    """CUDA events on one torch or CuPy stream; the best of ``passes`` measurements."""
 
-    def __init__(self, cp: Any, stream_ptr: int) -> None:
+    def __init__(self, cp: Any, stream_ptr: int, passes: int = 1) -> None:
         self.cp = cp
+        self.passes = max(1, int(passes))
+        self.last: list[float] = []  # every pass of the last time() call, seconds per call
         with warnings.catch_warnings():  # ExternalStream is deprecated in CuPy 14
             warnings.simplefilter("ignore", DeprecationWarning)
             self.stream = cp.cuda.ExternalStream(stream_ptr)
@@ -67,12 +69,19 @@ class _Timer:
         for _ in range(warm):
             fn()
         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record(self.stream)
-        for _ in range(iters):
-            fn()
-        e1.record(self.stream)
-        e1.synchronize()
-        return cp.cuda.get_elapsed_time(e0, e1) * 1e-3 / iters
+        self.last = []
+        for _ in range(self.passes):
+            e0.record(self.stream)
+            for _ in range(iters):
+                fn()
+            e1.record(self.stream)
+            e1.synchronize()
+            self.last.append(cp.cuda.get_elapsed_time(e0, e1) * 1e-3 / iters)
+        return min(self.last)
+
+    def passes_us(self) -> list[float]:
+        """The last measurement's passes in microseconds (for the JSON row)."""
+        return [round(t * 1e6, 3) for t in self.last]
 
 
 def _latency(comm: Any, fn: Any, sync: Any, reps: int = 20) -> float:
@@ -90,10 +99,12 @@ def _latency(comm: Any, fn: Any, sync: Any, reps: int = 20) -> float:
 
 def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = True,
               graph: bool = True, nccl_graph: bool = False, log: Any = None,
-              staged: bool = True) -> list[dict]:
+              staged: bool = True, passes: int = 1) -> list[dict]:
     """Benchmark rows for every (method, size); collective over ``comm``.
 
-    ``staged`` adds the public-API rows and the pinned bound (module doc).
+    ``staged`` adds the public-API rows and the pinned bound (module doc). ``passes``:
+    every timed row (NCCL's too) is measured that many times back to back and reports
+    each rank's best pass (``passes_us`` lists them), then the slowest rank.
     """
     from pya2a.gpu import cupy as get_cupy
     from pya2a.gpu.ipc_alltoallv import IpcAlltoallv
@@ -123,11 +134,11 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
     else:
         sstream = cp.cuda.Stream(non_blocking=True)
         sptr = int(sstream.ptr)
-    timer = _Timer(cp, sptr)
+    timer = _Timer(cp, sptr, passes)
 
     ok, why = IpcAlltoallv.available(comm)
     maxb = max(sizes)
-    api = _ApiRows(comm, cp, maxb) if staged else None
+    api = _ApiRows(comm, cp, maxb, passes) if staged else None
     eng = None
     pdl = pdl_default = False
     if ok:
@@ -175,9 +186,10 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                 def f_nccl(tr=tr, ts=ts) -> None:
                     dist.all_to_all_single(tr, ts)
                 t = timer.time(f_nccl, warm, iters)
+                pas = timer.passes_us()
                 lat = _latency(comm, f_nccl, tstream.synchronize)
             emit({"method": "nccl", "bytes_per_pair": n, "time_us": t * 1e6,
-                  "latency_us": lat * 1e6, "iters": iters})
+                  "latency_us": lat * 1e6, "iters": iters, "passes_us": pas})
         if api is not None:
             for row in api.rows(n, send, recv, warm, iters):
                 emit(row)
@@ -214,6 +226,7 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
             sync = timer.stream.synchronize
             if eager:
                 t = timer.time(f_eager, warm, iters)
+                pas = timer.passes_us()
                 lat = _latency(comm, f_eager, sync)
                 # host-side cost of one eager call (Python packing + launch)
                 h0 = time.perf_counter()
@@ -222,11 +235,13 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                 host_us = (time.perf_counter() - h0) / 20 * 1e6
                 sync()
                 emit({"method": name, "bytes_per_pair": n, "time_us": t * 1e6,
-                      "latency_us": lat * 1e6, "iters": iters, "host_us": host_us})
+                      "latency_us": lat * 1e6, "iters": iters, "host_us": host_us,
+                      "passes_us": pas})
             tp = timer.time(f_plan, warm, iters)
+            pas = timer.passes_us()
             lat = _latency(comm, f_plan, sync)
             emit({"method": name + "_plan", "bytes_per_pair": n, "time_us": tp * 1e6,
-                  "latency_us": lat * 1e6, "iters": iters})
+                  "latency_us": lat * 1e6, "iters": iters, "passes_us": pas})
             if graph and n <= 1 << 20:
                 g = _capture(cp, timer.stream, f_plan, iters)
                 if g is not None:
@@ -234,7 +249,8 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                     timer.stream.synchronize()
                     tg = timer.time(lambda g=g: g.launch(timer.stream), 2, 10) / iters
                     emit({"method": name + "_graph", "bytes_per_pair": n,
-                          "time_us": tg * 1e6, "iters": 10 * iters})
+                          "time_us": tg * 1e6, "iters": 10 * iters,
+                          "passes_us": [t / iters for t in timer.passes_us()]})
         comm.Barrier()
     if eng is not None:
         eng.pdl = pdl_default
@@ -252,12 +268,13 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
 class _ApiRows:
     """Public-API rows on device buffers and the pinned host<->device bound (module doc)."""
 
-    def __init__(self, comm: Any, cp: Any, maxb: int) -> None:
+    def __init__(self, comm: Any, cp: Any, maxb: int, passes: int = 1) -> None:
         import pya2a
         from pya2a.algorithms import shm
         from pya2a.gpu import device as gdev
 
         self.comm, self.cp, self.pya2a = comm, cp, pya2a
+        self.passes = max(1, int(passes))
         self.p = p = comm.Get_size()
         self.aware = gdev.comm_cuda_aware(pya2a.api.internal_comm(comm))
         self.shm_ok, self.shm_why = shm.comm_available(pya2a.api.internal_comm(comm))
@@ -334,12 +351,15 @@ class _ApiRows:
                 for _ in range(warm):
                     chose = self._call(alg, smsg, rmsg) or chose
                 sync()
-                comm.Barrier()
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    self._call(alg, smsg, rmsg)
-                sync()
-                t = comm.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX)
+                pas = []
+                for _ in range(self.passes):
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        self._call(alg, smsg, rmsg)
+                    sync()
+                    pas.append(comm.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
+                t = min(pas)
             except Exception as exc:  # a failing path is a row with its error, not a crash
                 out.append({"method": f"api:{alg}", "bytes_per_pair": n, "time_us": 0.0,
                             "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -356,7 +376,8 @@ class _ApiRows:
                 good = bool(cp.array_equal(recv[: p * n], self.ref[: p * n]))
             good = bool(comm.allreduce(int(good), op=MPI.MIN))
             row = {"method": f"api:{alg}", "bytes_per_pair": n, "time_us": t * 1e6,
-                   "iters": iters, "checked": good, "api": "pya2a.Alltoallv one-shot",
+                   "iters": iters, "passes_us": [round(x * 1e6, 3) for x in pas],
+                   "checked": good, "api": "pya2a.Alltoallv one-shot",
                    "transport": "shm" if alg == "shm" else
                    ("aware" if self.aware else "staged")}
             if alg == "auto":
@@ -402,14 +423,17 @@ def _nccl_graph(comm, torch, dist, timer, send, sizes, p, emit_fn) -> list:
             s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             g.replay()
             torch.cuda.synchronize()
-            s0.record()
-            for _ in range(5):
-                g.replay()
-            s1.record()
-            s1.synchronize()
-            t = s0.elapsed_time(s1) * 1e-3 / (5 * iters)
+            pas = []
+            for _ in range(timer.passes):
+                s0.record()
+                for _ in range(5):
+                    g.replay()
+                s1.record()
+                s1.synchronize()
+                pas.append(s0.elapsed_time(s1) * 1e-3 / (5 * iters))
+            t = min(pas)
             emit_fn({"method": "nccl_graph", "bytes_per_pair": n, "time_us": t * 1e6,
-                     "iters": 5 * iters})
+                     "iters": 5 * iters, "passes_us": [round(x * 1e6, 3) for x in pas]})
         except Exception as exc:
             if comm.Get_rank() == 0:
                 print(f"# nccl graph capture failed: {exc}", file=sys.stderr)
@@ -457,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave out the public-API rows (staged, shm, aware, auto) and the "
                          "pinned bound")
     ap.add_argument("--nccl-graph", action="store_true", help="also time NCCL in a CUDA graph")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="time every row this many times (NCCL's too), report the best")
     ap.add_argument("--out", type=str, default="")
     ap.add_argument("--plot", type=str, default="", help="also write a PNG (needs matplotlib)")
     a = ap.parse_args(argv)
@@ -464,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in a.sizes.split(",") if s]
     rows = run_bench(comm, sizes, a.methods.split(","), nccl=not a.no_nccl,
                      graph=not a.no_graph, nccl_graph=a.nccl_graph, log=sys.stdout,
-                     staged=not a.no_staged)
+                     staged=not a.no_staged, passes=a.passes)
     if comm.Get_rank() == 0 and a.out:
         from pya2a.gpu import cupy as get_cupy
 
@@ -480,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "mpi": MPI.Get_library_version().splitlines()[0],
             "timing": "CUDA events around iters back-to-back calls after warm-up / iters, "
-                      "max over ranks; latency = barrier, call, sync, barrier (median)",
+                      "each rank's best of passes, max over ranks; latency = barrier, call, "
+                      "sync, barrier (median)",
+            "passes": a.passes,
         }
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
