@@ -513,22 +513,31 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if comm.Get_rank() == 0 and a.plot:
-        plot(rows, a.plot)
+        from pya2a.gpu import cupy as get_cupy
+
+        name = get_cupy().cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        plot(rows, a.plot, f"{comm.Get_size()} ranks, {name}")
     return 0
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """Time per call and busbw against bytes per pair, one line per method."""
+def plot(rows: list[dict], path: str, label: str = "") -> None:
+    """Time per call and busbw against bytes per pair, one line per method; ``label``
+    (machine, ranks) goes into the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    show = ["nccl", "ll", "ll_graph", "push_inplace", "push_staged", "ce_inplace_plan"]
+    # the one-shot public call, the engine's small- and large-message paths, NCCL eager and
+    # in a graph (ll with programmatic dependent launch where the run had it)
+    pdl = any(r["method"] == "ll_pdl" for r in rows)
+    ll = ["ll_pdl", "ll_pdl_graph"] if pdl else ["ll", "ll_graph"]
+    show = ["nccl", "nccl_graph", "api:auto", *ll, "push_inplace", "ce_inplace_plan"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for m in show:
         pts = sorted((r["bytes_per_pair"], r["time_us"], r["busbw_GBs"])
-                     for r in rows if r["method"] == m)
+                     for r in rows if r["method"] == m and r["time_us"] > 0)
         if not pts:
             continue
         x = [p[0] for p in pts]
@@ -539,7 +548,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax1.legend(fontsize=8)
     ax1.grid(True, which="both", alpha=0.3)
     ax2.grid(True, which="both", alpha=0.3)
-    fig.suptitle("pya2a ipc vs NCCL all_to_all_single, 4 x H200 (NVLink), 4 ranks")
+    fig.suptitle("pya2a ipc vs NCCL all_to_all_single" + (f", {label}" if label else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
