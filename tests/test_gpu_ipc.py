@@ -213,6 +213,10 @@ def test_cuda_graph_capture(engine, method):
     sd_all = np.stack([_displs(rng, counts[i], False) for i in range(P)])
     rd_all = np.stack([_displs(rng, counts[:, i], False) for i in range(P)])
     send, recv, exp, sc, sd, rc, rd = _make(counts, sd_all, rd_all, np.float32, 0)
+    # a non-blocking stream does not wait for the legacy default stream, where _make wrote
+    # the send data: without this the replays may read it half written (seen under
+    # compute-sanitizer racecheck, whose slow kernels let the replays win the race)
+    cupy.cuda.get_current_stream().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
     plan = engine.plan(send, _bytes(sc, np.float32), _bytes(sd, np.float32), recv,
                        _bytes(rc, np.float32), _bytes(rd, np.float32), method=method)
