@@ -49,7 +49,6 @@ extern "C" __global__ void noop_small(const unsigned long long x) {
 VARIANTS = {  # name -> extra compile options, PDL
     "default": ((), True),
     "default_nopdl": ((), False),
-    "finish_fence": (("-DPYA2A_FINISH_FENCE",), True),
     "late_fin": (("-DPYA2A_LATE_FIN",), True),
 }
 

@@ -3,8 +3,9 @@
 //
 // Layout of the control block at the start of every rank's symmetric heap
 // (must match pya2a/gpu/ipc.py: CTRL_* constants):
-//   [0]      u64 seq         last completed call number (device-side, so graphs replay)
-//   [8]      u32 done        blocks finished in the current call (reset by the last)
+//   [0]      u64 seq         number of the latest call (device-side, so graphs replay);
+//                            published once every block of that call has read it
+//   [8]      u32 done        blocks of the current call that have read seq (reset by the last)
 //   [16]     u64 cur         call number in flight (copy-engine path)
 //   [128]    u64 rdy_seq[P]  written by peer r: "call s, here is my key for you"
 //   [256]    u64 rdy_key[P]  key = (allocation index << 56) | byte offset in it
@@ -186,19 +187,34 @@ __device__ void self_copy(const Args& a, int c) {
                    (const char*)a.sendbuf + a.sdispl[a.rank] + b, e - b);
 }
 
-// This call's number. Every thread reads it (a broadcast load, no block barrier): the
-// value changes only in finish(), by the last block, after every thread of every block
-// has passed this point.
-__device__ __forceinline__ u64 start_seq(const Args& a) {
-    return ld_volatile((const u64*)a.ctrl + CTRL_SEQ) + 1;
+// This call's number s = (last call number) + 1. Every thread of the block reads it; then
+// thread 0 counts the block in, and the last block of the grid to arrive publishes s for
+// the next call (which reads it only after this grid has completed, so no fence). Counting
+// at the start rather than at the end keeps the barrier and the atomic's round trip out of
+// the end of the call, where they delayed the grid's completion. PYA2A_LATE_FIN builds the
+// session-3 protocol instead (count and fin posted at the end, with fences), for the
+// comparison in bench/ipc_floor.py.
+__device__ __forceinline__ u64 begin_call(const Args& a) {
+    u64* ctrl = (u64*)a.ctrl;
+    const u64 s = ld_volatile(ctrl + CTRL_SEQ) + 1;
+#ifndef PYA2A_LATE_FIN
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
+        if (atomicAdd(done, 1u) == gridDim.x - 1) {
+            *(volatile unsigned int*)done = 0u;
+            *(volatile u64*)(ctrl + CTRL_SEQ) = s;
+        }
+    }
+#endif
+    return s;
 }
 
 // Tell every peer that this rank has finished call s - 1: the previous grid of this
 // stream completed before this one got past pdl_enter (or started, without PDL). Posted
 // at the start of call s rather than at the end of call s - 1, because a grid completes
 // only once its stores are performed, and a store into peer memory at the very end
-// would hold that back by an NVLink round trip. (PYA2A_LATE_FIN: the old placement,
-// kept for the comparison in bench/ipc_floor.py.)
+// would hold that back by an NVLink round trip.
 __device__ __forceinline__ void announce_finished(const Args& a, u64 s) {
 #ifndef PYA2A_LATE_FIN
     const int r = (int)threadIdx.x;
@@ -207,30 +223,25 @@ __device__ __forceinline__ void announce_finished(const Args& a, u64 s) {
 #endif
 }
 
-// The last block to finish publishes the call number (every block read it at its
-// start); the next call's grid reads it after this one completed, so no fence is needed
-// for that (PYA2A_FINISH_FENCE: fence first anyway, for the comparison).
-__device__ void finish(const Args& a, u64 s) {
+// End of a call: nothing left to do (begin_call counted the block), except in the
+// PYA2A_LATE_FIN build, where the last block to finish publishes the call number and
+// tells every peer that this rank is done with call s.
+__device__ __forceinline__ void finish(const Args& a, u64 s) {
+#ifdef PYA2A_LATE_FIN
     __syncthreads();
     if (threadIdx.x == 0) {
         u64* ctrl = (u64*)a.ctrl;
-#if defined(PYA2A_FINISH_FENCE) || defined(PYA2A_LATE_FIN)
         __threadfence();
-#endif
         unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
-        const unsigned int old = atomicAdd(done, 1u);
-        if (old == gridDim.x - 1) {
+        if (atomicAdd(done, 1u) == gridDim.x - 1) {
             *(volatile unsigned int*)done = 0u;
-#ifdef PYA2A_LATE_FIN
             __threadfence();
             *(volatile u64*)(ctrl + CTRL_SEQ) = s;
             for (int r = 0; r < (int)a.p; ++r)
                 if (r != (int)a.rank) *(volatile u64*)((u64*)a.peer_ctrl[r] + CTRL_FIN + a.rank) = s;
-#else
-            *(volatile u64*)(ctrl + CTRL_SEQ) = s;
-#endif
         }
     }
+#endif
 }
 
 #define PAIR_RANGE(n, nch, cs, c, b, e)                 \
@@ -244,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
     const int me = (int)a.rank, p = (int)a.p;
     int q, c;
     role(a, &q, &c);
-    const u64 s = start_seq(a);
+    const u64 s = begin_call(a);
     announce_finished(a, s);
     const int dst = (me + q) % p, src = (me - q + p) % p;
     i64 nch, cs;
@@ -451,7 +462,9 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
     const int sal = ll_align(in);
     const i64 i0 = sb + threadIdx.x;
     const uint2 first = (i0 < se) ? ll_load8(in, i0, ns, sal) : make_uint2(0u, 0u);
-    const u64 s = start_seq(a);
+    // dst's "finished" flag, read together with the call number rather than after it
+    const u64 fin0 = (i0 < se) ? ld_volatile(ctrl + CTRL_FIN + dst) : 0ull;
+    const u64 s = begin_call(a);
     announce_finished(a, s);
     if (q == 0) {
         self_copy(a, c);
@@ -462,7 +475,7 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
         if (i0 < se) {
             // dst finished the call that last used this parity's buffer (every sending
             // thread reads the flag itself: one broadcast load, no block barrier)
-            if (s >= 3) spin_until_ge(ctrl + CTRL_FIN + dst, s - 2);
+            if (s >= 3 && fin0 < s - 2) spin_until_ge(ctrl + CTRL_FIN + dst, s - 2);
             uint4* out = (uint4*)(a.peer_ctrl[dst] + a.ll_off + (par * (u64)p + (u64)me) * (u64)a.ll_slot);
             ll_put(out + i0, first, tag);
             i64 i = i0 + nt;
@@ -547,7 +560,7 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ce_post(const Args a
     const int me = (int)a.rank, p = (int)a.p;
     int q, c;
     role(a, &q, &c);
-    const u64 s = start_seq(a);
+    const u64 s = begin_call(a);
     const int src = (me - q + p) % p;
     if (q != 0) {
         // A staged block arrives as ce_sub sub-copies, each flagged: block c copies
