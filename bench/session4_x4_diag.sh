@@ -1,9 +1,5 @@
 set -u
-T0=$SECONDS
-stamp() { echo "== $1 at +$((SECONDS - T0))s"; }
 . bench/device_env.sh
-export PYTHONUNBUFFERED=1
-PT="-q -p no:cacheprovider -o addopts="
 G="tests/test_gpu_ipc.py::test_cuda_graph_capture"
 stamp "stress: graph tests x10, current"
 for i in 1 2 3 4 5 6 7 8 9 10; do timeout -k 5 60 $M -n 4 python3 -m mpi4py tests/run_mpi.py $PT $G tests/test_gpu_ipc.py::test_repeated_calls_changing_data 2>&1 | sed 's/\x1b\[[0-9;]*m//g' | grep -a "passed\|failed" | tail -1; done

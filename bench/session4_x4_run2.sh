@@ -4,22 +4,13 @@
 # (payload load before the call number, no barrier for the call number): the floor
 # script again, the GPU suites on 4 ranks, the bench against NCCL, the one-shot profile.
 set -u
-T0=$SECONDS
-stamp() { echo "== $1 at +$((SECONDS - T0))s"; }
 . bench/device_env.sh
-export PYTHONUNBUFFERED=1
-mkdir -p /tmp/logs
-PT="-q -p no:cacheprovider -o addopts="
-SUITES="tests/test_gpu_api.py tests/test_gpu_shm.py tests/test_gpu_ipc.py tests/test_gpu_device.py tests/test_moe.py"
 stamp "floor"
 timeout -k 5 200 $M -n 4 python3 bench/ipc_floor.py --variants default,default_nopdl,late_fin \
   --chunks 1024,2048,4096 --out "$OUT/ipc_floor2_h200x4.json" > /tmp/logs/floor2.log 2>&1
 echo "rc=$?"; grep -v "chunk   1024\|chunk   4096" /tmp/logs/floor2.log
 stamp "GPU tests, 4 ranks x 1 GPU"
-timeout -k 5 240 $M -n 4 python3 -m mpi4py tests/run_mpi.py $PT -m "not serial" $SUITES \
-  > /tmp/logs/gpu_tests_4x1_run2.log 2>&1
-echo "rc=$?"; tail -n 1 /tmp/logs/gpu_tests_4x1_run2.log
-grep -aE "^(FAILED|ERROR)" /tmp/logs/gpu_tests_4x1_run2.log | head
+gpu_suites 4 gpu_tests_4x1_run2
 stamp "bench"
 timeout -k 5 240 $M -n 4 python3 -m pya2a.gpu.bench \
   --sizes 128,1024,8192,65536,262144,1048576,16777216,268435456 --nccl-graph \

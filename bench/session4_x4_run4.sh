@@ -5,12 +5,7 @@
 # (The --self-chunks option and the engine attribute self_chunk it set existed only for this
 # run; with no effect measured, 4.70-4.71 us at 64 KiB for every value, both were removed.)
 set -u
-T0=$SECONDS
-stamp() { echo "== $1 at +$((SECONDS - T0))s"; }
 . bench/device_env.sh
-export PYTHONUNBUFFERED=1
-mkdir -p /tmp/logs
-PT="-q -p no:cacheprovider -o addopts="
 stamp "floor: self_chunk"
 timeout -k 5 150 $M -n 4 python3 bench/ipc_floor.py --variants default --chunks 2048 \
   --self-chunks 131072,32768,16384,8192 --sizes 128,8192,65536,262144 \
@@ -18,11 +13,6 @@ timeout -k 5 150 $M -n 4 python3 bench/ipc_floor.py --variants default --chunks 
 echo "rc=$?"; grep "^ll\|^nccl" /tmp/logs/floor3.log
 T="tests/test_gpu_ipc.py"
 SMALL="$T::test_ll $T::test_push_staged $T::test_push_symmetric_recv_in_place $T::test_pull_symmetric_send $T::test_copy_engine $T::test_mixed_methods_in_sequence $T::test_misaligned_displacements $T::test_cuda_graph_capture $T::test_programmatic_dependent_launch"
-for tool in memcheck racecheck; do
-  stamp "compute-sanitizer $tool, 4 ranks"
-  timeout -k 5 200 $M -n 4 compute-sanitizer --tool $tool --print-limit 20 \
-    python3 -m mpi4py tests/run_mpi.py $PT $SMALL > /tmp/logs/sanitizer_${tool}_s4.log 2>&1
-  echo "rc=$?"; grep -a "ERROR SUMMARY\|RACECHECK SUMMARY\|passed\|failed" /tmp/logs/sanitizer_${tool}_s4.log | sort | uniq -c | head
-done
+for tool in memcheck racecheck; do sanitize $tool 4 sanitizer_${tool}_s4 $SMALL; done
 tar czf "$OUT/logs_run4.tgz" -C /tmp/logs .
 stamp done
