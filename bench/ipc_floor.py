@@ -58,7 +58,7 @@ def main() -> int:
 
     from pya2a.gpu import _launch
     from pya2a.gpu import cupy as get_cupy
-    from pya2a.gpu.bench import _capture, _Timer
+    from pya2a.gpu.bench import _capture, _gpu_name, _Timer
     from pya2a.gpu.ipc_alltoallv import _KERNEL_FILE, IpcAlltoallv, pdl_supported
 
     ap = argparse.ArgumentParser()
@@ -80,8 +80,8 @@ def main() -> int:
     stream = cp.cuda.Stream(non_blocking=True)
     sptr = int(stream.ptr)
     timer = _Timer(cp, sptr)
-    out: dict = {"meta": {"ranks": p, "gpu": cp.cuda.runtime.getDeviceProperties(dev)[
-        "name"].decode(), "pdl": pdl_supported(cp, dev), "launcher": _launch.available(),
+    out: dict = {"meta": {"ranks": p, "gpu": _gpu_name(cp, dev),
+        "pdl": pdl_supported(cp, dev), "launcher": _launch.available(),
         "passes": args.passes, "iters": args.iters, "date": time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, "launch": [], "chain": [], "ll": [],
         "nccl": []}

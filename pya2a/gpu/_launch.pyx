@@ -3,7 +3,7 @@
 
 ``libcuda.so.1`` is opened at run time (``dlopen``), so this module builds without the
 CUDA toolkit and imports on machines without a GPU; :func:`available` then says False
-and the engine launches through CuPy / ctypes instead. A :class:`Launcher` holds one
+and the engine launches through CuPy instead. A :class:`Launcher` holds one
 kernel, its grid, its block and its parameter block; :meth:`Launcher.run` is one C call
 (``cuLaunchKernel``, or ``cuLaunchKernelEx`` with programmatic stream serialization),
 which is what a small exchange costs on the host (ctypes adds ~0.5-1 us per launch).

@@ -460,6 +460,12 @@ def _capture(cp: Any, stream: Any, fn: Any, iters: int) -> Any:
         return None
 
 
+def _gpu_name(cp: Any, device: int = 0) -> str:
+    """The device's name as CUDA reports it (bytes in some CuPy versions)."""
+    name = cp.cuda.runtime.getDeviceProperties(device)["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
 def _max() -> Any:
     from mpi4py import MPI
 
@@ -495,13 +501,12 @@ def main(argv: list[str] | None = None) -> int:
         from pya2a.gpu import cupy as get_cupy
 
         cp = get_cupy()
-        props = cp.cuda.runtime.getDeviceProperties(0)
         meta = {
             "command": " ".join(sys.argv),
             "host": socket.gethostname(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ranks": comm.Get_size(),
-            "gpu": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "gpu": _gpu_name(cp),
             "cupy": cp.__version__,
             "python": platform.python_version(),
             "mpi": MPI.Get_library_version().splitlines()[0],
@@ -515,9 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if comm.Get_rank() == 0 and a.plot:
         from pya2a.gpu import cupy as get_cupy
 
-        name = get_cupy().cuda.runtime.getDeviceProperties(0)["name"]
-        name = name.decode() if isinstance(name, bytes) else name
-        plot(rows, a.plot, f"{comm.Get_size()} ranks, {name}")
+        plot(rows, a.plot, f"{comm.Get_size()} ranks, {_gpu_name(get_cupy())}")
     return 0
 
 
