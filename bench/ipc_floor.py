@@ -1,4 +1,4 @@
-"""Where the time of a small ``ll`` exchange goes, on the lent GPU machine (issue 6).
+"""Where the time of a small ``ll`` exchange goes: launch costs, kernel variants, NCCL.
 
 One process per GPU::
 
@@ -10,8 +10,8 @@ Sections (every figure is the max over ranks, best of ``--passes`` interleaved p
   engine's 512-byte by-value argument block and with one 8-byte argument, through CuPy's
   ``driver.launchKernel`` and through the Cython launcher (plain and with programmatic
   dependent launch). ``chain``: GPU time per launch of that no-op in a CUDA graph.
-* ``ll``: the engine's ``ll`` method per kernel variant (compile-time switches in
-  ``kernels/ipc_alltoallv.cu``), ``ll_min_chunk`` and size: eager call, plan and CUDA
+* ``ll``: the engine's ``ll`` method per variant (``default``; ``default_nopdl``: without
+  programmatic dependent launch), ``ll_min_chunk`` and size: eager call, plan and CUDA
   graph time per call (CUDA events around back-to-back calls), the eager call's host
   time, and a check of the received bytes.
 * ``nccl``: ``torch.distributed.all_to_all_single`` at the same sizes, for the ratio.
@@ -46,11 +46,7 @@ extern "C" __global__ void noop_small(const unsigned long long x) {
 }
 """
 
-VARIANTS = {  # name -> extra compile options, PDL
-    "default": ((), True),
-    "default_nopdl": ((), False),
-    "late_fin": (("-DPYA2A_LATE_FIN",), True),
-}
+VARIANTS = {"default": True, "default_nopdl": False}  # name -> programmatic dependent launch
 
 
 def main() -> int:
@@ -59,7 +55,7 @@ def main() -> int:
     from pya2a.gpu import _launch
     from pya2a.gpu import cupy as get_cupy
     from pya2a.gpu.bench import _capture, _gpu_name, _Timer
-    from pya2a.gpu.ipc_alltoallv import _KERNEL_FILE, IpcAlltoallv, pdl_supported
+    from pya2a.gpu.ipc_alltoallv import IpcAlltoallv, pdl_supported
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="128,1024,8192,65536,262144")
@@ -137,17 +133,10 @@ def main() -> int:
     # ---------------------------------------------------------------- ll variants
     maxb = max(sizes)
     eng = IpcAlltoallv(comm, capacity_bytes=maxb, ll_bytes=maxb)
-    with open(_KERNEL_FILE, encoding="utf-8") as f:
-        src = f.read()
-    mods = {}
-    for v in args.variants.split(","):
-        opts, _ = VARIANTS[v]
-        mods[v] = cp.RawModule(code=src, options=("-std=c++17",) + tuple(opts))
     pdl_default = eng.pdl
     idx = cp.arange(p * maxb, dtype=np.int64)
-    for v, m in mods.items():
-        eng._fn["ll"] = m.get_function("pya2a_ipc_ll").kernel.ptr
-        eng.pdl = pdl_default and VARIANTS[v][1]
+    for v in args.variants.split(","):
+        eng.pdl = pdl_default and VARIANTS[v]
         for chunk in chunks:
             eng.ll_min_chunk = chunk
             eng._cache.clear()

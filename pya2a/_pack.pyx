@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
-"""Block gather/scatter between byte buffers, and prefix sums of counts.
+"""Block gather/scatter between byte buffers.
 
 These are the local rearrangement steps of every algorithm that stages data: a list of
 (offset, length) blocks is copied with memcpy, without the GIL and without a Python loop
@@ -17,8 +17,8 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-__all__ = ["prefix_sum", "pack", "gather", "scatter", "blocks_overlap", "check_blocks",
-           "CopyList", "int64_key"]
+__all__ = ["pack", "gather", "scatter", "blocks_overlap", "check_blocks", "take_runs",
+           "record_arrival", "CopyList", "int64_key"]
 
 
 cdef inline Py_ssize_t _vec_i64(object x):
@@ -49,19 +49,6 @@ def int64_key(a, b, c, d):
     memcpy(o + nb, cnp.PyArray_DATA(<cnp.ndarray>b), nb)
     memcpy(o + 2 * nb, cnp.PyArray_DATA(<cnp.ndarray>c), nb)
     memcpy(o + 3 * nb, cnp.PyArray_DATA(<cnp.ndarray>d), nb)
-    return out
-
-
-def prefix_sum(const int64_t[::1] counts):
-    """Exclusive prefix sum of ``counts`` as a new int64 array of the same length."""
-    cdef Py_ssize_t i, n = counts.shape[0]
-    out = np.empty(n, dtype=np.int64)
-    cdef int64_t[::1] o = out
-    cdef int64_t acc = 0
-    with nogil:
-        for i in range(n):
-            o[i] = acc
-            acc += counts[i]
     return out
 
 

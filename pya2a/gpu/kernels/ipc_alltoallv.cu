@@ -191,13 +191,10 @@ __device__ void self_copy(const Args& a, int c) {
 // thread 0 counts the block in, and the last block of the grid to arrive publishes s for
 // the next call (which reads it only after this grid has completed, so no fence). Counting
 // at the start rather than at the end keeps the barrier and the atomic's round trip out of
-// the end of the call, where they delayed the grid's completion. PYA2A_LATE_FIN builds the
-// session-3 protocol instead (count and fin posted at the end, with fences), for the
-// comparison in bench/ipc_floor.py.
+// the end of the call, where they would delay the grid's completion.
 __device__ __forceinline__ u64 begin_call(const Args& a) {
     u64* ctrl = (u64*)a.ctrl;
     const u64 s = ld_volatile(ctrl + CTRL_SEQ) + 1;
-#ifndef PYA2A_LATE_FIN
     __syncthreads();
     if (threadIdx.x == 0) {
         unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
@@ -206,7 +203,6 @@ __device__ __forceinline__ u64 begin_call(const Args& a) {
             *(volatile u64*)(ctrl + CTRL_SEQ) = s;
         }
     }
-#endif
     return s;
 }
 
@@ -216,32 +212,9 @@ __device__ __forceinline__ u64 begin_call(const Args& a) {
 // only once its stores are performed, and a store into peer memory at the very end
 // would hold that back by an NVLink round trip.
 __device__ __forceinline__ void announce_finished(const Args& a, u64 s) {
-#ifndef PYA2A_LATE_FIN
     const int r = (int)threadIdx.x;
     if (blockIdx.x == 0 && r < (int)a.p && r != (int)a.rank)
         *(volatile u64*)((u64*)a.peer_ctrl[r] + CTRL_FIN + a.rank) = s - 1;
-#endif
-}
-
-// End of a call: nothing left to do (begin_call counted the block), except in the
-// PYA2A_LATE_FIN build, where the last block to finish publishes the call number and
-// tells every peer that this rank is done with call s.
-__device__ __forceinline__ void finish(const Args& a, u64 s) {
-#ifdef PYA2A_LATE_FIN
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        u64* ctrl = (u64*)a.ctrl;
-        __threadfence();
-        unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
-        if (atomicAdd(done, 1u) == gridDim.x - 1) {
-            *(volatile unsigned int*)done = 0u;
-            __threadfence();
-            *(volatile u64*)(ctrl + CTRL_SEQ) = s;
-            for (int r = 0; r < (int)a.p; ++r)
-                if (r != (int)a.rank) *(volatile u64*)((u64*)a.peer_ctrl[r] + CTRL_FIN + a.rank) = s;
-        }
-    }
-#endif
 }
 
 #define PAIR_RANGE(n, nch, cs, c, b, e)                 \
@@ -340,7 +313,6 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
             }
         }
     }
-    finish(a, s);
 }
 
 // ---------------------------------------------------------------------------
@@ -512,7 +484,6 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
             }
         }
     }
-    finish(a, s);
 }
 
 // ---------------------------------------------------------------------------
@@ -587,5 +558,4 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ce_post(const Args a
             }
         }
     }
-    finish(a, s);
 }
