@@ -26,7 +26,7 @@ RUN_MPI  = timeout -k 10 900 $(MPIEXEC) -n $$n $(PY) -m mpi4py tests/run_mpi.py
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py pya2a/_pack.pyx pya2a/gpu/_launch.pyx
+$(STAMP): pyproject.toml setup.py pya2a/core/_pack.pyx pya2a/gpu/_launch.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(MPI),system)
@@ -67,4 +67,4 @@ bench-cpu: install
 	  bash bench/results/cpu_run.sh bench/results
 
 clean:
-	rm -rf build *.egg-info pya2a/_pack.c pya2a/_pack*.so
+	rm -rf build *.egg-info pya2a/core/_pack.c pya2a/core/_pack*.so

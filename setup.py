@@ -6,8 +6,8 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "pya2a._pack",
-        ["pya2a/_pack.pyx"],
+        "pya2a.core._pack",
+        ["pya2a/core/_pack.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],

@@ -43,7 +43,7 @@ gpu_bench() {
   local n=$1 name=$2
   shift 2
   stamp "bench"
-  timeout -k 5 300 $M -n "$n" python3 -m pya2a.gpu.bench --passes 3 \
+  timeout -k 5 300 $M -n "$n" python3 -m pya2a.tools.gpu_bench --passes 3 \
     --sizes 128,1024,8192,65536,262144,1048576,16777216,268435456 --nccl-graph "$@" \
     --out "$OUT/$name.json" > "/tmp/logs/$name.log" 2>&1
   echo "rc=$?"; grep -aE " (nccl|ll_pdl|api:auto|push_inplace|ce_inplace_plan|nccl_graph|ll_pdl_plan|ll_pdl_graph) " \

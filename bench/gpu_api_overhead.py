@@ -15,7 +15,7 @@ import numpy as np
 from mpi4py import MPI
 
 import pya2a
-from pya2a.algorithms import ipc as ipc_alg
+from pya2a.gpu import ipc_algorithm as ipc_alg
 
 
 def main() -> None:

@@ -74,7 +74,7 @@ if [ -z "${SKIP_MPICH:-}" ]; then
   echo "rc=$?" >> "$LOG/bench_mpich.log"; grep -E "api:|pinned_bound|rc=" "$LOG/bench_mpich.log"
 fi
 stamp "bench 4 ranks on GPU 0 (Open MPI; no NCCL, no ipc)"
-CUDA_VISIBLE_DEVICES=0 timeout -k 5 60 $OMPI -n 4 python3 -m pya2a.gpu.bench --no-nccl \
+CUDA_VISIBLE_DEVICES=0 timeout -k 5 60 $OMPI -n 4 python3 -m pya2a.tools.gpu_bench --no-nccl \
   --methods "" --sizes 1048576,16777216,67108864 --out "$OUT/bench_shm_4on1gpu_ompi.json" \
   > "$LOG/bench_4on1.log" 2>&1
 echo "rc=$?" >> "$LOG/bench_4on1.log"; grep -E "api:|pinned_bound|rc=" "$LOG/bench_4on1.log"

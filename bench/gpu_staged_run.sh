@@ -26,7 +26,7 @@ PYA2A_EXPECT_CUDA_AWARE=0 timeout -k 5 150 $M -n 4 python3 -m mpi4py tests/run_m
   -m "not serial" tests/test_gpu_device.py > "$OUT/mpi4.log" 2>&1
 tail -n 3 "$OUT/mpi4.log"
 stamp bench
-[ "${BENCH:-1}" = 1 ] && timeout -k 5 120 $M -n 4 python3 -m pya2a.gpu.bench_staged \
+[ "${BENCH:-1}" = 1 ] && timeout -k 5 120 $M -n 4 python3 -m pya2a.tools.gpu_bench_staged \
   --out "$OUT/gpu_staged_h200x4.json" > "$OUT/bench.log" 2>&1
 tail -n 4 "$OUT/bench.log"
 stamp extras
@@ -35,11 +35,11 @@ stamp extras
   for mech in cma none; do
     echo "-- btl_vader_single_copy_mechanism=$mech"
     OMPI_MCA_btl_vader_single_copy_mechanism=$mech timeout -k 5 40 $M -n 4 python3 -m \
-      pya2a.gpu.bench_staged --sizes 16777216 --algorithms pairwise --chunks "" 2>&1 | \
+      pya2a.tools.gpu_bench_staged --sizes 16777216 --algorithms pairwise --chunks "" 2>&1 | \
       grep -E "host_mpi|pairwise|rror" | cut -c1-160
   done
   for alg in native pairwise; do
-    timeout -k 5 40 $M -n 4 python3 -m pya2a.gpu.bench_staged --profile $alg:4096 2>&1 | head -45
+    timeout -k 5 40 $M -n 4 python3 -m pya2a.tools.gpu_bench_staged --profile $alg:4096 2>&1 | head -45
   done
 } > "$OUT/extras.log" 2>&1  # EXTRAS=1: vader copy mechanism, small-call profiles
 stamp one_gpu

@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 import pya2a
-from pya2a.algorithms import ipc as ipc_alg
+from pya2a.gpu import ipc_algorithm as ipc_alg
 
 
 def _time(cp, fn, warm: int, iters: int) -> float:

@@ -20,7 +20,7 @@ stamp api4
 timeout -k 5 90 $M -n 4 python3 -m mpi4py tests/run_mpi.py $PT -m "not serial" tests/test_gpu_api.py \
   > "$OUT/test_api4.log" 2>&1; echo "rc=$?"; tail -n 5 "$OUT/test_api4.log"
 stamp bench
-timeout -k 5 150 $M -n 4 python3 -m pya2a.gpu.bench --sizes ${SIZES:-128,1024,4096,16384,65536,67108864,268435456} \
+timeout -k 5 150 $M -n 4 python3 -m pya2a.tools.gpu_bench --sizes ${SIZES:-128,1024,4096,16384,65536,67108864,268435456} \
   --methods ll,ce,push_staged --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1; echo "rc=$?"
 grep -v "^#" "$OUT/bench.log" | head -90
 stamp api

@@ -54,8 +54,8 @@ def main() -> int:
 
     from pya2a.gpu import _launch
     from pya2a.gpu import cupy as get_cupy
-    from pya2a.gpu.bench import _capture, _gpu_name, _Timer
     from pya2a.gpu.ipc_alltoallv import IpcAlltoallv, pdl_supported
+    from pya2a.tools.gpu_bench import _capture, _gpu_name, _Timer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="128,1024,8192,65536,262144")

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from pya2a import _pack
+from pya2a.core import _pack
 
 SIZES = [64, 256, 1024, 4096, 16384, 65536, 262144, 1 << 20]
 

@@ -20,7 +20,7 @@ CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 $M -n 4 python3 -m mpi4py tests/run_mpi.p
   -m "not serial" tests/test_gpu_api.py tests/test_gpu_shm.py > "$OUT/tests_4on1.log" 2>&1
 echo "rc=$?"; tail -n 2 "$OUT/tests_4on1.log"
 echo "== bench small sizes"
-timeout -k 5 120 $M -n 4 python3 -m pya2a.gpu.bench --sizes 128,1024,8192,65536,524288 \
+timeout -k 5 120 $M -n 4 python3 -m pya2a.tools.gpu_bench --sizes 128,1024,8192,65536,524288 \
   --methods ll --out "$OUT/gpu_small_api_h200x4.json" 2>&1 | grep -E "nccl|api:auto|  ll "
 echo "== api overhead"
 timeout -k 5 60 $M -n 4 python3 bench/gpu_api_overhead.py \

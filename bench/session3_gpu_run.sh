@@ -2,7 +2,7 @@
 # Session 3, GPU checks and numbers on every GPU of the lent machine (x4, then x2), .whl
 # carried: compute-sanitizer memcheck on the IPC registration tests (user buffers that
 # peers write into directly), the GPU test suites, the examples in GPU mode, then
-# pya2a.gpu.bench (ll/push engine, one-shot API rows, NCCL eager and in a CUDA graph).
+# pya2a.tools.gpu_bench (ll/push engine, one-shot API rows, NCCL eager and in a CUDA graph).
 set -u
 TAG=${TAG:-x$(nvidia-smi -L | wc -l)}
 T0=$SECONDS
@@ -33,7 +33,7 @@ if [ "${EXAMPLES:-1}" = 1 ]; then
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   stamp "bench"
-  timeout -k 5 ${BENCH_S:-200} $M -n "$NG" python3 -m pya2a.gpu.bench \
+  timeout -k 5 ${BENCH_S:-200} $M -n "$NG" python3 -m pya2a.tools.gpu_bench \
     ${BENCH_ARGS:---sizes 128,1024,8192,65536,1048576,16777216,268435456 --nccl-graph} \
     --out "$OUT/gpu_bench_h200$TAG.json" > /tmp/logs/gpu_bench_$TAG.log 2>&1
   echo "rc=$?"; grep -aE "^ *(bytes|[0-9])|nccl|auto" /tmp/logs/gpu_bench_$TAG.log | head -60

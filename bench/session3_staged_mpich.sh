@@ -15,9 +15,9 @@ python3 setup.py build_ext --inplace -q > "$OUT/build.log" 2>&1 || { tail "$OUT/
 SZ="--sizes 1048576,16777216,67108864 --algorithms pairwise,native"
 echo "== MPICH wheel"
 MPI4PY_LIBMPI=$SITE/mpich/lib/libmpi.so.12 timeout -k 5 150 $SITE/mpich/bin/mpiexec -n 4 \
-  python3 -m pya2a.gpu.bench_staged $SZ --out "$OUT/gpu_staged_mpich_h200x4.json" \
+  python3 -m pya2a.tools.gpu_bench_staged $SZ --out "$OUT/gpu_staged_mpich_h200x4.json" \
   > "$OUT/staged_mpich.log" 2>&1; echo "rc=$?"; tail -n 25 "$OUT/staged_mpich.log" | cut -c1-170
 echo "== Open MPI 4.1.6"
 timeout -k 5 150 mpiexec --allow-run-as-root --oversubscribe --bind-to none -n 4 \
-  python3 -m pya2a.gpu.bench_staged $SZ --out "$OUT/gpu_staged_ompi_h200x4.json" \
+  python3 -m pya2a.tools.gpu_bench_staged $SZ --out "$OUT/gpu_staged_ompi_h200x4.json" \
   > "$OUT/staged_ompi.log" 2>&1; echo "rc=$?"; tail -n 25 "$OUT/staged_ompi.log" | cut -c1-170

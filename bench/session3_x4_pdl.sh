@@ -17,6 +17,6 @@ echo "== reshard on 2 ranks (1 x 2 mesh: size-1 column communicators), and on 1 
 timeout -k 5 60 $M -n 2 python3 examples/reshard.py --device cuda 2>&1 | tail -n 1
 timeout -k 5 60 $M -n 1 python3 examples/reshard.py --device cuda 2>&1 | tail -n 1
 echo "== bench: ll, ll_pdl, NCCL (eager and graphs)"
-timeout -k 5 150 $M -n 4 python3 -m pya2a.gpu.bench --sizes 128,1024,8192,65536,262144 \
+timeout -k 5 150 $M -n 4 python3 -m pya2a.tools.gpu_bench --sizes 128,1024,8192,65536,262144 \
   --methods ll --no-staged --nccl-graph --out "$OUT/gpu_pdl_h200x4.json" > "$OUT/gpu_pdl_h200x4.log" 2>&1
 echo "rc=$?"; grep -aE "nccl|  ll" "$OUT/gpu_pdl_h200x4.log" | head -60

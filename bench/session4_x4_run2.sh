@@ -12,7 +12,7 @@ echo "rc=$?"; grep -v "chunk   1024\|chunk   4096" /tmp/logs/floor2.log
 stamp "GPU tests, 4 ranks x 1 GPU"
 gpu_suites 4 gpu_tests_4x1_run2
 stamp "bench"
-timeout -k 5 240 $M -n 4 python3 -m pya2a.gpu.bench \
+timeout -k 5 240 $M -n 4 python3 -m pya2a.tools.gpu_bench \
   --sizes 128,1024,8192,65536,262144,1048576,16777216,268435456 --nccl-graph \
   --out "$OUT/gpu_bench_h200x4_s4.json" > /tmp/logs/gpu_bench_s4.log 2>&1
 echo "rc=$?"; grep -aE "nccl|ll|auto|push_inplace |ce_inplace" /tmp/logs/gpu_bench_s4.log | grep -v "_graph\|_plan" | head -70

@@ -46,9 +46,10 @@ from mpi4py import MPI
 
 import pya2a  # the exchange is looked up at call time (pya2a.Alltoallv), so wrappers apply
 
-from .api import _check_comm, internal_comm
-from .bufspec import is_device_buffer
-from .validate import agree
+from .core.spec import is_device_buffer
+from .core.state import check_comm as _check_comm
+from .core.state import internal_comm
+from .core.validate import agree
 
 __all__ = ["ExpertParallel", "DispatchHandle", "reference", "BACKENDS"]
 

@@ -233,7 +233,7 @@ def test_hierarchical_on_simulated_nodes(comm, rpn, monkeypatch):
 def test_hierarchical_detects_one_node(comm):
     from pya2a.algorithms.hierarchical import _layout, node_layout
 
-    assert node_layout(pya2a.api.internal_comm(comm)) == (1, comm.Get_size())
+    assert node_layout(pya2a.core.state.internal_comm(comm)) == (1, comm.Get_size())
     # two nodes of two, numbered node by node / round robin
     assert _layout([(0, 0, 2, ""), (0, 1, 2, ""), (2, 0, 2, ""), (2, 1, 2, "")], 4) == (2, 2)
     assert isinstance(_layout([(0, 0, 2, ""), (1, 0, 2, ""), (0, 1, 2, ""), (1, 1, 2, "")],
@@ -244,7 +244,7 @@ def test_one_shot_cache_does_not_keep_large_buffers_alive(comm):
     import gc
     import weakref
 
-    from pya2a import api
+    from pya2a import _oneshot as api
 
     p, r = comm.Get_size(), comm.Get_rank()
     n = api.ONESHOT_MAX_BYTES // 8 // p + 1  # just over the bound per rank

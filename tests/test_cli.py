@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from pya2a import cli, select, tune
+from pya2a import select
+from pya2a.tools import cli, tune
 
 
 @pytest.mark.serial
@@ -95,7 +96,7 @@ def test_replot_and_table_from_json(tmp_path, capsys):
 def test_device_without_allocator_says_where_gpu_benchmarks_are():
     from mpi4py import MPI
 
-    with pytest.raises(SystemExit, match="pya2a.gpu.bench"):
+    with pytest.raises(SystemExit, match="pya2a.tools.gpu_bench"):
         cli.bench(MPI.COMM_SELF, begin=8, end=8, device="tpu", progress=False)
 
 

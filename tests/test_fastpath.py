@@ -13,15 +13,15 @@ import pytest
 from mpi4py import MPI
 
 import pya2a
-from pya2a import _fast
-from pya2a.api import _internal
+from pya2a import _oneshot as _fast
+from pya2a.core.state import state
 
 SEED = 20261121
 SENTINEL = -7.0
 
 
 def _full_calls(comm) -> int:
-    return _internal(comm).fast.seq
+    return state(comm).slot("oneshot.signatures", _fast.FastCache).seq
 
 
 def _exchange_data(comm, counts_row, it):

@@ -13,7 +13,7 @@ import pytest
 from mpi4py import MPI
 
 import pya2a
-from pya2a.algorithms import ipc as ipc_alg
+from pya2a.gpu import ipc_algorithm as ipc_alg
 
 from helpers import count_matrix, cuda_device_count, expected_recv, send_data
 
@@ -36,7 +36,7 @@ def cp():
 
 @pytest.fixture(scope="module")
 def ipc_ok(cp):
-    comm = pya2a.api.internal_comm(WORLD)
+    comm = pya2a.core.state.internal_comm(WORLD)
     return ipc_alg.comm_available(comm, cp.cuda.Device().id)[0]
 
 
@@ -174,7 +174,7 @@ def test_ipc_plan_with_uneven_counts(cp, ipc_ok):
 
 
 def _full_calls() -> int:
-    return pya2a.api._internal(WORLD).fast.seq
+    return pya2a.core.state.state(WORLD).slot("oneshot.signatures").seq
 
 
 def test_repeated_cupy_calls_take_the_fast_path(cp):

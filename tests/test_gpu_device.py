@@ -23,14 +23,15 @@ import pytest
 from mpi4py import MPI
 
 import pya2a
-from pya2a.bufspec import parse_vector
+from pya2a.core.spec import parse_vector
 from pya2a.gpu import device as gdev
 from pya2a.gpu import staging
 
 from helpers import PATTERNS, count_matrix, cuda_device_count, expected_recv, send_data
 
 WORLD = MPI.COMM_WORLD
-DEVICE_ALGORITHMS = ["auto", *gdev.register_device_algorithms()]
+DEVICE_ALGORITHMS = ["auto", *(n for n in pya2a.algorithms.names()
+                               if pya2a.algorithms.get(n).device and pya2a.algorithms.get(n).host)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -572,9 +573,9 @@ def test_gpu_plan_runs_repeatedly(comm, cp):
 def test_ipc_is_unavailable_under_another_device_backend(comm, fake):
     """The IPC engine runs on CuPy streams: under the emulated backend ``auto`` must not pick
     it even on a machine whose real GPUs could (it read results before the engine wrote)."""
-    from pya2a.algorithms import ipc
+    from pya2a.gpu import ipc_algorithm as ipc
 
-    ok, why = ipc.comm_available(pya2a.api.internal_comm(comm))
+    ok, why = ipc.comm_available(pya2a.core.state.internal_comm(comm))
     assert not ok and "fake" in why
     c = count_matrix("uniform", comm.Get_size(), scale=300)
     out = _fake_exchange(comm, c, "float64", "auto")

@@ -415,7 +415,6 @@ def test_choose_direct():
 def test_public_api_large_blocks_direct(engine, inplace):
     """pya2a.Alltoallv(algorithm='ipc') at >= CE_FROM per pair: ce into the user's buffer."""
     import pya2a
-    from pya2a.algorithms import ipc as ipc_alg
 
     if P < 2:
         pytest.skip("needs peers")
@@ -445,7 +444,7 @@ def test_public_api_large_blocks_direct(engine, inplace):
     cupy.cuda.get_current_stream().synchronize()
     bad = int(cupy.count_nonzero(out[: int(rc.sum())] != exp[: int(rc.sum())]))
     assert COMM.allreduce(bad) == 0
-    eng = next(iter(ipc_alg._ENGINES.values()))
+    eng = next(iter(pya2a.core.state.state(COMM).slot("ipc.engine").values()))
     assert eng._reg is not None and eng._reg.everyone
     assert eng.slot_bytes < n * 4  # no staging slots grown for the big block
 

@@ -11,6 +11,8 @@ seed-computed answer). Real-GPU half: skips without CuPy or a device.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import test_gpu_device as _emu
@@ -18,9 +20,10 @@ from mpi4py import MPI
 
 import pya2a
 from pya2a import select
-from pya2a.algorithms import shm as shm_alg
+from pya2a.core import registry
 from pya2a.gpu import device as gdev
 from pya2a.gpu import shm as gshm
+from pya2a.gpu import shm_algorithm as shm_alg
 
 from helpers import PATTERNS, count_matrix, cuda_device_count, expected_recv, send_data
 
@@ -123,22 +126,22 @@ def test_shm_window_grows_collectively_and_is_reused(comm, fake):
     p = comm.Get_size()
     small = np.full((p, p), 10, dtype=np.int64)
     _run(comm, small, "float64")
-    key = pya2a.api.internal_comm(comm).py2f()
-    win = gshm._WINDOWS[key]
+    st = pya2a.core.state.state(comm)
+    win = st.slot("shm.window")
     cap = win.capacity
     if p == 1:
         pytest.skip("one rank: the own block never leaves the device, no region")
     assert cap >= gshm.MIN_REGION
     _run(comm, small, "float64")
-    assert gshm._WINDOWS[key] is win and win.capacity == cap  # no regrowth, no allocation
+    assert st.slot("shm.window") is win and win.capacity == cap  # no regrowth, no allocation
     big = np.full((p, p), 10, dtype=np.int64)
     big[0, p - 1] = cap // 8 + 1000  # only rank 0 needs more: the decision is still global
     out = _run(comm, big, "float64")
     np.testing.assert_array_equal(out, _oracle(comm, big, "float64"))
-    assert gshm._WINDOWS[key].capacity > cap
+    assert st.slot("shm.window").capacity > cap
     assert fake.registered  # the window is page-locked ...
     shm_alg.free_windows()
-    assert not fake.registered and not gshm._WINDOWS  # ... and unpinned when freed
+    assert not fake.registered and st.slot("shm.window") is None  # ... unpinned when freed
     out = _run(comm, small, "float64")  # a fresh window after free
     np.testing.assert_array_equal(out, _oracle(comm, small, "float64"))
 
@@ -199,17 +202,16 @@ def test_shm_errors_raise_on_every_rank(comm, fake, monkeypatch):
         pya2a.Alltoallv(comm, np.zeros(p), out, algorithm="shm")
     assert (out == 7.0).all()
     # a communicator spanning nodes (emulated): explicit shm raises everywhere, untouched
-    icomm = pya2a.api.internal_comm(comm)
-    monkeypatch.setitem(gshm._AVAILABLE, icomm.py2f(), (False, "spans 2 nodes"))
+    monkeypatch.setattr(gshm, "comm_available", lambda c: (False, "spans 2 nodes"))
     dev = FakeDeviceArray(np.full(p, 7.0))
     with pytest.raises(ValueError, match="'shm' is not available.*spans 2 nodes"):
         pya2a.Alltoallv(comm, FakeDeviceArray(np.zeros(p)), dev, algorithm="shm")
     assert (dev.arr == 7.0).all()
-    assert not gshm._WINDOWS  # nothing allocated
+    assert pya2a.core.state.state(comm).slot("shm.window") is None  # nothing allocated
 
 
 def test_shm_availability_is_collective_and_true_on_one_node(comm):
-    icomm = pya2a.api.internal_comm(comm)
+    icomm = pya2a.core.state.internal_comm(comm)
     ok, why = shm_alg.comm_available(icomm)
     assert ok, why  # a local mpiexec: every rank on this node
     assert "shm" in pya2a.available_algorithms(device=True)
@@ -230,18 +232,19 @@ def test_auto_picks_shm_on_one_node_without_ipc():
 
 
 def test_auto_uses_shm_for_fake_device_buffers(comm, fake, monkeypatch):
-    import pya2a.api as api
 
     if comm.Get_size() == 1:
         pytest.skip("p = 1 takes native")
-    monkeypatch.setattr(api.ipc, "comm_available", lambda c, d=None: (False, "emulated"))
+    ipc = pya2a.algorithms.get("ipc")
+    monkeypatch.setitem(registry._REGISTRY, "ipc", dataclasses.replace(
+        ipc, comm_available=lambda c, d=None: (False, "emulated")))
     c = count_matrix("skew", comm.Get_size(), scale=1 << 15)  # blocks past DEVICE_SHM_FROM
     r = comm.Get_rank()
     s = FakeDeviceArray(send_data(c, r, "float64"))
     d = FakeDeviceArray(np.zeros(int(c[:, r].sum())))
     pya2a.Alltoallv(comm, [s, c[r]], [d, c[:, r]])
     np.testing.assert_array_equal(d.arr, _oracle(comm, c, "float64"))
-    assert gshm._WINDOWS  # auto went through shm
+    assert pya2a.core.state.state(comm).slot("shm.window") is not None  # auto took shm
 
 
 # ---------------------------------------------------------------------------------------

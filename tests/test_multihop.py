@@ -18,9 +18,9 @@ from mpi4py import MPI
 
 import pya2a
 from pya2a.algorithms import Context, mesh
-from pya2a.api import internal_comm
-from pya2a.bufspec import parse_vector
-from pya2a.transport import HostTransport
+from pya2a.core.spec import parse_vector
+from pya2a.core.state import internal_comm
+from pya2a.core.transport import HostTransport
 
 from helpers import SEED, count_matrix, expected_recv, send_data
 

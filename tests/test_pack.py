@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pya2a import _pack
+from pya2a.core import _pack
 
 pytestmark = pytest.mark.serial
 
@@ -56,7 +56,7 @@ def test_blocks_overlap_finds_a_pair_and_ignores_empty_blocks():
 
 
 def test_even_split_gives_the_remainder_to_the_first_blocks():
-    from pya2a.bufspec import parse_vector
+    from pya2a.core.spec import parse_vector
 
     spec = parse_vector(np.zeros(11), 4, readonly=True)
     assert spec.counts.tolist() == [3, 3, 3, 2]
@@ -66,7 +66,7 @@ def test_even_split_gives_the_remainder_to_the_first_blocks():
 def test_unmappable_formats_travel_as_same_size_elements():
     from mpi4py import MPI
 
-    from pya2a.bufspec import parse_vector
+    from pya2a.core.spec import parse_vector
 
     rec = np.zeros(6, dtype=[("key", "i4"), ("val", "f8")])  # no MPI datatype for this
     spec = parse_vector(rec, 3, readonly=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 import pya2a
+from pya2a import _oneshot
+from pya2a.algorithms import _bound
+from pya2a.core.registry import Context
+from pya2a.core.state import state
 
 from helpers import count_matrix, expected_recv, send_data
 
@@ -95,16 +97,14 @@ def test_bind_gives_argument_free_runs(comm, algorithm):
 @pytest.mark.parametrize("pattern", ["hot", "zeros"])
 def test_oneshot_cache_gives_same_results(comm, pattern):
     """Cached one-shot plans (bound requests; bound schedules from the agreement record)."""
-    from pya2a import api
-
     sc, rc, sbuf, want = _case(comm, pattern)
     for _ in range(3):
         for alg in [a for a in ALGORITHMS if a != "native"]:
             rbuf = np.zeros(int(rc.sum()), sbuf.dtype)
             pya2a.Alltoallv(comm, [sbuf, sc], [rbuf, rc], algorithm=alg)
             np.testing.assert_array_equal(rbuf, want)
-    if 1 < comm.Get_size() <= api.ROWS_IN_RECORD:
-        assert any(pl._cmat is not None for pl in api._PLANS.values())
+    if 1 < comm.Get_size() <= _oneshot.ROWS_IN_RECORD:
+        assert any(pl._cmat is not None for pl in state(comm).slot("oneshot.plans").values())
 
 
 def test_plan_errors_raise_on_every_rank(comm):
@@ -157,18 +157,17 @@ def test_bound_schedule_is_chosen_alike_on_every_rank(comm, monkeypatch, algorit
     """Skewed counts put one rank's bound-schedule scratch over the limit and not another's:
     every rank must still take the same path (binding exchanges on other tags than ``run``,
     so a split decision waits forever). Regression: the p = 16, 4 MiB skew bench hung."""
-    plan_mod = importlib.import_module("pya2a.plan")  # pya2a.plan is also the function
     p, r = comm.Get_size(), comm.Get_rank()
     sc, rc, sbuf, want = _case(comm, "hot")
     info = pya2a.algorithms.get(algorithm)
-    ctx = plan_mod.Context(comm=comm, rank=r, size=p, kind="alltoallv", transport=None,
-                           in_place=False, options={})
+    ctx = Context(comm=comm, rank=r, size=p, kind="alltoallv", transport=None,
+                  in_place=False, options={})
     cmat = np.asarray(count_matrix("hot", p), dtype=np.int64) * sbuf.itemsize
-    steps = plan_mod._schedule_steps(info, ctx)
-    need = sum(plan_mod._scratch_need(plan_mod._phases(steps), cmat)) if steps else 0
+    steps = _bound.schedule_steps(info, ctx)
+    need = sum(_bound._scratch_need(_bound._phases(steps), cmat)) if steps else 0
     needs = comm.allgather(need)
     limit = min(needs) if min(needs) < max(needs) else max(needs)
-    monkeypatch.setattr(plan_mod, "SCRATCH_LIMIT", limit)
+    monkeypatch.setattr(_bound, "SCRATCH_LIMIT", limit)
     with pya2a.plan(comm, sc, rc, sbuf.dtype, algorithm=algorithm) as pl:
         bound = pl._cmat is not None
         assert comm.allgather(bound) == [bound] * p

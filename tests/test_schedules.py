@@ -25,8 +25,8 @@ import pytest
 
 from pya2a.algorithms import Context, _forward, direct, hypercube, mesh, ring
 from pya2a.algorithms import get as get_algorithm
-from pya2a.bufspec import parse_vector
-from pya2a.transport import HostTransport
+from pya2a.core.spec import parse_vector
+from pya2a.core.transport import HostTransport
 
 pytestmark = pytest.mark.serial
 
@@ -196,7 +196,7 @@ def test_models_order_the_regimes():
 
 
 def test_pack_index_builders_match_numpy():
-    from pya2a import _pack
+    from pya2a.core import _pack
 
     rng = np.random.default_rng(3)
     offset = rng.integers(0, 1000, 50).astype(np.int64)

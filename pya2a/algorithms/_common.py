@@ -7,16 +7,11 @@ from typing import NamedTuple
 import numpy as np
 from mpi4py import MPI
 
-from ..bufspec import VSpec
-from . import Bound, Context
+from ..core.registry import Bound, Context
+from ..core.spec import VSpec
 
-__all__ = ["Sides", "sides", "exchange_groups", "bind_groups", "TAG_DIRECT", "TAG_PAIRWISE"]
+__all__ = ["Sides", "sides", "exchange_groups", "bind_groups"]
 
-# Fixed tags on the internal communicator: each call completes all its messages before it
-# returns and MPI does not overtake on one (source, tag, comm), so one tag per algorithm is
-# enough. Distinct values only make traces easier to read.
-TAG_DIRECT = 7101
-TAG_PAIRWISE = 7102
 
 
 class Sides(NamedTuple):

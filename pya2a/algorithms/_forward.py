@@ -17,15 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["Step", "blocks", "TAG_RING", "TAG_MESH", "TAG_HYPERCUBE", "TAG_META",
-           "post", "meta_exchange", "meta_wait", "grid_from", "default_grid"]
+from .tags import TAG_META
 
-# Distinct from _common's 7101/7102; one tag per algorithm is enough (see _common), the
-# metadata tag keeps count messages apart from data messages between the same pair.
-TAG_RING = 7103
-TAG_MESH = 7104
-TAG_HYPERCUBE = 7105
-TAG_META = 7106
+__all__ = ["Step", "blocks", "post", "meta_exchange", "meta_wait", "grid_from", "default_grid"]
+
 
 
 @dataclass(frozen=True)

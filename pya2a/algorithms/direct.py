@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Bound, Context, register
-from ._common import TAG_DIRECT, bind_groups, exchange_groups
+from ..core.registry import AlgorithmInfo, Bound, Context, register
+from ..core.spec import VSpec
+from ._common import bind_groups, exchange_groups
+from .tags import TAG_DIRECT
 
 __all__ = ["schedule", "run", "cost", "prepare"]
 
@@ -51,5 +52,5 @@ def cost(p: int, m: float, params: dict) -> float:
     return params["o"] + (p - 1) * (params["ts"] + params["tp"] + m * params["tw"])
 
 
-register(AlgorithmInfo(name="direct", run=run, cost=cost, schedule=schedule,
+register(AlgorithmInfo(name="direct", device=True, run=run, cost=cost, schedule=schedule,
                        doc=__doc__ or "", prepare=prepare))

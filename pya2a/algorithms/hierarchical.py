@@ -22,37 +22,35 @@ import os
 
 from mpi4py import MPI
 
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Context, mesh, register
+from ..core.registry import AlgorithmInfo, Context, register
+from ..core.spec import VSpec
+from ..core.state import state
+from ..core.validate import same_everywhere
+from . import mesh
 
 __all__ = ["node_layout", "run", "cost"]
-
-_KEYVAL: int | None = None
 
 
 def node_layout(comm: MPI.Intracomm) -> tuple[int, int] | str:
     """(nodes, ranks per node) for ``comm``, or the reason it is not node-contiguous.
 
-    Collective on first use per communicator (cached as an attribute); the answer is the
+    Collective on first use per communicator (kept in its state); the answer is the
     same on every rank.
     """
-    global _KEYVAL
-    if _KEYVAL is None:
-        _KEYVAL = MPI.Comm.Create_keyval()
-    hit = comm.Get_attr(_KEYVAL)
+    st = state(comm)
+    hit = st.slot("hierarchical.layout")
     if hit is not None:
         return hit
-    p, rank = comm.Get_size(), comm.Get_rank()
+    p = comm.Get_size()
     env = os.environ.get("PYA2A_RANKS_PER_NODE", "").strip()
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    try:
-        leader = local.bcast(rank, root=0)
-        mine = (leader, local.Get_rank(), local.Get_size(), env)
-    finally:
-        local.Free()
-    table = comm.allgather(mine)
-    hit = _layout(table, p)
-    comm.Set_attr(_KEYVAL, hit)
+    node = st.node()
+    if not same_everywhere(comm, env):
+        hit = "PYA2A_RANKS_PER_NODE differs between ranks"
+    else:
+        table = [(int(node.leaders[r]), int(node.local_ranks[r]), int(node.local_sizes[r]),
+                  env) for r in range(p)]
+        hit = _layout(table, p)
+    st.set_slot("hierarchical.layout", hit)
     return hit
 
 

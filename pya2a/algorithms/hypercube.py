@@ -29,11 +29,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import _pack
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Context, register
+from ..core import _pack
+from ..core.registry import AlgorithmInfo, Context, register
+from ..core.spec import VSpec
 from ._common import sides
-from ._forward import TAG_HYPERCUBE, Step, blocks, meta_exchange, meta_wait, post
+from ._forward import Step, blocks, meta_exchange, meta_wait, post
+from .tags import TAG_HYPERCUBE
 
 __all__ = ["schedule", "run", "cost", "nsteps", "order", "peers"]
 
@@ -202,5 +203,5 @@ def cost(p: int, m: float, params: dict) -> float:
             + params["tw"] * (m + 8) * h + params["tr"] * 2 * m * h)
 
 
-register(AlgorithmInfo(name="hypercube", run=run, cost=cost, schedule=schedule,
+register(AlgorithmInfo(name="hypercube", device=True, run=run, cost=cost, schedule=schedule,
                        doc=__doc__ or ""))

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Context, register
+from ..core.registry import AlgorithmInfo, Context, register
+from ..core.spec import VSpec
 from ._common import sides
 from ._forward import (
-    TAG_MESH,
     Step,
     blocks,
     default_grid,
@@ -34,6 +33,7 @@ from ._forward import (
     meta_wait,
     post,
 )
+from .tags import TAG_MESH
 
 __all__ = ["schedule", "run", "cost", "grid_from"]
 
@@ -188,5 +188,5 @@ def supports(p: int, send: VSpec | None, recv: VSpec | None, device: bool) -> st
     return None
 
 
-register(AlgorithmInfo(name="mesh", run=run, cost=cost, schedule=schedule, supports=supports,
-                       doc=__doc__ or ""))
+register(AlgorithmInfo(name="mesh", device=True, run=run, cost=cost, schedule=schedule,
+                       supports=supports, schedule_options=("grid",), doc=__doc__ or ""))

@@ -10,23 +10,19 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Bound, Context, register
+from ..core.registry import AlgorithmInfo, Bound, Context, register
+from ..core.spec import VSpec
 
 __all__ = ["run", "cost", "prepare"]
 
 
 def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
-    """Call MPI's Alltoall(v) on the internal communicator with the parsed messages."""
-    comm = ctx.comm
-    smsg = MPI.IN_PLACE if send is None else None
-    if ctx.kind == "alltoall":
-        rmsg = [recv.obj, (int(recv.counts[0]), int(recv.displs[0])), recv.datatype]
-        if smsg is None:
-            smsg = [send.obj, (int(send.counts[0]), int(send.displs[0])), send.datatype]
-        comm.Alltoall(smsg, rmsg)
-    else:
-        comm.Alltoallv(smsg if smsg is not None else send.message(), recv.message())
+    """MPI's Alltoall(v) on the internal communicator, through the transport.
+
+    Host buffers go straight to MPI; device buffers are staged through pinned host memory,
+    or handed to MPI as they are when it is CUDA-aware (:mod:`pya2a.gpu.staging`).
+    """
+    ctx.transport.native(send, recv, ctx.kind)
 
 
 def _messages(send: VSpec | None, recv: VSpec, kind: str) -> tuple[object, object]:
@@ -75,5 +71,6 @@ def cost(p: int, m: float, params: dict) -> float:
     return params["o"] + (p - 1) * (params["ts"] + m * params["tw"])
 
 
-register(AlgorithmInfo(name="native", run=run, cost=cost, host=True, device=False,
-                       needs_contiguous=False, doc=__doc__ or "", prepare=prepare))
+register(AlgorithmInfo(name="native", run=run, cost=cost, host=True, device=True,
+                       needs_contiguous=False, takes_in_place=True, oneshot_plan=False,
+                       doc=__doc__ or "", prepare=prepare))

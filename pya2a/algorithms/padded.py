@@ -31,9 +31,9 @@ import math
 import numpy as np
 from mpi4py import MPI
 
-from .. import _pack
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Bound, Context, register
+from ..core import _pack
+from ..core.registry import AlgorithmInfo, Bound, Context, register
+from ..core.spec import VSpec
 from ._common import sides
 
 __all__ = ["run", "cost", "prepare", "model_m", "chunking", "SCRATCH_LIMIT", "BRUCK_MAX",

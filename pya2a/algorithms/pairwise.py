@@ -8,9 +8,10 @@ receiver, the schedule of choice for large blocks.
 
 from __future__ import annotations
 
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Bound, Context, register
-from ._common import TAG_PAIRWISE, bind_groups, exchange_groups
+from ..core.registry import AlgorithmInfo, Bound, Context, register
+from ..core.spec import VSpec
+from ._common import bind_groups, exchange_groups
+from .tags import TAG_PAIRWISE
 
 __all__ = ["schedule", "run", "cost", "prepare"]
 
@@ -39,5 +40,5 @@ def cost(p: int, m: float, params: dict) -> float:
     return params["o"] + (p - 1) * (params["ts"] + params["tp"] + m * params["tw"])
 
 
-register(AlgorithmInfo(name="pairwise", run=run, cost=cost, schedule=schedule,
+register(AlgorithmInfo(name="pairwise", device=True, run=run, cost=cost, schedule=schedule,
                        doc=__doc__ or "", prepare=prepare))

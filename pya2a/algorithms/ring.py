@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Context, register
+from ..core.registry import AlgorithmInfo, Context, register
+from ..core.spec import VSpec
 from ._common import sides
-from ._forward import TAG_RING, Step, blocks
+from ._forward import Step, blocks
+from .tags import TAG_RING
 
 __all__ = ["schedule", "run", "cost", "message_lengths"]
 
@@ -102,5 +103,5 @@ def cost(p: int, m: float, params: dict) -> float:
             + params["tw"] * m * p * (p - 1) / 2 + params["tr"] * 2 * m * (p - 1))
 
 
-register(AlgorithmInfo(name="ring", run=run, cost=cost, schedule=schedule,
+register(AlgorithmInfo(name="ring", device=True, run=run, cost=cost, schedule=schedule,
                        doc=__doc__ or ""))

@@ -1,4 +1,4 @@
-"""Device buffers: recognition, CUDA-aware-MPI detection, transports, algorithm enablement.
+"""Device buffers: recognition, CUDA-aware-MPI detection, the device transport seam.
 
 * :func:`describe` reads a device array (CuPy, torch, JAX, numba, anything with
   ``__dlpack__`` or ``__cuda_array_interface__``) into address / size / format / device,
@@ -11,9 +11,8 @@
 * :func:`transport` returns :class:`~pya2a.gpu.staging.AwareTransport` (pointers straight
   to MPI) when every rank of the communicator agrees MPI is CUDA-aware, else
   :class:`~pya2a.gpu.staging.StagedTransport` (pipelined pinned-host staging).
-* :func:`register_device_algorithms` marks ``native``, ``direct``, ``pairwise``, ``ring``,
-  ``mesh`` and ``hypercube`` device-capable: their unchanged bodies run on the device
-  transports; ``native`` stages its whole exchange unless MPI is CUDA-aware.
+  The host algorithms that take device buffers say so in their own registrations and run
+  unchanged on these transports; ``native`` calls :meth:`DeviceTransport.native`.
 
 This module imports without CuPy; CUDA work goes through a backend object
 (:class:`CupyBackend`), which tests may replace with :func:`set_backend`.
@@ -34,19 +33,16 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from .. import algorithms
-from ..algorithms import AlgorithmInfo, Context
-from ..bufspec import VSpec
+from ..core.state import state
 from . import cupy as _cupy
 from .staging import AwareTransport, DeviceTransport, StagedTransport
 
 __all__ = ["DeviceBuffer", "describe", "cuda_aware", "cuda_aware_reason", "comm_cuda_aware",
-           "transport", "register_device_algorithms", "empty_rows", "byte_view", "info",
-           "CupyBackend", "backend", "set_backend", "DEVICE_ALGORITHMS"]
+           "transport", "empty_rows", "byte_view", "info", "CupyBackend", "backend",
+           "set_backend"]
 
 # Algorithms whose bodies use only the transport primitives (DESIGN.md), so they run on
 # device buffers unchanged; native is handled separately (whole-exchange staging).
-DEVICE_ALGORITHMS = ("native", "direct", "pairwise", "ring", "mesh", "hypercube")
 
 _KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 
@@ -513,18 +509,14 @@ def cuda_aware_reason() -> str:
     return _detect()[1]
 
 
-_AWARE_KEYVAL: int | None = None
-
-
 def comm_cuda_aware(comm: MPI.Intracomm) -> bool:
-    """:func:`cuda_aware` agreed over ``comm`` (all ranks must be), cached on ``comm``."""
-    global _AWARE_KEYVAL
-    if _AWARE_KEYVAL is None:
-        _AWARE_KEYVAL = MPI.Comm.Create_keyval()
-    val = comm.Get_attr(_AWARE_KEYVAL)
+    """:func:`cuda_aware` agreed over ``comm`` (all ranks must be), kept in its state."""
+    st = state(comm)
+    val = st.slot("cuda_aware")
     if val is None:
-        val = bool(comm.allreduce(int(cuda_aware()), op=MPI.MIN))
-        comm.Set_attr(_AWARE_KEYVAL, val)
+        flag = np.array([int(cuda_aware())], dtype=np.int64)
+        comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MIN)
+        val = st.set_slot("cuda_aware", bool(flag[0]))
     return bool(val)
 
 
@@ -537,88 +529,6 @@ def transport(comm: MPI.Intracomm, device: int) -> DeviceTransport:
     if comm_cuda_aware(comm):
         return AwareTransport(comm, int(device), be)
     return StagedTransport(comm, int(device), be)
-
-
-def _wrap(run, body=None):
-    """Run an algorithm on a device transport: begin, the body, always finish the exchange.
-
-    ``body(send, recv, ctx)`` defaults to the algorithm's own ``run``; host transports get
-    the plain ``run``.
-    """
-    body = body or run
-
-    @functools.wraps(run)
-    def device_run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
-        t = ctx.transport
-        if not isinstance(t, DeviceTransport):
-            return run(send, recv, ctx)
-        t.begin()
-        ok = False
-        try:
-            body(send, recv, ctx)
-            ok = True
-        finally:
-            t.finish(ok)
-        return None
-
-    device_run._pya2a_device = True  # type: ignore[attr-defined]
-    return device_run
-
-
-def _native_body(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
-    """``native`` on device buffers: staged, or pointers straight through if MPI is aware."""
-    t = ctx.transport
-    if ctx.size == 1 and (send is None or (send.contiguous and recv.contiguous)):
-        # one rank: the exchange is the own block, a device-to-device copy in stream order
-        # (staging it through host memory cost 10 ms for 32 MiB on an H200)
-        n = int(recv.bcounts[0])
-        if send is not None and n > 0:
-            t.backend.memcpy(recv.addr + int(recv.bdispls[0]), send.addr + int(send.bdispls[0]),
-                             n, t.stream)
-        return
-    if isinstance(t, StagedTransport):
-        t.native(send, recv, ctx.kind)
-    else:
-        t.native_ready()
-        _native_raw(send, recv, ctx)
-
-
-def _raw_message(spec: VSpec, kind: str) -> list:
-    buf = MPI.buffer.fromaddress(spec.addr, spec.nbytes)
-    if kind == "alltoall":
-        return [buf, (int(spec.counts[0]), int(spec.displs[0])), spec.datatype]
-    return [buf, (spec.counts, spec.displs), spec.datatype]
-
-
-def _native_raw(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
-    """MPI's own collective on raw device addresses (CUDA-aware MPI only)."""
-    smsg = MPI.IN_PLACE if send is None else _raw_message(send, ctx.kind)
-    rmsg = _raw_message(recv, ctx.kind)
-    if ctx.kind == "alltoall":
-        ctx.comm.Alltoall(smsg, rmsg)
-    else:
-        ctx.comm.Alltoallv(smsg, rmsg)
-
-
-def register_device_algorithms() -> list[str]:
-    """Mark :data:`DEVICE_ALGORITHMS` device-capable (idempotent); returns their names.
-
-    The registry entry is replaced by one with ``device=True`` whose ``run`` begins and
-    finishes the device exchange around the unchanged body.
-    """
-    done = []
-    for name in algorithms.names():
-        if name not in DEVICE_ALGORITHMS:
-            continue
-        info: AlgorithmInfo = algorithms.get(name)
-        if not getattr(info.run, "_pya2a_device", False):
-            run = _wrap(info.run, _native_body if name == "native" else None)
-            algorithms.register(dataclasses.replace(info, run=run, device=True))
-        done.append(name)
-    return done
-
-
-register_device_algorithms()
 
 
 # ---------------------------------------------------------------------------------------
@@ -688,7 +598,7 @@ def info() -> dict:
     """Facts for ``python -m pya2a info``: CUDA-awareness and how it was decided, GPUs."""
     out: dict = {"cuda_aware": cuda_aware(), "cuda_aware_reason": cuda_aware_reason(),
                  "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
-                 "staging_chunk_bytes": None, "device_algorithms": list(DEVICE_ALGORITHMS)}
+                 "staging_chunk_bytes": None}
     from .staging import default_chunk
 
     out["staging_chunk_bytes"] = default_chunk()

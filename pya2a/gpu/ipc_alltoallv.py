@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .._pack import int64_key as _int64_key
+from ..core._pack import int64_key as _int64_key
 from .ipc import (
     CTRL_BYTES,
     KEY_SHIFT,

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validate import agree, error_code
+from ..core.validate import agree, error_code
 from . import cupy as _cupy
 from .ipc import CTRL_BYTES, IpcGroup, check_ipc
 

@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from ..bufspec import VSpec
+from ..core.spec import VSpec
+from ..core.state import live_states, state
 from .staging import default_chunk, merge_ranges
 
 __all__ = ["ShmWindow", "comm_available", "window", "free_windows", "exchange",
@@ -50,8 +51,7 @@ MIN_REGION = 1 << 21  # bytes per rank in a fresh data window
 MAX_PIECES = 48  # per exchange and rank: the download piece grows past the staging chunk
 _GRAIN = 1 << 21  # region sizes are multiples of this (page-aligned segments)
 
-_AVAILABLE: dict[int, tuple[bool, str]] = {}
-_WINDOWS: dict[int, ShmWindow] = {}
+_WINDOW = "shm.window"  # CommState slot
 
 
 def comm_available(comm: MPI.Intracomm) -> tuple[bool, str]:
@@ -59,20 +59,10 @@ def comm_available(comm: MPI.Intracomm) -> tuple[bool, str]:
 
     Cached per communicator handle; the answer is agreed, so it is the same on every rank.
     """
-    key = comm.py2f()
-    hit = _AVAILABLE.get(key)
-    if hit is None:
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        try:
-            spans = local.Get_size() == comm.Get_size()
-        finally:
-            local.Free()
-        ok = bool(comm.allreduce(int(spans), op=MPI.MIN))
-        hit = (True, "all ranks share one node") if ok else \
-            (False, "needs every rank of the communicator on one node "
-                    "(MPI.COMM_TYPE_SHARED split does not span it)")
-        _AVAILABLE[key] = hit
-    return hit
+    if state(comm).node().one_node:
+        return True, "all ranks share one node"
+    return False, ("needs every rank of the communicator on one node "
+                   "(MPI.COMM_TYPE_SHARED split does not span it)")
 
 
 def _round(n: int) -> int:
@@ -310,12 +300,11 @@ class ShmWindow:
 
 def window(comm: MPI.Intracomm, backend: Any, global_bound: int, local_need: int) -> ShmWindow:
     """The communicator's window, made (collective) or grown to hold this exchange."""
-    key = comm.py2f()
-    win = _WINDOWS.get(key)
+    st = state(comm)
+    win = st.slot(_WINDOW)
     if win is None or win.backend is not backend:
-        if win is not None:
-            win.free()
-        win = _WINDOWS[key] = ShmWindow(comm, 0, backend)  # data window sized by ensure()
+        # data window sized by ensure(); set_slot frees the one it replaces
+        win = st.set_slot(_WINDOW, ShmWindow(comm, 0, backend))
     win.ensure(global_bound, local_need)
     return win
 
@@ -324,11 +313,13 @@ def free_windows() -> None:
     """Collective over every communicator that used ``shm``: free windows, unpin memory.
 
     Every rank must call it at the same point (e.g. before ``MPI.Finalize``), like
-    :func:`pya2a.algorithms.ipc.free_engines`.
+    :func:`pya2a.gpu.ipc_algorithm.free_engines`. Windows are also freed with their
+    communicator.
     """
-    while _WINDOWS:
-        _, win = _WINDOWS.popitem()
-        win.free()
+    for st in live_states():
+        win = st.pop_slot(_WINDOW)
+        if win is not None:
+            win.free()
 
 
 def exchange(send: VSpec, recv: VSpec, comm: MPI.Intracomm, t: Any,

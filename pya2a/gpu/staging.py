@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from .. import _pack
-from ..bufspec import VSpec
+from ..core import _pack
+from ..core.spec import VSpec
 
 __all__ = ["IntervalSet", "PinnedPool", "StagedBuf", "StagedTransport", "DeviceTransport",
            "default_chunk", "pool"]
@@ -251,7 +251,8 @@ class DeviceTransport:
 
     A transport may serve many exchanges (a plan keeps one): each exchange begins on first
     use (:meth:`begin`: enter the buffers' device, take the caller's current stream) and
-    ends with :meth:`finish`, which the device-enabled algorithm wrappers always call.
+    ends with :meth:`finish`, which the executor (:func:`pya2a.core.registry.execute`)
+    always calls.
     """
 
     staged = False
@@ -291,6 +292,25 @@ class DeviceTransport:
                 self.backend.sync(self.stream)
             finally:
                 self._leave()
+
+    def native(self, send: VSpec | None, recv: VSpec, kind: str) -> None:
+        """The MPI library's own Alltoall(v) on device buffers (``native``).
+
+        One rank: the exchange is the own block, a device-to-device copy in stream order
+        (staging it through host memory cost 10 ms for 32 MiB on an H200).
+        """
+        if self.comm.Get_size() == 1 and (send is None or (send.contiguous and
+                                                           recv.contiguous)):
+            self.begin()
+            n = int(recv.bcounts[0])
+            if send is not None and n > 0:
+                self.backend.memcpy(recv.addr + int(recv.bdispls[0]),
+                                    send.addr + int(send.bdispls[0]), n, self.stream)
+            return
+        self._native(send, recv, kind)
+
+    def _native(self, send: VSpec | None, recv: VSpec, kind: str) -> None:
+        raise NotImplementedError
 
 
 class StagedTransport(DeviceTransport):
@@ -605,7 +625,7 @@ class StagedTransport(DeviceTransport):
         return end
 
     # -- the MPI library's own collective, staged ------------------------------------
-    def native(self, send: VSpec | None, recv: VSpec, kind: str) -> None:
+    def _native(self, send: VSpec | None, recv: VSpec, kind: str) -> None:
         """MPI's Alltoall(v) on the host mirrors (whole-buffer staging, no pipelining)."""
         rb = self.buffer(recv)
         rr = _spec_ranges(recv)
@@ -818,10 +838,16 @@ class AwareTransport(DeviceTransport):
         self.pack(src, _exclusive(lens, start), lens, dst, offs)
         return end
 
-    def native_ready(self) -> None:
-        """Before handing the user's buffers to MPI's own collective."""
+    def _native(self, send: VSpec | None, recv: VSpec, kind: str) -> None:
+        """MPI's own collective on raw device addresses (the MPI is CUDA-aware)."""
         self.begin()
         self._mpi_ready()
+        smsg = MPI.IN_PLACE if send is None else _raw_message(send, kind)
+        rmsg = _raw_message(recv, kind)
+        if kind == "alltoall":
+            self.comm.Alltoall(smsg, rmsg)
+        else:
+            self.comm.Alltoallv(smsg, rmsg)
 
     def finish(self, ok: bool = True) -> None:
         """Synchronise the caller's stream; drop scratch."""
@@ -832,6 +858,13 @@ class AwareTransport(DeviceTransport):
         finally:
             self._keep.clear()
             self._leave()
+
+
+def _raw_message(spec: VSpec, kind: str) -> list:
+    buf = MPI.buffer.fromaddress(spec.addr, spec.nbytes)
+    if kind == "alltoall":
+        return [buf, (int(spec.counts[0]), int(spec.displs[0])), spec.datatype]
+    return [buf, (spec.counts, spec.displs), spec.datatype]
 
 
 @dataclasses.dataclass(frozen=True)

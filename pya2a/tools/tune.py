@@ -49,8 +49,8 @@ def measure_params(comm, quick: bool = True) -> dict[str, float]:
     """The machine parameters o, ts, tw, tp, tr (seconds; identical on every rank)."""
     from mpi4py import MPI
 
-    from . import _pack
-    from .plan import Plan
+    from ..core import _pack
+    from ..plan import Plan
 
     reps = 200 if quick else 1000
     # o: a plan run that only copies 8 bytes to itself
@@ -107,7 +107,7 @@ def measure_params(comm, quick: bool = True) -> dict[str, float]:
     # every rank must hold identical numbers: take the max over ranks
     for k in list(vals):
         vals[k] = comm.allreduce(vals[k], op=MPI.MAX)
-    from .select import DEFAULT_PARAMS
+    from ..select import DEFAULT_PARAMS
 
     vals["ts"] = ts if ts is not None else DEFAULT_PARAMS["ts"]
     vals["tw"] = tw if tw else DEFAULT_PARAMS["tw"]
@@ -120,10 +120,10 @@ def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[s
     """Time every algorithm through a plan at each size (uniform); ratio to its model."""
     from mpi4py import MPI
 
-    from . import algorithms as registry
-    from .api import internal_comm
-    from .cli import _Progress, time_call
-    from .plan import Plan, ranks_per_node
+    from .. import algorithms as registry
+    from ..core.state import internal_comm, ranks_per_node
+    from ..plan import Plan
+    from .harness import Progress, time_call
 
     p, rank = comm.Get_size(), comm.Get_rank()
     rpn = ranks_per_node(internal_comm(comm))
@@ -131,7 +131,7 @@ def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[s
     top = max(sizes) * p
     sbuf = np.ones(top, dtype=np.uint8)
     rbuf = np.ones(top, dtype=np.uint8)
-    bar = _Progress(len(sizes) * len(algorithms), progress and rank == 0)
+    bar = Progress(len(sizes) * len(algorithms), progress and rank == 0)
     for a in algorithms:  # first use of each pattern is slow (connections, pages): not timed
         with Plan(comm, sizes[0], sizes[0], MPI.BYTE, algorithm=a) as pl:
             for _ in range(5):
@@ -171,9 +171,9 @@ def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[s
 def tune(comm, *, quick: bool = False, algorithms: list[str] | None = None,
          progress: bool = True, command: str = "") -> dict:
     """Measure and return the table (collective; identical on every rank)."""
-    from . import algorithms as registry
-    from .cli import _provenance
-    from .select import DEFAULT_MARGIN
+    from .. import algorithms as registry
+    from ..select import DEFAULT_MARGIN
+    from .harness import provenance
 
     t0 = time.perf_counter()
     p = comm.Get_size()
@@ -190,7 +190,7 @@ def tune(comm, *, quick: bool = False, algorithms: list[str] | None = None,
         warmup, iters, max_time = 5, 100, 0.4
     corr = measure_corrections(comm, params, sizes, names, warmup, iters, max_time,
                                progress) if p > 1 else []
-    prov = _provenance(comm, command)
+    prov = provenance(comm, command)
     prov["quick"] = quick
     prov["seconds"] = round(time.perf_counter() - t0, 1)
     return {"version": 1, "provenance": prov, "params": params, "margin": DEFAULT_MARGIN,
@@ -201,7 +201,7 @@ def main(args, command: str) -> int:
     """``tune`` subcommand (argparse namespace from :mod:`pya2a.cli`)."""
     from mpi4py import MPI
 
-    from . import select
+    from .. import select
 
     comm = MPI.COMM_WORLD
     algs = [a for a in args.algorithms.split(",") if a] if args.algorithms else None

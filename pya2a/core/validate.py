@@ -9,14 +9,16 @@ with the failing rank's message. The user's receive buffer is untouched in that 
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 from mpi4py import MPI
 
 from . import _pack
-from .bufspec import VSpec
+from .spec import VSpec
 
 __all__ = ["CollectiveError", "agree", "check_pair", "check_layout", "check_counts_match",
-           "check_uniform", "error_code"]
+           "check_uniform", "error_code", "same_everywhere"]
 
 # Error kinds carried in the agreement record; 0 = no error.
 _KINDS: list[type[BaseException]] = [TypeError, ValueError, BufferError, OverflowError,
@@ -135,3 +137,10 @@ def check_counts_match(comm: MPI.Intracomm, call: str, send: VSpec, recv: VSpec)
         exc = ValueError(f"{call}: rank {j} sends {incoming[j]} bytes to rank "
                          f"{comm.Get_rank()}, which expects {want[j]} bytes (check=True)")
     agree(comm, exc, np.zeros(0, dtype=np.int64))
+
+
+def same_everywhere(comm: MPI.Intracomm, value: str) -> bool:
+    """Collective: True iff ``value`` is the same string on every rank (buffer-based)."""
+    h = np.array([zlib.crc32(value.encode()), -zlib.crc32(value.encode())], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, h, op=MPI.MAX)
+    return int(h[0]) == -int(h[1])

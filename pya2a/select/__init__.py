@@ -38,7 +38,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import algorithms
+from .. import algorithms
 
 __all__ = ["Stats", "choose", "ranking", "predict", "load_table", "table_path", "DEFAULT_TABLE",
            "DEFAULT_PARAMS", "DEFAULT_MARGIN"]

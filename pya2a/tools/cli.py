@@ -24,14 +24,11 @@ and their peer access, the tuning table in use.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import math
 import os
-import platform
 import shlex
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .harness import Progress, provenance, time_call
 
 __all__ = ["main", "bench", "info", "parse_size", "sizes", "counts_matrix",
            "register_allocator", "time_call", "write_plot", "PATTERNS"]
@@ -125,93 +124,13 @@ register_allocator("cpu", _host_alloc)
 def _allocator(device: str):
     if device not in _ALLOCATORS and device == "cuda":
         try:  # the GPU side registers its allocator when imported, if it provides one
-            import pya2a.gpu.bench  # noqa: F401
+            import pya2a.tools.gpu_bench  # noqa: F401
         except Exception:
             pass
     if device not in _ALLOCATORS:
         raise SystemExit(f"bench: no buffer allocator for --device {device}; GPU benchmarks "
-                         f"run with: mpiexec -n N python -m pya2a.gpu.bench")
+                         f"run with: mpiexec -n N python -m pya2a.tools.gpu_bench")
     return _ALLOCATORS[device]
-
-
-def time_call(comm, fn: Callable[[], None], warmup: int, iters: int, max_time: float,
-              sync: Callable[[], None] | None = None) -> tuple[float, float, float, int]:
-    """Time ``fn`` (collective) on every rank: (avg, min, max) over ranks of the mean per call.
-
-    One warm-up call is always made; the rest of ``warmup`` and the ``iters`` timed calls are
-    cut so a point takes about ``max_time`` seconds, judged from the slowest rank's first
-    call, so every rank makes the same number of calls (at least one timed).
-    """
-    from mpi4py import MPI
-
-    t0 = time.perf_counter()
-    fn()
-    if sync:
-        sync()
-    est = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-    budget = max_time / est if est > 0 else float(iters + warmup)
-    for _ in range(min(warmup - 1, int(budget / 4))):
-        fn()
-    n = max(1, min(iters, int(budget)))
-    comm.Barrier()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    if sync:
-        sync()
-    t = (time.perf_counter() - t0) / n
-    tsum = comm.allreduce(t, op=MPI.SUM)
-    return tsum / comm.Get_size(), comm.allreduce(t, op=MPI.MIN), \
-        comm.allreduce(t, op=MPI.MAX), n
-
-
-class _Progress:
-    """A one-line progress bar on rank 0's stderr."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
-        self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def step(self, label: str) -> None:
-        if not self.enabled:
-            return
-        self.done += 1
-        frac = self.done / max(self.total, 1)
-        bar = "#" * int(30 * frac)
-        line = (f"[{bar:<30}] {self.done}/{self.total} {label} "
-                f"{time.perf_counter() - self.t0:6.1f}s")
-        if self.tty:
-            sys.stderr.write("\r" + line[:110].ljust(110))
-            if self.done == self.total:
-                sys.stderr.write("\n")
-        elif self.done == self.total or self.done % max(1, self.total // 20) == 0:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-
-def _provenance(comm, command: str) -> dict:
-    from mpi4py import MPI
-
-    import pya2a
-
-    from .api import internal_comm
-    from .plan import ranks_per_node
-
-    lib = MPI.Get_library_version().replace("\x00", "").strip().splitlines()
-    return {"host": socket.gethostname(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "pya2a": pya2a.__version__, "mpi4py": _mpi4py_version(),
-            "mpi_library": lib[0] if lib else "", "mpi_version": "{}.{}".format(*MPI.Get_version()),
-            "p": comm.Get_size(), "ranks_per_node": ranks_per_node(internal_comm(comm)),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command}
-
-
-def _mpi4py_version() -> str:
-    import mpi4py
-
-    return getattr(mpi4py, "__version__", "?")
 
 
 def _command(argv: list[str] | None) -> str:
@@ -249,7 +168,7 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
 
     import pya2a
 
-    from . import algorithms as registry
+    from .. import algorithms as registry
 
     p, rank = comm.Get_size(), comm.Get_rank()
     rounds = max(1, int(rounds))
@@ -267,10 +186,10 @@ def bench(comm, *, begin: int = 8, end: int = 4 << 20, factor: int = 2, warmup: 
     if device == "cpu":
         sbuf[:] = (np.arange(sbuf.size, dtype=np.int64) * 7 + rank * 13).astype(np.uint8)
     ref = np.empty(max_recv, dtype=np.uint8) if check and device == "cpu" else None
-    bar = _Progress(len(sweep) * len(rows) * max(1, rounds), progress and rank == 0)
+    bar = Progress(len(sweep) * len(rows) * max(1, rounds), progress and rank == 0)
     dropped: dict[str, int] = {}
     results: list[dict] = []
-    meta = _provenance(comm, command)
+    meta = provenance(comm, command)
     meta.update({"pattern": pattern, "api": api, "device": device, "warmup": warmup,
                  "iters": iters, "max_time_s": max_time, "seed": seed, "rounds": rounds,
                  "algorithms": rows, "sizes": sweep, "tuning_table": _table_meta()})
@@ -397,7 +316,7 @@ def _write_json(path: str, report: dict) -> None:
 
 
 def _table_meta() -> dict:
-    from . import select
+    from .. import select
 
     t = select.load_table()
     return {k: t["provenance"].get(k) for k in ("path", "host", "mpi_library", "p", "date",
@@ -496,8 +415,8 @@ def _bench_cuda(args) -> int:
     see a device pointer unless the MPI is CUDA-aware. The per-algorithm staged sweep has its
     own driver, ``python -m pya2a.gpu.bench_staged``.
     """
-    from .gpu import bench as gpu_bench
-    from .gpu import have_cupy
+    from ..gpu import have_cupy
+    from . import gpu_bench
 
     if not have_cupy():
         print("bench --device cuda: CuPy is not importable (pip install 'pya2a[gpu]')",
@@ -597,13 +516,12 @@ def info(comm=None) -> dict:
     """Versions, layout, CUDA-awareness, GPUs and the tuning table (collective)."""
     from mpi4py import MPI
 
-    from . import algorithms as registry
-    from . import select
-    from .api import internal_comm
-    from .plan import ranks_per_node
+    from .. import algorithms as registry
+    from .. import select
+    from ..core.state import internal_comm, ranks_per_node
 
     comm = MPI.COMM_WORLD if comm is None else comm
-    out = _provenance(comm, "")
+    out = provenance(comm, "")
     del out["command"], out["date"]
     out["mpi_library_full"] = MPI.Get_library_version().strip()
     local = internal_comm(comm).Split_type(MPI.COMM_TYPE_SHARED)
@@ -627,7 +545,7 @@ def _cuda_aware() -> str:
     if importlib.util.find_spec("pya2a.gpu.device") is None:
         return "unknown (pya2a.gpu.device not available)"
     try:
-        from .gpu import device
+        from ..gpu import device
 
         return str(device.cuda_aware())
     except Exception as e:

@@ -143,7 +143,7 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
     pdl = pdl_default = False
     if ok:
         eng = IpcAlltoallv(comm, capacity_bytes=maxb, ll_bytes=min(maxb, 1 << 20))
-        from .ipc_alltoallv import pdl_supported
+        from ..gpu.ipc_alltoallv import pdl_supported
 
         pdl_default = eng.pdl
         pdl = pdl_supported(cp, eng.device)
@@ -270,8 +270,8 @@ class _ApiRows:
 
     def __init__(self, comm: Any, cp: Any, maxb: int, passes: int = 1) -> None:
         import pya2a
-        from pya2a.algorithms import shm
         from pya2a.gpu import device as gdev
+        from pya2a.gpu import shm_algorithm as shm
 
         self.comm, self.cp, self.pya2a = comm, cp, pya2a
         self.passes = max(1, int(passes))
@@ -288,7 +288,7 @@ class _ApiRows:
         self.ref = cp.empty(p * maxb, dtype=np.uint8)
 
     def _bound(self, n: int, warm: int, iters: int) -> list[dict]:
-        from pya2a.gpu.bench_staged import _time
+        from pya2a.tools.gpu_bench_staged import _time
 
         rt, vol = self.cp.cuda.runtime, (self.p - 1) * n
         s1, s2 = self.s1, self.s2
@@ -396,7 +396,7 @@ class _ApiRows:
 
     def free(self) -> None:
         """Collective: release the shm windows this benchmark made."""
-        from pya2a.algorithms import shm
+        from pya2a.gpu import shm_algorithm as shm
 
         shm.free_windows()
 

@@ -17,30 +17,30 @@ until :func:`free_windows` (collective).
 
 from __future__ import annotations
 
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Context, register
+from ..core.registry import AlgorithmInfo, Context, register
+from ..core.spec import VSpec
 
 __all__ = ["run", "cost", "comm_available", "free_windows"]
 
 
-def comm_available(comm) -> tuple[bool, str]:
+def comm_available(comm, device: int | None = None) -> tuple[bool, str]:
     """Collective on first use per communicator: can ``shm`` run here (one node)?"""
-    from ..gpu.shm import comm_available as avail
+    from .shm import comm_available as avail
 
     return avail(comm)
 
 
 def free_windows() -> None:
     """Collective over every communicator that used ``shm``: free its shared windows."""
-    from ..gpu.shm import free_windows as free
+    from .shm import free_windows as free
 
     free()
 
 
 def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     """One exchange through the node-shared window; returns with ``recv`` complete."""
-    from ..gpu.shm import exchange
-    from ..gpu.staging import DeviceTransport
+    from .shm import exchange
+    from .staging import DeviceTransport
 
     ok, why = comm_available(ctx.comm)
     if not ok:
@@ -48,15 +48,9 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     t = ctx.transport
     if recv.device is None or not isinstance(t, DeviceTransport):
         raise TypeError("algorithm 'shm' takes device buffers only")
-    t.begin()
-    done = False
-    try:
-        if send is None:  # in place: read from a device copy of the receive buffer
-            send = t.clone(recv)
-        exchange(send, recv, ctx.comm, t, ctx.options.get("max_block"))
-        done = True
-    finally:
-        t.finish(done)
+    if send is None:  # in place: read from a device copy of the receive buffer
+        send = t.clone(recv)
+    exchange(send, recv, ctx.comm, t, ctx.options.get("max_block"))
 
 
 def cost(p: int, m: float, params: dict) -> float:
@@ -76,4 +70,4 @@ def _supports(p: int, send: VSpec | None, recv: VSpec | None, device: bool) -> s
 
 
 register(AlgorithmInfo(name="shm", run=run, cost=cost, supports=_supports, host=False,
-                       device=True, doc=__doc__ or ""))
+                       device=True, comm_available=comm_available, doc=__doc__ or ""))

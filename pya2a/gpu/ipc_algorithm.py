@@ -25,18 +25,16 @@ registered (every rank learns that from the same exchange).
 
 from __future__ import annotations
 
-from typing import Any
-
 from mpi4py import MPI
 
-from ..bufspec import VSpec
-from . import AlgorithmInfo, Context, register
+from ..core.registry import AlgorithmInfo, Context, register
+from ..core.spec import VSpec
+from ..core.state import live_states, state
 
 __all__ = ["run", "cost", "comm_available", "free_engines"]
 
 MIN_CAPACITY = 1 << 20  # staging bytes per peer pair in a fresh engine
-_AVAILABLE: dict[int, tuple[bool, str]] = {}
-_ENGINES: dict[tuple[int, int], Any] = {}
+_ENGINE = "ipc.engine"  # CommState slot: {device: engine}
 
 
 class _Raw:
@@ -57,45 +55,58 @@ def comm_available(comm: MPI.Intracomm, device: int | None = None) -> tuple[bool
     outside that backend's stream order. The backend is process-wide and the same on
     every rank of a job, so this verdict needs no communication.
     """
-    from ..gpu import device as gdev
+    from . import device as gdev
 
     be = gdev.backend()
     if getattr(be, "name", None) != "cupy":
         return False, f"the device backend in use ({getattr(be, 'name', be)!r}) has no IPC"
-    key = comm.py2f()
-    hit = _AVAILABLE.get(key)
+    st = state(comm)
+    hit = st.slot("ipc.available")
     if hit is None:
         try:
-            from ..gpu.ipc_alltoallv import IpcAlltoallv
+            from .ipc_alltoallv import IpcAlltoallv
         except ImportError as exc:  # pragma: no cover - packaging problem
             hit = (False, f"IPC backend unavailable: {exc}")
         else:
             hit = IpcAlltoallv.available(comm, device=device)
-        _AVAILABLE[key] = hit
+        st.set_slot("ipc.available", hit)
     return hit
 
 
 def _engine(comm: MPI.Intracomm, device: int, need: int):
     """The engine for (comm, device) with staging slots of at least ``need`` bytes (global)."""
-    from ..gpu.ipc_alltoallv import IpcAlltoallv
+    from .ipc_alltoallv import IpcAlltoallv
 
-    key = (comm.py2f(), device)
-    eng = _ENGINES.get(key)
+    engines = state(comm).slot(_ENGINE, _Engines)
+    eng = engines.get(device)
     if eng is not None and eng.slot_bytes >= need:
         return eng
     cap = max(MIN_CAPACITY, 1 << max(0, int(need) - 1).bit_length())
     if eng is not None:
         cap = max(cap, 2 * eng.slot_bytes)
         eng.free()
-    eng = _ENGINES[key] = IpcAlltoallv(comm, cap, device=device)
+    eng = engines[device] = IpcAlltoallv(comm, cap, device=device)
     return eng
 
 
+class _Engines(dict):
+    """A communicator's engines by device; released with its state (or :func:`free_engines`)."""
+
+    def free(self) -> None:
+        while self:
+            _, eng = self.popitem()
+            eng.free()
+
+
 def free_engines() -> None:
-    """Collective over every communicator that used ``ipc``: release their GPU memory."""
-    while _ENGINES:
-        _, eng = _ENGINES.popitem()
-        eng.free()
+    """Collective over every communicator that used ``ipc``: release their GPU memory.
+
+    Engines are also released with their communicator (``Comm.Free`` of the user's one).
+    """
+    for st in live_states():
+        engines = st.slot(_ENGINE)
+        if engines is not None:
+            engines.free()
 
 
 def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
@@ -105,12 +116,11 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     memo = opts.get("_ipc_last")
     if memo is not None and send is not None:  # a repeated one-shot call (see below)
         eng = memo[0]
-        if not eng._freed and _ENGINES.get(memo[4]) is eng and memo[1] == send.addr and \
-                memo[2] == recv.addr:
+        if not eng._freed and memo[1] == send.addr and memo[2] == recv.addr:
             eng.launch(memo[3])
             return
-    from ..gpu import cupy as _cupy
-    from ..gpu.ipc_alltoallv import IpcAlltoallv
+    from . import cupy as _cupy
+    from .ipc_alltoallv import IpcAlltoallv
 
     ok, why = comm_available(ctx.comm, recv.device)
     if not ok:
@@ -145,8 +155,7 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
         # A one-shot call's context lives as long as its agreed decision (api._Decision),
         # whose specs are fixed: the same engine and buffers repeat the packed call (small
         # sizes, where the host time is the call's time).
-        opts["_ipc_last"] = (eng, send.addr, recv.addr, call,
-                             (ctx.comm.py2f(), int(recv.device)))
+        opts["_ipc_last"] = (eng, send.addr, recv.addr, call)
     del keep  # stream-ordered: CuPy's pool reuses it only after work queued before now
 
 
@@ -164,4 +173,5 @@ def _supports(p: int, send: VSpec | None, recv: VSpec | None, device: bool) -> s
 
 
 register(AlgorithmInfo(name="ipc", run=run, cost=cost, supports=_supports, host=False,
-                       device=True, doc=__doc__ or ""))
+                       device=True, takes_in_place=True, uses_transport=False,
+                       oneshot_plan=False, comm_available=comm_available, doc=__doc__ or ""))

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
 from . import _pack
-from .bufspec import VSpec
+from .devices import gpu_device
+from .spec import VSpec
 
-__all__ = ["HostTransport"]
+__all__ = ["HostTransport", "transport_for"]
 
 
 class HostTransport:
@@ -28,6 +30,17 @@ class HostTransport:
 
     def __init__(self, comm: MPI.Intracomm) -> None:
         self.comm = comm
+
+    def native(self, send: VSpec | None, recv: VSpec, kind: str) -> None:
+        """The MPI library's own Alltoall(v) on the parsed messages (``native``)."""
+        smsg = MPI.IN_PLACE if send is None else None
+        if kind == "alltoall":
+            rmsg = [recv.obj, (int(recv.counts[0]), int(recv.displs[0])), recv.datatype]
+            if smsg is None:
+                smsg = [send.obj, (int(send.counts[0]), int(send.displs[0])), send.datatype]
+            self.comm.Alltoall(smsg, rmsg)
+        else:
+            self.comm.Alltoallv(smsg if smsg is not None else send.message(), recv.message())
 
     def buffer(self, spec: VSpec) -> np.ndarray:
         """The whole buffer of ``spec`` as a flat uint8 array (a view)."""
@@ -86,3 +99,10 @@ class HostTransport:
                 start: int = 0) -> int:
         """Unpack back-to-back blocks of ``src`` into ``dst``; returns the end offset."""
         return _pack.scatter(src, dst, offs, lens, start)
+
+
+def transport_for(comm: MPI.Intracomm, device: int | None) -> Any:
+    """The transport for an exchange on ``comm``: host, or staged / CUDA-aware device."""
+    if device is None:
+        return HostTransport(comm)
+    return gpu_device().transport(comm, device)

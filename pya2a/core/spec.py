@@ -196,7 +196,9 @@ def _acquire(call: str, what: str, obj: object, readonly: bool) -> _Buf:
         raise TypeError(f"{call}: {what} buffer is {obj!r}; pya2a needs a real buffer")
     if is_device_buffer(obj):
         try:
-            from .gpu import device as _device
+            from .devices import gpu_device
+
+            _device = gpu_device()
         except ImportError as exc:  # pragma: no cover - depends on the GPU extra
             raise TypeError(f"{call}: {what} is a device buffer, but pya2a's GPU support "
                             f"is not available ({exc})") from exc
