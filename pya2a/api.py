@@ -132,12 +132,18 @@ def _row_bytes(a) -> int:
 
 
 def available_algorithms(comm: MPI.Intracomm | None = None, device: object = None) -> list[str]:
-    """Algorithm names that can run on ``comm`` (any size if None), host or device buffers."""
+    """Algorithm names that can run on ``comm`` (any size if None), host or device buffers.
+
+    With a communicator and ``device`` set, this is collective on its first use per
+    communicator: it asks every rank whether ``ipc`` / ``shm`` can run there at all (one
+    node, peer access). Host algorithm lists are local.
+    """
     p = None if comm is None else comm.Get_size()
     if device:
         load_device_algorithms()
     names = algorithms.available(p, device=bool(device))
-    if comm is not None:
+    if comm is not None and any(algorithms.get(n).comm_available for n in names):
+        # collective on first use: whether ipc / shm can run on this communicator at all
         icomm = internal_comm(comm)
         names = list(available_here(icomm, _device_ordinal(device), tuple(names)))
     return names
