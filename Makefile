@@ -4,8 +4,9 @@
 #                 mpiexec -n 1 2 3 4 5 8, and the multi-hop suite at 6 7 9 16 too
 #   make lint   - ruff
 #   make bench  - python -m pya2a bench on 4 ranks, JSON into bench/results/
-#   make bench-cpu - the CPU sweep quoted in the README (tune, then bench at P ranks; for a
-#                 machine with many cores, e.g. PS="64 32 16" make bench-cpu)
+#   make bench-cpu - the CPU sweep quoted in the README (bench/cpu_sweep.sh: tune, then bench
+#                 at P ranks into bench/results/cpu_*_local.*; on a small machine e.g.
+#                 PS="4 2" make bench-cpu)
 # MPI=mpich (default) uses the MPICH wheel from the package registry; MPI=system builds
 # mpi4py against the mpicc / mpiexec found on PATH (Open MPI, Intel MPI, Cray MPICH, ...).
 
@@ -63,8 +64,8 @@ bench: install
 	$(MPIEXEC) -n $(NP) $(PY) -m pya2a bench --json bench/results/bench-local-$(NP).json
 
 bench-cpu: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" SKIP_INSTALL=1 MPIEXEC=$(MPIEXEC) PY=$(PY) \
-	  bash bench/results/cpu_run.sh bench/results
+	PATH="$(abspath $(VENV))/bin:$$PATH" MPIEXEC=$(MPIEXEC) PY=$(PY) \
+	  bash bench/cpu_sweep.sh bench/results
 
 clean:
 	rm -rf build *.egg-info pya2a/core/_pack.c pya2a/core/_pack*.so

@@ -229,7 +229,7 @@ def model_m(stats) -> float:
     factor S / mean. The other algorithms are priced at the busiest rank's bytes, and on a
     shared-memory node the other ranks' lighter traffic makes them cheaper than that; without
     this, ``padded`` was picked at p = 32 for Zipf-skewed counts at 128 B per peer (S ~ 1 KiB)
-    and ran 0.9x native (bench/results/cpu_p32_skew.json).
+    and ran 0.9x native (nvidia-h200-x4, MPICH 5.0.2).
     """
     s = float(max(stats.max_block, stats.m_eff))
     mean = max(float(stats.mean_block), 1.0)

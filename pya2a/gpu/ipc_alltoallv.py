@@ -96,9 +96,10 @@ _THREADS = 512
 # cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, so the next
 # call's grid is scheduled while this one drains; the kernels begin with griddepcontrol.wait
 # (the previous grid complete, its memory visible) and then release their own dependents.
-# Measured on 4 x H200 (bench/results/gpu_pdl_h200x4.json): 0.5-1.0 us less per call at
-# 128 B-256 KiB (plan 5.7 -> 4.7 us at 128 B, graph 4.3 -> 3.9 us). On by default where the
-# driver has cuLaunchKernelEx and the GPU is sm_90+; PYA2A_IPC_PDL=0 turns it off.
+# Measured on 4 x H200 (bench/results/gpu_ll_latency_h200x4.json): about 1 us less per ll
+# plan call at 128 B-256 KiB (4.12 -> 3.12 us at 128 B; in a graph 3.07 -> 2.59 us). On by
+# default where the driver has cuLaunchKernelEx and the GPU is sm_90+; PYA2A_IPC_PDL=0 turns
+# it off.
 # Launches go through the Cython module _launch (one C call into a dlopen'ed libcuda);
 # without it (not built, or no libcuda, e.g. ROCm) through CuPy, and without PDL.
 try:
@@ -401,7 +402,7 @@ class IpcAlltoallv:
         self._regs: OrderedDict[bytes, Registration] = OrderedDict()
         self._digests = np.zeros(p, dtype=np.int64)
         # sub-copies per staged block on the copy-engine path (same on every rank);
-        # 4 measured no faster at 256 MiB and slower below (bench/results, run 5)
+        # 4 measured no faster at 256 MiB and slower below (4 x H200)
         self.ce_sub = max(1, min(int(ce_sub), self.max_chunks))
         self._freed = False
 

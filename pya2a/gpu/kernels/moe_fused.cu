@@ -427,7 +427,7 @@ template __global__ void pya2a_moe_combine<F16>(const CombineArgs);
 template __global__ void pya2a_moe_combine<BF16>(const CombineArgs);
 template __global__ void pya2a_moe_combine<F32>(const CombineArgs);
 
-// The trivial expert op used by bench/moe_bench.py and the GPU checks: the rows of local
+// The trivial expert op used by bench/moe_dispatch_combine.py and the GPU checks: the rows of local
 // expert l are scaled by (1 + (first_expert + l) % 5 / 4), the row count read from the
 // device counts (no host round trip). One block per row at a time, 16-byte vectors
 // (row_bytes % 16 == 0). x and y may be the same buffer.
