@@ -21,6 +21,7 @@ from _common import nccl_group, per_call_us
 from mpi4py import MPI
 
 import pya2a
+from pya2a.core.state import live_states
 from pya2a.gpu import ipc_algorithm as ipc_alg
 
 
@@ -47,7 +48,7 @@ def _measure(cp, torch, dist, comm, per_peer: int) -> dict:
     dist.all_to_all_single(tr, ts)
     same = bool(cp.array_equal(d[0], cp.asarray(tr)))
     row["correct"] = comm.allreduce(int(same), op=MPI.MIN) == 1
-    eng = next(iter(ipc_alg._ENGINES.values()))
+    eng = next(e for st in live_states() for e in (st.slot(ipc_alg._ENGINE) or {}).values())
     reg = eng._reg
     row["registered_everyone"] = bool(reg is not None and reg.everyone)
     row["method"] = type(eng).choose(per_peer, direct=row["registered_everyone"])

@@ -2,7 +2,7 @@
 
 Run under ``mpiexec -n {1,2,4} python -m pytest tests/test_gpu_ipc.py``, one GPU per
 rank. Every rank derives the whole count matrix and all data from a shared seed, so
-it knows exactly what it must receive. No timing here (see pya2a/gpu/bench.py).
+it knows exactly what it must receive. No timing here (see pya2a/tools/gpu_bench.py).
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ def choose(stats: Stats, candidates: list[str], table: dict | None = None) -> st
 # 4.1.6; docs/gpu.md): native (one staged MPI call) is best below about 1 MiB per pair,
 # pairwise (chunked, pipelined staging) above.
 DEVICE_PAIRWISE_FROM = 1 << 20
-# shm against staged native, 4 x H200, Open MPI 4.1.6 (docs/gpu.md): 151 vs 89 us at
-# 128 B, 158 vs 141 us at 64 KiB, 210 vs 516 us at 512 KiB per pair (shm's small-size
-# cost is its Python polling loop).
+# shm against staged native, 4 x H200, Open MPI 4.1.6 (bench/results/gpu_shm_h200x4.json,
+# docs/gpu.md): 151 vs 89 us at 128 B, 158 vs 141 us at 64 KiB, 210 vs 516 us at 512 KiB
+# per pair (shm's small-size cost is its Python polling loop).
 DEVICE_SHM_FROM = 128 << 10
 
 

@@ -18,9 +18,9 @@ __all__ = ["DEFAULT_PARAMS", "DEFAULT_MARGIN", "DEFAULT_TABLE", "table_path", "l
 
 # Built-in defaults, used when no tuning table is found: `python -m pya2a tune --quick` on
 # one node of 64 cores (Intel Xeon, 4 x H200 host, MPICH 5.0.2 wheel, shared memory) at
-# p = 64, 32 and 16 (docs/selection.md). Parameters from the p = 16 run (least
-# contention); measured times: uniform exchanges through plans, every algorithm warmed up
-# first, in microseconds, at 8 B .. 1 MiB per peer.
+# p = 64, 32 and 16 (bench/results/cpu_tune_h200x4.json, docs/selection.md). Parameters
+# from a p = 16 run (least contention); measured times: uniform exchanges through plans,
+# every algorithm warmed up first, in microseconds, at 8 B .. 1 MiB per peer.
 DEFAULT_PARAMS: dict[str, float] = {
     "o": 5.1e-7,  # per-call software overhead of a plan run (COMM_SELF, 8 B), s
     "ts": 2.9e-6,  # 8-byte Sendrecv with a partner, every rank at once, s
