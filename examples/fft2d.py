@@ -21,7 +21,7 @@ import argparse
 import sys
 
 import numpy as np
-from common import array_module, block_range
+from common import add_run_options, array_module, block_range, to_host
 from mpi4py import MPI
 
 import pya2a
@@ -65,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=2, default=[2048, 2048], metavar=("N0", "N1"))
     parser.add_argument("--small", action="store_true", help="shape 30 x 22, for tests")
-    parser.add_argument("--algorithm", default="auto", help="pya2a algorithm (default auto)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions")
+    add_run_options(parser, seed=2024)
     args = parser.parse_args(argv)
     n0, n1 = (30, 22) if args.small else args.shape
     if n0 < 1 or n1 < 1 or args.repeat < 1:
@@ -91,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         best = phases if best is None or phases.sum() < best.sum() else best
 
     # Serial check on rank 0: gather the input rows and output columns.
-    y_host = y_cols.get() if xp is not np else y_cols
+    y_host = to_host(y_cols)
     x_parts, y_parts = comm.gather(x_host), comm.gather(y_host)
     ok = True
     if rank == 0:

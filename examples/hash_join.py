@@ -25,7 +25,7 @@ from collections import defaultdict
 from types import ModuleType
 
 import numpy as np
-from common import array_module, block_range, to_host
+from common import add_run_options, array_module, block_range, device_sync, to_host
 from mpi4py import MPI
 
 import pya2a
@@ -100,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="rows 503 x 301, for tests")
     parser.add_argument("--keys", type=int, default=0, help="key range (default NS / 2)")
     parser.add_argument("--skew", action="store_true", help="Zipf-distributed keys in R")
-    parser.add_argument("--algorithm", default="auto", help="pya2a algorithm (default auto)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions")
+    add_run_options(parser, seed=2024)
     args = parser.parse_args(argv)
     nr, ns = (503, 301) if args.small else args.rows
     nkeys = args.keys or max(1, ns // 2)
@@ -122,17 +119,16 @@ def main(argv: list[str] | None = None) -> int:
 
     r_rows, s_rows = (xp.asarray(t) for t in tables(rank))
 
-    sync = xp.cuda.Device().synchronize if xp is not np else (lambda: None)
     t_shuffle = t_join = float("inf")
     for _ in range(args.repeat):  # best of --repeat: the first run also compiles GPU kernels
         comm.Barrier()
         t0 = MPI.Wtime()
         r_mine = shuffle(comm, r_rows, args.algorithm, xp)
         s_mine = shuffle(comm, s_rows, args.algorithm, xp)
-        sync()
+        device_sync(xp)
         t1 = MPI.Wtime()
         joined = local_join(r_mine, s_mine, xp)
-        sync()
+        device_sync(xp)
         t_join = min(t_join, comm.allreduce(MPI.Wtime() - t1, op=MPI.MAX))
         t_shuffle = min(t_shuffle, comm.allreduce(t1 - t0, op=MPI.MAX))
 

@@ -32,7 +32,7 @@ import argparse
 import sys
 
 import numpy as np
-from common import array_module, block_range, to_host
+from common import add_run_options, array_module, best_time, block_range, to_host
 from mpi4py import MPI
 
 import pya2a
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=2, default=[4096, 4096], metavar=("N", "M"))
     parser.add_argument("--small", action="store_true", help="shape 29 x 23, for tests")
-    parser.add_argument("--algorithm", default="auto", help="pya2a algorithm (default auto)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions")
+    add_run_options(parser)
     parser.add_argument("--grid", type=int, nargs=2, metavar=("R", "C"), help="mesh shape")
     args = parser.parse_args(argv)
     n, m = (29, 23) if args.small else args.shape
@@ -102,16 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     t_rows = xp.asarray(tensor_block(my_rows, (0, m), m))
 
     def timed(step, *step_args):
-        """step(*step_args) and its best time over --repeat runs (slowest rank)."""
-        best = float("inf")
-        for _ in range(args.repeat):
-            world.Barrier()
-            t0 = MPI.Wtime()
-            out = step(*step_args)
-            if xp is not np:
-                xp.cuda.Device().synchronize()
-            best = min(best, world.allreduce(MPI.Wtime() - t0, op=MPI.MAX))
-        return out, best
+        return best_time(world, xp, args.repeat, step, *step_args)
 
     # 1. rows -> 2D inside the mesh row: panel T[R_i, :], rank j' ends with columns C_j'.
     row_cols = [block_range(m, c, jj) for jj in range(c)]

@@ -25,7 +25,7 @@ import sys
 from types import ModuleType
 
 import numpy as np
-from common import array_module, block_range, to_host
+from common import add_run_options, array_module, best_time, block_range, to_host
 from mpi4py import MPI
 
 import pya2a
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="n = 1001, for tests")
     parser.add_argument("--dist", choices=["uniform", "skewed", "exponential"], default="uniform")
     parser.add_argument("--oversample", type=int, default=16, help="samples per rank per bucket")
-    parser.add_argument("--algorithm", default="auto", help="pya2a algorithm (default auto)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions")
+    add_run_options(parser, seed=2024)
     args = parser.parse_args(argv)
     n = 1001 if args.small else args.n
     if n < 0 or args.oversample < 1 or args.repeat < 1:
@@ -84,14 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     xp = array_module(args.device, comm)
     keys = xp.asarray(make_keys(n, p, rank, args.dist, args.seed))
 
-    elapsed = float("inf")
-    for _ in range(args.repeat):  # best of --repeat: the first run also compiles GPU kernels
-        comm.Barrier()
-        t0 = MPI.Wtime()
-        result, recvcounts = sample_sort(comm, keys, args.oversample, args.algorithm, xp)
-        if xp is not np:
-            xp.cuda.Device().synchronize()
-        elapsed = min(elapsed, comm.allreduce(MPI.Wtime() - t0, op=MPI.MAX))
+    (result, recvcounts), elapsed = best_time(comm, xp, args.repeat, sample_sort, comm, keys,
+                                              args.oversample, args.algorithm, xp)
 
     # Serial check on rank 0: regenerate all inputs from the seed, compare with numpy.sort.
     parts = comm.gather(to_host(result))

@@ -20,7 +20,7 @@ import sys
 from types import ModuleType
 
 import numpy as np
-from common import array_module, block_range
+from common import add_run_options, array_module, best_time, block_range, to_host
 from mpi4py import MPI
 
 import pya2a
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4000, help="matrix order (default 4000)")
     parser.add_argument("--small", action="store_true", help="n = 37, for tests")
-    parser.add_argument("--algorithm", default="auto", help="pya2a algorithm (default auto)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     n = 37 if args.small else args.n
     if n < 0 or args.repeat < 1:
@@ -60,26 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     comm = pya2a.Comm(MPI.COMM_WORLD, algorithm=args.algorithm)
     p, rank = comm.Get_size(), comm.Get_rank()
     xp = array_module(args.device, comm)
-    sync = xp.cuda.Device().synchronize if xp is not np else (lambda: None)
 
     lo, hi = block_range(n, p, rank)
     a_rows = xp.arange(lo * n, hi * n, dtype=xp.float64).reshape(hi - lo, n)  # A[i, j] = i*n + j
 
-    times = []
-    for _ in range(args.repeat):
-        comm.Barrier()
-        t0 = MPI.Wtime()
-        at_rows = transpose_rows(comm, a_rows, n, xp)
-        sync()
-        times.append(comm.allreduce(MPI.Wtime() - t0, op=MPI.MAX))
+    at_rows, t = best_time(comm, xp, args.repeat, transpose_rows, comm, a_rows, n, xp)
 
     # Expected: A.T[i, j] = A[j, i] = j * n + i for i in [lo, hi).
     i, j = np.arange(lo, hi)[:, None], np.arange(n)[None, :]
-    host = at_rows.get() if xp is not np else at_rows
-    ok = comm.allreduce(bool(np.array_equal(host, (j * n + i).astype(np.float64))), op=MPI.LAND)
+    want = (j * n + i).astype(np.float64)
+    ok = comm.allreduce(bool(np.array_equal(to_host(at_rows), want)), op=MPI.LAND)
 
     if rank == 0:
-        t = min(times)
         moved = 8.0 * n * n * (p - 1) / p  # bytes leaving their rank, whole matrix
         print(
             f"transpose n={n} p={p} algorithm={args.algorithm} device={args.device}: "
