@@ -12,11 +12,12 @@ the expert MLP); combine sends the results back and sums them weighted per token
 
 The check: pya2a.moe.reference all-gathers every rank's tokens and routing and computes
 both the dispatched rows and the combined output locally; both must match exactly (the
-dispatch moves bytes, the combine accumulates in the same order and precision). Prints OK,
+dispatch moves bytes, the combine accumulates in the same order and precision, per the
+transfer mode the dispatch used). Prints OK,
 or WRONG and exits 1 on every rank. Then times dispatch + expert op + combine.
 
 Options: --experts E, --topk K, --hidden H, --max-tokens T, --dtype, --iters, --warmup,
---seed, --small, --device {cpu,cuda}, --backend, --algorithm.
+--seed, --small, --device {cpu,cuda}, --backend, --algorithm, --mode.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default="auto", choices=list(pya2a.moe.BACKENDS))
     ap.add_argument("--algorithm", default="auto")
+    ap.add_argument("--mode", default="auto", choices=list(pya2a.moe.MODES))
     a = ap.parse_args()
     comm = MPI.COMM_WORLD
     p, me = comm.Get_size(), comm.Get_rank()
@@ -94,7 +96,8 @@ def main() -> int:
         xp.cuda.Device(device).use()
     ep = pya2a.moe.ExpertParallel(comm, E, a.hidden, a.max_tokens, a.topk, dtype, device,
                                   backend=a.backend if device is not None else "auto",
-                                  algorithm=a.algorithm)
+                                  algorithm=a.algorithm,
+                                  mode=a.mode if a.backend != "fused" else "auto")
     xd, idxd, wd = (xp.asarray(x), xp.asarray(idx), xp.asarray(w))
 
     def layer():
@@ -102,10 +105,11 @@ def main() -> int:
         hc = to_host(counts)
         rows = int(hc.sum())
         ey = run_experts(ep, ex[:rows], hc, ep.expert_output(rows))
-        return ex[:rows], hc, ep.combine(ey, wd, h)
+        return ex[:rows], hc, ep.combine(ey, wd, h), getattr(h, "mode", "per_expert")
 
-    ex, counts, y = layer()
-    ref_x, ref_y = pya2a.moe.reference(comm, x, idx, w, E, lambda e, r: r * factor(e, dtype))
+    ex, counts, y, mode = layer()
+    ref_x, ref_y = pya2a.moe.reference(comm, x, idx, w, E, lambda e, r: r * factor(e, dtype),
+                                       mode)
     got = np.split(to_host(ex), np.cumsum(counts)[:-1])
     ok = all(np.array_equal(g, r) for g, r in zip(got, ref_x, strict=True))
     if device is None or ep.backend != "fused":
@@ -134,7 +138,7 @@ def main() -> int:
     tokens = comm.allreduce(n)
     if me == 0:
         print(f"OK  p={p} experts={E} topk={a.topk} hidden={a.hidden} dtype={dtype} "
-              f"tokens={tokens} backend={ep.backend}: {dt * 1e6:.1f} us per "
+              f"tokens={tokens} backend={ep.backend} mode={mode}: {dt * 1e6:.1f} us per "
               f"dispatch + expert op + combine", flush=True)
     ep.free()
     return 0

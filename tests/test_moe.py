@@ -4,7 +4,8 @@ Runs serially and under ``mpiexec -n N``. Every rank draws its tokens and routin
 (SEED, case, rank), so the reference (all-gather everything, compute locally with plain
 loops) needs no other input. Dispatch moves data only, so ``expert_x`` must match exactly;
 combine is compared bit for bit too, since the reference accumulates in the same order
-(k = 0, 1, ...) with the same float32 operations.
+with the same float32 operations: k = 0, 1, ... (per_expert mode), or per owner rank in
+expert order, rounded to the dtype, then over ranks in rank order (per_rank mode).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def run_experts(ep: moe.ExpertParallel, expert_x, counts):
     return out
 
 
-def reference(comm: MPI.Intracomm, x, idx, w, num_experts: int):
+def reference(comm: MPI.Intracomm, x, idx, w, num_experts: int, mode: str = "per_expert"):
     """All-gather every rank's tokens and routing; compute this rank's answers with loops."""
     p, me = comm.Get_size(), comm.Get_rank()
     El = num_experts // p
@@ -46,6 +47,17 @@ def reference(comm: MPI.Intracomm, x, idx, w, num_experts: int):
     acc_t = np.promote_types(x.dtype, np.float32)
     y = np.zeros(x.shape, dtype=acc_t)
     for t in range(x.shape[0]):
+        if mode == "per_rank":  # one partial per owner rank, its experts in expert order
+            for r in range(p):
+                js = sorted((int(idx[t, j]), j) for j in range(idx.shape[1])
+                            if int(idx[t, j]) // El == r)
+                if not js:
+                    continue
+                part = np.zeros(x.shape[1], dtype=acc_t)
+                for e, j in js:
+                    part = part + (x[t] * scale(e, x.dtype)).astype(acc_t) * acc_t.type(w[t, j])
+                y[t] = y[t] + part.astype(x.dtype).astype(acc_t)
+            continue
         for j in range(idx.shape[1]):
             row = x[t] * scale(int(idx[t, j]), x.dtype)
             prod = row.astype(acc_t) * acc_t.type(w[t, j])
@@ -85,7 +97,8 @@ def make_inputs(comm, case: int, num_experts: int, hidden: int, max_tokens: int,
 
 def check(comm, ep: moe.ExpertParallel, x, idx, w) -> None:
     expert_x, counts, handle = ep.dispatch(x, idx)
-    ref_x, ref_y = reference(comm, x, idx, w, ep.num_experts)
+    assert ep.mode in ("auto", handle.mode)
+    ref_x, ref_y = reference(comm, x, idx, w, ep.num_experts, handle.mode)
     assert counts.dtype == np.int64 and counts.shape == (ep.local_experts,)
     assert [len(r) for r in ref_x] == counts.tolist()
     assert expert_x.shape == (int(counts.sum()), ep.hidden) and expert_x.dtype == x.dtype
@@ -97,26 +110,59 @@ def check(comm, ep: moe.ExpertParallel, x, idx, w) -> None:
     np.testing.assert_array_equal(y, ref_y)
 
 
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("topk", [1, 2, 4])
-def test_dispatch_combine_match_reference(comm, dtype: str, topk: int) -> None:
+def test_dispatch_combine_match_reference(comm, dtype: str, topk: int, mode: str) -> None:
     p = comm.Get_size()
     E, H, T = 4 * p, 12, 9
-    ep = moe.ExpertParallel(comm, E, H, T, topk, dtype)
+    ep = moe.ExpertParallel(comm, E, H, T, topk, dtype, mode=mode)
     check(comm, ep, *make_inputs(comm, 1 + topk, E, H, T, topk, dtype))
 
 
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank", "auto"])
 @pytest.mark.parametrize(("tokens", "route"), [
     ("some_zero", "random"), ("none", "random"), ("full", "skip"), ("random", "dup"),
     ("full", "hot"),
 ])
-def test_uneven_routing(comm, tokens: str, route: str) -> None:
+def test_uneven_routing(comm, tokens: str, route: str, mode: str) -> None:
     """Zero-token ranks, experts (and whole ranks) receiving nothing, duplicates, one hot
     expert."""
     p = comm.Get_size()
     E, H, T, K = 2 * p, 8, 6, 2
-    ep = moe.ExpertParallel(comm, E, H, T, K, np.float32)
+    ep = moe.ExpertParallel(comm, E, H, T, K, np.float32, mode=mode)
     check(comm, ep, *make_inputs(comm, 11, E, H, T, K, "float32", tokens, route))
+
+
+def _expected_traffic(comm, idx, num_experts: int, row_bytes: int) -> dict[str, int]:
+    """Bytes this rank sends to other ranks in one step, per mode, from its routing."""
+    p, me = comm.Get_size(), comm.Get_rank()
+    dest = idx // (num_experts // p)
+    entries = int((dest != me).sum())
+    copies = sum(len({int(d) for d in row} - {me}) for row in dest)
+    return {"per_expert": 2 * entries * row_bytes,
+            "per_rank": 2 * copies * row_bytes + 2 * 4 * entries}
+
+
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank", "auto"])
+def test_traffic_per_mode_and_auto_picks_the_smaller(comm, mode: str) -> None:
+    """Bytes sent to other ranks: one row per (token, expert) pair, or one row per (token,
+    rank) plus a 4-byte index and a 4-byte weight per pair; auto takes the smaller total."""
+    p = comm.Get_size()
+    E, H, T, K = 4 * p, 16, 10, 4
+    ep = moe.ExpertParallel(comm, E, H, T, K, np.float32, mode=mode)
+    x, idx, w = make_inputs(comm, 13, E, H, T, K, "float32", "full")
+    expert_x, counts, h = ep.dispatch(x, idx)
+    ep.combine(run_experts(ep, expert_x, counts), w, h)
+    want = _expected_traffic(comm, idx, E, ep.row_bytes)
+    totals = {m: comm.allreduce(v) for m, v in want.items()}
+    picked = mode if mode != "auto" else (
+        "per_rank" if totals["per_rank"] < totals["per_expert"] else "per_expert")
+    assert h.mode == picked
+    assert ep.traffic["dispatch"] == want[picked] // 2  # what this rank sends out
+    sent = ep.traffic["dispatch"] + ep.traffic["combine"]  # combine sends what others sent
+    assert comm.allreduce(sent) == totals[picked]
+    assert ep.traffic["dispatch_backward"] == ep.traffic["combine_backward"] == 0
 
 
 def test_one_expert_per_rank_and_topk_equal_experts(comm) -> None:
@@ -154,13 +200,14 @@ def test_combine_into_out_and_expert_x_in_place(comm) -> None:
     np.testing.assert_array_equal(out, reference(comm, x, idx, w, E)[1])
 
 
-def test_library_reference_agrees(comm) -> None:
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank"])
+def test_library_reference_agrees(comm, mode: str) -> None:
     """pya2a.moe.reference (used by examples/moe.py) against the loop reference here."""
     p = comm.Get_size()
-    E, H, T, K = 2 * p, 4, 5, 2
-    x, idx, w = make_inputs(comm, 31, E, H, T, K, "float16")
-    ex, y = moe.reference(comm, x, idx, w, E, lambda e, r: r * scale(e, r.dtype))
-    rx, ry = reference(comm, x, idx, w, E)
+    E, H, T, K = 2 * p, 4, 5, 3
+    x, idx, w = make_inputs(comm, 31, E, H, T, K, "float16", route="dup" if p == 1 else "random")
+    ex, y = moe.reference(comm, x, idx, w, E, lambda e, r: r * scale(e, r.dtype), mode)
+    rx, ry = reference(comm, x, idx, w, E, mode)
     for a, b in zip(ex, rx, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(y, ry)
@@ -194,6 +241,7 @@ def test_config_differs_across_ranks(comm) -> None:
     ({"dtype": "not-a-dtype"}, TypeError, "dtype"),
     ({"backend": "nope"}, ValueError, "unknown backend"),
     ({"backend": "fused"}, ValueError, "device"),
+    ({"mode": "per_token"}, ValueError, "unknown mode"),
     ({"device": -1}, TypeError, "device"),
 ])
 def test_bad_constructor_argument_on_one_rank(comm, kw, exc, match) -> None:

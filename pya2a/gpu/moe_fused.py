@@ -46,7 +46,7 @@ MAX_EXPERTS = 512  # MOE_MAXE
 _THREADS = 512
 _WARPS = _THREADS // 32
 _KERNEL_FILE = os.path.join(os.path.dirname(__file__), "kernels", "moe_fused.cu")
-# bfloat16 kernels exist but are not wired: ExpertParallel takes NumPy dtypes only.
+# row type -> kernel template type; bfloat16 rows are uint16 words in CuPy
 _TYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _NAMES = tuple(f"pya2a_moe_{k}<{t}>" for k in ("combine", "scale_experts")
                for t in _TYPES.values())
@@ -84,11 +84,6 @@ def _module(cp: Any, device: int) -> Any:
     return mod
 
 
-def _type_name(dtype: Any) -> str:
-    name = str(dtype).replace("torch.", "")
-    return name
-
-
 def fused_available(comm: Any, ep: Any = None) -> tuple[bool, str]:
     """Collective: can the fused path run on ``comm`` (for ``ep``'s configuration)?
 
@@ -98,8 +93,8 @@ def fused_available(comm: Any, ep: Any = None) -> tuple[bool, str]:
     """
     why = ""
     if ep is not None:
-        if _type_name(ep.dtype) not in _TYPES:
-            why = f"dtype {ep.dtype} (fused path: float16, bfloat16, float32)"
+        if ep.dtype_name not in _TYPES:
+            why = f"dtype {ep.dtype_name} (fused path: float16, bfloat16, float32)"
         elif ep.row_bytes % 16:
             why = f"rows of {ep.row_bytes} bytes (fused path: a multiple of 16)"
         elif ep.num_experts > MAX_EXPERTS:
@@ -158,7 +153,7 @@ class FusedExpertParallel:
         if ep.size > MAX_RANKS:
             raise ValueError(f"ExpertParallel: fused path takes at most {MAX_RANKS} ranks")
         self.device = ep.device
-        self.type = _TYPES[_type_name(ep.dtype)]
+        self.type = _TYPES[ep.dtype_name]
         cap, rb = ep.max_recv_tokens, ep.row_bytes
         N = ep.max_tokens * ep.topk
         with cp.cuda.Device(self.device):
@@ -228,12 +223,20 @@ class FusedExpertParallel:
             agree(self.comm, exc, np.zeros(0, dtype=np.int64))
 
     def _device_array(self, call: str, name: str, a: Any) -> Any:
-        """A CuPy view of a CuPy / torch / CAI device array on this rank's device."""
+        """A CuPy view of a CuPy / torch / CAI device array on this rank's device
+        (torch bfloat16 as uint16 words: CuPy has no bfloat16)."""
         if type(a) is not self._ndarray:
+            bf16 = str(getattr(a, "dtype", "")) == "torch.bfloat16"
+            if bf16:
+                import torch
+
+                a = a.detach().view(torch.int16)
             if not hasattr(a, "__cuda_array_interface__"):
                 raise TypeError(f"{call}: {name} must be a device array (CuPy, torch) on "
                                 f"device {self.device}, got {type(a).__name__}")
             a = self._cp.asarray(a)
+            if bf16:
+                a = a.view(np.uint16)
         if a.data.device_id != self.device:
             raise ValueError(f"{call}: {name} is on device {a.data.device_id}, expected "
                              f"{self.device}")
@@ -247,7 +250,7 @@ class FusedExpertParallel:
             raise ValueError(f"{call}: {name} has shape {tuple(shape)}, expected "
                              f"(<= {max_rows}, {ep.hidden})")
         if arr.dtype != ep.dtype:
-            raise TypeError(f"{call}: {name} has dtype {a.dtype}, expected {ep.dtype}")
+            raise TypeError(f"{call}: {name} has dtype {a.dtype}, expected {ep.dtype_name}")
         if shape[0] and (arr.data.ptr & 15 or not arr.flags.c_contiguous):
             raise ValueError(f"{call}: {name} must be C-contiguous and 16-byte aligned")
         return arr
@@ -261,11 +264,13 @@ class FusedExpertParallel:
         self._launch_fn(fn, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(params), 0)
 
     # ------------------------------------------------------------------ calls
-    def dispatch(self, x: Any, topk_idx: Any) -> tuple[Any, Any, FusedHandle]:
+    def dispatch(self, x: Any, topk_idx: Any, *,
+                 grad: bool = False) -> tuple[Any, Any, FusedHandle]:
         """See :meth:`pya2a.moe.ExpertParallel.dispatch`; ``expert_x`` is the whole buffer.
 
         ``topk_idx`` is read by the dispatch kernel only (it keeps its own copy for
-        combine); int64 C-contiguous avoids a conversion.
+        combine); int64 C-contiguous avoids a conversion. ``grad`` (autograd) is refused
+        on every rank: this path has no backward pass.
         """
         call = "ExpertParallel.dispatch"
         ep = self.ep
@@ -275,6 +280,7 @@ class FusedExpertParallel:
         try:
             if self._freed:
                 raise ValueError(f"{call}: used after free()")
+            _no_grad(call, grad)
             if self._pending is not None:
                 raise ValueError(f"{call}: the previous dispatch was not combined yet (the "
                                  f"fused path needs dispatch and combine to alternate)")
@@ -340,7 +346,7 @@ class FusedExpertParallel:
         self._launch(self._fn["scale"], self.sms * 2, 256, params[0])
 
     def combine(self, expert_y: Any, topk_weight: Any, handle: FusedHandle, *,
-                out: Any = None) -> Any:
+                out: Any = None, grad: bool = False) -> Any:
         """See :meth:`pya2a.moe.ExpertParallel.combine` (``y`` is a CuPy / torch array)."""
         call = "ExpertParallel.combine"
         ep, cp = self.ep, self._cp
@@ -348,6 +354,7 @@ class FusedExpertParallel:
         n = 0
         ya = wa = oa = None
         try:
+            _no_grad(call, grad)
             if not isinstance(handle, FusedHandle):
                 raise TypeError(f"{call}: handle must be the handle from dispatch, got "
                                 f"{type(handle).__name__}")
@@ -358,6 +365,8 @@ class FusedExpertParallel:
                                  f"combined already)")
             n = handle.num_tokens
             ya = self._check_rows(call, "expert_y", expert_y, ep.max_recv_tokens)
+            if str(getattr(topk_weight, "dtype", "")) == "torch.bfloat16":
+                topk_weight = topk_weight.float()  # the kernel reads float32 weights
             wa = self._device_array(call, "topk_weight", topk_weight)
             if wa.shape != (n, ep.topk):
                 raise ValueError(f"{call}: topk_weight has shape {tuple(wa.shape)}, "
@@ -400,12 +409,8 @@ class FusedExpertParallel:
         self._keep = (expert_y, topk_weight, wa)
         if out is not None:
             return out
-        if type(topk_weight).__module__.split(".")[0] == "torch" or \
-                type(expert_y).__module__.split(".")[0] == "torch":
-            import torch
-
-            return torch.as_tensor(oa, device=f"cuda:{self.device}")
-        return oa
+        like = topk_weight if type(topk_weight).__module__.startswith("torch") else expert_y
+        return ep._wrap(oa, like)
 
     def free(self) -> None:
         """Collective: release the symmetric memory. Idempotent."""
@@ -414,6 +419,12 @@ class FusedExpertParallel:
         self._freed = True
         self._keep = None
         self.group.free()
+
+
+def _no_grad(call: str, grad: bool) -> None:
+    if grad:
+        raise NotImplementedError(f"{call}: the fused backend has no backward pass; use "
+                                  f"backend='staged' for tensors that require grad")
 
 
 def scale_experts(ep: Any, expert_x: Any, out: Any) -> None:

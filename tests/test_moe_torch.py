@@ -1,0 +1,295 @@
+"""pya2a.moe with torch tensors: bfloat16 rows and autograd, on the host path.
+
+Runs serially and under ``mpiexec -n N``. The oracle is a single-process layer: every rank
+rebuilds every rank's tokens and the global model from (SEED, case, rank), runs the whole
+layer with all experts local in plain torch, and backpropagates the sum of all ranks'
+losses. The distributed layer (gate replicated, experts split across ranks, pya2a's
+dispatch and combine between them) must give the same loss, ``x.grad``, router-weight
+gradients, expert parameter gradients and (summed over ranks) gate gradients, to float
+tolerance, in both transfer modes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import pya2a.moe as moe
+
+from helpers import SEED
+
+torch = pytest.importorskip("torch")
+
+
+def _gen(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([SEED, *key])
+                                              .generate_state(1)[0]))
+
+
+def tokens(case: int, rank: int, max_tokens: int, hidden: int, dtype) -> torch.Tensor:
+    """Rank ``rank``'s tokens for ``case`` (a random count in [0, max_tokens])."""
+    g = _gen(case, rank)
+    n = int(torch.randint(0, max_tokens + 1, (1,), generator=g))
+    return torch.randn(n, hidden, generator=g).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# bfloat16 rows: dispatch moves the bits, combine accumulates in float32
+def _scale(e: int) -> float:
+    return 1 + (e % 7) / 8
+
+
+def _scale_experts(ep: moe.ExpertParallel, ex: torch.Tensor, counts) -> torch.Tensor:
+    parts, off = [], 0
+    for le, c in enumerate(counts.tolist()):
+        parts.append(ex[off:off + c] * _scale(ep.first_expert + le))
+        off += c
+    return torch.cat(parts) if parts else ex[:0]
+
+
+def _bf16_reference(comm, x, idx, w, E: int, mode: str):
+    """expert_x per local expert and this rank's y, with the library's summation order."""
+    p, me = comm.Get_size(), comm.Get_rank()
+    El = E // p
+    xs, idxs = comm.allgather(x), comm.allgather(idx)
+    expert_x = [torch.cat([xs[s][(idxs[s] == me * El + le).nonzero()[:, 0]]
+                           for s in range(p)]) for le in range(El)]
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        rows = {j: (x[t] * _scale(int(idx[t, j]))).float() * w[t, j] for j in range(idx.shape[1])}
+        if mode == "per_expert":
+            for j in range(idx.shape[1]):
+                y[t] = y[t] + rows[j]
+            continue
+        for r in range(p):
+            part = torch.zeros(x.shape[1])
+            for _, j in sorted((int(idx[t, j]), j) for j in rows if int(idx[t, j]) // El == r):
+                part = part + rows[j]
+            y[t] = y[t] + part.bfloat16().float()
+    return expert_x, y.bfloat16()
+
+
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank"])
+def test_bfloat16_rows_on_the_host_path(comm, mode: str) -> None:
+    p, me = comm.Get_size(), comm.Get_rank()
+    E, H, T, K = 2 * p, 16, 7, 2
+    ep = moe.ExpertParallel(comm, E, H, T, K, torch.bfloat16, mode=mode)
+    assert ep.dtype_name == "bfloat16" and ep.dtype == np.uint16
+    x = tokens(1, me, T, H, torch.bfloat16)
+    g = _gen(2, me)
+    idx = torch.argsort(torch.rand(x.shape[0], E, generator=g), dim=1)[:, :K]
+    w = torch.rand(x.shape[0], K, generator=g)
+    with torch.no_grad():
+        ex, counts, h = ep.dispatch(x, idx)
+        assert ex.dtype == torch.bfloat16 and h.mode == mode
+        ref_x, ref_y = _bf16_reference(comm, x, idx, w, E, mode)
+        for le, part in enumerate(torch.split(ex, counts.tolist())):
+            assert torch.equal(part, ref_x[le]), f"local expert {le}"
+        y = ep.combine(_scale_experts(ep, ex, counts), w, h)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, ref_y)
+
+
+def test_bfloat16_as_uint16_numpy_bits(comm) -> None:
+    """NumPy has no bfloat16: the same rows as uint16 words give the same bits back."""
+    p, me = comm.Get_size(), comm.Get_rank()
+    E, H, T, K = 2 * p, 8, 5, 2
+    ep = moe.ExpertParallel(comm, E, H, T, K, "bfloat16", mode="per_expert")
+    x = tokens(3, me, T, H, torch.bfloat16)
+    idx = torch.randint(0, E, (x.shape[0], K), generator=_gen(4, me))
+    w = torch.rand(x.shape[0], K, generator=_gen(5, me))
+    with torch.no_grad():
+        ex_t, counts, h = ep.dispatch(x, idx)
+        y_t = ep.combine(ex_t, w, h)
+    bits = x.view(torch.int16).numpy().view(np.uint16)
+    ex_n, _, h = ep.dispatch(bits, idx.numpy())
+    assert ex_n.dtype == np.uint16
+    assert np.array_equal(ex_n, ex_t.view(torch.int16).numpy().view(np.uint16))
+    y_n = ep.combine(ex_n, w.numpy(), h)
+    assert np.array_equal(y_n, y_t.view(torch.int16).numpy().view(np.uint16))
+
+
+def test_bfloat16_rounding_matches_torch() -> None:
+    """combine's float32 -> bfloat16 cast rounds like torch (nearest even, NaN, inf)."""
+    ep = moe.ExpertParallel(MPI.COMM_SELF, 1, 4, 1, 1, torch.bfloat16)
+    vals = torch.tensor([1.0, 1.00390625, 1.01171875, -2.5e-39, 3.4e38, float("inf"),
+                         float("-inf"), float("nan"), 0.0, -0.0] + torch.randn(990).tolist())
+    got = ep._cast(vals.numpy())
+    want = vals.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(vals.numpy())  # any NaN pattern will do (torch's varies by code path)
+    assert np.array_equal(got[~nan], want[~nan])
+    assert ((got[nan] & 0x7F80) == 0x7F80).all() and (got[nan] & 0x7F).all()
+
+
+# ---------------------------------------------------------------------------------------
+# autograd: the distributed layer against the single-process layer
+class Model:
+    """Gate (H x E) and expert MLPs (relu(x W1) W2), the same on every rank from the seed."""
+
+    def __init__(self, E: int, H: int, F: int, K: int, dtype, case: int) -> None:
+        g = _gen(case, 999)
+        self.E, self.K = E, K
+        self.gate = torch.randn(H, E, generator=g).to(dtype)
+        self.w1 = (torch.randn(E, H, F, generator=g) / H ** 0.5).to(dtype)
+        self.w2 = (torch.randn(E, F, H, generator=g) / F ** 0.5).to(dtype)
+        for t in (self.gate, self.w1, self.w2):
+            t.requires_grad_(True)
+
+    def route(self, x: torch.Tensor):
+        probs = torch.softmax(x @ self.gate, dim=-1)
+        w, idx = probs.topk(self.K, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        w.retain_grad()
+        return idx, w
+
+    def expert(self, e: int, rows: torch.Tensor, w1=None, w2=None) -> torch.Tensor:
+        w1 = self.w1[e] if w1 is None else w1
+        w2 = self.w2[e] if w2 is None else w2
+        return torch.relu(rows @ w1) @ w2
+
+    def layer_reference(self, x: torch.Tensor):
+        """All experts local: y = sum_e (sum_k w * [idx == e]) * expert_e(x)."""
+        idx, w = self.route(x)
+        y = torch.zeros_like(x)
+        for e in range(self.E):
+            coef = (w * (idx == e)).sum(dim=1, keepdim=True)
+            y = y + coef * self.expert(e, x)
+        return y, w
+
+
+class Local:
+    """This rank's copy of the model's parameters: the gate and its own experts (leaves)."""
+
+    def __init__(self, model: Model, ep: moe.ExpertParallel) -> None:
+        lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
+        self.model, self.ep = model, ep
+        self.gate = model.gate.detach().clone().requires_grad_(True)
+        self.w1 = model.w1[lo:hi].detach().clone().requires_grad_(True)
+        self.w2 = model.w2[lo:hi].detach().clone().requires_grad_(True)
+
+    def layer(self, x: torch.Tensor):
+        probs = torch.softmax(x @ self.gate, dim=-1)
+        w, idx = probs.topk(self.model.K, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        w.retain_grad()
+        ex, counts, h = self.ep.dispatch(x, idx)
+        outs = [self.model.expert(0, seg, self.w1[le], self.w2[le])
+                for le, seg in enumerate(torch.split(ex, counts.tolist()))]
+        ey = torch.cat(outs) if outs else ex
+        return self.ep.combine(ey, w, h), w
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
+    assert a is not None and b is not None, what
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank", "auto"])
+def test_gradients_equal_single_process_layer(comm, mode: str, dtype: str) -> None:
+    """Two MoE layers (the same ExpertParallel, so handles outlive a dispatch): loss, x.grad,
+    router-weight grads, expert and gate parameter grads against one process."""
+    p, me = comm.Get_size(), comm.Get_rank()
+    dt = getattr(torch, dtype)
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    E, H, F, T, K = 2 * p if p > 1 else 4, 8, 12, 6, 2
+    case = 10 + ["per_expert", "per_rank", "auto"].index(mode)
+    model = Model(E, H, F, K, dt, case)
+    xs = [tokens(case, s, T, H, dt).requires_grad_(True) for s in range(p)]
+    cs = [torch.randn(x.shape, generator=_gen(case, s, 7)).to(dt) for s, x in enumerate(xs)]
+    ref_loss, ref_w = 0, []
+    for x, c in zip(xs, cs, strict=True):
+        y1, w1 = model.layer_reference(x)
+        y2, w2 = model.layer_reference(y1 + x)
+        ref_loss = ref_loss + (y2 * c).sum()
+        ref_w.append((w1, w2))
+    ref_loss.backward()
+
+    ep = moe.ExpertParallel(comm, E, H, T, K, dt, mode=mode)
+    local = Local(model, ep)
+    x = xs[me].detach().clone().requires_grad_(True)
+    y1, w1 = local.layer(x)
+    y2, w2 = local.layer(y1 + x)
+    loss = (y2 * cs[me]).sum()
+    loss.backward()
+
+    _close(torch.tensor(comm.allreduce(loss.item()), dtype=dt), ref_loss.detach(), tol, "loss")
+    _close(x.grad, xs[me].grad, tol, "x.grad")
+    _close(w1.grad, ref_w[me][0].grad, tol, "topk_weight.grad, layer 1")
+    _close(w2.grad, ref_w[me][1].grad, tol, "topk_weight.grad, layer 2")
+    lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
+    _close(local.w1.grad, model.w1.grad[lo:hi], tol, "expert W1 grad")
+    _close(local.w2.grad, model.w2.grad[lo:hi], tol, "expert W2 grad")
+    gate = local.gate.grad.numpy().copy()
+    comm.Allreduce(MPI.IN_PLACE, gate)
+    _close(torch.from_numpy(gate), model.gate.grad, tol, "gate grad (summed over ranks)")
+    assert ep.traffic["dispatch_backward"] + ep.traffic["combine_backward"] >= 0
+
+
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank"])
+def test_bfloat16_gradients(comm, mode: str) -> None:
+    """bfloat16 rows, float32 router weights: grads agree with a float32 single-process
+    computation on the same bfloat16 inputs to bfloat16 precision."""
+    p, me = comm.Get_size(), comm.Get_rank()
+    E, H, T, K = 2 * p, 16, 6, 2
+    xs = [tokens(20, s, T, H, torch.bfloat16) for s in range(p)]
+    idxs = [torch.argsort(torch.rand(x.shape[0], E, generator=_gen(21, s)), dim=1)[:, :K]
+            for s, x in enumerate(xs)]
+    ws = [torch.rand(x.shape[0], K, generator=_gen(22, s)) for s, x in enumerate(xs)]
+    cs = [torch.randn(x.shape, generator=_gen(23, s)) for s, x in enumerate(xs)]
+    scale = torch.tensor([_scale(e) for e in range(E)])
+    ref_x = xs[me].float().requires_grad_(True)
+    ref_w = ws[me].clone().requires_grad_(True)
+    ref_y = (ref_w[:, :, None] * ref_x[:, None, :] * scale[idxs[me]][:, :, None]).sum(dim=1)
+    (ref_y * cs[me]).sum().backward()
+
+    ep = moe.ExpertParallel(comm, E, H, T, K, torch.bfloat16, mode=mode)
+    x = xs[me].clone().requires_grad_(True)
+    w = ws[me].clone().requires_grad_(True)
+    ex, counts, h = ep.dispatch(x, idxs[me])
+    y = ep.combine(_scale_experts(ep, ex, counts), w, h)
+    assert y.dtype == torch.bfloat16
+    (y.float() * cs[me]).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    _close(x.grad.float(), ref_x.grad, 3e-2, "x.grad")
+    _close(w.grad, ref_w.grad, 3e-2, "topk_weight.grad")
+
+
+def test_requires_grad_on_some_ranks_only_raises_everywhere(comm) -> None:
+    p, me = comm.Get_size(), comm.Get_rank()
+    if p == 1:
+        pytest.skip("needs two ranks")
+    ep = moe.ExpertParallel(comm, p, 4, 3, 1, torch.float32)
+    x = torch.ones(3, 4, requires_grad=me == p - 1)
+    idx = torch.zeros(3, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="requires grad on some ranks"):
+        ep.dispatch(x, idx)
+    ex, _, h = ep.dispatch(x.detach(), idx)
+    w = torch.ones(3, 1, requires_grad=me == 0)
+    with pytest.raises(ValueError, match="require grad on some ranks"):
+        ep.combine(ex, w, h)
+
+
+def test_out_with_gradients_raises_everywhere(comm) -> None:
+    p = comm.Get_size()
+    ep = moe.ExpertParallel(comm, p, 4, 3, 1, torch.float32)
+    x = torch.ones(3, 4, requires_grad=True)
+    ex, _, h = ep.dispatch(x, torch.zeros(3, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="out= cannot be used"):
+        ep.combine(ex, torch.ones(3, 1), h, out=torch.empty(3, 4))
+
+
+def test_grad_mode_returns_a_new_expert_x(comm) -> None:
+    """Under grad mode expert_x is not the reused buffer (autograd may keep it); under
+    no_grad it is."""
+    p = comm.Get_size()
+    ep = moe.ExpertParallel(comm, p, 4, 3, 1, torch.float32)
+    x, idx = torch.ones(3, 4), torch.zeros(3, 1, dtype=torch.int64)
+    a, _, _ = ep.dispatch(x, idx)
+    b, _, _ = ep.dispatch(x, idx)
+    assert a.numel() == 0 or a.data_ptr() != b.data_ptr()
+    with torch.no_grad():
+        a, _, _ = ep.dispatch(x, idx)
+        b, _, _ = ep.dispatch(x, idx)
+    assert a.numel() == 0 or a.data_ptr() == b.data_ptr()
