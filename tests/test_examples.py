@@ -44,6 +44,7 @@ CASES = [
     ("hash_join.py", ["--small", "--skew"]),
     ("reshard.py", ["--small"]),
     ("moe.py", ["--small"]),
+    ("moe_train.py", ["--small"]),
     ("demo.py", ["--small"]),
 ]
 
@@ -103,9 +104,18 @@ def _run(nprocs: int, program: str, args: list[str], env: dict[str, str] | None 
     return proc, f"{shlex.join(cmd)} -> exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 
+NEEDS_TORCH = {"moe_train.py"}
+
+
+def _skip_without_torch(program: str) -> None:
+    if program in NEEDS_TORCH and importlib.util.find_spec("torch") is None:
+        pytest.skip(f"{program} needs torch")
+
+
 @pytest.mark.parametrize("nprocs", NPROCS)
 @pytest.mark.parametrize(("program", "args"), CASES, ids=[" ".join([p, *a]) for p, a in CASES])
 def test_example_passes_its_own_check(program: str, args: list[str], nprocs: int) -> None:
+    _skip_without_torch(program)
     proc, log = _run(nprocs, program, args)
     assert proc.returncode == 0, log
     assert "OK" in proc.stdout, log
@@ -115,6 +125,7 @@ def test_example_passes_its_own_check(program: str, args: list[str], nprocs: int
 def test_example_exits_1_on_every_rank_when_the_exchange_is_wrong(
     program: str, tmp_path: Path
 ) -> None:
+    _skip_without_torch(program)
     (tmp_path / "sitecustomize.py").write_text(CORRUPT)
     args = ["--max-bytes", "1024", "--only", "Alltoall"] if program == "collectives.py" else []
     proc, log = _run(3, program, args or ["--small"], env=_env(str(tmp_path)))
