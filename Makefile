@@ -36,6 +36,7 @@ else
 	$(PY) -m pip install -q mpich "mpi4py>=4"
 endif
 	$(PY) -m pip install -q "numpy>=1.23" "cython>=3" setuptools wheel pytest ruff
+	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
