@@ -1,10 +1,10 @@
 """Bytes moved between ranks per MoE step, one copy per (token, expert) pair vs per rank.
 
-    mpiexec -n 4 python bench/moe_bytes.py --out bench/results/moe_bytes_p4.json
+    mpiexec -n 4 python bench/moe_bytes.py --out bench/results/moe_bytes_cpu_p4.json
 
-The five shapes and the routing of bench/moe_bench.py (same seed: tokens per rank random in
-[1, max_tokens), distinct top-k experts, float32 weights), with bfloat16 rows (float16
-moves the same bytes) on the host path. For each shape and mode ("per_expert",
+The five shapes and the routing of bench/moe_dispatch_combine.py (same seed: tokens per
+rank random in [1, max_tokens), distinct top-k experts, float32 weights), with bfloat16
+rows (float16 moves the same bytes) on the host path. For each shape and mode ("per_expert",
 "per_rank", and what "auto" picks) one training step runs through torch autograd:
 dispatch, a per-expert scale as the expert op, combine, ``loss = y.sum()``, backward.
 ``ExpertParallel.traffic`` counts the bytes each rank sends to other ranks per phase
@@ -31,7 +31,7 @@ import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_bench import SHAPES, inputs  # noqa: E402 (the same shapes and routing)
+from moe_dispatch_combine import SHAPES, inputs  # noqa: E402 (same shapes and routing)
 
 MODES = ("per_expert", "per_rank")
 
@@ -123,10 +123,12 @@ def main() -> int:
                   f"fwd ms {pe['fwd_ms']:.1f} / {pr['fwd_ms']:.1f}  bwd ms {pe['bwd_ms']:.1f}"
                   f" / {pr['bwd_ms']:.1f}", flush=True)
     if me == 0 and a.out:
-        meta = {"nprocs": p, "seed": a.seed, "iters": a.iters, "warmup": a.warmup,
-                "rows": "bfloat16", "path": "host", "machine": platform.node(),
-                "cpus": os.cpu_count(), "python": platform.python_version(),
-                "torch": torch.__version__}
+        meta = {"command": f"mpiexec -n {p} python bench/moe_bytes.py "
+                           + " ".join(sys.argv[1:]),
+                "nprocs": p, "seed": a.seed, "iters": a.iters, "warmup": a.warmup,
+                "rows": "bfloat16", "path": "host", "cpus": os.cpu_count(),
+                "processor": platform.processor() or platform.machine(),
+                "python": platform.python_version(), "torch": torch.__version__}
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "shapes": rows}, f, indent=1)
     return 0

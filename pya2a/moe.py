@@ -38,7 +38,7 @@ Two ways to move the rows (``mode``), same ``expert_x`` either way:
 
 Every rank's per-expert counts (and, for ``per_rank`` / ``auto``, its copies per
 destination rank) travel in the ``Allgather`` that agrees on errors
-(:func:`pya2a.validate.agree`), so the counts are exchanged once per dispatch.
+(:func:`pya2a.core.validate.agree`), so the counts are exchanged once per dispatch.
 
 Rows are float16, bfloat16, float32 or float64 (any dtype for dispatch alone). bfloat16
 rows are moved as 2-byte words and converted to float32 to accumulate: torch tensors of
