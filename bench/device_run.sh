@@ -32,7 +32,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export PYTHONWARNINGS=ignore::DeprecationWarning PYTHONUNBUFFERED=1
 M=${M:-"mpiexec --allow-run-as-root --oversubscribe --bind-to none"}
 PT="-q -p no:cacheprovider -o addopts="
-GPU_SUITES="tests/test_gpu_api.py tests/test_gpu_shm.py tests/test_gpu_ipc.py tests/test_gpu_device.py tests/test_moe.py"
+GPU_SUITES="tests/test_gpu_api.py tests/test_gpu_shm.py tests/test_gpu_ipc.py tests/test_gpu_device.py tests/test_moe.py tests/test_moe_torch.py"
 T0=$SECONDS
 
 stamp() { echo "== $1 at +$((SECONDS - T0))s"; }

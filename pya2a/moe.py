@@ -666,7 +666,8 @@ class ExpertParallel:
         xp = self._xp
         u = xp.ascontiguousarray(acc, dtype=np.float32).view(np.uint32)
         r = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-        return xp.where(xp.isnan(acc), np.uint16(0x7FC0), r)
+        r[xp.isnan(acc)] = 0x7FC0
+        return r
 
     def _storage(self, a: Any) -> Any:
         """The NumPy / CuPy view of a caller's array, bfloat16 as uint16 words (no copy)."""

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 import pya2a.moe as moe
 
-from helpers import SEED
+from helpers import SEED, cuda_device_count
 
 torch = pytest.importorskip("torch")
 
@@ -161,12 +161,12 @@ class Model:
 class Local:
     """This rank's copy of the model's parameters: the gate and its own experts (leaves)."""
 
-    def __init__(self, model: Model, ep: moe.ExpertParallel) -> None:
+    def __init__(self, model: Model, ep: moe.ExpertParallel, device: str = "cpu") -> None:
         lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
         self.model, self.ep = model, ep
-        self.gate = model.gate.detach().clone().requires_grad_(True)
-        self.w1 = model.w1[lo:hi].detach().clone().requires_grad_(True)
-        self.w2 = model.w2[lo:hi].detach().clone().requires_grad_(True)
+        self.gate = model.gate.detach().to(device).requires_grad_(True)
+        self.w1 = model.w1[lo:hi].detach().to(device).requires_grad_(True)
+        self.w2 = model.w2[lo:hi].detach().to(device).requires_grad_(True)
 
     def layer(self, x: torch.Tensor):
         probs = torch.softmax(x @ self.gate, dim=-1)
@@ -190,9 +190,14 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
 def test_gradients_equal_single_process_layer(comm, mode: str, dtype: str) -> None:
     """Two MoE layers (the same ExpertParallel, so handles outlive a dispatch): loss, x.grad,
     router-weight grads, expert and gate parameter grads against one process."""
+    _check_layer_gradients(comm, mode, dtype, None, 1e-4 if dtype == "float32" else 1e-10)
+
+
+def _check_layer_gradients(comm, mode: str, dtype: str, device: int | None,
+                           tol: float) -> None:
+    """The two-layer check; with ``device`` the distributed model runs there (staged)."""
     p, me = comm.Get_size(), comm.Get_rank()
     dt = getattr(torch, dtype)
-    tol = 1e-4 if dtype == "float32" else 1e-10
     E, H, F, T, K = 2 * p if p > 1 else 4, 8, 12, 6, 2
     case = 10 + ["per_expert", "per_rank", "auto"].index(mode)
     model = Model(E, H, F, K, dt, case)
@@ -206,22 +211,24 @@ def test_gradients_equal_single_process_layer(comm, mode: str, dtype: str) -> No
         ref_w.append((w1, w2))
     ref_loss.backward()
 
-    ep = moe.ExpertParallel(comm, E, H, T, K, dt, mode=mode)
-    local = Local(model, ep)
-    x = xs[me].detach().clone().requires_grad_(True)
+    dev = "cpu" if device is None else f"cuda:{device}"
+    ep = moe.ExpertParallel(comm, E, H, T, K, dt, device, mode=mode,
+                            backend="auto" if device is None else "staged")
+    local = Local(model, ep, dev)
+    x = xs[me].detach().to(dev).requires_grad_(True)
     y1, w1 = local.layer(x)
     y2, w2 = local.layer(y1 + x)
-    loss = (y2 * cs[me]).sum()
+    loss = (y2 * cs[me].to(dev)).sum()
     loss.backward()
 
     _close(torch.tensor(comm.allreduce(loss.item()), dtype=dt), ref_loss.detach(), tol, "loss")
-    _close(x.grad, xs[me].grad, tol, "x.grad")
-    _close(w1.grad, ref_w[me][0].grad, tol, "topk_weight.grad, layer 1")
-    _close(w2.grad, ref_w[me][1].grad, tol, "topk_weight.grad, layer 2")
+    _close(x.grad.cpu(), xs[me].grad, tol, "x.grad")
+    _close(w1.grad.cpu(), ref_w[me][0].grad, tol, "topk_weight.grad, layer 1")
+    _close(w2.grad.cpu(), ref_w[me][1].grad, tol, "topk_weight.grad, layer 2")
     lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
-    _close(local.w1.grad, model.w1.grad[lo:hi], tol, "expert W1 grad")
-    _close(local.w2.grad, model.w2.grad[lo:hi], tol, "expert W2 grad")
-    gate = local.gate.grad.numpy().copy()
+    _close(local.w1.grad.cpu(), model.w1.grad[lo:hi], tol, "expert W1 grad")
+    _close(local.w2.grad.cpu(), model.w2.grad[lo:hi], tol, "expert W2 grad")
+    gate = local.gate.grad.cpu().numpy().copy()
     comm.Allreduce(MPI.IN_PLACE, gate)
     _close(torch.from_numpy(gate), model.gate.grad, tol, "gate grad (summed over ranks)")
     assert ep.traffic["dispatch_backward"] + ep.traffic["combine_backward"] >= 0
@@ -293,3 +300,85 @@ def test_grad_mode_returns_a_new_expert_x(comm) -> None:
         a, _, _ = ep.dispatch(x, idx)
         b, _, _ = ep.dispatch(x, idx)
     assert a.numel() == 0 or a.data_ptr() == b.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------
+# device tensors (skip without CuPy, torch CUDA and a GPU)
+def _gpu(comm) -> int:
+    pytest.importorskip("cupy")
+    ndev = cuda_device_count() if torch.cuda.is_available() else 0
+    if comm.allreduce(ndev == 0, op=MPI.LOR):
+        pytest.skip("no GPU")
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    dev = local.Get_rank() % ndev
+    local.Free()
+    torch.cuda.set_device(dev)
+    return dev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["staged", "fused"])
+def test_device_bfloat16_rows(comm, backend: str) -> None:
+    """torch bfloat16 CUDA tensors through both device backends: expert_x bit for bit,
+    y against the summation-order reference (the fused kernel sums with FMAs)."""
+    dev = _gpu(comm)
+    if backend == "fused":
+        from pya2a.gpu.moe_fused import fused_available
+
+        ok, why = fused_available(moe.internal_comm(comm), None)
+        if not ok:
+            pytest.skip(why)
+    p, me = comm.Get_size(), comm.Get_rank()
+    E, H, T, K = 2 * p, 64, 7, 2
+    ep = moe.ExpertParallel(comm, E, H, T, K, torch.bfloat16, dev, backend=backend,
+                            mode="per_expert")
+    try:
+        x = tokens(30, me, T, H, torch.bfloat16)
+        idx = torch.argsort(torch.rand(x.shape[0], E, generator=_gen(31, me)), dim=1)[:, :K]
+        w = torch.rand(x.shape[0], K, generator=_gen(32, me))
+        with torch.no_grad():
+            ex, counts, h = ep.dispatch(x.cuda(dev), idx.cuda(dev))
+            counts = torch.as_tensor(np.asarray(counts.get() if hasattr(counts, "get")
+                                                else counts))
+            rows = int(counts.sum())
+            ex = ex[:rows]
+            assert ex.dtype == torch.bfloat16
+            ref_x, ref_y = _bf16_reference(comm, x, idx, w, E, "per_expert")
+            for le, part in enumerate(torch.split(ex.cpu(), counts.tolist())):
+                assert torch.equal(part, ref_x[le]), f"local expert {le}"
+            ey = _scale_experts(ep, ex, counts)
+            if backend == "fused":
+                out = torch.as_tensor(ep.expert_output(rows).view(np.int16),
+                                      device=f"cuda:{dev}").view(torch.bfloat16)
+                out.copy_(ey)
+                ey = out
+            y = ep.combine(ey, w.cuda(dev), h)
+        assert y.dtype == torch.bfloat16
+        _close(y.float().cpu(), ref_y.float(), 1e-2, "y")
+    finally:
+        ep.free()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank"])
+def test_device_gradients_staged(comm, mode: str) -> None:
+    """The two-layer gradient check with the distributed model on the GPU (staged)."""
+    _check_layer_gradients(comm, mode, "float32", _gpu(comm), 1e-3)
+
+
+@pytest.mark.gpu
+def test_device_fused_refuses_gradients_everywhere(comm) -> None:
+    dev = _gpu(comm)
+    from pya2a.gpu.moe_fused import fused_available
+
+    ok, why = fused_available(moe.internal_comm(comm), None)
+    if not ok:
+        pytest.skip(why)
+    p = comm.Get_size()
+    ep = moe.ExpertParallel(comm, p, 64, 3, 1, torch.float16, dev, backend="fused")
+    try:
+        x = torch.ones(3, 64, dtype=torch.float16, device=f"cuda:{dev}", requires_grad=True)
+        with pytest.raises(NotImplementedError, match="no backward pass"):
+            ep.dispatch(x, torch.zeros(3, 1, dtype=torch.int64, device=f"cuda:{dev}"))
+    finally:
+        ep.free()
