@@ -12,6 +12,11 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
     ),
+    Extension(
+        "pya2a.core._typepack",
+        ["pya2a/core/_typepack.pyx"],
+        extra_compile_args=["-O3"],
+    ),
     # GPU kernel launches through a dlopen'ed libcuda: no CUDA toolkit needed to build
     Extension(
         "pya2a.gpu._launch",

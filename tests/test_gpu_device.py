@@ -27,7 +27,7 @@ from pya2a.core.spec import parse_vector
 from pya2a.gpu import device as gdev
 from pya2a.gpu import staging
 
-from helpers import PATTERNS, count_matrix, cuda_device_count, expected_recv, send_data
+from helpers import PATTERNS, SEED, count_matrix, cuda_device_count, expected_recv, send_data
 
 WORLD = MPI.COMM_WORLD
 DEVICE_ALGORITHMS = ["auto", *(n for n in pya2a.algorithms.names()
@@ -617,7 +617,7 @@ def test_launcher_without_a_driver_says_so():
         _launch.Launcher(0, 1, 32, 0)
 
 
-@pytest.mark.parametrize("name", ["Ialltoallv", "Ialltoall", "Alltoallw", "Alltoallv_init"])
+@pytest.mark.parametrize("name", ["Ialltoallv", "Ialltoall", "Ialltoallw", "Alltoallv_init"])
 def test_comm_refuses_device_buffers_for_the_library_calls_without_cuda_aware_mpi(
         comm, fake, monkeypatch, name):
     """pya2a.Comm keeps the library's own non-blocking / w / persistent all-to-alls, but a
@@ -629,7 +629,7 @@ def test_comm_refuses_device_buffers_for_the_library_calls_without_cuda_aware_mp
     c = pya2a.Comm(comm)
     dev = FakeDeviceArray(np.zeros(p, np.float64))
     host = np.zeros(p, np.float64)
-    if name == "Alltoallw":
+    if name == "Ialltoallw":
         msg = [dev, [1] * p, [8 * j for j in range(p)], [MPI.DOUBLE] * p]
         hmsg = [host, [1] * p, [8 * j for j in range(p)], [MPI.DOUBLE] * p]
         args, hargs = (msg, hmsg), (hmsg, msg)
@@ -641,9 +641,10 @@ def test_comm_refuses_device_buffers_for_the_library_calls_without_cuda_aware_mp
     # host buffers still reach the library's own call
     src = np.arange(p, dtype=np.float64) + 10 * comm.Get_rank()
     out = np.zeros(p, np.float64)
-    if name == "Alltoallw":
+    if name == "Ialltoallw":
         disp = [8 * j for j in range(p)]
-        c.Alltoallw([src, [1] * p, disp, [MPI.DOUBLE] * p], [out, [1] * p, disp, [MPI.DOUBLE] * p])
+        c.Ialltoallw([src, [1] * p, disp, [MPI.DOUBLE] * p],
+                     [out, [1] * p, disp, [MPI.DOUBLE] * p]).Wait()
     elif name == "Alltoallv_init":
         if MPI.Get_version() < (4, 0):  # MPI-3 libraries have no persistent collectives
             return
@@ -654,3 +655,73 @@ def test_comm_refuses_device_buffers_for_the_library_calls_without_cuda_aware_mp
     else:
         getattr(c, name)(src, out).Wait()
     np.testing.assert_array_equal(out, np.arange(p) * 10.0 + comm.Get_rank())
+
+
+# ---------------------------------------------------------------------------------------
+# Alltoallw on (emulated) device buffers: the pack kernel's table, staged exchange, unpack
+# ---------------------------------------------------------------------------------------
+def _subarray_types(shape, axis, p):
+    out = []
+    for i in range(p):
+        n, s = divmod(shape[axis], p)[0] + (i < shape[axis] % p), \
+            i * (shape[axis] // p) + min(i, shape[axis] % p)
+        sub, st = list(shape), [0] * len(shape)
+        sub[axis], st[axis] = n, s
+        out.append(MPI.DOUBLE.Create_subarray(list(shape), sub, st).Commit())
+    return out
+
+
+@pytest.mark.parametrize("algorithm", DEVICE_ALGORITHMS)
+def test_fake_device_alltoallw_matches_mpi(comm, fake_any, algorithm):
+    """A pencil transpose with subarray types on device buffers equals MPI's own on host."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    a_shape, b_shape = (5, 3 * p + 1, 4), (5 * p, 3, 4)  # split axis 1 -> gather axis 0
+    rng = np.random.default_rng([SEED, r])
+    host = rng.standard_normal((5, 3 * p + 1, 4))
+    counts = [int(3 * p + 1) // p + (j < (3 * p + 1) % p) for j in range(p)]
+    b_shape = (5 * p, counts[r], 4)
+    st = _subarray_types(a_shape, 1, p)
+    rt = _subarray_types(b_shape, 0, p)
+    cd = ([1] * p, [0] * p)
+    try:
+        ref = np.zeros(b_shape)
+        comm.Alltoallw([host, cd, st], [ref, cd, rt])
+        for _ in range(2):  # the second call runs the cached plan
+            dev_in, dev_out = FakeDeviceArray(host.copy()), FakeDeviceArray(np.zeros(b_shape))
+            used = pya2a.Alltoallw(comm, [dev_in, cd, st], [dev_out, cd, rt],
+                                   algorithm=algorithm)
+            fake_any.sync(fake_any.main)
+            assert used != "mpi"
+            np.testing.assert_array_equal(dev_out.arr, ref)
+    finally:
+        for t in (*st, *rt):
+            t.Free()
+
+
+def test_fake_device_alltoallw_in_place(comm, fake):
+    p, r = comm.Get_size(), comm.Get_rank()
+    t = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()  # 2 doubles of every other slot
+    try:
+        host = np.arange(4.0 * p) + 100 * r
+        ref = host.copy()
+        cd = ([1] * p, [32 * j for j in range(p)])
+        comm.Alltoallw(MPI.IN_PLACE, [ref, cd, [t] * p])
+        dev = FakeDeviceArray(host.copy())
+        pya2a.Alltoallw(comm, MPI.IN_PLACE, [dev, cd, [t] * p])
+        fake.sync(fake.main)
+        np.testing.assert_array_equal(dev.arr, ref)
+    finally:
+        t.Free()
+
+
+def test_fake_device_alltoallw_refuses_undecodable(comm, fake):
+    p = comm.Get_size()
+    t = MPI.DOUBLE.Create_darray(1, 0, [4], [MPI.DISTRIBUTE_CYCLIC], [2], [1]).Commit()
+    try:
+        dev = FakeDeviceArray(np.zeros(4 * p))
+        cd = ([1] * p, [32 * j for j in range(p)])
+        with pytest.raises(TypeError, match="cannot decode"):
+            pya2a.Alltoallw(comm, [FakeDeviceArray(np.ones(4 * p)), cd, [t] * p],
+                            [dev, cd, [t] * p])
+    finally:
+        t.Free()

@@ -178,27 +178,50 @@ class CupyBackend:
         return int(a.device), managed
 
     # kernels
-    def pack(self, src: int, src_off: np.ndarray, lens: np.ndarray, dst: int,
-             dst_off: np.ndarray, stream) -> None:
-        """One launch of ``pya2a_pack`` for all blocks (offsets, lengths in bytes)."""
-        n = int(lens.size)
-        if n == 0:
-            return
+    def _pack_kernel(self) -> Any:
         dev = self.current_device()
         kern = self._kernels.get(dev)
         if kern is None:
             src_code = (_KERNEL_DIR / "pack.cu").read_text()
             kern = self._kernels[dev] = self.cp.RawModule(code=src_code).get_function(
                 "pya2a_pack")
-        tab = np.concatenate([src_off, dst_off, lens]).astype(np.int64, copy=False)
+        return kern
+
+    def _launch_pack(self, src: int, dtab: Any, n: int, maxlen: int, dst: int,
+                     stream) -> None:
         threads = 256
-        gx = max(1, min(512, -(-int(lens.max()) // (threads * 16 * 4))))
+        gx = max(1, min(512, -(-maxlen // (threads * 16 * 4))))
         gy = min(n, 65535)
+        kern = self._pack_kernel()
         with stream:  # RawKernel launches on the current stream
-            dtab = self.cp.asarray(tab)
             kern((gx, gy, 1), (threads, 1, 1),
                  (np.uint64(src), dtab, np.uint64(dst), np.int32(n)))
+
+    def pack(self, src: int, src_off: np.ndarray, lens: np.ndarray, dst: int,
+             dst_off: np.ndarray, stream) -> None:
+        """One launch of ``pya2a_pack`` for all blocks (offsets, lengths in bytes)."""
+        n = int(lens.size)
+        if n == 0:
+            return
+        tab = np.concatenate([src_off, dst_off, lens]).astype(np.int64, copy=False)
+        with stream:
+            dtab = self.cp.asarray(tab)
+        self._launch_pack(src, dtab, n, int(lens.max()), dst, stream)
         # dtab goes back to CuPy's pool for this stream: reuse is ordered after the kernel
+
+    def upload_table(self, src_off: np.ndarray, dst_off: np.ndarray,
+                     lens: np.ndarray) -> tuple:
+        """A ``pya2a_pack`` table kept on the current device for repeated launches."""
+        tab = np.concatenate([src_off, dst_off, lens]).astype(np.int64, copy=False)
+        dtab = self.cp.asarray(tab)
+        self.current_stream().synchronize()  # launches may come on another stream
+        return (dtab, int(lens.size), int(lens.max()) if lens.size else 0)
+
+    def pack_table(self, src: int, table: tuple, dst: int, stream) -> None:
+        """:meth:`pack` with a table from :meth:`upload_table` (no upload per launch)."""
+        dtab, n, maxlen = table
+        if n:
+            self._launch_pack(src, dtab, n, maxlen, dst, stream)
 
 
 _BACKEND: Any = None
