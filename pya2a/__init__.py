@@ -9,10 +9,10 @@ Quick use::
     pya2a.Alltoallv(MPI.COMM_WORLD, smsg, rmsg, algorithm="pairwise")
 """
 
-from .api import Alltoall, Alltoallv, Comm, alltoallv, available_algorithms
+from .api import Alltoall, Alltoallv, Alltoallw, Comm, alltoallv, available_algorithms
 from .plan import Explanation, Plan, explain, plan
 
 __version__ = "0.1.0"
 
-__all__ = ["Alltoall", "Alltoallv", "Comm", "alltoallv", "available_algorithms", "plan",
-           "Plan", "explain", "Explanation", "__version__"]
+__all__ = ["Alltoall", "Alltoallv", "Alltoallw", "Comm", "alltoallv", "available_algorithms",
+           "plan", "Plan", "explain", "Explanation", "__version__"]

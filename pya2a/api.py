@@ -1,4 +1,4 @@
-"""Public entry points: Alltoall, Alltoallv, alltoallv, Comm, available_algorithms."""
+"""Public entry points: Alltoall, Alltoallv, Alltoallw, alltoallv, Comm, available_algorithms."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import algorithms
+from ._alltoallw import Alltoallw
 from ._oneshot import exchange
 from .core.devices import gpu_device, load_device_algorithms
 from .core.registry import available_here
@@ -16,8 +17,8 @@ from .core.state import check_comm, internal_comm
 from .core.validate import agree
 from .plan import Explanation, Plan, explain, plan
 
-__all__ = ["Alltoall", "Alltoallv", "alltoallv", "Comm", "available_algorithms", "plan",
-           "explain", "Plan", "Explanation"]
+__all__ = ["Alltoall", "Alltoallv", "Alltoallw", "alltoallv", "Comm", "Cartcomm", "Graphcomm",
+           "Distgraphcomm", "available_algorithms", "plan", "explain", "Plan", "Explanation"]
 
 
 def Alltoallv(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,
@@ -158,17 +159,22 @@ def _device_ordinal(device: object) -> int | None:
 
 
 class Comm(MPI.Intracomm):
-    """Drop-in intracommunicator whose ``Alltoall`` / ``Alltoallv`` go through pya2a.
+    """Drop-in intracommunicator whose ``Alltoall`` / ``Alltoallv`` / ``Alltoallw`` are pya2a's.
 
     It is an ``mpi4py.MPI.Intracomm`` (a second handle to the same MPI communicator), so
     every other method and every isinstance check behaves as the wrapped one's, except that
-    the rest of the all-to-all family (``Ialltoall(v/w)``, ``Alltoallw``, the ``*_init``
-    calls: still the library's own) raise ``TypeError`` for a device buffer when the MPI is
-    not CUDA-aware, instead of crashing inside MPI.
+    the rest of the all-to-all family (``Ialltoall(v/w)``, the ``*_init`` calls: still the
+    library's own) raise ``TypeError`` for a device buffer when the MPI is not CUDA-aware,
+    instead of crashing inside MPI. Communicators derived from it (``Dup``, ``Split``,
+    ``Split_type``, ``Create``, ``Create_group``, ``Create_cart`` and its ``Sub``,
+    ``Create_graph``, ``Create_dist_graph(_adjacent)``) are pya2a communicators too, with
+    the same algorithm and options: :class:`Cartcomm`, :class:`Graphcomm` and
+    :class:`Distgraphcomm` are both this class and mpi4py's topology class.
 
     Args:
         comm: the communicator to wrap (default ``MPI.COMM_WORLD``).
         algorithm: default algorithm for this communicator's exchanges.
+        options: default algorithm options (see :func:`Alltoallv`).
     """
 
     algorithm: str = "auto"
@@ -179,7 +185,9 @@ class Comm(MPI.Intracomm):
         if comm is None:
             comm = MPI.COMM_WORLD
         check_comm("Comm", comm)
-        return super().__new__(cls, comm)
+        # Intracomm's constructor for the topology subclasses too: Python requires the
+        # constructor of the first built-in base, and the object is the same for all
+        return MPI.Intracomm.__new__(cls, comm)
 
     def __init__(self, comm: MPI.Intracomm | None = None, *, algorithm: str = "auto",
                  options: Mapping | None = None) -> None:
@@ -198,14 +206,68 @@ class Comm(MPI.Intracomm):
         exchange("Alltoall", "alltoall", self, sendbuf, recvbuf, self.algorithm, False,
                   self.options)
 
+    def Alltoallw(self, sendbuf, recvbuf) -> None:  # noqa: N802
+        """``MPI.Comm.Alltoallw`` through pya2a with this communicator's algorithm."""
+        Alltoallw(self, sendbuf, recvbuf, algorithm=self.algorithm,
+                             options=self.options)
+
+
+def _adopt(parent: Comm, new: object) -> object:
+    """``new`` (derived from ``parent``) as a pya2a communicator with parent's settings."""
+    if not isinstance(new, MPI.Intracomm) or new == MPI.COMM_NULL:
+        return new  # intercommunicators and COMM_NULL stay mpi4py's
+    if not isinstance(new, Comm):
+        cls = Cartcomm if isinstance(new, MPI.Cartcomm) else \
+            Graphcomm if isinstance(new, MPI.Graphcomm) else \
+            Distgraphcomm if isinstance(new, MPI.Distgraphcomm) else Comm
+        new = cls.__new__(cls, new)
+    new.algorithm = parent.algorithm
+    new.options = dict(parent.options) if parent.options else None
+    return new
+
+
+def _deriving(name: str):
+    def method(self, *args, **kwargs):
+        out = getattr(super(Comm, self), name)(*args, **kwargs)
+        if isinstance(out, tuple):  # Idup: (communicator, request)
+            return (_adopt(self, out[0]), *out[1:])
+        return _adopt(self, out)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = (f"``MPI.Comm.{name}``; the new communicator is a pya2a communicator "
+                      f"with this one's algorithm and options.")
+    return method
+
+
+_DERIVING = ("Dup", "Dup_with_info", "Idup", "Idup_with_info", "Create", "Create_group",
+             "Split", "Split_type", "Create_cart", "Create_graph", "Create_dist_graph",
+             "Create_dist_graph_adjacent")
+for _name in _DERIVING:
+    if hasattr(MPI.Intracomm, _name):
+        setattr(Comm, _name, _deriving(_name))
+
+
+class Cartcomm(Comm, MPI.Cartcomm):
+    """A Cartesian communicator derived from a :class:`Comm` (all-to-all through pya2a)."""
+
+    Sub = _deriving("Sub")
+
+
+class Graphcomm(Comm, MPI.Graphcomm):
+    """A graph communicator derived from a :class:`Comm` (all-to-all through pya2a)."""
+
+
+class Distgraphcomm(Comm, MPI.Distgraphcomm):
+    """A distributed-graph communicator derived from a :class:`Comm`."""
+
 
 # The rest of the all-to-all family stays the library's own call, but a device buffer handed
 # to an MPI that is not CUDA-aware would crash inside MPI (mpi4py passes the device pointer
 # through): refuse it with a TypeError instead. Host buffers, and any buffer when MPI is
 # CUDA-aware, go straight through. The check is local; every rank that passes device
 # buffers raises.
-_GUARDED = ("Ialltoall", "Ialltoallv", "Alltoallw", "Ialltoallw", "Alltoall_init",
-            "Alltoallv_init", "Alltoallw_init")
+_GUARDED = ("Ialltoall", "Ialltoallv", "Ialltoallw", "Alltoall_init", "Alltoallv_init",
+            "Alltoallw_init")
 
 
 def _message_buffer(msg: object) -> object:
