@@ -7,6 +7,8 @@
 #   make bench-cpu - the CPU sweep quoted in the README (bench/cpu_sweep.sh: tune, then bench
 #                 at P ranks into bench/results/cpu_*_local.*; on a small machine e.g.
 #                 PS="4 2" make bench-cpu)
+#   make bench-pfft - mpi4py-fft forward + backward on NP ranks, pya2a vs the MPI's own
+#                 Alltoallw (bench/pfft_bench.py), JSON into bench/results/
 # MPI=mpich (default) uses the MPICH wheel from the package registry; MPI=system builds
 # mpi4py against the mpicc / mpiexec found on PATH (Open MPI, Intel MPI, Cray MPICH, ...).
 
@@ -17,17 +19,23 @@ NP      ?= 4
 PY      := $(VENV)/bin/python
 MPIEXEC ?= $(if $(filter system,$(MPI)),mpiexec,$(VENV)/bin/mpiexec)
 STAMP   := $(VENV)/.installed-$(MPI)
+FFT_STAMP := $(VENV)/.installed-mpi4py-fft
+# mpi4py-fft (the tests and bench of Alltoallw run its parallel FFTs on pya2a) builds against
+# the FFTW headers; as root on Debian/Ubuntu they are installed when missing
+MPI4PY_FFT ?= mpi4py-fft==2.0.6
 NPS     ?= 1 2 3 4 5 8
 # the multi-hop algorithms' own suite also runs at the sizes in between and at 16
 NPS_MULTIHOP ?= 6 7 9 16
 # oversubscribed runs on small machines; a hung job is killed, never waited on forever
 RUN_MPI  = timeout -k 10 900 $(MPIEXEC) -n $$n $(PY) -m mpi4py tests/run_mpi.py
 
-.PHONY: install test test-unit test-mpi demo lint bench bench-cpu clean
+.PHONY: install install-fft test test-unit test-mpi demo lint bench bench-cpu bench-pfft clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py pya2a/core/_pack.pyx pya2a/gpu/_launch.pyx
+install-fft: $(FFT_STAMP)
+
+$(STAMP): pyproject.toml setup.py pya2a/core/_pack.pyx pya2a/core/_typepack.pyx pya2a/gpu/_launch.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(MPI),system)
@@ -40,12 +48,23 @@ endif
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
+$(FFT_STAMP): $(STAMP)
+	@if [ ! -f /usr/include/fftw3.h ] && [ ! -f /usr/local/include/fftw3.h ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfftw3-dev; \
+	  else \
+	    echo "mpi4py-fft needs the FFTW headers: install libfftw3-dev (or fftw-devel)"; exit 1; \
+	  fi; \
+	fi
+	$(PY) -m pip install -q --no-build-isolation "$(MPI4PY_FFT)"
+	touch $@
+
 test: test-unit test-mpi
 
-test-unit: install
+test-unit: install install-fft
 	$(PY) -m pytest -q tests
 
-test-mpi: install
+test-mpi: install install-fft
 	@set -e; for n in $(NPS); do \
 	  echo "== mpiexec -n $$n"; \
 	  $(RUN_MPI) -q -m "not serial" -p no:cacheprovider tests; \
@@ -68,5 +87,9 @@ bench-cpu: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" MPIEXEC=$(MPIEXEC) PY=$(PY) \
 	  bash bench/cpu_sweep.sh bench/results
 
+bench-pfft: install install-fft
+	$(MPIEXEC) -n $(NP) $(PY) bench/pfft_bench.py --json bench/results/pfft_p$(NP)_local.json
+
 clean:
-	rm -rf build *.egg-info pya2a/core/_pack.c pya2a/core/_pack*.so
+	rm -rf build *.egg-info pya2a/core/_pack.c pya2a/core/_pack*.so pya2a/core/_typepack.c \
+	  pya2a/core/_typepack*.so

@@ -46,6 +46,8 @@ CASES = [
     ("moe.py", ["--small"]),
     ("moe_train.py", ["--small"]),
     ("demo.py", ["--small"]),
+    ("pfft.py", ["--small"]),
+    ("pfft.py", ["--small", "--algorithm", "pairwise"]),
 ]
 
 # Loaded by the child through PYTHONPATH: after every pya2a exchange, rank 0 adds 1 to the
@@ -72,6 +74,8 @@ pya2a.alltoallv = _wrap(pya2a.alltoallv, None)
 pya2a.Alltoallv = _wrap(pya2a.Alltoallv, 2)
 pya2a.Comm.Alltoallv = _wrap(pya2a.Comm.Alltoallv, 2)
 pya2a.Comm.Alltoall = _wrap(pya2a.Comm.Alltoall, 2)
+pya2a.Alltoallw = _wrap(pya2a.Alltoallw, 2)
+pya2a.Comm.Alltoallw = _wrap(pya2a.Comm.Alltoallw, 2)
 """
 
 
