@@ -1,22 +1,28 @@
-"""``Alltoallw``: per-peer datatypes, packed into staging runs and moved by pya2a's Alltoallv.
+"""``Alltoallw``: per-peer datatypes decoded once, packed into contiguous runs, moved by pya2a.
 
 Each peer's block (``count`` elements of its datatype at a byte displacement) is decoded once
 into byte runs (:mod:`pya2a.core.dtypes`), and a copy plan (:class:`pya2a.core._typepack.
 TypeCopy` on the host, one table for the pack kernel on a device) packs all blocks back to
-back into a staging buffer in type-map order, which is what ``MPI_Pack`` writes: two ranks
-whose datatypes have matching type signatures therefore agree on every staged byte. The
-staging buffers are exchanged with the selected Alltoallv algorithm (every host algorithm;
-on device buffers the device-capable ones), then unpacked into the receive buffer.
+back in type-map order, which is what ``MPI_Pack`` writes: two ranks whose datatypes have
+matching type signatures therefore agree on every packed byte. The packed blocks move one of
+two ways:
 
-A :class:`WPlan` holds the decoded layouts, both copy plans, the staging buffers and the
-agreed decision of the staging exchange. Plans are cached per communicator under the
-layouts, counts and displacements, so a repeated exchange (a distributed FFT calls the same
-two every transform) decodes nothing and allocates nothing. As with the one-shot Alltoallv
-path, each rank also keeps the *signature* of recent valid calls (buffer size and kind,
-counts, displacements, datatype handles, algorithm, options): when every rank finds its
-signature under the same entry number (one ``Allreduce`` of two integers), the call skips
-parsing and agreement and runs the plan. A datatype freed and its handle value reused is
-caught by the layout cache (:func:`pya2a.core.dtypes.generation`).
+* :class:`ShmPlan` (host buffers, every rank on one node, ``algorithm="auto"`` or
+  ``"shm"``): each rank packs into its own region of a node-shared window, the call's
+  agreement is the one synchronisation, and each rank unpacks its blocks straight out of the
+  senders' regions: two copies of every byte, no messages.
+* :class:`WPlan` (a named Alltoallv algorithm, ranks on several nodes, device buffers): pack
+  into a staging buffer, exchange the staging buffers with the Alltoallv algorithm (decided
+  once, like a one-shot Alltoallv), unpack.
+
+Plans are cached per communicator under the layouts, counts and displacements, so a repeated
+exchange (a distributed FFT calls the same few every transform) decodes nothing and allocates
+nothing. As with the one-shot Alltoallv path, each rank also keeps the *signature* of recent
+valid calls (buffer size and kind, counts, displacements, datatype handles, algorithm,
+options): when every rank finds its signature under the same entry number (one ``Allreduce``
+of two integers), the call skips parsing and agreement and runs the plan. A datatype freed
+and its handle value reused is caught by the layout cache
+(:func:`pya2a.core.dtypes.generation`).
 
 Datatypes the decoder does not take (``DARRAY``, Fortran 90 types, ...) and ``MPI.BOTTOM``
 buffers go to the MPI library's own ``Alltoallw`` for host buffers; on device buffers they
@@ -556,17 +562,21 @@ def Alltoallw(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,  # noqa:
             p ``MPI.Datatype``; or ``MPI.IN_PLACE`` / ``None`` to send from the receive
             buffer with the receive layout.
         recvmsg: the receive message, same forms.
-        algorithm: "auto" (``PYA2A_ALGORITHM`` overrides) or an Alltoallv algorithm name;
-            it moves the packed blocks. Same on every rank.
+        algorithm: "auto" (``PYA2A_ALGORITHM`` overrides): the node-shared path when every
+            rank is on one node (host buffers), else the selected Alltoallv algorithm on
+            staging buffers; "shm" forces the node-shared path; an Alltoallv algorithm name
+            moves the packed blocks through staging buffers with it. Same on every rank.
         check: also verify that every rank sends each peer as many bytes as the peer expects.
         options: algorithm options, as for :func:`pya2a.Alltoallv`.
 
     Returns:
-        The algorithm that moved the data ("mpi" when the MPI library's own Alltoallw did).
+        What moved the data: "shm", an Alltoallv algorithm's name, or "mpi" (the MPI
+        library's own Alltoallw).
 
-    Device buffers (CuPy, torch) are packed and unpacked by a kernel on the current stream;
-    datatypes pya2a cannot decode raise ``TypeError`` there (on the host they go to the
-    MPI's own call).
+    Device buffers (CuPy, torch) are packed and unpacked by a kernel on the current stream
+    (stream-ordered: the receive buffer is written when that stream gets there); datatypes
+    pya2a cannot decode raise ``TypeError`` there (on the host they go to the MPI's own
+    call).
 
     Raises:
         TypeError, ValueError, BufferError: bad arguments on any rank, raised on every rank
