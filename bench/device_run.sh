@@ -6,7 +6,7 @@
 #   bash bench/device_run.sh bench N           the GPU bench of record against NCCL
 #   bash bench/device_run.sh latency N         bench/gpu_ll_latency.py: launch costs, ll with/without PDL
 #   bash bench/device_run.sh registered N      bench/gpu_registered_buffers.py: auto into CuPy pool arrays
-#   bash bench/device_run.sh staged N          pya2a.tools.gpu_bench_staged: Open MPI, the MPICH wheel
+#   bash bench/device_run.sh staged N          bench/gpu_staged.py: Open MPI, the MPICH wheel
 #   bash bench/device_run.sh shm N             the shm window under both MPIs, bench --device cuda
 #   bash bench/device_run.sh moe N             bench/moe_dispatch_combine.py
 #   bash bench/device_run.sh cpu               bench/cpu_sweep.sh (MPICH wheel, p = 64 32 16)
@@ -131,11 +131,11 @@ bench() {
   local n=$1 name=gpu_alltoallv_$MACHINE
   stamp "GPU bench, $n ranks"
   # shellcheck disable=SC2086
-  timeout -k 5 400 $M -n "$n" python3 -m pya2a.tools.gpu_bench --passes 3 \
-    --sizes 128,1024,8192,65536,262144,1048576,16777216,268435456 --nccl-graph \
-    --out "$OUT/$name.json" --plot "$OUT/$name.png" > "$LOGS/$name.log" 2>&1
+  timeout -k 5 400 $M -n "$n" python3 -m pya2a bench --device cuda --rounds 3 \
+    --sizes 128,1K,8K,64K,256K,1M,16M,256M --nccl-graph --no-progress \
+    --json "$OUT/$name.json" --plot "$OUT/$name.png" > "$LOGS/$name.log" 2>&1
   echo "rc=$?"
-  grep -aE " (nccl|nccl_graph|ll_pdl|ll_pdl_plan|ll_pdl_graph|api:auto|push_inplace|ce_inplace_plan) " \
+  grep -aE "^#|  (nccl|nccl graph|auto->[a-z]+|ipc\.ll pdl|ipc\.ll pdl plan|ipc\.ll pdl graph|ipc\.push_inplace|ipc\.ce_inplace plan) " \
     "$LOGS/$name.log" | head -80
 }
 
@@ -166,14 +166,14 @@ staged() {
   mpich
   stamp "staged sweep, Open MPI, $n ranks"
   # shellcheck disable=SC2086
-  timeout -k 5 300 $M -n "$n" python3 -m pya2a.tools.gpu_bench_staged \
+  timeout -k 5 300 $M -n "$n" python3 bench/gpu_staged.py \
     --out "$OUT/gpu_staged_$MACHINE.json" > "$LOGS/gpu_staged_$MACHINE.log" 2>&1
   echo "rc=$?"; tail -n 4 "$LOGS/gpu_staged_$MACHINE.log"
   for m in ompi mpich; do
     stamp "staged pairwise and native, $m"
     # shellcheck disable=SC2086
     timeout -k 5 200 $([ $m = ompi ] && echo "$M" || echo "$MPICH") -n "$n" \
-      python3 -m pya2a.tools.gpu_bench_staged $sz --out "$OUT/gpu_staged_${m}_$MACHINE.json" \
+      python3 bench/gpu_staged.py $sz --out "$OUT/gpu_staged_${m}_$MACHINE.json" \
       > "$LOGS/gpu_staged_${m}_$MACHINE.log" 2>&1
     echo "rc=$?"; tail -n 25 "$LOGS/gpu_staged_${m}_$MACHINE.log" | cut -c1-170
   done
@@ -182,13 +182,13 @@ staged() {
     for m in cma none; do
       echo "-- btl_vader_single_copy_mechanism=$m"
       # shellcheck disable=SC2086
-      OMPI_MCA_btl_vader_single_copy_mechanism=$m timeout -k 5 60 $M -n "$n" python3 -m \
-        pya2a.tools.gpu_bench_staged --sizes 16777216 --algorithms pairwise --chunks "" 2>&1 | \
+      OMPI_MCA_btl_vader_single_copy_mechanism=$m timeout -k 5 60 $M -n "$n" python3 \
+        bench/gpu_staged.py --sizes 16777216 --algorithms pairwise --chunks "" 2>&1 | \
         grep -E "host_mpi|pairwise|rror"
     done
     for m in native pairwise; do
       # shellcheck disable=SC2086
-      timeout -k 5 60 $M -n "$n" python3 -m pya2a.tools.gpu_bench_staged --profile $m:4096 2>&1 | head -45
+      timeout -k 5 60 $M -n "$n" python3 bench/gpu_staged.py --profile $m:4096 2>&1 | head -45
     done
   } > "$OUT/gpu_staged_extras_$MACHINE.log"
   grep -a "^--\|host_mpi" "$OUT/gpu_staged_extras_$MACHINE.log" | cut -c1-120
@@ -220,14 +220,14 @@ print(json.dumps(r)) if c.rank < 2 else None
   stamp "bench --device cuda, $n ranks"
   # shellcheck disable=SC2086
   timeout -k 5 300 $M -n "$n" python3 -m pya2a bench --device cuda -b 128 -e 256M -f 8 \
-    --json "$OUT/gpu_shm_$MACHINE.json" > "$LOGS/gpu_shm_$MACHINE.log" 2>&1
-  echo "rc=$?"; grep -aE "api:|pinned_bound" "$LOGS/gpu_shm_$MACHINE.log"
+    --no-progress --json "$OUT/gpu_shm_$MACHINE.json" > "$LOGS/gpu_shm_$MACHINE.log" 2>&1
+  echo "rc=$?"; grep -avE "  (nccl|ipc\.)" "$LOGS/gpu_shm_$MACHINE.log"
   stamp "shm and staged, $n ranks on GPU 0"
   # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=0 timeout -k 5 120 $M -x CUDA_VISIBLE_DEVICES -n "$n" \
-    python3 -m pya2a.tools.gpu_bench --no-nccl --methods "" --sizes 1048576,16777216,67108864 \
-    --out "$OUT/gpu_shm_one_gpu_$MACHINE.json" > "$LOGS/gpu_shm_one_gpu_$MACHINE.log" 2>&1
-  echo "rc=$?"; grep -aE "api:|pinned_bound" "$LOGS/gpu_shm_one_gpu_$MACHINE.log"
+    python3 -m pya2a bench --device cuda --no-nccl --methods "" --sizes 1M,16M,64M --no-progress \
+    --json "$OUT/gpu_shm_one_gpu_$MACHINE.json" > "$LOGS/gpu_shm_one_gpu_$MACHINE.log" 2>&1
+  echo "rc=$?"; cat "$LOGS/gpu_shm_one_gpu_$MACHINE.log"
 }
 
 # moe N: fused MoE dispatch + expert op + combine against the same step over NCCL.

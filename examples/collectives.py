@@ -20,15 +20,15 @@ for Bcast and Reduce. Each size is checked (sampled elements against the known a
 Alltoall goes through pya2a (the communicator is a pya2a.Comm with --algorithm); the
 others are the MPI library's, so with --device cuda they need a CUDA-aware MPI (pya2a's
 detection, or PYA2A_CUDA_AWARE=1) and are reported as skipped otherwise.
-run_suite(comm, ...) is the importable entry point (for `python -m pya2a bench --suite
-collectives`); it returns the JSON-ready dict.
+run_suite(comm, ...) is the importable entry point (tests/test_examples.py imports it); it
+returns the JSON-ready dict.
 
 Options: --min-bytes, --max-bytes, --factor, --iters, --warmup, --target-seconds,
 --mem-fraction, --only NAME..., --algorithm, --device {cpu,cuda}, --json PATH, --png PATH.
 """
 
 # No `from __future__ import annotations`: the dataclasses below would then need this
-# module in sys.modules, and `python -m pya2a bench --suite collectives` loads it by path.
+# module in sys.modules, which a module loaded from its file path (as tests do) is not.
 import argparse
 import datetime
 import json

@@ -1,8 +1,9 @@
-"""GPU all-to-all benchmark rows: pya2a IPC methods and NCCL (torch) in one run.
+"""``python -m pya2a bench --device cuda``: pya2a on GPU buffers against NCCL (torch) in one
+run, printed in the table of the host bench.
 
 Run one process per GPU, e.g.::
 
-    NCCL_NVLS_ENABLE=0 mpiexec -n 4 python -m pya2a.gpu.bench --out gpu_ipc.json
+    NCCL_NVLS_ENABLE=0 mpiexec -n 4 python -m pya2a bench --device cuda --json gpu.json
 
 Each row: method, bytes per pair, time per call (CUDA events around ``iters``
 back-to-back calls after warm-up, divided by ``iters``; the max over ranks),
@@ -12,8 +13,8 @@ nccl-tests defines them. Data is random, not zeros; at small sizes buffers sit i
 L2 for every method alike. NCCL runs through ``torch.distributed.all_to_all_single``
 when torch is importable (optional baseline).
 
-Public-API rows (``staged=True``, the default; also what ``python -m pya2a bench --device
-cuda`` prints): ``api:pairwise`` (the staged MPI path through host MPI, or the CUDA-aware
+Public-API rows (``staged=True``, the default; ``--algorithms`` picks them):
+``api:pairwise`` (the staged MPI path through host MPI, or the CUDA-aware
 path when :func:`pya2a.gpu.device.cuda_aware` holds: the transport is chosen by the library,
 the row's ``transport`` says which), ``api:native`` (up to 1 MiB per pair), ``api:shm`` (the
 node-shared pinned window, when every rank is on one node) and ``api:auto`` (the one-shot
@@ -28,11 +29,7 @@ bound time / row time (1.0 = the PCIe bound reached).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import socket
 import sys
 import time
 import warnings
@@ -99,12 +96,17 @@ def _latency(comm: Any, fn: Any, sync: Any, reps: int = 20) -> float:
 
 def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = True,
               graph: bool = True, nccl_graph: bool = False, log: Any = None,
-              staged: bool = True, passes: int = 1) -> list[dict]:
+              staged: bool = True, passes: int = 1, algorithms: list[str] | None = None,
+              warmup: int | None = None, iters: int | None = None,
+              step: Any = None) -> list[dict]:
     """Benchmark rows for every (method, size); collective over ``comm``.
 
-    ``staged`` adds the public-API rows and the pinned bound (module doc). ``passes``:
-    every timed row (NCCL's too) is measured that many times back to back and reports
-    each rank's best pass (``passes_us`` lists them), then the slowest rank.
+    ``staged`` adds the public-API rows (``algorithms``, default pairwise, native up to 1
+    MiB, shm where it runs, auto) and the pinned bound (module doc). ``passes``: every timed
+    row (NCCL's too) is measured that many times back to back and reports each rank's best
+    pass (``passes_us`` lists them), then the slowest rank (``time_us``; ``avg_us`` /
+    ``min_us`` are the mean and least over ranks). ``warmup`` / ``iters`` replace the
+    per-size defaults; ``step(label)`` is called as each size starts.
     """
     from pya2a.gpu import cupy as get_cupy
     from pya2a.gpu.ipc_alltoallv import IpcAlltoallv
@@ -138,7 +140,7 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
 
     ok, why = IpcAlltoallv.available(comm)
     maxb = max(sizes)
-    api = _ApiRows(comm, cp, maxb, passes) if staged else None
+    api = _ApiRows(comm, cp, maxb, passes, algorithms) if staged else None
     eng = None
     pdl = pdl_default = False
     if ok:
@@ -156,8 +158,13 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
     rows: list[dict] = []
 
     def emit(row: dict) -> None:
-        t = comm.allreduce(row["time_us"], op=_max())
-        lat = comm.allreduce(row.get("latency_us", 0.0), op=_max())
+        from mpi4py import MPI
+
+        mine = row["time_us"]
+        t = comm.allreduce(mine, op=MPI.MAX)
+        row["min_us"] = comm.allreduce(mine, op=MPI.MIN)
+        row["avg_us"] = comm.allreduce(mine, op=MPI.SUM) / p
+        lat = comm.allreduce(row.get("latency_us", 0.0), op=MPI.MAX)
         row["time_us"], row["latency_us"] = t, lat
         algbw = row["bytes_per_pair"] * p / (t * 1e-6) / 1e9 if t > 0 else 0.0
         row["algbw_GBs"] = algbw
@@ -175,8 +182,13 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
                   f"lat {lat:9.2f} us  busbw {row['busbw_GBs']:7.1f} GB/s{extra}", file=log,
                   flush=True)
 
+    n_warm, n_iters = warmup, iters
     for n in sizes:
         warm, iters = _iters(n)
+        warm = warm if n_warm is None else max(1, n_warm)
+        iters = iters if n_iters is None else max(1, n_iters)
+        if step is not None:
+            step(n)
         counts = np.full(p, n, dtype=np.int64)
         displs = np.arange(p, dtype=np.int64) * n
         if torch is not None:
@@ -268,13 +280,15 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
 class _ApiRows:
     """Public-API rows on device buffers and the pinned host<->device bound (module doc)."""
 
-    def __init__(self, comm: Any, cp: Any, maxb: int, passes: int = 1) -> None:
+    def __init__(self, comm: Any, cp: Any, maxb: int, passes: int = 1,
+                 algorithms: list[str] | None = None) -> None:
         import pya2a
         from pya2a.gpu import device as gdev
         from pya2a.gpu import shm_algorithm as shm
 
         self.comm, self.cp, self.pya2a = comm, cp, pya2a
         self.passes = max(1, int(passes))
+        self.algorithms = algorithms
         self.p = p = comm.Get_size()
         self.aware = gdev.comm_cuda_aware(pya2a.api.internal_comm(comm))
         self.shm_ok, self.shm_why = shm.comm_available(pya2a.api.internal_comm(comm))
@@ -288,8 +302,6 @@ class _ApiRows:
         self.ref = cp.empty(p * maxb, dtype=np.uint8)
 
     def _bound(self, n: int, warm: int, iters: int) -> list[dict]:
-        from pya2a.tools.gpu_bench_staged import _time
-
         rt, vol = self.cp.cuda.runtime, (self.p - 1) * n
         s1, s2 = self.s1, self.s2
         if vol == 0:
@@ -312,23 +324,21 @@ class _ApiRows:
         reps = max(3, min(iters, 20))
         out = []
         for name, fn in (("pinned_d2h", d2h), ("pinned_h2d", h2d), ("pinned_bound", both)):
-            t = _time(self.comm, fn, min(warm, 3), reps)  # median of max over ranks
+            t = _median_time(self.comm, fn, min(warm, 3), reps)  # median of max over ranks
             out.append({"method": name, "bytes_per_pair": n, "time_us": t * 1e6,
                         "iters": reps, "GBps_each_way": vol / t / 1e9 if t > 0 else 0.0})
         self.bound_us = out[-1]["time_us"]
         return out
 
     def _call(self, alg: str, smsg: list, rmsg: list) -> str | None:
-        """One one-shot call; returns the algorithm that ran when the API says."""
-        pa = self.pya2a
-        ex = getattr(pa.api, "_exchange", None)
-        if alg == "auto" and ex is not None:
-            try:  # the one-shot path itself, which reports its choice
-                return ex("Alltoallv", "alltoallv", self.comm, smsg, rmsg, "auto", False)
-            except TypeError:  # signature changed: fall through to the public call
-                pass
-        pa.Alltoallv(self.comm, smsg, rmsg, algorithm=alg)
-        return None
+        """One one-shot call; returns the algorithm that ran (the one-shot path says)."""
+        from pya2a._oneshot import exchange
+
+        try:
+            return exchange("Alltoallv", "alltoallv", self.comm, smsg, rmsg, alg, False)
+        except TypeError:  # another signature: the public call, without the name
+            self.pya2a.Alltoallv(self.comm, smsg, rmsg, algorithm=alg)
+            return None
 
     def rows(self, n: int, send: Any, recv: Any, warm: int, iters: int) -> list[dict]:
         """Bound rows, then one row per public-API path at ``n`` bytes per pair."""
@@ -337,8 +347,11 @@ class _ApiRows:
         cp, comm, p = self.cp, self.comm, self.p
         self.bound_us = 0.0
         out = self._bound(n, warm, iters)
-        algs = ["pairwise"] + (["native"] if n <= 1 << 20 else [])
-        algs += (["shm"] if self.shm_ok else []) + ["auto"]
+        if self.algorithms:
+            algs = [a for a in self.algorithms if a != "shm" or self.shm_ok]
+        else:
+            algs = ["pairwise"] + (["native"] if n <= 1 << 20 else [])
+            algs += (["shm"] if self.shm_ok else []) + ["auto"]
         sync = cp.cuda.get_current_stream().synchronize
         first = True
         # the messages are made once, as an application with fixed buffers would (a CuPy
@@ -374,10 +387,10 @@ class _ApiRows:
                 first = False
             else:
                 good = bool(cp.array_equal(recv[: p * n], self.ref[: p * n]))
-            good = bool(comm.allreduce(int(good), op=MPI.MIN))
+            wrong = int(comm.allreduce(0 if good else 1, op=MPI.SUM))
             row = {"method": f"api:{alg}", "bytes_per_pair": n, "time_us": t * 1e6,
                    "iters": iters, "passes_us": [round(x * 1e6, 3) for x in pas],
-                   "checked": good, "api": "pya2a.Alltoallv one-shot",
+                   "checked": wrong == 0, "wrong": wrong, "api": "pya2a.Alltoallv one-shot",
                    "transport": "shm" if alg == "shm" else
                    ("aware" if self.aware else "staged")}
             if alg == "auto":
@@ -386,9 +399,10 @@ class _ApiRows:
                 row["pinned_bound_us"] = self.bound_us
                 row["vs_pinned_bound"] = self.bound_us * 1e-6 / t
             if alg == "shm":
+                from pya2a.core.state import state
                 from pya2a.gpu import shm as gshm
 
-                win = gshm._WINDOWS.get(self.pya2a.api.internal_comm(comm).py2f())
+                win = state(comm).slot(gshm._WINDOW)
                 row["window_pinned"] = bool(win.pinned) if win is not None else None
                 row["window_backing"] = win.backing if win is not None else None
             out.append(row)
@@ -466,94 +480,145 @@ def _gpu_name(cp: Any, device: int = 0) -> str:
     return name.decode() if isinstance(name, bytes) else name
 
 
-def _max() -> Any:
+def _median_time(comm: Any, fn: Any, warm: int, reps: int) -> float:
+    """Median over ``reps`` of the slowest rank's time of one call (barrier before each)."""
     from mpi4py import MPI
 
-    return MPI.MAX
+    for _ in range(warm):
+        fn()
+    out = []
+    for _ in range(reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        out.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return float(np.median(out))
+
+
+def label(method: str) -> str:
+    """The table / plot name of a row: public algorithm names for the public-API rows
+    (``auto``, ``pairwise``, ...), ``nccl``, ``ipc.<engine method>`` for the IPC engine's
+    own methods (``plan``: a prepared engine plan, ``graph``: captured in a CUDA graph,
+    ``pdl``: programmatic dependent launch), ``pinned d2h|h2d|bound``."""
+    if method.startswith("api:"):
+        return method[4:]
+    if method.startswith("pinned_"):
+        return "pinned " + method[7:]
+    if method in ("nccl", "nccl_graph"):
+        return method.replace("_", " ")
+    words = []
+    for mode in ("_graph", "_plan"):
+        if method.endswith(mode):
+            method, words = method[: -len(mode)], [mode[1:]]
+    if method.endswith("_pdl"):
+        method, words = method[:-4], ["pdl", *words]
+    return " ".join([f"ipc.{method}", *words])
+
+
+# the rows the plot shows: the one-shot public call, the engine's small- and large-message
+# paths, NCCL eager and in a graph
+PLOT_ROWS = ["nccl", "nccl graph", "auto", "ipc.ll", "ipc.ll graph", "ipc.ll pdl",
+             "ipc.ll pdl graph", "ipc.push_inplace", "ipc.ce_inplace plan"]
+
+
+def to_report(rows: list[dict], meta: dict) -> dict:
+    """``run_bench`` rows as a bench report (:mod:`pya2a.tools.report`): one point per size,
+    rows by :func:`label`, speed-ups against NCCL's eager time when it ran."""
+    from .bench import summarize
+    from .report import SCHEMA_VERSION
+
+    p = int(meta.get("p", 1))
+    order: list[str] = []
+    points: dict[int, dict] = {}
+    for r in rows:
+        n = int(r["bytes_per_pair"])
+        pt = points.setdefault(n, {"bytes_per_peer": n, "bytes_per_rank": float(n * p),
+                                   "rows": {}})
+        name = label(r["method"])
+        if "chunk" in r:
+            name += f" chunk={r['chunk']}"
+        if name not in order:
+            order.append(name)
+        t = float(r.get("time_us") or 0.0)
+        row: dict[str, Any] = {"method": r["method"]}
+        if r.get("error") or t <= 0:
+            row["skipped"] = f"error: {r['error']}" if r.get("error") else "not timed"
+        else:
+            avg = float(r.get("avg_us", t))
+            row.update({"avg_us": avg, "min_us": float(r.get("min_us", t)), "max_us": t,
+                        "algbw_GBps": n * p / (avg * 1e-6) / 1e9,
+                        "busbw_GBps": n * p / (avg * 1e-6) / 1e9 * (p - 1) / p})
+        for k in ("latency_us", "host_us", "passes_us", "iters", "transport",
+                  "vs_pinned_bound", "pinned_bound_us", "window_pinned", "window_backing"):
+            if k in r:
+                row[k] = r[k]
+        if "chose" in r:
+            row["algorithm"] = r["chose"]
+        if "wrong" in r:
+            row["wrong"] = r["wrong"]
+        elif "checked" in r:
+            row["check"] = bool(r["checked"])
+        if "vs_pinned_bound" in r:
+            row["note"] = f"{r['vs_pinned_bound']:.2f} of pinned bound"
+        pt["rows"][name] = row
+    base = "nccl" if "nccl" in order else None
+    results = [points[n] for n in sorted(points)]
+    for pt in results:
+        b = pt["rows"].get(base, {}).get("avg_us") if base else None
+        for name, row in pt["rows"].items():
+            if b and row.get("avg_us") and name != base and not name.startswith("pinned"):
+                row["speedup_vs_native"] = b / row["avg_us"]
+        auto = pt["rows"].get("auto", {})
+        pt["auto_choice"] = auto.get("algorithm")
+        pt["auto_speedup_vs_native"] = auto.get("speedup_vs_native")
+        pt["best_speedup_vs_native"] = None
+    meta = dict(meta, algorithms=order, baseline=base or "-", plot_rows=PLOT_ROWS,
+                device="cuda")
+    return {"schema_version": SCHEMA_VERSION, "meta": meta, "results": results,
+            "rows": rows, "summary": summarize(results)}
+
+
+def bench_cuda(comm: Any, args: Any, algorithms: list[str] | None, command: str) -> dict | None:
+    """``bench --device cuda`` (collective): run, return the report; None when CuPy is
+    missing (every rank; rank 0 says why)."""
+    from mpi4py import MPI
+
+    from ..gpu import have_cupy
+    from .bench import sizes as sweep_sizes
+    from .harness import Progress, provenance
+
+    ok = bool(comm.allreduce(int(have_cupy()), op=MPI.MIN))
+    if not ok:
+        if comm.Get_rank() == 0:
+            print("python -m pya2a bench --device cuda: CuPy is not importable on every rank "
+                  "(pip install 'pya2a[gpu-cuda12]' or 'pya2a[gpu-cuda13]')", file=sys.stderr)
+        return None
+    from pya2a.gpu import cupy as get_cupy
+
+    cp = get_cupy()
+    sz = args.sizes or sweep_sizes(args.begin, args.end, args.factor)
+    bar = Progress(len(sz), not args.no_progress and comm.Get_rank() == 0)
+    rows = run_bench(comm, sz, [m for m in args.methods.split(",") if m],
+                     nccl=not args.no_nccl, graph=not args.no_graph,
+                     nccl_graph=args.nccl_graph, staged=not args.no_staged,
+                     passes=args.rounds, algorithms=algorithms, warmup=args.warmup,
+                     iters=args.iters, step=lambda n: bar.step(f"{n} B per peer"))
+    bar.close()
+    meta = provenance(comm, command)
+    meta.update({"pattern": "uniform", "gpu": _gpu_name(cp), "cupy": cp.__version__,
+                 "passes": args.rounds, "sizes": sz,
+                 "size_unit": "bytes per peer (each rank sends this to each rank)",
+                 "time": "CUDA events around back-to-back calls / calls, each rank's best of "
+                         "passes; avg / min / max over ranks (public-API rows: host clock "
+                         "around calls and a stream sync)"})
+    return to_report(rows, meta)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: run the sweep, print a table, write JSON with provenance."""
-    from mpi4py import MPI
+    """``python -m pya2a.tools.gpu_bench ARGS`` = ``python -m pya2a bench --device cuda ARGS``."""
+    from .cli import main as cli_main
 
-    ap = argparse.ArgumentParser(prog="python -m pya2a.gpu.bench")
-    ap.add_argument("--sizes", type=str, default=",".join(map(str, DEFAULT_SIZES)),
-                    help="bytes per pair, comma separated")
-    ap.add_argument("--methods", type=str, default="ll,push,push_staged,pull,ce",
-                    help="IPC engine methods (empty: none)")
-    ap.add_argument("--no-nccl", action="store_true")
-    ap.add_argument("--no-graph", action="store_true")
-    ap.add_argument("--no-staged", action="store_true",
-                    help="leave out the public-API rows (staged, shm, aware, auto) and the "
-                         "pinned bound")
-    ap.add_argument("--nccl-graph", action="store_true", help="also time NCCL in a CUDA graph")
-    ap.add_argument("--passes", type=int, default=1,
-                    help="time every row this many times (NCCL's too), report the best")
-    ap.add_argument("--out", type=str, default="")
-    ap.add_argument("--plot", type=str, default="", help="also write a PNG (needs matplotlib)")
-    a = ap.parse_args(argv)
-    comm = MPI.COMM_WORLD
-    sizes = [int(s) for s in a.sizes.split(",") if s]
-    rows = run_bench(comm, sizes, a.methods.split(","), nccl=not a.no_nccl,
-                     graph=not a.no_graph, nccl_graph=a.nccl_graph, log=sys.stdout,
-                     staged=not a.no_staged, passes=a.passes)
-    if comm.Get_rank() == 0 and a.out:
-        from pya2a.gpu import cupy as get_cupy
-
-        cp = get_cupy()
-        meta = {
-            "command": " ".join(sys.argv),
-            "host": socket.gethostname(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "ranks": comm.Get_size(),
-            "gpu": _gpu_name(cp),
-            "cupy": cp.__version__,
-            "python": platform.python_version(),
-            "mpi": MPI.Get_library_version().splitlines()[0],
-            "timing": "CUDA events around iters back-to-back calls after warm-up / iters, "
-                      "each rank's best of passes, max over ranks; latency = barrier, call, "
-                      "sync, barrier (median)",
-            "passes": a.passes,
-        }
-        with open(a.out, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    if comm.Get_rank() == 0 and a.plot:
-        from pya2a.gpu import cupy as get_cupy
-
-        plot(rows, a.plot, f"{comm.Get_size()} ranks, {_gpu_name(get_cupy())}")
-    return 0
-
-
-def plot(rows: list[dict], path: str, label: str = "") -> None:
-    """Time per call and busbw against bytes per pair, one line per method; ``label``
-    (machine, ranks) goes into the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # the one-shot public call, the engine's small- and large-message paths, NCCL eager and
-    # in a graph (ll with programmatic dependent launch where the run had it)
-    pdl = any(r["method"] == "ll_pdl" for r in rows)
-    ll = ["ll_pdl", "ll_pdl_graph"] if pdl else ["ll", "ll_graph"]
-    show = ["nccl", "nccl_graph", "api:auto", *ll, "push_inplace", "ce_inplace_plan"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for m in show:
-        pts = sorted((r["bytes_per_pair"], r["time_us"], r["busbw_GBs"])
-                     for r in rows if r["method"] == m and r["time_us"] > 0)
-        if not pts:
-            continue
-        x = [p[0] for p in pts]
-        ax1.plot(x, [p[1] for p in pts], marker="o", label=m)
-        ax2.plot(x, [p[2] for p in pts], marker="o", label=m)
-    ax1.set(xscale="log", yscale="log", xlabel="bytes per pair", ylabel="time per call (us)")
-    ax2.set(xscale="log", xlabel="bytes per pair", ylabel="busbw (GB/s)")
-    ax1.legend(fontsize=8)
-    ax1.grid(True, which="both", alpha=0.3)
-    ax2.grid(True, which="both", alpha=0.3)
-    fig.suptitle("pya2a ipc vs NCCL all_to_all_single" + (f", {label}" if label else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return cli_main(["bench", "--device", "cuda", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -46,28 +46,70 @@ def time_call(comm, fn: Callable[[], None], warmup: int, iters: int, max_time: f
 
 
 class Progress:
-    """A one-line progress bar on rank 0's stderr."""
+    """Progress on rank 0's stderr: a bar redrawn in place on a terminal, otherwise a line
+    at each quarter of the work (so logs of mpiexec runs stay short).
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
+    ``drop(n)`` takes ``n`` steps off the total when work is skipped (an algorithm no longer
+    timed at larger sizes), so the bar ends at its total.
+    """
+
+    WIDTH = 30
+
+    def __init__(self, total: int, enabled: bool, stream=None) -> None:
+        self.total, self.done, self.enabled = max(int(total), 0), 0, enabled
+        self.stream = sys.stderr if stream is None else stream
         self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self._quarter = 0
+        self._open = False
+
+    def _line(self, label: str) -> str:
+        frac = self.done / max(self.total, 1)
+        bar = "#" * int(self.WIDTH * frac)
+        return (f"[{bar:<{self.WIDTH}}] {self.done}/{self.total} {label} "
+                f"{time.perf_counter() - self.t0:.1f}s")
 
     def step(self, label: str) -> None:
+        """One unit of work is starting (``label`` says which)."""
         if not self.enabled:
             return
-        self.done += 1
-        frac = self.done / max(self.total, 1)
-        bar = "#" * int(30 * frac)
-        line = (f"[{bar:<30}] {self.done}/{self.total} {label} "
-                f"{time.perf_counter() - self.t0:6.1f}s")
-        if self.tty:
-            sys.stderr.write("\r" + line[:110].ljust(110))
-            if self.done == self.total:
-                sys.stderr.write("\n")
-        elif self.done == self.total or self.done % max(1, self.total // 20) == 0:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+        self.done = min(self.done + 1, self.total)
+        self._show(label)
+
+    def drop(self, n: int) -> None:
+        """``n`` steps of the total will not be run."""
+        self.total = max(self.done, self.total - max(int(n), 0))
+
+    def _show(self, label: str) -> None:
+        try:
+            if self.tty:
+                self.stream.write("\r" + self._line(label)[:110].ljust(110))
+                self._open = True
+            else:
+                q = 4 * self.done // max(self.total, 1)
+                if q > self._quarter or self.done == 1:
+                    self._quarter = q
+                    self.stream.write(self._line(label) + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            self.enabled = False
+
+    def close(self) -> None:
+        """End the bar's line (terminal) or print the last line (log)."""
+        if not self.enabled:
+            return
+        try:
+            if self.tty and self._open:
+                self.stream.write("\r" + self._line("done")[:110].ljust(110) + "\n")
+            elif not self.tty and self._quarter < 4:
+                self.stream.write(self._line("done") + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        self.enabled = False
 
 
 def provenance(comm, command: str) -> dict:

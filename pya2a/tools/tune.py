@@ -124,6 +124,7 @@ def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[s
     from ..core.state import internal_comm, ranks_per_node
     from ..plan import Plan
     from .harness import Progress, time_call
+    from .report import fmt_size
 
     p, rank = comm.Get_size(), comm.Get_rank()
     rpn = ranks_per_node(internal_comm(comm))
@@ -138,12 +139,12 @@ def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[s
                 pl.run(sbuf[:sizes[0] * p], rbuf[:sizes[0] * p])
     meas: dict[str, list[tuple[int, float]]] = {a: [] for a in algorithms}
     dropped: set[str] = set()
-    for m in sizes:
+    for si, m in enumerate(sizes):
         t_native = None
         for a in algorithms:
-            bar.step(f"{m} B {a}")
             if a in dropped:
                 continue
+            bar.step(f"{fmt_size(m)} {a}")
             pl = Plan(comm, m, m, MPI.BYTE, algorithm=a)
             s, r = sbuf[:m * p], rbuf[:m * p]
             avg, _, _, _ = time_call(comm, lambda pl=pl, s=s, r=r: pl.run(s, r), warmup,
@@ -154,6 +155,8 @@ def measure_corrections(comm, params: dict, sizes: list[int], algorithms: list[s
                 t_native = avg
             elif t_native and m >= 4096 and avg > max_slowdown * t_native:
                 dropped.add(a)
+                bar.drop(len(sizes) - si - 1)
+    bar.close()
     out = []
     for a, pts in meas.items():
         if not pts:
@@ -226,11 +229,50 @@ def main(args, command: str) -> int:
                 print(f"tune: not merging {path}: {e}", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table, indent=1))
-        prm = table["params"]
-        print(f"tune: p={table['provenance']['p']} in {table['provenance']['seconds']} s; "
-              + ", ".join(f"{k}={v:.3g}" for k, v in prm.items()))
-        for c in table["corrections"]:
-            print(f"  {c['algorithm']:<10} p={c['p']}: " + " ".join(
-                f"{m}B:{t:.1f}us" for m, t in zip(c["m"], c["measured_us"], strict=True)))
-        print(f"tune: wrote {path}")
+        print_summary(table, path)
     return 0
+
+
+def choices(table: dict, p: int, ranks_per_node: int, sizes: list[int]) -> list[tuple[int, str]]:
+    """What ``auto`` picks with ``table`` for a uniform host exchange at each bytes-per-peer
+    size on ``p`` ranks (every algorithm that can run there is a candidate)."""
+    from .. import algorithms as registry
+    from ..select import Stats, choose
+
+    cands = registry.available(p)
+    out = []
+    for m in sizes:
+        st = Stats(p=p, max_block=m, mean_block=float(m), device=False, contiguous=True,
+                   max_rank=m * p, ranks_per_node=ranks_per_node)
+        out.append((m, choose(st, list(cands), table)))
+    return out
+
+
+def print_summary(table: dict, path, file=None) -> None:
+    """What was measured (sizes as bench prints them) and what ``auto`` now chooses."""
+    from .. import select
+    from .report import fmt_size
+
+    file = sys.stdout if file is None else file
+    prov = table["provenance"]
+    print(f"tune: p={prov['p']} ({prov['ranks_per_node']} per node) in {prov['seconds']} s; "
+          + ", ".join(f"{k}={v:.3g}" for k, v in table["params"].items()), file=file)
+    print("  measured time per call (us) at bytes per peer:", file=file)
+    for c in table["corrections"]:
+        print(f"  {c['algorithm']:<13} p={c['p']}: " + "  ".join(
+            f"{fmt_size(m)}:{t:.1f}" for m, t in zip(c["m"], c["measured_us"], strict=True)),
+            file=file)
+    print(f"tune: wrote {path}", file=file)
+    try:  # read back through the selector, as auto will
+        loaded = select.load_table(path)
+    except (OSError, ValueError) as e:
+        print(f"tune: cannot read {path} back: {e}", file=file)
+        return
+    if prov["p"] > 1:
+        sizes = [8 * 8 ** k for k in range(7)] + [4 << 20]
+        picks = choices(loaded, prov["p"], prov["ranks_per_node"], sizes)
+        print(f"auto now chooses, p={prov['p']}, uniform host exchanges: " + ", ".join(
+            f"{fmt_size(m)} {a}" for m, a in picks), file=file)
+    default = select.table_path()
+    if Path(path).resolve() != Path(default).resolve():
+        print(f"  auto reads it when PYA2A_TUNING={path} (default path: {default})", file=file)

@@ -1,8 +1,11 @@
-"""Staged device all-to-all against the pinned host<->device bound, as JSON rows.
+"""Staged device all-to-all against the pinned host<->device bound and the same algorithm on
+pinned host buffers, as JSON rows (the everyday device numbers come from
+``python -m pya2a bench --device cuda``; this script adds the host-buffer comparison, the
+staging-chunk sweep and a profile of small calls).
 
 Run one process per GPU (or several per GPU), e.g.::
 
-    mpiexec -n 4 python -m pya2a.gpu.bench_staged --out bench/results/gpu_staged_h200x4.json
+    mpiexec -n 4 python bench/gpu_staged.py --out bench/results/gpu_staged_h200x4.json
 
 For each size (bytes per (source, destination) pair, m) every rank measures, at the same
 time as every other rank (barrier before each repetition):
@@ -184,8 +187,8 @@ def _profile(comm: MPI.Intracomm, name: str, nbytes: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m pya2a.gpu.bench_staged [--sizes ...] [--out FILE]``."""
-    ap = argparse.ArgumentParser(prog="python -m pya2a.gpu.bench_staged", description=__doc__,
+    """Command line: ``python bench/gpu_staged.py [--sizes ...] [--out FILE]``."""
+    ap = argparse.ArgumentParser(prog="bench/gpu_staged.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
                     help="bytes per pair, comma-separated")
@@ -213,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     res["provenance"] = {
         "host": socket.gethostname(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                             time.gmtime()),
-        "command": " ".join(["mpiexec", "-n", str(comm.Get_size()), "python", "-m",
-                             "pya2a.gpu.bench_staged", *(argv or sys.argv[1:])]),
+        "command": " ".join(["mpiexec", "-n", str(comm.Get_size()), "python",
+                             "bench/gpu_staged.py", *(argv or sys.argv[1:])]),
         "ranks": comm.Get_size(), "gpus_visible": cp.cuda.runtime.getDeviceCount(),
         "gpu": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
         "mpi": MPI.Get_library_version().splitlines()[0].strip(),
