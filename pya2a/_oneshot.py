@@ -36,6 +36,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import algorithms, select
+from .core import log
 from .core.devices import load_device_algorithms
 from .core.registry import Context, available_here, execute, name_code, usable
 from .core.registry import requested as resolve
@@ -360,6 +361,9 @@ def _decide_call(call: str, kind: str, st: CommState, sendmsg: object,
         stats_ = select.Stats.from_records(table, p, device, st.node().max_local)
         cands = available_here(icomm, recv.device, _candidates(p, send, recv))
         requested = _choose(stats_, cands)
+        log.decision(icomm, call, requested, table, lambda: select.ranking(stats_, list(cands)))
+    else:
+        log.decision(icomm, call, requested, table, override="algorithm= or PYA2A_ALGORITHM")
     info = algorithms.get(requested, call)
     opts = dict(options or {})
     opts["max_block"] = int(table[:, 2].max())

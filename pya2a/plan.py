@@ -30,6 +30,7 @@ from mpi4py import MPI
 
 from . import algorithms, select
 from .algorithms._bound import bind_schedule, bind_scratch_ok, schedule_steps
+from .core import log
 from .core.devices import load_device_algorithms
 from .core.registry import Bound, Context, execute, name_code, refusal, usable
 from .core.registry import requested as resolve
@@ -131,7 +132,9 @@ class Explanation:
                  f"bytes/peer (busiest rank)={s.m_eff:.0f} mean={s.mean_block:.0f} "
                  f"max block={s.max_block} imbalance={s.imbalance:.2f} "
                  f"{'device' if s.device else 'host'}",
-                 f"tuning table: {self.table.get('path') or 'built-in defaults'}",
+                 "tuning table: " + (self.table.get("path") or "built-in defaults, measured on "
+                                     "another machine (`python -m pya2a tune` measures "
+                                     "this one)"),
                  f"{'algorithm':<14}{'predicted us':>14}{'model us':>12}{'x corr':>9}"
                  f"{'tuned p':>9}"]
         for r in self.ranking:
@@ -169,6 +172,7 @@ def _decide(icomm: MPI.Intracomm, send: VSpec, recv: VSpec, table_rows: np.ndarr
         override = "algorithm=" if algorithm != "auto" else "PYA2A_ALGORITHM"
     else:
         choice, override = select.choose(stats, cands, table), None
+    log.decision(icomm, "plan", choice, table_rows, lambda: order, override or "")
     return choice, Explanation(choice, override, stats, order, excluded, table["provenance"])
 
 
