@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run_bench", "main"]
+__all__ = ["run_bench", "bench_cuda", "to_report", "label"]
 
 DEFAULT_SIZES = [128, 1024, 8192, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 
@@ -612,14 +612,3 @@ def bench_cuda(comm: Any, args: Any, algorithms: list[str] | None, command: str)
                          "passes; avg / min / max over ranks (public-API rows: host clock "
                          "around calls and a stream sync)"})
     return to_report(rows, meta)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pya2a.tools.gpu_bench ARGS`` = ``python -m pya2a bench --device cuda ARGS``."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", "--device", "cuda", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
