@@ -35,7 +35,7 @@ install: $(STAMP)
 
 install-fft: $(FFT_STAMP)
 
-$(STAMP): pyproject.toml setup.py pya2a/core/_pack.pyx pya2a/core/_typepack.pyx pya2a/gpu/_launch.pyx
+$(STAMP): pyproject.toml setup.py pya2a/core/_pack.pyx pya2a/core/_typepack.pyx pya2a/core/_msg.pyx pya2a/gpu/_launch.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(MPI),system)
@@ -92,4 +92,5 @@ bench-pfft: install install-fft
 
 clean:
 	rm -rf build *.egg-info pya2a/core/_pack.c pya2a/core/_pack*.so pya2a/core/_typepack.c \
-	  pya2a/core/_typepack*.so
+	  pya2a/core/_typepack*.so pya2a/core/_msg.c \
+	  pya2a/core/_msg*.so

@@ -469,6 +469,7 @@ class WCache(_oneshot.FastCache):
     def free(self) -> None:
         """Forget everything and release the shared window (collective: Comm.Free)."""
         self.clear()
+        super().free()  # the agreement's persistent request
         if self.arena is not None:
             self.arena.free()
 

@@ -12,13 +12,13 @@ One ``Allreduce`` of two integers establishes that; any other outcome takes the 
 
 Entry numbers are consistent across ranks by construction: every full-path call (collective:
 all ranks take it together) draws the next number from a per-communicator counter on every
-rank, failed calls included. A signature is only computed for forms whose meaning is fixed
-by what it records: NumPy arrays, ``bytes`` / ``bytearray``, contiguous CuPy arrays and
-contiguous CUDA torch tensors (on CuPy's current stream) as buffers; Python ints, flat
-lists / tuples of Python ints and NumPy integer arrays as counts and displacements; typecode
-strings and *predefined* MPI datatypes (a derived datatype's handle may be reused for another
-layout after ``Free``). Anything else always takes the full path, which stays the reference
-behaviour.
+rank, failed calls included. The signature is not a second reading of the messages: it is
+the record of the parser's first stage (:func:`pya2a.core._msg.read_pair`: buffer address,
+size, writability, device, datatype handle, counts and displacements expanded to int64),
+which the full path then finishes into VSpecs without reading the messages again. Messages
+whose record does not fix their meaning (a derived datatype, whose handle may be reused
+after ``Free``; ``None`` / ``MPI.BOTTOM`` buffers) have no signature and always take the
+full path, which stays the reference behaviour.
 
 What a cached entry does not see: a changed tuning table or ``PYA2A_MESH_GRID`` applies to
 signatures not cached yet (``clear()`` forgets them all). ``PYA2A_ALGORITHM`` is part of the
@@ -27,6 +27,7 @@ signature.
 
 from __future__ import annotations
 
+import array
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -36,14 +37,14 @@ import numpy as np
 from mpi4py import MPI
 
 from . import algorithms, select
-from .core import log
+from .core import _msg, log
 from .core.devices import load_device_algorithms
-from .core.registry import Context, available_here, execute, name_code, usable
+from .core.registry import Context, available_here, execute, name_code, refusal, usable
 from .core.registry import requested as resolve
-from .core.spec import VSpec, in_place, parse_block, parse_vector
+from .core.spec import VSpec, finish
 from .core.state import CommState, check_comm, live_states, state
 from .core.transport import HostTransport, transport_for
-from .core.validate import agree, check_counts_match, check_pair, check_uniform
+from .core.validate import agree, check_counts_match, check_pair, check_pairs_match, check_uniform
 from .plan import Plan
 
 __all__ = ["FastCache", "signature", "clear", "exchange"]
@@ -52,163 +53,33 @@ _SIGNATURES = "oneshot.signatures"  # CommState slots
 _PLANS = "oneshot.plans"
 
 CAPACITY = 64  # signatures kept per communicator (least recently used evicted)
-_NO = object()  # "this part has no signature": take the full path
-_INT_CHARS = frozenset(np.typecodes["AllInteger"])  # NumPy integer type codes
-
-_PREDEFINED: frozenset[int] = frozenset(
-    dt.handle for dt in MPI._typedict.values() if dt != MPI.DATATYPE_NULL) | frozenset(
-    getattr(MPI, n).handle for n in ("BYTE", "PACKED", "CHAR", "WCHAR", "SHORT", "INT",
-                                      "LONG", "LONG_LONG", "FLOAT", "DOUBLE", "LONG_DOUBLE",
-                                      "INT8_T", "INT16_T", "INT32_T", "INT64_T", "UINT8_T",
-                                      "UINT16_T", "UINT32_T", "UINT64_T", "C_BOOL")
-    if getattr(MPI, n, MPI.DATATYPE_NULL) != MPI.DATATYPE_NULL)
-
-# buffer types by how their signature is taken: 1 NumPy / bytes-like, 2 CuPy array,
-# 3 torch tensor, 0 none (always the full path)
-_KIND: dict[type, int] = {np.ndarray: 1, bytes: 1, bytearray: 1}
+_NO = object()  # "these options have no signature": take the full path
+_IN_PLACE = MPI.IN_PLACE
 
 
-def _kind(t: type) -> int:
-    k = _KIND.get(t)
-    if k is None:
-        top = t.__module__.split(".")[0]
-        k = 2 if (top == "cupy" and t.__name__ == "ndarray") else \
-            3 if (top == "torch" and t.__name__ in ("Tensor", "Parameter")) else 0
-        _KIND[t] = k
-    return k
-
-
-def _torch(obj: Any) -> tuple[Any, Any] | None:
-    """Signature of a CUDA tensor whose producer stream is CuPy's current stream.
-
-    The full path imports the tensor through DLPack on CuPy's current stream, which makes
-    that stream wait for torch's current stream; a tensor signature is only taken when the
-    two are the same stream (the common case), so skipping that import changes nothing.
-    """
-    if not obj.is_cuda or obj.requires_grad or not obj.is_contiguous():
+def _options_key(options: Any) -> Any:
+    if options is None:
         return None
-    import cupy
-    import torch
-
-    dev = obj.device.index
-    if torch.cuda.current_stream(dev).cuda_stream != cupy.cuda.get_current_stream().ptr:
-        return None
-    return (torch.Tensor, obj.data_ptr(), obj.numel() * obj.element_size(), obj.dtype,
-            dev), obj
-
-
-def _buffer(obj: Any) -> tuple[Any, Any] | None:
-    """(signature, keepalive) of a buffer object, or None where it has no signature."""
-    t = type(obj)
-    k = _kind(t)
-    if k == 1:
-        try:
-            m = MPI.buffer(obj)  # BufferError if not contiguous: the full path says so
-        except Exception:
-            return None
-        fmt = obj.dtype if t is np.ndarray else t
-        return (m.address, m.nbytes, m.readonly, fmt), m
-    if k == 2:
-        try:
-            c = getattr(obj, "_c_contiguous", None)  # CuPy's own flag: no Flags object
-            if not (obj.flags.c_contiguous if c is None else c):
-                return None
-            mem = obj.data
-            return (t, mem.ptr, obj.nbytes, obj.dtype, mem.device_id), obj
-        except Exception:
-            return None
-    if k == 3:
-        try:
-            return _torch(obj)
-        except Exception:
-            return None
-    return None
-
-
-def _part(x: Any) -> Any:
-    """Signature of a counts / displacements / datatype item of a message."""
-    t = type(x)
-    if t is int or t is str or x is None:
-        return x
-    if t is list or t is tuple:
-        s = None
-        if not x or type(x[0]) is int:  # (a pair of arrays would be summed elementwise)
-            try:
-                s = sum(x)
-            except TypeError:
-                s = None
-        if type(s) is int:  # a flat sequence of Python ints
-            return (t, tuple(x))
-        if len(x) == 2:  # (counts, displs)
-            a, b = _part(x[0]), _part(x[1])
-            return _NO if a is _NO or b is _NO else (t, a, b)
+    try:
+        opt = tuple(sorted(options.items()))
+        hash(opt)
+        return opt
+    except Exception:
         return _NO
-    if t is np.ndarray:
-        c = x.dtype.char
-        if c not in _INT_CHARS or x.ndim != 1:
-            return _NO
-        return (c, x.tobytes())  # the type code and the bytes fix the values and the length
-    if t is MPI.Datatype or isinstance(x, MPI.Datatype):
-        h = x.handle
-        return ("T", h) if h in _PREDEFINED else _NO
-    return _NO
-
-
-def _message(msg: Any) -> tuple[Any, Any, Any] | None:
-    """(signature, buffer object, keepalive) of one message, or None."""
-    t = type(msg)
-    if t is list or t is tuple:
-        n = len(msg)
-        if n < 2 or n > 4:
-            return None
-        buf = msg[0]
-        b = _buffer(buf)
-        if b is None:
-            return None
-        p1 = _part(msg[1])
-        if p1 is _NO:
-            return None
-        if n == 2:
-            return (t, b[0], p1), buf, b[1]
-        p2 = _part(msg[2])
-        if p2 is _NO:
-            return None
-        if n == 3:
-            return (t, b[0], p1, p2), buf, b[1]
-        p3 = _part(msg[3])
-        if p3 is _NO:
-            return None
-        return (t, b[0], p1, p2, p3), buf, b[1]
-    b = _buffer(msg)
-    if b is None:
-        return None
-    return b[0], msg, b[1]
 
 
 def signature(kind: str, sendmsg: Any, recvmsg: Any, inplace: bool, requested: str,
-              check: bool, options: Any) -> tuple[tuple, Any, Any, Any, Any] | None:
-    """(key, send object, send keepalive, recv object, recv keepalive), or None.
+              check: bool, options: Any, p: int = 1) -> tuple | None:
+    """The one-shot signature of a call (None: none), from the parser's first stage.
 
-    The key determines everything the full path's parsing and local checks depend on.
+    Raises what the parser raises for a malformed message.
     """
-    if options is not None:
-        try:
-            opt = tuple(sorted(options.items()))
-            hash(opt)
-        except Exception:
-            return None
-    else:
-        opt = None
-    r = _message(recvmsg)
-    if r is None:
+    call = "Alltoallv" if kind == "alltoallv" else "Alltoall"
+    part = _msg.read_pair(call, kind == "alltoallv", sendmsg, recvmsg, inplace, p)[2]
+    opt = _options_key(options)
+    if part is None or opt is _NO:
         return None
-    if inplace:
-        s = (None, None, None)
-    else:
-        s = _message(sendmsg)
-        if s is None:
-            return None
-    return ((kind, requested, check, opt, inplace, s[0], r[0]), s[1], s[2], r[1], r[2])
+    return (kind, requested, check, opt, part)
 
 
 class FastCache:
@@ -218,12 +89,14 @@ class FastCache:
     ``(number, decision)``.
     """
 
-    __slots__ = ("seq", "entries", "_buf", "__weakref__")
+    __slots__ = ("seq", "entries", "_buf", "_req", "_size", "__weakref__")
 
     def __init__(self) -> None:
         self.seq = 0
         self.entries: OrderedDict[tuple, tuple[int, Any]] = OrderedDict()
-        self._buf = np.empty(2, dtype=np.int64)
+        self._buf = array.array("q", [0, 0])
+        self._req: Any = None  # persistent Allreduce (MPI 4), False where there is none
+        self._size = 0
 
     def next_number(self) -> int:
         """Number of the full-path call now starting (same on every rank)."""
@@ -241,12 +114,38 @@ class FastCache:
         return hit
 
     def agree(self, comm: MPI.Intracomm, number: int) -> bool:
-        """Collective: True iff every rank found an entry, and the same one."""
+        """Collective: True iff every rank found an entry, and the same one.
+
+        One all-reduce (MAX) of ``(number, -number)``: a persistent request made on the
+        first call (every rank makes its first call together), started each time; on one
+        rank there is nothing to agree on.
+        """
+        size = self._size
+        if size == 0:
+            size = self._size = comm.Get_size()
+        if size == 1:
+            return number >= 0
         buf = self._buf
         buf[0] = number
         buf[1] = -number
-        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
-        return number >= 0 and int(buf[0]) == number and int(buf[1]) == -number
+        req = self._req
+        if req is None:
+            init = getattr(comm, "Allreduce_init", None)
+            req = self._req = init(MPI.IN_PLACE, buf, op=MPI.MAX) if (
+                init is not None and MPI.Get_version() >= (4, 0)) else False
+        if req is False:
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+        else:
+            req.Start()
+            req.Wait()
+        return number >= 0 and buf[0] == number and buf[1] == -number
+
+    def free(self) -> None:
+        """Forget every signature and release the persistent request (with the state)."""
+        self.entries.clear()
+        req, self._req = self._req, False
+        if req and not MPI.Is_finalized():
+            req.Free()
 
     def store(self, key: tuple, number: int, decision: Any) -> None:
         """Remember a validated, agreed call's decision under this rank's signature."""
@@ -285,6 +184,9 @@ class _Decision:
                  recv: VSpec) -> None:
         self.info, self.opts, self.plan = info, opts, plan
         self.ctx: Context | None = None  # reusable where the transport keeps no state
+        if recv.device is None and recv.obj is not MPI.BOTTOM:
+            send.message()  # the counts as int tuples, made once and kept by each hit
+            recv.message()
         self.send = send.with_buffer(None, None)
         self.recv = recv.with_buffer(None, None)
 
@@ -295,44 +197,73 @@ class _Decision:
 
 def exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg: object,
               algorithm: str, check: bool, options: Mapping | None = None) -> str:
+    """One one-shot exchange: replay the agreed decision of a cached signature, or decide.
+
+    The messages are read once (the parser's first stage); the record is the signature, and
+    on a miss the same record is finished into VSpecs. A malformed message is agreed on
+    (raised on every rank) by the full path.
+    """
     check_comm(call, comm)
     st = state(comm)
     icomm = st.comm
     requested = resolve(algorithm)
-    inplace = in_place(sendmsg)
+    inplace = sendmsg is None or sendmsg is _IN_PLACE
     fast = st.slot(_SIGNATURES, FastCache)
-    sig = signature(kind, sendmsg, recvmsg, inplace, requested, check, options)
-    hit = fast.lookup(None if sig is None else sig[0])
+    key = s = r = exc = None
+    try:
+        s, r, part = _msg.read_pair(call, kind == "alltoallv", sendmsg, recvmsg, inplace,
+                                    icomm.Get_size())
+        if part is not None:
+            opt = None if options is None else _options_key(options)
+            if opt is not _NO:
+                key = (kind, requested, check, opt, part)
+    except Exception as e:  # agreed on by the full path, then raised on every rank
+        exc = e
+    hit = fast.lookup(key)
     if fast.agree(icomm, -1 if hit is None else hit[0]):  # collective, 2 integers
-        assert sig is not None and hit is not None
-        d = hit[1]
-        recv = d.recv.with_buffer(sig[3], sig[4])
-        send = recv if inplace else d.send.with_buffer(sig[1], sig[2])
+        d = hit[1]  # type: ignore[index]
+        if d.plan is not None and d.plan.run_bound(
+                (s.addr, s.nbytes, r.addr, r.nbytes)):  # type: ignore[union-attr]
+            return d.info.name
+        recv = d.recv.with_buffer(r.obj, r.keepalive)  # type: ignore[union-attr]
+        send = recv if inplace else d.send.with_buffer(s.obj, s.keepalive)  # type: ignore
         return _execute(icomm, kind, d, send, recv, inplace)
     number = fast.next_number()  # every rank, failed calls too: numbers stay aligned
-    d, send, recv = _decide_call(call, kind, st, sendmsg, recvmsg, requested, check,
-                                 options, inplace)
-    if sig is not None:
-        fast.store(sig[0], number, d)
+    d, send, recv = _decide(call, kind, st, s, r, exc, requested, check, options, inplace)
+    if key is not None:
+        fast.store(key, number, d)
     return _execute(icomm, kind, d, send, recv, inplace)
 
 
-def _decide_call(call: str, kind: str, st: CommState, sendmsg: object,
-                 recvmsg: object, requested: str, check: bool, options: Mapping | None,
+def _decide_call(call: str, kind: str, st: CommState, sendmsg: object, recvmsg: object,
+                 requested: str, check: bool, options: Mapping | None,
                  inplace: bool) -> tuple[_Decision, VSpec, VSpec]:
-    """The full path: parse, agree (raising on every rank), check, select."""
+    """The full path for messages not read yet (read once here, then :func:`_decide`)."""
+    s = r = exc = None
+    try:
+        s, r, _ = _msg.read_pair(call, kind == "alltoallv", sendmsg, recvmsg, inplace,
+                                 st.comm.Get_size())
+    except Exception as e:  # agreed on by _decide, then raised on every rank
+        exc = e
+    return _decide(call, kind, st, s, r, exc, requested, check, options, inplace)
+
+
+def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
+                 r: _msg.Msg | None, exc: BaseException | None, requested: str,
+                 check: bool, options: Mapping | None,
+                 inplace: bool) -> tuple[_Decision, VSpec, VSpec]:
+    """The full path: finish the parse, agree (raising on every rank), check, select."""
     icomm = st.comm
     p, rank = icomm.Get_size(), icomm.Get_rank()
-    parse = parse_vector if kind == "alltoallv" else parse_block
-    exc: BaseException | None = None
     send = recv = None
     rows = p if p <= ROWS_IN_RECORD else 0
     stats = np.zeros(6 + 2 * rows, dtype=np.int64)
     try:
-        recv = parse(recvmsg, p, readonly=False, call=call, what="receive message",
-                     name="recv")
-        send = recv if inplace else parse(sendmsg, p, readonly=True, call=call,
-                                          what="send message", name="send")
+        if exc is not None:
+            raise exc
+        assert s is not None and r is not None
+        recv = finish(r, p, call, "receive message", "recv")
+        send = recv if inplace else finish(s, p, call, "send message", "send")
         check_pair(call, send, recv, rank, kind)
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"{call}: options must be a dict, not {type(options).__name__}")
@@ -344,15 +275,17 @@ def _decide_call(call: str, kind: str, st: CommState, sendmsg: object,
         stats[:6] = (name_code(requested), send.largest * send.tsize, send.total_bytes,
                     recv.device is not None, send.contiguous and recv.contiguous,
                     recv.total_bytes)
-        if rows and send.contiguous and recv.contiguous:  # bytes to / from each rank
-            stats[6:6 + p] = send.bcounts
-            stats[6 + p:] = recv.bcounts
+        if rows:  # bytes of data to / from each rank (what MPI matches)
+            stats[6:6 + p] = send.counts * send.tsize
+            stats[6 + p:] = recv.counts * recv.tsize
     except Exception as e:  # agreed on below, then raised on every rank
         exc = e
     table = agree(icomm, exc, stats)
     assert send is not None and recv is not None  # agree() raised otherwise
     check_uniform(call, table)
-    if check:
+    if rows:  # every rank holds every rank's counts: the same verdict everywhere
+        check_pairs_match(call, table[:, 7:7 + p], table[:, 7 + p:7 + 2 * p], inplace)
+    elif check:
         check_counts_match(icomm, call, send, recv)
     device = recv.device is not None
     if device:
@@ -363,6 +296,10 @@ def _decide_call(call: str, kind: str, st: CommState, sendmsg: object,
         requested = _choose(stats_, cands)
         log.decision(icomm, call, requested, table, lambda: select.ranking(stats_, list(cands)))
     else:
+        why = refusal(icomm, recv.device, requested)  # collective: the same on every rank
+        if why is not None:
+            raise ValueError(f"{call}: algorithm {requested!r} is not available on this "
+                             f"communicator: {why}")
         log.decision(icomm, call, requested, table, override="algorithm= or PYA2A_ALGORITHM")
     info = algorithms.get(requested, call)
     opts = dict(options or {})
@@ -372,12 +309,11 @@ def _decide_call(call: str, kind: str, st: CommState, sendmsg: object,
     pl = None
     small = int(max(table[:, 3].max(), table[:, 6].max())) <= ONESHOT_MAX_BYTES
     if small and not options and not inplace and not device and info.oneshot_plan:
-        if info.prepare is not None:
+        if info.prepare is not None and table[:, 5].all():  # dense types: keyed by sizes
             pl = _cached_plan(st, kind, info.name, send, recv, None, opts["max_block"])
         elif rows and info.schedule is not None and table[:, 5].all():
-            sent, expected = table[:, 7:7 + p], table[:, 7 + p:7 + 2 * p]
-            if np.array_equal(sent, expected.T):  # same verdict on every rank
-                pl = _cached_plan(st, kind, info.name, send, recv, sent, opts["max_block"])
+            pl = _cached_plan(st, kind, info.name, send, recv, table[:, 7:7 + p],
+                              opts["max_block"])
     return _Decision(info, opts, pl, send, recv), send, recv
 
 
@@ -405,10 +341,10 @@ def _execute(icomm: MPI.Intracomm, kind: str, d: _Decision, send: VSpec, recv: V
 
 
 _CHOICES: OrderedDict = OrderedDict()
-ONESHOT_CACHE = 8  # one-shot plans kept (LRU); each keeps its 2 latest buffer bindings
-# Largest per-rank send or receive total (bytes) that one-shot calls bind as plans. A bound
-# plan keeps references to its buffers, so big arrays are not cached (their set-up cost is
-# small next to their transfer time anyway).
+ONESHOT_CACHE = 8  # one-shot plans kept (LRU), each with its latest buffer bindings
+ONESHOT_BINDINGS = 16  # buffer pairs bound per one-shot plan (address ranges, no objects)
+# Largest per-rank send or receive total (bytes) that one-shot calls bind as plans (bound
+# store-and-forward schedules keep scratch of that size; big exchanges gain nothing).
 ONESHOT_MAX_BYTES = 1 << 22
 # Up to this many ranks the agreement record also carries each rank's bytes to and from every
 # rank (2p int64): every rank then knows the whole exchange, so ring/mesh/hypercube run as
@@ -461,7 +397,8 @@ def _cached_plan(st: CommState, kind: str, name: str, send: VSpec, recv: VSpec,
            recv.displs.tobytes(), None if cmat is None else cmat.tobytes(), max_block)
     pl = plans.get(key)
     if pl is None:
-        pl = plans[key] = Plan._from_specs(st.comm, name, send, recv, cache_size=2)
+        pl = plans[key] = Plan._from_specs(st.comm, name, send, recv,
+                                           cache_size=ONESHOT_BINDINGS)
         if cmat is not None:
             pl._cmat = np.ascontiguousarray(cmat, dtype=np.int64)
         pl._max_block = max_block

@@ -84,6 +84,7 @@ def alltoallv(comm: MPI.Intracomm, sendbuf, sendcounts, *, algorithm: str = "aut
     exc = None
     counts = np.zeros(p, dtype=np.int64)
     device = False
+    row_info = np.zeros(2, dtype=np.int64)  # bytes per row, bytes per element
     try:
         device = is_device_buffer(sendbuf)
         shape = tuple(sendbuf.shape)
@@ -100,12 +101,20 @@ def alltoallv(comm: MPI.Intracomm, sendbuf, sendcounts, *, algorithm: str = "aut
         if int(counts.sum()) != shape[0]:
             raise ValueError(f"{call}: sendcounts sum to {int(counts.sum())} but sendbuf has "
                              f"{shape[0]} rows")
+        row_info[:] = (_row_bytes(sendbuf), _item_bytes(sendbuf))
     except AttributeError:
         exc = TypeError(f"{call}: sendbuf must be an array with .shape, "
                         f"not {type(sendbuf).__name__}")
     except Exception as e:
         exc = e
-    agree(icomm, exc, np.zeros(0, dtype=np.int64))
+    table = agree(icomm, exc, row_info)
+    rows_ok = table[:, 1] == table[0, 1]
+    if not rows_ok.all() or not (table[:, 2] == table[0, 2]).all():  # same on every rank
+        k = int(np.argmax(~rows_ok)) if not rows_ok.all() else \
+            int(np.argmax(table[:, 2] != table[0, 2]))
+        raise ValueError(f"{call}: rows of sendbuf differ between ranks: rank 0 has rows of "
+                         f"{table[0, 1]} bytes ({table[0, 2]}-byte elements), rank {k} of "
+                         f"{table[k, 1]} bytes ({table[k, 2]}-byte elements)")
     recvcounts = np.empty(p, dtype=np.int64)
     icomm.Alltoall(counts, recvcounts)
     nrecv = int(recvcounts.sum())
@@ -117,7 +126,7 @@ def alltoallv(comm: MPI.Intracomm, sendbuf, sendcounts, *, algorithm: str = "aut
         sarr = np.asarray(sendbuf)
         recvbuf = np.empty((nrecv, *sarr.shape[1:]), dtype=sarr.dtype)
         sview, rview = _bytes(sarr), _bytes(recvbuf)
-    row = (sview.nbytes // shape[0]) if shape[0] else _row_bytes(sendbuf)
+    row = int(table[0, 1])
     Alltoallv(comm, [sview, counts * row, MPI.BYTE], [rview, recvcounts * row, MPI.BYTE],
               algorithm=algorithm)
     return recvbuf, recvcounts
@@ -128,8 +137,15 @@ def _bytes(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8) if a.size else np.empty(0, np.uint8)
 
 
+def _item_bytes(a) -> int:
+    size = getattr(a, "itemsize", None)
+    if size is None:  # torch
+        size = a.element_size() if hasattr(a, "element_size") else np.dtype(a.dtype).itemsize
+    return int(size)
+
+
 def _row_bytes(a) -> int:
-    return int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
+    return int(np.prod(a.shape[1:], dtype=np.int64)) * _item_bytes(a)
 
 
 def available_algorithms(comm: MPI.Intracomm | None = None, device: object = None) -> list[str]:
@@ -239,9 +255,9 @@ def _deriving(name: str):
     return method
 
 
-_DERIVING = ("Dup", "Dup_with_info", "Idup", "Idup_with_info", "Create", "Create_group",
-             "Split", "Split_type", "Create_cart", "Create_graph", "Create_dist_graph",
-             "Create_dist_graph_adjacent")
+_DERIVING = ("Dup", "Dup_with_info", "Clone", "Idup", "Idup_with_info", "Create",
+             "Create_group", "Split", "Split_type", "Create_cart", "Create_graph",
+             "Create_dist_graph", "Create_dist_graph_adjacent")
 for _name in _DERIVING:
     if hasattr(MPI.Intracomm, _name):
         setattr(Comm, _name, _deriving(_name))
@@ -259,6 +275,8 @@ class Graphcomm(Comm, MPI.Graphcomm):
 
 class Distgraphcomm(Comm, MPI.Distgraphcomm):
     """A distributed-graph communicator derived from a :class:`Comm`."""
+
+
 
 
 # The rest of the all-to-all family stays the library's own call, but a device buffer handed

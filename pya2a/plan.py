@@ -6,8 +6,11 @@ the one-shot calls (an error anywhere raises everywhere), the counts are checked
 peers' (what i sends to j is what j expects from i), and the algorithm is chosen from global
 values. ``plan.run(sendbuf, recvbuf)`` then binds the algorithm to the two buffers once
 (persistent ``Send_init`` / ``Recv_init`` requests, precomputed views) and keeps up to
-``cache_size`` such bindings keyed by the buffers' addresses, so repeated runs on the same
-buffers do no allocation, no parsing and no schedule work: only ``Startall`` / ``Waitall``.
+``cache_size`` (256) such bindings keyed by the buffers' addresses, so repeated runs on the
+same buffers do no allocation, no parsing and no schedule work: only ``Startall`` /
+``Waitall``. A binding holds an address range, not the caller's object, so many distinct or
+short-lived buffers (a new receive array every call) keep no memory alive; a new buffer costs
+one read of its address and size (:func:`pya2a.core.spec.bind`) and the algorithm's binding.
 
 Runs are not collective-agreed (that would cost the Allgather plans exist to avoid): buffer
 errors in ``run`` (too small, read-only, wrong kind) raise on the rank that has them, before
@@ -31,77 +34,22 @@ from mpi4py import MPI
 from . import algorithms, select
 from .algorithms._bound import bind_schedule, bind_scratch_ok, schedule_steps
 from .core import log
+from .core import spec as _spec
 from .core.devices import load_device_algorithms
 from .core.registry import Bound, Context, execute, name_code, refusal, usable
 from .core.registry import requested as resolve
-from .core.spec import VSpec, in_place, int_vector, parse_vector
+from .core.spec import VSpec, in_place
 from .core.state import check_comm, internal_comm, ranks_per_node
 from .core.transport import transport_for
 from .core.validate import agree, check_counts_match, check_layout, check_uniform
 
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain"]
 
-DEFAULT_CACHE = 4
-
-
-def _datatype(call: str, dtype: object) -> MPI.Datatype:
-    if isinstance(dtype, MPI.Datatype):
-        if dtype == MPI.DATATYPE_NULL:
-            raise ValueError(f"{call}: dtype is MPI.DATATYPE_NULL")
-        return dtype
-    try:
-        npd = np.dtype(dtype)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"{call}: dtype must be a NumPy dtype, typecode or MPI.Datatype, "
-                        f"not {type(dtype).__name__}") from None
-    try:
-        return MPI._typedict[npd.char]
-    except KeyError:
-        if npd.kind == "V" or npd.hasobject:
-            raise TypeError(f"{call}: dtype {npd} has no MPI datatype; pass "
-                            f"MPI.BYTE with counts in bytes") from None
-        raise TypeError(f"{call}: dtype {npd} has no MPI datatype") from None
-
-
-def _counts(call: str, name: str, ob: object, p: int) -> np.ndarray:
-    """p non-negative int64 (one integer means the same for every peer), read-only."""
-    scalar = None if isinstance(ob, (str, bytes)) else np.asarray(ob)
-    if scalar is not None and scalar.ndim == 0 and np.issubdtype(scalar.dtype, np.integer):
-        arr = np.full(p, int(scalar), dtype=np.int64)
-    else:
-        arr = int_vector(call, "", name, ob, p)
-    if (arr < 0).any():
-        j = int(np.argmax(arr < 0))
-        raise ValueError(f"{call}: {name}[{j}] = {arr[j]} is negative")
-    arr.setflags(write=False)
-    return arr
-
-
-def _displs(call: str, name: str, ob: object, counts: np.ndarray) -> np.ndarray:
-    p = counts.size
-    if ob is None:
-        d = np.zeros(p, dtype=np.int64)
-        if p > 1:
-            np.cumsum(counts[:-1], out=d[1:])
-        d.setflags(write=False)
-        return d
-    return _counts(call, name, ob, p)
-
-
-def _template(counts: np.ndarray, displs: np.ndarray, dt: MPI.Datatype,
-              device: int | None) -> VSpec:
-    """A VSpec with no buffer, for the usability checks made before buffers exist."""
-    _, extent = dt.Get_extent()
-    tlb, textent = dt.Get_true_extent()
-    end = int(((displs + counts) * extent).max()) if counts.size else 0
-    return VSpec(None, 0, end, False, device, dt, extent, dt.Get_size(), tlb, textent,
-                 counts, displs)
+DEFAULT_CACHE = 256  # buffer pairs bound per plan; bindings hold address ranges, not objects
 
 
 @dataclass
 class _Entry:
-    send_obj: object
-    recv_obj: object
     bound: Bound
     scratch: tuple | None  # (dst view, src view) copied before each in-place run
 
@@ -168,6 +116,11 @@ def _decide(icomm: MPI.Intracomm, send: VSpec, recv: VSpec, table_rows: np.ndarr
     table = select.load_table()
     order = select.ranking(stats, cands, table) if cands else []
     if requested != "auto":
+        why = excluded.get(requested)
+        if why is not None and requested in algorithms.names():
+            # the same verdict on every rank: usable() was agreed, refusal() is collective
+            raise ValueError(f"plan: algorithm {requested!r} is not available on this "
+                             f"communicator: {why}")
         choice = requested
         override = "algorithm=" if algorithm != "auto" else "PYA2A_ALGORITHM"
     else:
@@ -219,7 +172,8 @@ class Plan:
             sums of the counts).
         device: None for host buffers, or the CUDA device ordinal of device buffers.
         algorithm: "auto" (``PYA2A_ALGORITHM`` overrides) or a name; same on every rank.
-        cache_size: buffer pairs whose bindings are kept (least recently used evicted).
+        cache_size: buffer pairs whose bindings are kept (least recently used evicted;
+            default 256). A binding holds the buffers' address ranges, never the objects.
 
     Raises:
         TypeError, ValueError: bad arguments, or counts that do not match the peers', on any
@@ -239,13 +193,14 @@ class Plan:
         stats = np.zeros(6, dtype=np.int64)
         send = recv = None
         try:
-            dt = _datatype(call, dtype)
-            sc = _counts(call, "sendcounts", sendcounts, p)
-            rc = _counts(call, "recvcounts", recvcounts, p)
-            sd = _displs(call, "senddispls", senddispls, sc)
-            rd = _displs(call, "recvdispls", recvdispls, rc)
+            dt = _spec.element_type(call, dtype)
+            sc = _spec.counts_vector(call, "sendcounts", sendcounts, p)
+            rc = _spec.counts_vector(call, "recvcounts", recvcounts, p)
+            sd = _spec.displs_vector(call, "senddispls", senddispls, sc)
+            rd = _spec.displs_vector(call, "recvdispls", recvdispls, rc)
             dev = None if device is None else int(device)
-            send, recv = _template(sc, sd, dt, dev), _template(rc, rd, dt, dev)
+            send = _spec.template(sc, sd, dt, dev)
+            recv = _spec.template(rc, rd, dt, dev)
             check_layout(call, send, recv, rank)
             if requested != "auto":
                 why = usable(algorithms.get(requested, call), p, send, recv)
@@ -285,7 +240,7 @@ class Plan:
         self._info = algorithms.get(self.algorithm)
         self._cache_size = max(1, int(cache_size))
         self._by_addr: OrderedDict[tuple, _Entry] = OrderedDict()
-        self._last: _Entry | None = None
+        self._last: tuple | None = None  # (send object, recv object, entry) of the last run
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
         self._max_block: int | None = None  # largest block over all ranks, bytes
@@ -298,7 +253,8 @@ class Plan:
         self = cls.__new__(cls)
         self.algorithm = algorithm
         self._explanation = None
-        self._init(icomm, send, recv, cache_size)
+        self._init(icomm, send.with_buffer(None, None), recv.with_buffer(None, None),
+                   cache_size)
         return self
 
     # ---- binding ---------------------------------------------------------------------------
@@ -317,20 +273,13 @@ class Plan:
                        in_place=False,
                        options=dict(options))
 
-    def _parse(self, buf: object, counts: np.ndarray, displs: np.ndarray, readonly: bool,
-               what: str, name: str) -> VSpec:
-        return parse_vector([buf, (counts, displs), self.datatype], self.size,
-                            readonly=readonly, call="Plan.run", what=what, name=name)
-
-    def _make_entry(self, sendbuf: object, recvbuf: object, send: VSpec | None, recv: VSpec,
-                    ctx: Context) -> _Entry:
+    def _make_entry(self, send: VSpec | None, recv: VSpec, ctx: Context) -> _Entry:
         info, t = self._info, ctx.transport
         scratch = None
         if send is None and not info.takes_in_place:
             if self.device is not None:  # pragma: no cover - GPU path: fresh copy per run
                 r, c = recv, ctx
-                return _Entry(sendbuf, recvbuf,
-                              Bound(run=lambda: execute(info, t.clone(r), r, c)), None)
+                return _Entry(Bound(run=lambda: execute(info, t.clone(r), r, c)), None)
             send = t.clone(recv)
             scratch = (t.buffer(send), t.buffer(recv))
         bound = info.prepare(send, recv, ctx) if info.prepare is not None else None
@@ -341,17 +290,15 @@ class Plan:
                 ctx.in_place = True
             s, r, c = send, recv, ctx
             bound = Bound(run=lambda: execute(info, s, r, c))
-        return _Entry(sendbuf, recvbuf, bound, scratch)
+        return _Entry(bound, scratch)
 
     def _bind(self, sendbuf: object, recvbuf: object, ctx: Context) -> tuple[tuple, _Entry]:
-        recv = self._parse(recvbuf, self.recvcounts, self.recvdispls, False,
-                           "receive buffer", "recv")
+        recv = _spec.bind(self._recv_t, recvbuf, False, "Plan.run", "receive buffer")
         if in_place(sendbuf):
             send = None
             key = (None, recv.addr, recv.nbytes)
         else:
-            send = self._parse(sendbuf, self.sendcounts, self.senddispls, True,
-                               "send buffer", "send")
+            send = _spec.bind(self._send_t, sendbuf, True, "Plan.run", "send buffer")
             if (send.device is None) != (recv.device is None):
                 raise TypeError("Plan.run: send and receive buffers must both be host or "
                                 "both be device buffers")
@@ -363,14 +310,14 @@ class Plan:
         if (recv.device is None) != (self.device is None):
             raise TypeError(f"Plan.run: the plan is for "
                             f"{'host' if self.device is None else 'device'} buffers")
-        return key, self._make_entry(sendbuf, recvbuf, send, recv, ctx)
+        return key, self._make_entry(send, recv, ctx)
 
     def _entry(self, sendbuf: object, recvbuf: object) -> _Entry:
         if self._freed:
             raise ValueError("Plan.run: the plan was freed")
         last = self._last
-        if last is not None and last.send_obj is sendbuf and last.recv_obj is recvbuf:
-            return last
+        if last is not None and last[0] is sendbuf and last[1] is recvbuf:
+            return last[2]
         # a new object may still be the same memory (a fresh view): look up by address
         recv_mem = _address(recvbuf)
         send_mem = (None,) if in_place(sendbuf) else _address(sendbuf)
@@ -381,23 +328,37 @@ class Plan:
             self._insert(key, entry)
         else:
             self._by_addr.move_to_end(key)
-        self._last = entry
+        self._last = (sendbuf, recvbuf, entry)
         return entry
 
     def _insert(self, key: tuple, entry: _Entry) -> None:
         self._by_addr[key] = entry
         while len(self._by_addr) > self._cache_size:
             _, old = self._by_addr.popitem(last=False)
-            if old is self._last:
+            if self._last is not None and old is self._last[2]:
                 self._last = None
             old.bound.free()
 
+    def run_bound(self, key: tuple) -> bool:
+        """Run the binding for ``(send addr, send nbytes, recv addr, recv nbytes)``, if any.
+
+        The one-shot hit path: no spec is built when the buffers are already bound.
+        """
+        entry = self._by_addr.get(key)
+        if entry is None:
+            return False
+        entry.bound.run()
+        return True
+
     def run_specs(self, send: VSpec, recv: VSpec) -> None:
-        """Run on already parsed and agreed specs (the one-shot API's cached path)."""
+        """Run on already parsed and agreed specs (the one-shot API's cached path).
+
+        Bindings are keyed by address and hold address ranges, not the caller's objects.
+        """
         key = (send.addr, send.nbytes, recv.addr, recv.nbytes)
         entry = self._by_addr.get(key)
         if entry is None:
-            entry = self._make_entry(send.obj, recv.obj, send, recv, self._ctx())
+            entry = self._make_entry(_detached(send), _detached(recv), self._ctx())
             self._insert(key, entry)
         else:
             self._by_addr.move_to_end(key)
@@ -488,6 +449,15 @@ class Plan:
                 f"bindings={len(self._by_addr)}>")
 
 
+def _detached(spec: VSpec) -> VSpec:
+    """``spec`` over its address range instead of the caller's object (host memory)."""
+    if spec.device is not None or spec.obj is MPI.BOTTOM:
+        return spec
+    mem = MPI.buffer.fromaddress(spec.addr, spec.nbytes, spec.readonly) if spec.nbytes \
+        else bytearray()
+    return spec.with_buffer(mem, mem)
+
+
 def _address(buf: object) -> tuple[int, int]:
     """(address, nbytes) of a host buffer, or of a device array via the array interface."""
     try:
@@ -502,10 +472,11 @@ def _address(buf: object) -> tuple[int, int]:
 
 def plan(comm: MPI.Intracomm, sendcounts: object, recvcounts: object, dtype: object, *,
          senddispls: object = None, recvdispls: object = None, device: int | None = None,
-         algorithm: str = "auto") -> Plan:
+         algorithm: str = "auto", cache_size: int = DEFAULT_CACHE) -> Plan:
     """Create a persistent :class:`Plan` (collective). See :class:`Plan` for arguments."""
     return Plan(comm, sendcounts, recvcounts, dtype, senddispls=senddispls,
-                recvdispls=recvdispls, device=device, algorithm=algorithm)
+                recvdispls=recvdispls, device=device, algorithm=algorithm,
+                cache_size=cache_size)
 
 
 def explain(comm: MPI.Intracomm, sendcounts: object, recvcounts: object = None,
@@ -532,7 +503,7 @@ def explain(comm: MPI.Intracomm, sendcounts: object, recvcounts: object = None,
         sc = np.zeros(p, dtype=np.int64)
         exc = None
         try:
-            sc = _counts("explain", "sendcounts", sendcounts, p).copy()
+            sc = _spec.counts_vector("explain", "sendcounts", sendcounts, p).copy()
         except Exception as e:
             exc = e
         agree(icomm, exc, np.zeros(0, dtype=np.int64))

@@ -118,3 +118,214 @@ def test_in_place_markers(comm, marker, algorithm):
     comm.Alltoallv(MPI.IN_PLACE, ref)
     pya2a.Alltoallv(comm, marker, mine, algorithm=algorithm)
     np.testing.assert_array_equal(mine, ref)
+
+
+# ---- the forms mpi4py 4 takes beyond NumPy and bytes -------------------------------------
+
+class _CAIHost:
+    """A CUDA-array-interface producer over host memory (read as host memory, as mpi4py
+    does, when no CUDA stack is present)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+        self.__cuda_array_interface__ = {"shape": a.shape, "typestr": a.dtype.str,
+                                         "data": (a.ctypes.data, False), "version": 3,
+                                         "strides": None}
+
+
+class _DLHost:
+    """A bare DLPack producer over host memory (no buffer protocol, no dtype attribute)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+
+    def __dlpack__(self, **kw):
+        return self.a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+def _cuda_stack() -> bool:
+    try:
+        import cupy  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def _extra_vector_cases(p: int, r: int):
+    counts = [(r + j) % 3 + 1 for j in range(p)]
+    rcounts = [(j + r) % 3 + 1 for j in range(p)]
+    n, rn = sum(counts), sum(rcounts)
+    yield "0-d integer array counts", \
+        lambda: [np.arange(2 * p, dtype="d") + r, np.array(2)], \
+        lambda: [np.zeros(2 * p), np.array(2)]
+    yield "bool and numpy-int counts", \
+        lambda: [np.arange(p, dtype="d") + r, [True] * p], \
+        lambda: [np.zeros(p), tuple(np.int32(1) for _ in range(p)), None, "d"]
+    yield "counts from any sequence with a length", \
+        lambda: [np.arange(2 * p, dtype="i") + r, range(2, 2 + p) if p == 1 else [2] * p], \
+        lambda: [np.zeros(2 * p, "i"), {j: 2 for j in range(p)}]
+    yield "None buffer, zero counts", lambda: [None, 0, "B"], lambda: [None, 0, "B"]
+    yield "None send buffer, zero counts, explicit displs", \
+        lambda: [None, [0] * p, [0] * p, MPI.INT], lambda: [np.zeros(1, "i"), [0] * p, "i"]
+    if not _cuda_stack():
+        yield "__cuda_array_interface__ over host memory", \
+            lambda: _CAIHost(np.arange(2 * p, dtype="f8") + r), \
+            lambda: _CAIHost(np.zeros(2 * p))
+        yield "__cuda_array_interface__ with counts", \
+            lambda: [_CAIHost(np.arange(n, dtype="i4") + r), counts], \
+            lambda: [_CAIHost(np.zeros(rn, "i4")), rcounts]
+    yield "bare DLPack producer", lambda: [_DLHost(np.arange(n, dtype="i8") + r), counts], \
+        lambda: [_DLHost(np.zeros(rn, "i8")), rcounts]
+
+
+def _bottom_case(p: int, r: int):
+    """MPI.BOTTOM with absolute displacements (in elements of the datatype)."""
+    send = np.arange(2 * p, dtype="d") + 10 * r
+    recv = np.zeros(2 * p)
+    base_s, base_r = MPI.Get_address(send), MPI.Get_address(recv)
+    assert base_s % 8 == 0 and base_r % 8 == 0
+    sd = [base_s // 8 + 2 * j for j in range(p)]
+    rd = [base_r // 8 + 2 * j for j in range(p)]
+    return send, recv, [MPI.BOTTOM, ([2] * p, sd), MPI.DOUBLE], \
+        [MPI.BOTTOM, ([2] * p, rd), MPI.DOUBLE]
+
+
+def _recv_bytes(msg):
+    obj = _recv_obj(msg)
+    if obj is None:
+        return b""
+    if isinstance(obj, (_CAIHost, _DLHost)):
+        return obj.a.tobytes()
+    return MPI.buffer(obj).tobytes()
+
+
+def test_more_vector_forms_match_mpi4py(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    for name, smake, rmake in _extra_vector_cases(p, r):
+        ref = rmake()
+        comm.Alltoallv(smake(), ref)
+        want = _recv_bytes(ref)
+        for alg in ALGORITHMS:
+            got = rmake()
+            pya2a.Alltoallv(comm, smake(), got, algorithm=alg)
+            assert _recv_bytes(got) == want, (name, alg)
+
+
+def test_bottom_with_absolute_displacements(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    send, recv, smsg, rmsg = _bottom_case(p, r)
+    comm.Alltoallv(smsg, rmsg)
+    want = recv.copy()
+    for alg in ALGORITHMS:
+        recv[:] = 0
+        pya2a.Alltoallv(comm, smsg, rmsg, algorithm=alg)
+        np.testing.assert_array_equal(recv, want, err_msg=alg)
+
+
+def test_alltoall_none_buffer_zero_count(comm):
+    for alg in ALGORITHMS:
+        pya2a.Alltoall(comm, [None, 0, "B"], [None, 0, "B"], algorithm=alg)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int64", "bool"])
+def test_torch_cpu_tensors_match_mpi4py(comm, dtype):
+    """torch CPU tensors are DLPack producers over host memory; bfloat16 (no mpi4py format)
+    moves as bytes, exactly as mpi4py moves it."""
+    torch = pytest.importorskip("torch")
+    p, r = comm.Get_size(), comm.Get_rank()
+    dt = getattr(torch, dtype)
+    counts = [(r + j) % 3 + 1 for j in range(p)]
+    rcounts = [(j + r) % 3 + 1 for j in range(p)]
+    cases = [
+        ("bare", lambda: (torch.arange(4 * p) + 7 * r).to(dt), lambda: torch.zeros(4 * p,
+                                                                                   dtype=dt)),
+        ("counts", lambda: [(torch.arange(sum(counts)) + r).to(dt), counts],
+         lambda: [torch.zeros(sum(rcounts), dtype=dt), rcounts]),
+    ]
+    if dtype == "bfloat16":  # bytes: counts in bytes, two per element
+        cases[1] = ("counts in bytes",
+                    lambda: [(torch.arange(sum(counts)) + r).to(dt), [2 * c for c in counts]],
+                    lambda: [torch.zeros(sum(rcounts), dtype=dt), [2 * c for c in rcounts]])
+    for name, smake, rmake in cases:
+        ref = rmake()
+        comm.Alltoallv(smake(), ref)
+        want = _recv_obj(ref).view(torch.uint8).numpy().tobytes()
+        for alg in ALGORITHMS:
+            got = rmake()
+            pya2a.Alltoallv(comm, smake(), got, algorithm=alg)
+            assert _recv_obj(got).view(torch.uint8).numpy().tobytes() == want, (name, alg)
+
+
+def _rejected_forms(p: int):
+    """Messages mpi4py's Alltoallv refuses in its own parser (no communication)."""
+    a = np.arange(2 * p, dtype="d")
+    r = np.zeros(2 * p)
+    ro = np.zeros(2 * p)
+    ro.flags.writeable = False
+    yield "int as message", 42, r
+    yield "five items", [a, 1, 2, 3, 4], r
+    yield "one item", [a], r
+    yield "non-contiguous", np.arange(4 * p, dtype="d")[::2], r
+    yield "read-only receive", a, ro
+    yield "structured dtype", np.zeros(p, "i4,f4"), np.zeros(p, "i4,f4")
+    yield "big-endian", np.zeros(p, ">f8"), np.zeros(p, ">f8")
+    yield "counts wrong length", [a, [2] * (p + 1)], r
+    yield "float counts", [a, [2.0] * p], r
+    yield "numpy bool counts", [a, np.ones(p, bool)], r
+    yield "2-D counts", [a, np.full((p, 1), 2)], r
+    yield "generator counts", [a, (2 for _ in range(p))], r
+    yield "list as (counts, displs)", [a, [[2] * p, [0] * p]], r
+    yield "three-item counts tuple", [a, ([2] * p, [0] * p, [0] * p)], r
+    yield "unknown typecode", [a, [2] * p, "nope"], r
+    yield "float as datatype", [a, [2] * p, 3.0], r
+    yield "list as datatype", [a, [2] * p, [1]], r
+    yield "None buffer without datatype", [None, 0], [None, 0]
+
+
+def _raised(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # the type is what is compared
+        return type(e)
+    return None
+
+
+def test_rejected_forms_raise_what_mpi4py_raises(comm):
+    """Every form mpi4py's parser refuses is refused with the same exception type, on every
+    rank (each rank passes the same bad form here, so mpi4py raises locally too)."""
+    p = comm.Get_size()
+    for name, smsg, rmsg in _rejected_forms(p):
+        want = _raised(comm.Alltoallv, smsg, rmsg)
+        assert want is not None, name
+        for alg in ALGORITHMS:
+            got = _raised(pya2a.Alltoallv, comm, smsg, rmsg, algorithm=alg)
+            assert got is not None and issubclass(got, want), (name, alg, got, want)
+        comm.Barrier()
+
+
+def _rejected_block_forms(p: int):
+    a = np.arange(2 * p, dtype="d")
+    r = np.zeros(2 * p)
+    yield "list count", [a, [2]], r
+    yield "float count", [a, 2.0], r
+    yield "negative count", [a, -1], r
+    yield "negative displacement", [a, (1, -1)], r
+    yield "displacement out of bounds", [a, (1, 4 * p)], r
+    yield "None buffer with a count", [None, 1, "B"], [None, 1, "B"]
+    if p > 1:
+        yield "count not inferable", np.arange(2 * p + 1, dtype="d"), r
+
+
+def test_rejected_block_forms_raise_what_mpi4py_raises(comm):
+    p = comm.Get_size()
+    for name, smsg, rmsg in _rejected_block_forms(p):
+        want = _raised(comm.Alltoall, smsg, rmsg)
+        assert want is not None, name
+        for alg in ALGORITHMS:
+            got = _raised(pya2a.Alltoall, comm, smsg, rmsg, algorithm=alg)
+            assert got is not None and issubclass(got, want), (name, alg, got, want)
+        comm.Barrier()

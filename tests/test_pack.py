@@ -63,14 +63,16 @@ def test_even_split_gives_the_remainder_to_the_first_blocks():
     assert spec.displs.tolist() == [0, 3, 6, 9]
 
 
-def test_unmappable_formats_travel_as_same_size_elements():
+def test_unmappable_formats_are_refused_as_mpi4py_refuses_them():
     from mpi4py import MPI
 
     from pya2a.core.spec import parse_vector
 
     rec = np.zeros(6, dtype=[("key", "i4"), ("val", "f8")])  # no MPI datatype for this
-    spec = parse_vector(rec, 3, readonly=True)
-    assert spec.tsize == rec.itemsize and spec.counts.tolist() == [2, 2, 2]
+    with pytest.raises(KeyError, match="cannot map"):  # mpi4py: KeyError too
+        parse_vector(rec, 3, readonly=True)
+    spec = parse_vector([rec, MPI.BYTE], 3, readonly=True)  # as bytes, with a datatype
+    assert spec.tsize == 1 and spec.counts.tolist() == [24, 24, 24]  # 12-byte records
     half = parse_vector(np.zeros(4, np.float16), 2, readonly=True)
     assert half.tsize == 2 and half.datatype.Get_size() == 2
     assert MPI.BYTE.Get_size() == 1

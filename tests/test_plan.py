@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -73,12 +75,62 @@ def test_repeated_runs_reuse_one_binding(comm):
 
 def test_binding_cache_is_bounded(comm):
     p = comm.Get_size()
-    pl = pya2a.plan(comm, 1, 1, "i8", algorithm="pairwise")
+    pl = pya2a.plan(comm, 1, 1, "i8", algorithm="pairwise", cache_size=4)
     pairs = [(np.arange(p, dtype="i8"), np.empty(p, "i8")) for _ in range(7)]
     for s, r in pairs:
         pl.run(s, r)
     assert len(pl._by_addr) <= 4
     pl.free()
+
+
+@pytest.mark.parametrize("algorithm", ["native", "pairwise", "ring", "auto"])
+def test_many_distinct_buffers_stay_bound_and_keep_no_memory_alive(comm, algorithm):
+    """Cycling through more buffers than the old 4 bindings: every pair stays bound (no
+    re-binding on the second pass), results match MPI's own call, and a binding holds no
+    reference to the arrays it was made for."""
+    p, rank = comm.Get_size(), comm.Get_rank()
+    pl = pya2a.plan(comm, 2, 2, "d", algorithm=algorithm)
+    pairs = [(np.arange(2 * p, dtype="d") + 100 * rank + k, np.empty(2 * p)) for k in range(12)]
+    for _ in range(2):
+        for s, r in pairs:
+            pl.run(s, r)
+            want = np.empty_like(r)
+            comm.Alltoallv(s, want)
+            np.testing.assert_array_equal(r, want)
+    assert len(pl._by_addr) == len(pairs)
+    ref = weakref.ref(pairs[0][1])
+    del pairs
+    pl._last = None
+    assert ref() is None
+    pl.free()
+
+
+def test_new_receive_array_each_run(comm):
+    p, rank = comm.Get_size(), comm.Get_rank()
+    pl = pya2a.plan(comm, 3, 3, "i4")
+    send = np.arange(3 * p, dtype="i4") + 1000 * rank
+    want = np.empty(3 * p, "i4")
+    comm.Alltoallv(send, want)
+    for _ in range(5):
+        recv = np.empty(3 * p, "i4")
+        pl.run(send, recv)
+        np.testing.assert_array_equal(recv, want)
+    pl.free()
+
+
+def test_plan_takes_torch_dtypes(comm):
+    torch = pytest.importorskip("torch")
+    p, rank = comm.Get_size(), comm.Get_rank()
+    for dt, ref in ((torch.float32, "f4"), (torch.bfloat16, "u2"), (torch.int64, "i8")):
+        pl = pya2a.plan(comm, 2, 2, dt)
+        assert pl.datatype.Get_size() == np.dtype(ref).itemsize
+        send = (torch.arange(2 * p) + 10 * rank).to(dt)
+        recv = torch.zeros(2 * p, dtype=dt)
+        pl.run(send, recv)
+        want = torch.zeros(2 * p, dtype=dt)
+        comm.Alltoallv([send, MPI.BYTE], [want, MPI.BYTE])
+        assert torch.equal(recv, want), dt
+        pl.free()
 
 
 @pytest.mark.parametrize("algorithm", ["native", "direct"])

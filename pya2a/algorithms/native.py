@@ -72,5 +72,5 @@ def cost(p: int, m: float, params: dict) -> float:
 
 
 register(AlgorithmInfo(name="native", run=run, cost=cost, host=True, device=True,
-                       needs_contiguous=False, takes_in_place=True, oneshot_plan=False,
+                       needs_contiguous=False, takes_in_place=True, oneshot_plan=True,
                        doc=__doc__ or "", prepare=prepare))

@@ -17,24 +17,37 @@ block (Alltoall) messages
     ``[buf, count, displ, dtype]``, ``[buf, dtype]``: ``count`` elements per peer, blocks back
     to back from element ``displ``.
 
-Datatypes are ``MPI.Datatype`` objects or typecode strings (``"d"``, ``"i4"``, ...); without
-one, the buffer's own format decides. ``MPI.IN_PLACE`` or ``None`` as the send message means
-in place. Host buffers are anything with the buffer protocol; device buffers are recognised
-through ``__cuda_array_interface__`` / DLPack and described by :mod:`pya2a.gpu.device`.
+Counts and displacements are read as mpi4py reads them: one integer is anything with
+``__index__`` that is not a sequence (a 0-d integer array included); a sequence is anything
+with a length whose items have ``__index__``. Datatypes are ``MPI.Datatype`` objects or keys
+of ``MPI._typedict`` (typecodes, KeyError otherwise); without one, the buffer's own format
+decides (KeyError for a format MPI has no type for). ``MPI.IN_PLACE`` or ``None`` as the
+send message means in place. A ``None`` buffer carries no data (an explicit datatype, zero
+counts); ``MPI.BOTTOM`` takes absolute displacements (``MPI.Get_address(x) // extent``).
+
+Buffers: anything with the buffer protocol; host DLPack producers (torch CPU tensors) and
+``__cuda_array_interface__`` objects when no CUDA stack is present are host memory, read
+through ``MPI.buffer`` with mpi4py's element formats (bfloat16 and other types mpi4py has
+no format for are bytes); device buffers (CUDA DLPack, CAI with CuPy present) are described
+by :mod:`pya2a.gpu.device`.
+
+The first stage (the message's form, the buffer's memory, the datatype, the counts and
+displacements expanded to 2p int64) is :mod:`pya2a.core._msg`, in C; its record is also
+the one-shot signature. :func:`finish` checks the blocks against the buffer into a VSpec.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 from mpi4py import MPI
 
-from . import _pack
+from . import _msg, _pack
 
-__all__ = ["VSpec", "parse_vector", "parse_block", "in_place", "is_device_buffer"]
+__all__ = ["VSpec", "parse_vector", "parse_block", "finish", "in_place", "is_device_buffer",
+           "int_vector", "counts_vector", "displs_vector", "element_type", "template", "bind"]
 
 _TYPEDICT: dict[str, MPI.Datatype] = MPI._typedict  # mpi4py's own format -> datatype map
 
@@ -98,15 +111,25 @@ class VSpec:
         return new
 
     def message(self) -> list:
-        """The equivalent mpi4py vector message, for handing to MPI itself."""
-        return [self.obj, (self.counts, self.displs), self.datatype]
+        """The equivalent mpi4py vector message, for handing to MPI itself.
+
+        Counts and displacements go as tuples of Python ints (made once per spec and kept
+        by :meth:`with_buffer`): mpi4py reads those fastest.
+        """
+        d = self.__dict__
+        cd = d.get("_cd")
+        if cd is None:
+            cd = d["_cd"] = (tuple(self.counts.tolist()), tuple(self.displs.tolist()))
+        return [self.obj, cd, self.datatype]
 
     def host_bytes(self) -> np.ndarray:
         """The whole host buffer as a flat uint8 NumPy array (a view, no copy)."""
         if self.device is not None:
             raise TypeError("host_bytes() on a device buffer")
-        arr = np.frombuffer(self.keepalive, dtype=np.uint8)
-        return arr
+        keep = self.keepalive
+        if keep is None:
+            keep = MPI.buffer(self.obj) if self.obj is not None else bytearray()
+        return np.frombuffer(keep, dtype=np.uint8)
 
 
 def in_place(msg: object) -> bool:
@@ -122,78 +145,106 @@ def is_device_buffer(obj: object) -> bool:
         dev = getattr(obj, "__dlpack_device__", None)
         if dev is not None:
             return int(dev()[0]) not in _DLPACK_HOST
-        return hasattr(obj, "__cuda_array_interface__")
+        if hasattr(obj, "__cuda_array_interface__"):
+            # with no CUDA stack a CAI pointer cannot be device memory pya2a could use:
+            # it is read as host memory, as mpi4py reads it
+            return _has_cuda_stack()
+        return False
     except Exception:
-        return hasattr(type(obj), "__cuda_array_interface__")
-
-
-def _is_datatype(ob: object) -> bool:
-    return isinstance(ob, (MPI.Datatype, str))
-
-
-def _datatype(call: str, what: str, ob: object) -> MPI.Datatype:
-    if isinstance(ob, MPI.Datatype):
-        if ob == MPI.DATATYPE_NULL:
-            raise ValueError(f"{call}: {what} datatype is MPI.DATATYPE_NULL")
-        return ob
-    if isinstance(ob, str):
-        try:
-            return _TYPEDICT[ob]
-        except KeyError:
-            raise ValueError(
-                f"{call}: {what}: cannot map typecode {ob!r} to an MPI datatype") from None
-    raise TypeError(f"{call}: {what} datatype must be an MPI.Datatype or typecode string, "
-                    f"not {type(ob).__name__}")
-
-
-def _format_datatype(call: str, what: str, fmt: str, itemsize: int = 0) -> MPI.Datatype:
-    if fmt and fmt[0] in "@=<>!":
-        if fmt[0] in ">!" and np.little_endian or fmt[0] == "<" and not np.little_endian:
-            raise BufferError(f"{call}: {what} has non-native byte order (format {fmt!r})")
-        fmt = fmt[1:]
-    dt = _TYPEDICT.get(fmt)
-    if dt is not None:
-        try:
-            dt.Get_size()
-            return dt
-        except MPI.Exception:  # a type this MPI only names (float16 in Open MPI 4)
-            pass
-    # All-to-all only moves bytes: a format this MPI cannot map (float16 where the MPI has
-    # none, structured NumPy dtypes) travels as elements of the same size.
-    if itemsize > 0:
-        return _TYPEDICT.get(f"u{itemsize}") or _bytes_type(itemsize)
-    raise TypeError(f"{call}: {what}: cannot map buffer format {fmt!r} to an MPI datatype; "
-                    f"pass the datatype explicitly, e.g. [buf, MPI.BYTE]")
+        return hasattr(type(obj), "__cuda_array_interface__") and _has_cuda_stack()
 
 
 _BYTE_TYPES: dict[int, MPI.Datatype] = {}
 
 
 def _bytes_type(n: int) -> MPI.Datatype:
-    """A committed contiguous type of ``n`` bytes (made once per size)."""
+    """A committed contiguous type of ``n`` bytes (made once per size, never freed)."""
     dt = _BYTE_TYPES.get(n)
     if dt is None:
         dt = _BYTE_TYPES[n] = MPI.BYTE.Create_contiguous(n).Commit()
+        _msg.add_cacheable(dt.handle)
     return dt
 
 
-class _Buf(NamedTuple):
-    """Address, size and format of one acquired buffer (a tuple: cheap to make per call)."""
-
-    obj: object
-    addr: int
-    nbytes: int
-    readonly: bool
-    fmt: str
-    device: int | None
-    keepalive: object
-    itemsize: int = 0
+def _unsigned_type(n: int) -> MPI.Datatype:
+    """Elements of ``n`` bytes: the unsigned integer of that size, else ``n`` bytes."""
+    return _TYPEDICT.get(f"u{n}") or _bytes_type(n)
 
 
-def _acquire(call: str, what: str, obj: object, readonly: bool) -> _Buf:
-    """Address, size and format of a host or device buffer, with mpi4py's checks."""
-    if obj is None or obj is MPI.BOTTOM:
-        raise TypeError(f"{call}: {what} buffer is {obj!r}; pya2a needs a real buffer")
+_PREDEFINED: frozenset[int] = frozenset(
+    dt.handle for dt in _TYPEDICT.values() if dt != MPI.DATATYPE_NULL) | frozenset(
+    getattr(MPI, n).handle for n in ("BYTE", "PACKED", "CHAR", "WCHAR", "SHORT", "INT",
+                                      "LONG", "LONG_LONG", "FLOAT", "DOUBLE", "LONG_DOUBLE",
+                                      "INT8_T", "INT16_T", "INT32_T", "INT64_T", "UINT8_T",
+                                      "UINT16_T", "UINT32_T", "UINT64_T", "C_BOOL",
+                                      "SIGNED_CHAR", "UNSIGNED_CHAR", "UNSIGNED_SHORT",
+                                      "UNSIGNED", "UNSIGNED_LONG", "UNSIGNED_LONG_LONG",
+                                      "C_FLOAT_COMPLEX", "C_DOUBLE_COMPLEX", "AINT",
+                                      "OFFSET", "COUNT")
+    if getattr(MPI, n, MPI.DATATYPE_NULL) != MPI.DATATYPE_NULL)
+
+# DLPack data types (code, bits) -> buffer format, as mpi4py reads DLPack producers (types
+# it has no format for, bfloat16 among them, are bytes)
+_DL_FORMATS = {(0, 8): "b", (0, 16): "h", (0, 32): "i", (0, 64): "q", (1, 8): "B",
+               (1, 16): "H", (1, 32): "I", (1, 64): "Q", (2, 16): "e", (2, 32): "f",
+               (2, 64): "d", (5, 64): "Zf", (5, 128): "Zd", (6, 8): "?"}
+_TORCH_FORMATS: dict[object, str] = {}
+_cuda_stack: bool | None = None
+
+
+def _has_cuda_stack() -> bool:
+    """True when device pointers can be told from host ones: a device backend is installed
+    (tests install an emulated one) or CuPy imports."""
+    global _cuda_stack
+    try:
+        from .devices import gpu_device
+
+        if getattr(gpu_device(), "_BACKEND", None) is not None:
+            return True
+    except ImportError:  # pragma: no cover - depends on the GPU extra
+        return False
+    if _cuda_stack is None:
+        try:
+            import cupy  # noqa: F401
+
+            _cuda_stack = True
+        except Exception:
+            _cuda_stack = False
+    return _cuda_stack
+
+
+def _dlpack_format(obj: object) -> str:
+    """The format mpi4py gives a host DLPack producer's elements ("B" when it has none)."""
+    dtype = getattr(obj, "dtype", None)
+    hit = _TORCH_FORMATS.get(dtype) if dtype is not None else None
+    if hit is not None:
+        return hit
+    fmt = "B"
+    try:
+        a = np.from_dlpack(obj)
+        fmt = a.dtype.char if a.dtype.char in _TYPEDICT else "B"
+    except Exception:
+        import_name = type(obj).__module__.split(".")[0]
+        if import_name == "torch" and dtype is not None:
+            import torch
+
+            bits = torch.empty(0, dtype=dtype).element_size() * 8
+            code = 2 if dtype.is_floating_point and dtype != torch.bfloat16 else \
+                5 if dtype.is_complex else 6 if dtype == torch.bool else \
+                0 if dtype.is_signed else 1
+            fmt = _DL_FORMATS.get((code, bits), "B") if dtype != torch.bfloat16 else "B"
+    if dtype is not None:
+        try:
+            _TORCH_FORMATS[dtype] = fmt
+        except TypeError:
+            pass
+    return fmt
+
+
+def _other(m: _msg.Msg, obj: object, readonly: bool, call: str, what: str,
+           want_type: bool = True) -> None:
+    """The first stage for objects without the buffer protocol (DLPack, CAI, device);
+    the datatype from the element format only with ``want_type`` (no explicit one)."""
     if is_device_buffer(obj):
         try:
             from .devices import gpu_device
@@ -203,53 +254,177 @@ def _acquire(call: str, what: str, obj: object, readonly: bool) -> _Buf:
             raise TypeError(f"{call}: {what} is a device buffer, but pya2a's GPU support "
                             f"is not available ({exc})") from exc
         d = _device.describe(obj, call=call, what=what, readonly=readonly)
-        return _Buf(obj, d.addr, d.nbytes, d.readonly, d.fmt, d.device, d.keepalive,
-                    int(getattr(d, "itemsize", 0) or 0))
+        m.addr, m.nbytes, m.readonly, m.device = d.addr, d.nbytes, d.readonly, d.device
+        m.keepalive = d.keepalive
+        m.itemsize = int(getattr(d, "itemsize", 0) or 0)
+        if want_type:
+            m.datatype = _msg.format_type(call, what, d.fmt, m.itemsize)
+        m.cacheable = True
+        return
+    # host memory behind DLPack, or a CUDA array interface with no CUDA stack to tell:
+    # mpi4py reads both as host buffers
     try:
-        mv = memoryview(obj)
-    except TypeError:
-        raise TypeError(f"{call}: {what} must support the buffer protocol, "
-                        f"__cuda_array_interface__ or DLPack, not {type(obj).__name__}") from None
-    if not mv.contiguous:
-        raise BufferError(f"{call}: {what} buffer is not contiguous")
-    if not readonly and mv.readonly:
+        mem = MPI.buffer(obj)
+    except BufferError as exc:
+        raise BufferError(f"{call}: {what}: {exc}") from None
+    except Exception as exc:
+        raise TypeError(f"{call}: {what} must support the buffer protocol, DLPack or "
+                        f"__cuda_array_interface__, not {type(obj).__name__} ({exc})") from None
+    if not readonly and mem.readonly:
         raise BufferError(f"{call}: {what} buffer is not writable")
-    mem = MPI.buffer(obj)
-    return _Buf(obj, mem.address, mem.nbytes, mv.readonly, mv.format, None, mem, mv.itemsize)
+    m.addr, m.nbytes, m.readonly, m.device = mem.address, mem.nbytes, mem.readonly, None
+    m.keepalive = mem
+    m.itemsize = 0
+    m.cacheable = True  # host memory: the address range fixes it, as for NumPy
+    if not want_type:
+        return
+    if hasattr(obj, "__dlpack__"):
+        fmt = _dlpack_format(obj)
+    else:
+        typestr = obj.__cuda_array_interface__.get("typestr", "|u1")  # type: ignore[attr-defined]
+        fmt = typestr[1:] if typestr[0] in "<>|=" else typestr
+        if typestr[0] == ">" and np.little_endian:
+            raise BufferError(f"{call}: {what}: format string {typestr!r} with non-native "
+                              f"byte order")
+    m.datatype = _msg.format_type(call, what, fmt, 0)
 
 
-def _index(call: str, what: str, name: str, ob: object) -> int:
-    try:
-        return operator.index(ob)
-    except TypeError:
-        raise TypeError(
-            f"{call}: {what} {name} must be an integer, not {type(ob).__name__}") from None
+_msg.set_hooks(_other, _unsigned_type, _PREDEFINED)
+
+
+def _acquire(call: str, what: str, obj: object, readonly: bool) -> _msg.Msg:
+    """A bare buffer's memory (obj, addr, nbytes, readonly, device, keepalive): the same
+    first stage as messages, for callers that bring their own datatypes (Alltoallw)."""
+    return _msg.acquire(obj, readonly, call, what, False)
 
 
 def int_vector(call: str, what: str, name: str, ob: object, p: int) -> np.ndarray:
-    """``ob`` as a new int64 array of exactly ``p`` integers (TypeError / ValueError)."""
+    """``ob`` read as mpi4py reads a counts sequence: a new int64 array of ``p`` integers.
+
+    One integer (``__index__``, not a sequence) means the same value for every peer.
+    """
     who = f"{what} {name}" if what else name
-    if isinstance(ob, (str, bytes)):
-        raise TypeError(f"{call}: {who} must be a sequence of integers")
+    if _msg.is_integral(ob):
+        return np.full(p, operator.index(ob), dtype=np.int64)  # type: ignore[arg-type]
+    return _msg.int64_vector(ob, p, call, who)
+
+
+def counts_vector(call: str, name: str, ob: object, p: int) -> np.ndarray:
+    """p non-negative int64 counts (one integer: the same for every peer), read-only."""
+    arr = int_vector(call, "", name, ob, p)
+    if (arr < 0).any():
+        j = int(np.argmax(arr < 0))
+        raise ValueError(f"{call}: {name}[{j}] = {arr[j]} is negative")
+    arr.setflags(write=False)
+    return arr
+
+
+def displs_vector(call: str, name: str, ob: object, counts: np.ndarray) -> np.ndarray:
+    """Displacements for ``counts``: given (read-only, non-negative) or packed (None)."""
+    p = counts.size
+    if ob is None:
+        d = np.zeros(p, dtype=np.int64)
+        if p > 1:
+            np.cumsum(counts[:-1], out=d[1:])
+        d.setflags(write=False)
+        return d
+    return counts_vector(call, name, ob, p)
+
+
+def element_type(call: str, dtype: object) -> MPI.Datatype:
+    """The element datatype of a plan: ``MPI.Datatype``, NumPy dtype or typecode, or a torch
+    dtype (types MPI has no name for, such as bfloat16, are elements of their size)."""
+    if isinstance(dtype, MPI.Datatype):
+        if dtype == MPI.DATATYPE_NULL:
+            raise ValueError(f"{call}: dtype is MPI.DATATYPE_NULL")
+        return dtype
+    if type(dtype).__module__.split(".")[0] == "torch":
+        import torch
+
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{call}: dtype must be a NumPy dtype, typecode, torch dtype or "
+                            f"MPI.Datatype, not {type(dtype).__name__}")
+        size = torch.empty(0, dtype=dtype).element_size()
+        name = str(dtype).split(".")[-1]
+        try:
+            npd = np.dtype(name)
+        except TypeError:
+            return _unsigned_type(size)
+        return _TYPEDICT.get(npd.char) if npd.itemsize == size and npd.char in _TYPEDICT \
+            else _unsigned_type(size)
     try:
-        arr = np.asarray(ob)
-    except Exception:
-        raise TypeError(f"{call}: {who} must be a sequence of integers") from None
-    if arr.ndim != 1:
-        raise ValueError(f"{call}: {name} must be one-dimensional, got shape {arr.shape}")
-    if arr.size and not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
-        raise TypeError(f"{call}: {who} must be integers, got {arr.dtype}")
-    if arr.size != p:
-        raise ValueError(f"{call}: {name} has {arr.size} entries, expected {p}")
-    return arr.astype(np.int64, copy=True)
+        npd = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{call}: dtype must be a NumPy dtype, typecode, torch dtype or "
+                        f"MPI.Datatype, not {type(dtype).__name__}") from None
+    dt = _TYPEDICT.get(npd.char)
+    if dt is None:
+        if npd.kind == "V" or npd.hasobject:
+            raise TypeError(f"{call}: dtype {npd} has no MPI datatype; pass "
+                            f"MPI.BYTE with counts in bytes")
+        raise TypeError(f"{call}: dtype {npd} has no MPI datatype")
+    return dt
 
 
-def _finish(call: str, what: str, b: _Buf, dt: MPI.Datatype, counts: np.ndarray,
-            displs: np.ndarray, name: str) -> VSpec:
-    lb, extent = dt.Get_extent()
+def template(counts: np.ndarray, displs: np.ndarray, dt: MPI.Datatype,
+             device: int | None) -> VSpec:
+    """A VSpec with no buffer, for the checks made before buffers exist (plans)."""
+    _, extent = dt.Get_extent()
     tlb, textent = dt.Get_true_extent()
-    code, j, value, total, largest = _pack.check_blocks(counts, displs, extent, tlb, textent,
-                                                        b.nbytes)
+    end = int(((displs + counts) * extent).max()) if counts.size else 0
+    total = int(counts.sum())
+    largest = int(counts.max()) if counts.size else 0
+    return VSpec(None, 0, end, False, device, dt, extent, dt.Get_size(), tlb, textent,
+                 counts, displs, None, total, largest)
+
+
+def bind(t: VSpec, obj: object, readonly: bool, call: str, what: str) -> VSpec:
+    """``t`` (a plan's template) on the buffer ``obj``: read the buffer, check its size.
+
+    The VSpec holds no reference to a host buffer's object (``obj`` is an address range),
+    so a plan's cached bindings keep no user memory alive.
+    """
+    m = _msg.acquire(obj, readonly, call, what)
+    if m.nbytes < t.nbytes:
+        raise ValueError(f"{call}: {what} has {m.nbytes} bytes, the plan's blocks need "
+                         f"{t.nbytes}")
+    if m.device is None:
+        mem = MPI.buffer.fromaddress(m.addr, m.nbytes, m.readonly) if m.nbytes else \
+            bytearray()
+        held = mem
+    else:
+        mem, held = obj, m.keepalive
+    new = object.__new__(VSpec)
+    d = new.__dict__
+    d.update(t.__dict__)
+    d.update(obj=mem, addr=m.addr, nbytes=m.nbytes, readonly=m.readonly, device=m.device,
+             keepalive=held)
+    return new
+
+
+def finish(m: _msg.Msg, p: int, call: str, what: str, name: str) -> VSpec:
+    """The second stage: a read message (:func:`pya2a.core._msg.read`) checked into a VSpec.
+
+    Checks every block against the buffer, rejects negative counts and displacements, and
+    turns a None buffer (no data) or ``MPI.BOTTOM`` (absolute displacements) into a spec
+    every algorithm can take.
+    """
+    dt = m.datatype
+    lay = np.frombuffer(m.layout, dtype=np.int64)  # read-only views of the parse
+    counts, displs = lay[:p], lay[p:]
+    extent = m.extent
+    tlb, textent = dt.Get_true_extent()
+    tsize = dt.Get_size()
+    obj, addr, nbytes, readonly, keep = m.obj, m.addr, m.nbytes, m.readonly, m.keepalive
+    if m.bottom:
+        obj, addr, nbytes, counts, displs, keep = _bottom(m, p, call, what, name, counts,
+                                                          displs, tsize, tlb, textent)
+        if obj is MPI.BOTTOM:  # a derived datatype at absolute addresses: MPI reads it
+            total = int(counts.sum())
+            return VSpec(obj, 0, 0, readonly, None, dt, extent, tsize, tlb, textent,
+                         counts, displs, None, total, int(counts.max()) if p else 0)
+    code, j, value, total, largest = _pack.check_blocks(counts, displs, extent, tlb,
+                                                        textent, nbytes)
     if code == 1:
         raise ValueError(f"{call}: {name}counts[{j}] = {value} is negative")
     if code == 2:
@@ -257,106 +432,46 @@ def _finish(call: str, what: str, b: _Buf, dt: MPI.Datatype, counts: np.ndarray,
     if code == 3:
         raise ValueError(
             f"{call}: {what} block {j} (displacement {displs[j]}, count {counts[j]}, "
-            f"extent {extent}) ends at byte {value}, outside the {b.nbytes}-byte buffer")
+            f"extent {extent}) ends at byte {value}, outside the {nbytes}-byte buffer")
     if code == 4:
         raise ValueError(f"{call}: {what} datatype extent {extent} is not positive")
-    counts.setflags(write=False)
-    displs.setflags(write=False)
-    return VSpec(b.obj, b.addr, b.nbytes, b.readonly, b.device, dt, extent, dt.Get_size(),
-                 tlb, textent, counts, displs, b.keepalive, total, largest)
+    return VSpec(obj, addr, nbytes, readonly, m.device, dt, extent, tsize, tlb, textent,
+                 counts, displs, keep, total, largest)
 
 
-def _unpack(call: str, what: str, msg: object, vector: bool):
-    """Split a message into (buf, counts, displs, datatype) following mpi4py's rules."""
-    o_counts = o_displs = o_type = None
-    if isinstance(msg, (list, tuple)):
-        n = len(msg)
-        if n == 2:
-            o_buf, o_counts = msg
-            if _is_datatype(o_counts):
-                o_counts, o_type = None, o_counts
-            elif isinstance(o_counts, tuple) or (not vector and isinstance(o_counts, list)):
-                if len(o_counts) != 2:
-                    raise ValueError(f"{call}: {what}: expecting (counts, displs), "
-                                     f"got {len(o_counts)} items")
-                o_counts, o_displs = o_counts
-        elif n == 3:
-            o_buf, o_counts, o_type = msg
-            if isinstance(o_counts, tuple) or (not vector and isinstance(o_counts, list)):
-                if len(o_counts) != 2:
-                    raise ValueError(f"{call}: {what}: expecting (counts, displs), "
-                                     f"got {len(o_counts)} items")
-                o_counts, o_displs = o_counts
-        elif n == 4:
-            o_buf, o_counts, o_displs, o_type = msg
-        else:
-            raise ValueError(f"{call}: {what}: expecting 2 to 4 items, got {n}")
-    else:
-        o_buf = msg
-    return o_buf, o_counts, o_displs, o_type
+def _bottom(m: _msg.Msg, p: int, call: str, what: str, name: str, counts: np.ndarray,
+            displs: np.ndarray, tsize: int, tlb: int, textent: int):
+    """A None / BOTTOM buffer as an address range the blocks lie in (or BOTTOM itself)."""
+    if (counts < 0).any():
+        j = int(np.argmax(counts < 0))
+        raise ValueError(f"{call}: {name}counts[{j}] = {counts[j]} is negative")
+    nz = counts > 0
+    if not nz.any():
+        empty = bytearray()
+        return empty, 0, 0, counts, np.zeros(p, dtype=np.int64), empty
+    if m.obj is None:
+        raise ValueError(f"{call}: {what}: buffer is None but {name}counts are not all "
+                         f"zero")
+    ext = m.extent
+    dense = tsize == ext and tlb == 0 and textent == tsize
+    if not dense or ext <= 0:
+        return MPI.BOTTOM, 0, 0, counts, displs, None
+    base = int(displs[nz].min())
+    if base < 0:
+        raise ValueError(f"{call}: {name}displs of MPI.BOTTOM must be addresses >= 0")
+    end = int(((displs + counts) * ext)[nz].max())
+    new_displs = np.where(nz, displs - base, 0)
+    mem = MPI.buffer.fromaddress(base * ext, end - base * ext, False)
+    return mem, base * ext, end - base * ext, counts, new_displs, mem
 
 
 def parse_vector(msg: object, p: int, *, readonly: bool, call: str = "Alltoallv",
                  what: str = "send message", name: str = "send") -> VSpec:
     """Parse an Alltoallv message for ``p`` peers into a :class:`VSpec`."""
-    o_buf, o_counts, o_displs, o_type = _unpack(call, what, msg, vector=True)
-    b = _acquire(call, what, o_buf, readonly)
-    dt = _datatype(call, what, o_type) if o_type is not None else \
-        _format_datatype(call, what, b.fmt, b.itemsize)
-    if o_counts is None:
-        _, extent = dt.Get_extent()
-        if b.nbytes and extent <= 0:
-            raise ValueError(f"{call}: {what}: cannot infer counts, datatype extent {extent}")
-        if b.nbytes % max(extent, 1):
-            raise ValueError(f"{call}: {what}: cannot infer counts, buffer length {b.nbytes} "
-                             f"is not a multiple of datatype extent {extent}")
-        n = b.nbytes // max(extent, 1)
-        counts = np.full(p, n // p, dtype=np.int64)
-        counts[: n % p] += 1
-    elif isinstance(o_counts, (list, tuple, np.ndarray)) or hasattr(o_counts, "__len__"):
-        counts = int_vector(call, what, name + "counts", o_counts, p)
-    else:
-        counts = np.full(p, _index(call, what, "counts", o_counts), dtype=np.int64)
-    if o_displs is None:
-        displs = np.zeros(p, dtype=np.int64)
-        if p > 1:
-            np.cumsum(counts[:-1], out=displs[1:])
-    elif isinstance(o_displs, (list, tuple, np.ndarray)) or hasattr(o_displs, "__len__"):
-        displs = int_vector(call, what, name + "displs", o_displs, p)
-    else:
-        displs = np.arange(p, dtype=np.int64) * _index(call, what, "displs", o_displs)
-    return _finish(call, what, b, dt, counts, displs, name)
+    return finish(_msg.read(msg, p, True, readonly, call, what, name), p, call, what, name)
 
 
 def parse_block(msg: object, p: int, *, readonly: bool, call: str = "Alltoall",
                 what: str = "send message", name: str = "send") -> VSpec:
     """Parse an Alltoall message (``count`` elements for each of ``p`` peers)."""
-    o_buf, o_count, o_displ, o_type = _unpack(call, what, msg, vector=False)
-    b = _acquire(call, what, o_buf, readonly)
-    dt = _datatype(call, what, o_type) if o_type is not None else \
-        _format_datatype(call, what, b.fmt, b.itemsize)
-    _, extent = dt.Get_extent()
-    displ = 0 if o_displ is None else _index(call, what, "displacement", o_displ)
-    if displ < 0:
-        raise ValueError(f"{call}: {what}: negative displacement {displ}")
-    if o_count is None:
-        length = b.nbytes - displ * max(extent, 0)
-        if length < 0:
-            raise ValueError(f"{call}: {what}: displacement {displ} out of bounds")
-        if length and extent <= 0:
-            raise ValueError(f"{call}: {what}: cannot infer count, datatype extent {extent}")
-        if length % max(extent, 1):
-            raise ValueError(f"{call}: {what}: cannot infer count, buffer length {length} "
-                             f"is not a multiple of datatype extent {extent}")
-        n = length // max(extent, 1)
-        if n % p:
-            raise ValueError(f"{call}: {what}: cannot infer count, number of entries {n} "
-                             f"is not a multiple of the number of blocks {p}")
-        count = n // p
-    else:
-        count = _index(call, what, "count", o_count)
-        if count < 0:
-            raise ValueError(f"{call}: {what}: negative count {count}")
-    counts = np.full(p, count, dtype=np.int64)
-    displs = displ + np.arange(p, dtype=np.int64) * count
-    return _finish(call, what, b, dt, counts, displs, name)
+    return finish(_msg.read(msg, p, False, readonly, call, what, name), p, call, what, name)

@@ -18,7 +18,7 @@ from . import _pack
 from .spec import VSpec
 
 __all__ = ["CollectiveError", "agree", "check_pair", "check_layout", "check_counts_match",
-           "check_uniform", "error_code", "same_everywhere"]
+           "check_pairs_match", "check_uniform", "error_code", "same_everywhere"]
 
 # Error kinds carried in the agreement record; 0 = no error.
 _KINDS: list[type[BaseException]] = [TypeError, ValueError, BufferError, OverflowError,
@@ -144,3 +144,19 @@ def same_everywhere(comm: MPI.Intracomm, value: str) -> bool:
     h = np.array([zlib.crc32(value.encode()), -zlib.crc32(value.encode())], dtype=np.int64)
     comm.Allreduce(MPI.IN_PLACE, h, op=MPI.MAX)
     return int(h[0]) == -int(h[1])
+
+
+def check_pairs_match(call: str, sent: np.ndarray, expected: np.ndarray,
+                      in_place: bool = False) -> None:
+    """Raise on every rank unless rank i sends rank j what j expects from i (all in bytes).
+
+    ``sent[i, j]`` / ``expected[j, i]`` come from the all-gathered agreement record, which
+    every rank holds whole, so every rank reaches the same verdict with no communication.
+    """
+    bad = np.argwhere(sent != expected.T)
+    if bad.size:
+        i, j = (int(x) for x in bad[0])
+        extra = (" (in place: each rank's receive counts are also its send counts, so they "
+                 "must be symmetric)") if in_place else ""
+        raise ValueError(f"{call}: rank {i} sends {int(sent[i, j])} bytes to rank {j}, "
+                         f"which expects {int(expected[j, i])} bytes from rank {i}{extra}")

@@ -1,0 +1,410 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The first stage of the one message parser: an mpi4py message read into a :class:`Msg`.
+
+:func:`read` follows mpi4py 4's ``message_simple`` (Alltoall) and ``message_vector``
+(Alltoallv) rule for rule: which list / tuple items are the buffer, the counts, the
+displacements and the datatype; which objects are integers (``__index__`` and not a
+sequence); how counts are inferred from the buffer and displacements from the counts; and
+the exception type of each refusal. Counts and displacements come out expanded, as one
+``bytes`` of ``2p`` int64 (counts, then displacements, in datatype elements): that record
+together with the buffer's address, size, writability and the datatype is everything the
+rest of the parse depends on, so it is also the one-shot call's signature (:func:`read_pair`).
+
+Host buffers with the buffer protocol are read here in C; anything else (DLPack / CUDA array
+interface producers, device memory) goes through the ``other`` hook of
+:mod:`pya2a.core.spec`.
+"""
+
+from cpython.buffer cimport (PyBUF_FORMAT, PyBUF_RECORDS_RO, PyBuffer_IsContiguous,
+                             PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer)
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy, strcmp
+
+import operator
+
+import numpy as np
+from mpi4py import MPI
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "Python.h":
+    int PyIndex_Check(object)
+    int PySequence_Check(object)
+    Py_ssize_t PySequence_Size(object) except -1
+    object PyNumber_Index(object)
+    long long PyLong_AsLongLong(object) except? -1
+
+__all__ = ["Msg", "read", "read_pair", "acquire", "int64_vector", "is_integral", "set_hooks",
+           "add_cacheable", "format_type"]
+
+cdef object _TYPEDICT = MPI._typedict
+cdef object _DATATYPE = MPI.Datatype
+cdef object _BOTTOM = MPI.BOTTOM
+cdef object _BYTE = MPI.BYTE
+cdef bint _LITTLE = np.little_endian
+cdef dict _FORMATS = {}   # buffer format string -> MPI datatype (or the KeyError to raise)
+cdef dict _EXTENTS = {}   # handle of a cacheable datatype -> extent
+cdef set _CACHEABLE = set()  # handles of datatypes that are never freed (predefined, ours)
+cdef object _other = None  # spec's reader of non-buffer-protocol objects
+cdef object _fallback_type = None  # spec's type for a format MPI names but cannot use
+
+
+def set_hooks(other, fallback_type, cacheable_handles):
+    """Install spec.py's reader of other buffers and the handles of long-lived datatypes."""
+    global _other, _fallback_type
+    _other = other
+    _fallback_type = fallback_type
+    _CACHEABLE.update(cacheable_handles)
+
+
+def add_cacheable(handle):
+    """Mark a datatype handle as never freed (its signature may be cached)."""
+    _CACHEABLE.add(handle)
+
+
+cdef class Msg:
+    """One message after the first stage of parsing.
+
+    Attributes:
+        obj: the buffer object as given (None and ``MPI.BOTTOM`` included).
+        addr, nbytes, readonly: the buffer's memory (0, 0 for None / BOTTOM).
+        device: CUDA/HIP ordinal, None for host memory.
+        keepalive: what keeps a non-buffer-protocol object's memory readable (or None).
+        datatype: the MPI datatype of the elements.
+        extent: the datatype's extent.
+        layout: ``bytes`` of 2p int64: counts, then displacements (elements).
+        cacheable: the record fixes the meaning (host memory, long-lived datatype).
+        bottom: the buffer is None or ``MPI.BOTTOM`` (absolute addresses / no data).
+    """
+
+    cdef public object obj, keepalive, device, datatype, layout, itemsize
+    cdef public Py_ssize_t addr, nbytes, extent
+    cdef public bint readonly, cacheable, bottom
+
+    def key(self):
+        """The signature of this message, or None where it cannot be cached."""
+        if not self.cacheable:
+            return None
+        return (self.addr, self.nbytes, self.readonly, self.device, self.datatype.handle,
+                self.layout)
+
+
+cpdef bint is_integral(object ob):
+    """mpi4py's test for "one integer" (``__index__`` and not a sequence with a length)."""
+    if not PyIndex_Check(ob):
+        return False
+    if not PySequence_Check(ob):
+        return True
+    try:
+        PySequence_Size(ob)
+    except Exception:
+        pass
+    else:
+        return False
+    try:
+        PyNumber_Index(ob)
+    except Exception:
+        return False
+    return True
+
+
+cdef inline bint _is_datatype(object ob):
+    return isinstance(ob, (_DATATYPE, str))
+
+
+cdef int _fill_seq(object ob, int64_t *out, Py_ssize_t p, str call, str who) except -1:
+    """mpi4py's ``chkarray``: len(ob) items, each through ``__index__``; then the length."""
+    cdef Py_ssize_t n, i
+    cdef cnp.ndarray a
+    if type(ob) is cnp.ndarray:
+        a = <cnp.ndarray> ob
+        if cnp.PyArray_NDIM(a) == 1 and a.dtype.kind in "iu":
+            n = cnp.PyArray_DIM(a, 0)
+            if n != p:
+                raise ValueError(f"{call}: {who} has {n} entries, expected {p}")
+            if cnp.PyArray_TYPE(a) != cnp.NPY_INT64 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                a = np.ascontiguousarray(a, dtype=np.int64)
+            if n:
+                memcpy(out, cnp.PyArray_DATA(a), n * 8)
+            return 0
+    if isinstance(ob, (str, bytes)) and not PySequence_Check(ob):
+        raise TypeError(f"{call}: {who} must be a sequence of integers")
+    try:
+        n = len(ob)
+    except TypeError:
+        raise TypeError(f"{call}: {who} must be a sequence of integers, "
+                        f"not {type(ob).__name__}") from None
+    cdef list vals = [None] * n
+    for i in range(n):
+        try:
+            vals[i] = PyNumber_Index(ob[i])
+        except TypeError:
+            raise TypeError(f"{call}: {who} must be integers, "
+                            f"got {type(ob[i]).__name__}") from None
+    if n != p:
+        raise ValueError(f"{call}: {who} has {n} entries, expected {p}")
+    for i in range(n):
+        out[i] = PyLong_AsLongLong(vals[i])
+    return 0
+
+
+def int64_vector(ob, Py_ssize_t p, str call="pya2a", str who="counts"):
+    """``ob`` read as mpi4py reads a counts or displacements sequence: a new int64[p]."""
+    out = np.empty(p, dtype=np.int64)
+    if p:
+        _fill_seq(ob, <int64_t *> cnp.PyArray_DATA(out), p, call, who)
+    else:
+        _fill_seq(ob, NULL, 0, call, who)
+    return out
+
+
+cdef object _format_type(str call, str what, const char *fmt, Py_ssize_t itemsize):
+    """mpi4py's ``getdatatype``: the buffer's format to a datatype (KeyError if none)."""
+    cdef bytes raw = fmt
+    hit = _FORMATS.get(raw)
+    if hit is None:
+        s = raw.decode("ascii", "replace")
+        if s and s[0] in "@=<>!":
+            if (s[0] in ">!" and _LITTLE) or (s[0] == "<" and not _LITTLE):
+                raise BufferError(f"{call}: {what}: format string {s!r} with non-native "
+                                  f"byte order")
+            s = s[1:]
+        dt = _TYPEDICT.get(s) if s != "B" else _BYTE
+        if dt is None:
+            hit = KeyError(f"{call}: {what}: cannot map buffer format {s!r} to an MPI "
+                           f"datatype; pass the datatype, e.g. [buf, MPI.BYTE]")
+        else:
+            try:
+                dt.Get_size()
+                hit = dt
+            except MPI.Exception:  # a type this MPI only names (float16 in Open MPI 4)
+                hit = _fallback_type(itemsize) if itemsize > 0 else _BYTE
+        _FORMATS[raw] = hit
+    if isinstance(hit, KeyError):
+        raise KeyError(hit.args[0])
+    return hit
+
+
+def format_type(str call, str what, str fmt, Py_ssize_t itemsize=0):
+    """A buffer format (``"d"``, ``"<f4"``, ``"B"``, ...) to its MPI datatype, as mpi4py
+    maps it: BufferError for a non-native byte order, KeyError where MPI has no type."""
+    return _format_type(call, what, (fmt or "B").encode("ascii", "replace"), itemsize)
+
+
+cdef object _explicit_type(str call, str what, object o_type):
+    """mpi4py's ``asdatatype``: a Datatype, or a key of ``MPI._typedict`` (KeyError)."""
+    if isinstance(o_type, _DATATYPE):
+        if o_type == MPI.DATATYPE_NULL:
+            raise ValueError(f"{call}: {what} datatype is MPI.DATATYPE_NULL")
+        return o_type
+    try:
+        return _TYPEDICT[o_type]
+    except KeyError:
+        raise KeyError(f"{call}: {what}: cannot map {o_type!r} to an MPI datatype") from None
+
+
+cdef Py_ssize_t _extent_of(object dt) except? -1:
+    h = dt.handle
+    e = _EXTENTS.get(h)
+    if e is not None:
+        return e
+    cdef Py_ssize_t ext = dt.Get_extent()[1]
+    if h in _CACHEABLE:
+        _EXTENTS[h] = ext
+    return ext
+
+
+cdef int _host(Msg m, object obj, bint readonly, str call, str what,
+               bint want_type=True) except -1:
+    """Address, size, format of a buffer-protocol object, with mpi4py's checks."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(obj, &view, PyBUF_RECORDS_RO)
+    try:
+        if not PyBuffer_IsContiguous(&view, b'A'):
+            raise BufferError(f"{call}: {what} buffer is not contiguous")
+        if not readonly and view.readonly:
+            raise BufferError(f"{call}: {what} buffer is not writable")
+        m.addr = <Py_ssize_t> view.buf
+        m.nbytes = view.len
+        m.readonly = view.readonly
+        m.itemsize = view.itemsize
+        if not want_type:  # an explicit datatype: the format is not read (as in mpi4py)
+            pass
+        elif view.format != NULL:
+            m.datatype = _format_type(call, what, view.format, view.itemsize)
+        else:
+            m.datatype = _BYTE
+    finally:
+        PyBuffer_Release(&view)
+    return 0
+
+
+def acquire(obj, bint readonly, str call="pya2a", str what="buffer", bint want_type=False):
+    """The first stage for a bare buffer: a Msg with no counts (``layout`` None); its
+    datatype (from the buffer's format) only with ``want_type``."""
+    cdef Msg m = Msg.__new__(Msg)
+    m.obj = obj
+    if obj is None or obj is _BOTTOM:
+        raise TypeError(f"{call}: {what} buffer is {obj!r}; a real buffer is needed here")
+    if PyObject_CheckBuffer(obj):
+        _host(m, obj, readonly, call, what, want_type)
+        m.cacheable = True
+    else:
+        _other(m, obj, readonly, call, what, want_type)
+    return m
+
+
+def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoallv",
+         str what="send message", str name="send"):
+    """Read one Alltoall (``vector`` False) or Alltoallv message for ``p`` peers."""
+    cdef object o_buf = None, o_counts = None, o_displs = None, o_type = None
+    cdef Py_ssize_t n
+    if PyObject_CheckBuffer(msg):
+        o_buf = msg
+    elif type(msg) is list or type(msg) is tuple or isinstance(msg, (list, tuple)):
+        n = len(msg)
+        if n == 2:
+            o_buf, o_counts = msg
+            if _is_datatype(o_counts):
+                o_counts, o_type = None, o_counts
+            elif isinstance(o_counts, tuple) or (not vector and isinstance(o_counts, list)):
+                o_counts, o_displs = o_counts
+        elif n == 3:
+            o_buf, o_counts, o_type = msg
+            if isinstance(o_counts, tuple) or (not vector and isinstance(o_counts, list)):
+                o_counts, o_displs = o_counts
+        elif n == 4:
+            o_buf, o_counts, o_displs, o_type = msg
+        else:
+            raise ValueError(f"{call}: {what}: expecting 2 to 4 items, got {n}")
+    elif hasattr(msg, "__dlpack__") or hasattr(msg, "__cuda_array_interface__"):
+        o_buf = msg
+    else:
+        raise TypeError(f"{call}: {what}: expecting a buffer (buffer protocol, DLPack or "
+                        f"__cuda_array_interface__) or a list/tuple, "
+                        f"not {type(msg).__name__}")
+    cdef Msg m = Msg.__new__(Msg)
+    m.obj = o_buf
+    if o_buf is None or o_buf is _BOTTOM:
+        m.bottom = True
+        m.datatype = _explicit_type(call, what, o_type)  # None: KeyError, as mpi4py
+        m.itemsize = m.datatype.Get_size()
+    else:
+        if PyObject_CheckBuffer(o_buf):
+            _host(m, o_buf, readonly, call, what, o_type is None)
+            m.cacheable = True
+        else:
+            _other(m, o_buf, readonly, call, what, o_type is None)
+        if o_type is not None:
+            m.datatype = _explicit_type(call, what, o_type)
+    if m.cacheable and m.datatype.handle not in _CACHEABLE:
+        m.cacheable = False
+    cdef Py_ssize_t extent = _extent_of(m.datatype)
+    m.extent = extent
+    layout = PyBytes_FromStringAndSize(NULL, 16 * p)
+    cdef int64_t *c = <int64_t *> PyBytes_AS_STRING(layout)
+    cdef int64_t *d = c + p
+    cdef Py_ssize_t i
+    cdef int64_t v, csize, displ, length, count
+    if vector:
+        if o_counts is None:
+            csize = 0
+            if m.nbytes > 0:
+                if extent <= 0:
+                    raise ValueError(f"{call}: {what}: cannot infer counts, datatype extent "
+                                     f"{extent}")
+                if m.nbytes % extent:
+                    raise ValueError(f"{call}: {what}: cannot infer counts, buffer length "
+                                     f"{m.nbytes} is not a multiple of datatype extent "
+                                     f"{extent}")
+                csize = m.nbytes // extent
+            for i in range(p):
+                c[i] = csize // p + (1 if csize % p > i else 0)
+        elif is_integral(o_counts):
+            v = PyLong_AsLongLong(PyNumber_Index(o_counts))
+            for i in range(p):
+                c[i] = v
+        else:
+            _fill_seq(o_counts, c, p, call, name + "counts")
+        if o_displs is None:
+            v = 0
+            for i in range(p):
+                d[i] = v
+                v += c[i]
+        elif is_integral(o_displs):
+            v = PyLong_AsLongLong(PyNumber_Index(o_displs))
+            for i in range(p):
+                d[i] = v * i
+        else:
+            _fill_seq(o_displs, d, p, call, name + "displs")
+    else:
+        displ = 0
+        length = m.nbytes
+        if o_displs is not None:
+            try:
+                displ = PyLong_AsLongLong(PyNumber_Index(o_displs))
+            except TypeError:
+                raise TypeError(f"{call}: {what} displacement must be an integer, "
+                                f"not {type(o_displs).__name__}") from None
+            if displ < 0:
+                raise ValueError(f"{call}: {what}: negative displacement {displ}")
+            if displ > 0:
+                if extent <= 0:
+                    raise ValueError(f"{call}: {what}: cannot handle displacement, "
+                                     f"datatype extent {extent}")
+                if displ * extent > length:
+                    raise ValueError(f"{call}: {what}: displacement {displ} out of bounds, "
+                                     f"number of datatype entries {length // extent}")
+                length -= displ * extent
+        if o_counts is not None:
+            try:
+                count = PyLong_AsLongLong(PyNumber_Index(o_counts))
+            except TypeError:
+                raise TypeError(f"{call}: {what} count must be an integer, "
+                                f"not {type(o_counts).__name__}") from None
+            if count < 0:
+                raise ValueError(f"{call}: {what}: negative count {count}")
+            if count > 0 and o_buf is None:
+                raise ValueError(f"{call}: {what}: buffer is None but count is {count}")
+        else:
+            count = 0
+            if length > 0:
+                if extent <= 0:
+                    raise ValueError(f"{call}: {what}: cannot infer count, datatype extent "
+                                     f"{extent}")
+                if length % extent:
+                    raise ValueError(f"{call}: {what}: cannot infer count, buffer length "
+                                     f"{length} is not a multiple of datatype extent "
+                                     f"{extent}")
+                if (length // extent) % p:
+                    raise ValueError(f"{call}: {what}: cannot infer count, number of "
+                                     f"entries {length // extent} is not a multiple of the "
+                                     f"number of blocks {p}")
+                count = length // extent // p
+        for i in range(p):
+            c[i] = count
+            d[i] = displ + i * count
+    m.layout = layout
+    return m
+
+
+def read_pair(str call, bint vector, object sendmsg, object recvmsg, bint inplace,
+              Py_ssize_t p):
+    """Both messages of a call: (send Msg, recv Msg, signature part or None).
+
+    The signature part fixes everything the rest of the parse depends on; None where a
+    message cannot be cached (derived datatype, BOTTOM / None buffer, unkeyed producer).
+    """
+    cdef Msg r = read(recvmsg, p, vector, False, call, "receive message", "recv")
+    cdef Msg s = r if inplace else read(sendmsg, p, vector, True, call, "send message",
+                                        "send")
+    if not r.cacheable or not s.cacheable:
+        return s, r, None
+    if inplace:
+        return s, r, (None, (r.addr, r.nbytes, r.readonly, r.device, r.datatype.handle,
+                             r.layout))
+    return s, r, ((s.addr, s.nbytes, s.readonly, s.device, s.datatype.handle, s.layout),
+                  (r.addr, r.nbytes, r.readonly, r.device, r.datatype.handle, r.layout))
