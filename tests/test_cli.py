@@ -279,3 +279,12 @@ def test_module_entry_point_info_suggests_tune_with_the_builtin_table(tmp_path):
     assert "measured on another machine" in out.stdout and "pya2a tune" in out.stdout
     out = _run([sys.executable, "-m", "pya2a", "info", "--json"], env)
     assert json.loads(out.stdout)["tuning_table"]["builtin"] is True
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("name", ["cpu_p16_uniform_h200x4.json", "gpu_alltoallv_h200x4.json"])
+def test_replot_reads_the_cited_results(name, capsys):
+    """Reports written before schema_version 2 (host) and GPU row files still print."""
+    assert cli.main(["bench", "--replot", str(ROOT / "bench" / "results" / name)]) == 0
+    out = capsys.readouterr().out
+    assert "auto->" in out and "#wrong" in out

@@ -25,7 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .report import fmt_size, parse_size, print_table, write_csv, write_plot
+from .report import fmt_size, parse_size, print_table, upgrade, write_csv, write_plot
 
 __all__ = ["main", "info", "UsageError"]
 
@@ -242,7 +242,7 @@ def _bench_main(args, argv) -> int:
     if args.replot:
         try:
             with open(args.replot) as f:
-                report = json.load(f)
+                report = upgrade(json.load(f))
         except (OSError, ValueError) as e:
             raise UsageError(f"{PROG} bench: --replot {args.replot}: {e}") from None
         _outputs(report, args, written=False)
