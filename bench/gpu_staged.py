@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from pya2a.tools.gpu_bench import median_time
+
 __all__ = ["main", "run"]
 
 SIZES = [4096, 65536, 1 << 20, 16 << 20, 64 << 20]
@@ -46,17 +48,8 @@ def _reps(m: int) -> tuple[int, int]:
     return (3, 30) if m <= 1 << 20 else (2, 8)
 
 
-def _time(comm: MPI.Intracomm, fn, warm: int, reps: int) -> float:
-    for _ in range(warm):
-        fn()
-    out = []
-    for _ in range(reps):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        out.append(comm.allreduce(dt, op=MPI.MAX))
-    return float(np.median(out))
+# median over repetitions of the slowest rank's time of one call, barrier before each
+_time = median_time
 
 
 def run(comm: MPI.Intracomm, sizes: list[int], algorithms: list[str],

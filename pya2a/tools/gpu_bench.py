@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run_bench", "bench_cuda", "to_report", "label"]
+__all__ = ["run_bench", "bench_cuda", "to_report", "label", "median_time"]
 
 DEFAULT_SIZES = [128, 1024, 8192, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 
@@ -324,7 +324,7 @@ class _ApiRows:
         reps = max(3, min(iters, 20))
         out = []
         for name, fn in (("pinned_d2h", d2h), ("pinned_h2d", h2d), ("pinned_bound", both)):
-            t = _median_time(self.comm, fn, min(warm, 3), reps)  # median of max over ranks
+            t = median_time(self.comm, fn, min(warm, 3), reps)  # median of max over ranks
             out.append({"method": name, "bytes_per_pair": n, "time_us": t * 1e6,
                         "iters": reps, "GBps_each_way": vol / t / 1e9 if t > 0 else 0.0})
         self.bound_us = out[-1]["time_us"]
@@ -480,7 +480,7 @@ def _gpu_name(cp: Any, device: int = 0) -> str:
     return name.decode() if isinstance(name, bytes) else name
 
 
-def _median_time(comm: Any, fn: Any, warm: int, reps: int) -> float:
+def median_time(comm: Any, fn: Any, warm: int, reps: int) -> float:
     """Median over ``reps`` of the slowest rank's time of one call (barrier before each)."""
     from mpi4py import MPI
 
