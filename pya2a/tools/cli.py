@@ -25,7 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .report import fmt_size, parse_size, print_table, upgrade, write_csv, write_plot
+from .report import fmt_size, parse_size, print_table, write_csv, write_plot
 
 __all__ = ["main", "info", "UsageError"]
 
@@ -242,7 +242,7 @@ def _bench_main(args, argv) -> int:
     if args.replot:
         try:
             with open(args.replot) as f:
-                report = upgrade(json.load(f))
+                report = _upgrade(json.load(f))
         except (OSError, ValueError) as e:
             raise UsageError(f"{PROG} bench: --replot {args.replot}: {e}") from None
         _outputs(report, args, written=False)
@@ -274,6 +274,26 @@ def _bench_main(args, argv) -> int:
     wrong = any(r.get("wrong") or r.get("check") is False or r.get("checked") is False
                 for pt in report["results"] for r in pt["rows"].values())
     return 1 if wrong else 0
+
+
+def _upgrade(report: dict) -> dict:
+    """An older report in the current layout: schema 1 host reports (no ``bytes_per_rank``,
+    ``check`` booleans), and device files holding only ``rows`` of the GPU bench."""
+    if "results" not in report and "rows" in report:
+        from .gpu_bench import to_report
+
+        meta = dict(report.get("meta", {}))
+        meta.setdefault("p", meta.get("ranks", 1))
+        meta.setdefault("ranks_per_node", meta.get("ranks", "?"))
+        meta.setdefault("mpi_library", meta.get("mpi", ""))
+        if "timing" in meta:
+            meta.setdefault("time", meta["timing"])
+        return to_report(report["rows"], meta)
+    p = report.get("meta", {}).get("p")
+    for pt in report.get("results", []):
+        if "bytes_per_rank" not in pt and p and "mean_block" in pt:
+            pt["bytes_per_rank"] = pt["mean_block"] * p
+    return report
 
 
 def _outputs(report: dict, args, written: bool) -> None:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "upgrade", "fmt_size", "parse_size", "mpi_short", "table_lines",
+__all__ = ["SCHEMA_VERSION", "fmt_size", "parse_size", "mpi_short", "table_lines",
            "print_table", "write_csv", "write_plot", "CSV_COLUMNS"]
 
 # 2: rows carry "wrong" (ranks with a wrong result) and "skipped" reasons; points carry
@@ -62,26 +62,6 @@ def mpi_short(library: str) -> str:
     s = " ".join(first[0].split()) if first else "MPI ?"
     s = re.sub(r"\s*Version:\s*", " ", s)
     return s.split(",")[0].strip()
-
-
-def upgrade(report: dict) -> dict:
-    """An older report in the current layout: schema 1 host reports (no ``bytes_per_rank``,
-    ``check`` booleans), and device files holding only ``rows`` of the GPU bench."""
-    if "results" not in report and "rows" in report:
-        from .gpu_bench import to_report
-
-        meta = dict(report.get("meta", {}))
-        meta.setdefault("p", meta.get("ranks", 1))
-        meta.setdefault("ranks_per_node", meta.get("ranks", "?"))
-        meta.setdefault("mpi_library", meta.get("mpi", ""))
-        if "timing" in meta:
-            meta.setdefault("time", meta["timing"])
-        return to_report(report["rows"], meta)
-    p = report.get("meta", {}).get("p")
-    for pt in report.get("results", []):
-        if "bytes_per_rank" not in pt and p and "mean_block" in pt:
-            pt["bytes_per_rank"] = pt["mean_block"] * p
-    return report
 
 
 def _rows(report: dict) -> Iterator[dict[str, Any]]:
