@@ -586,6 +586,7 @@ def bench_cuda(comm: Any, args: Any, algorithms: list[str] | None, command: str)
     from ..gpu import have_cupy
     from .bench import sizes as sweep_sizes
     from .harness import Progress, provenance
+    from .report import fmt_size
 
     ok = bool(comm.allreduce(int(have_cupy()), op=MPI.MIN))
     if not ok:
@@ -602,7 +603,7 @@ def bench_cuda(comm: Any, args: Any, algorithms: list[str] | None, command: str)
                      nccl=not args.no_nccl, graph=not args.no_graph,
                      nccl_graph=args.nccl_graph, staged=not args.no_staged,
                      passes=args.rounds, algorithms=algorithms, warmup=args.warmup,
-                     iters=args.iters, step=lambda n: bar.step(f"{n} B per peer"))
+                     iters=args.iters, step=lambda n: bar.step(f"{fmt_size(n)} per peer"))
     bar.close()
     meta = provenance(comm, command)
     meta.update({"pattern": "uniform", "gpu": _gpu_name(cp), "cupy": cp.__version__,
