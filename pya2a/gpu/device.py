@@ -27,7 +27,6 @@ import functools
 import os
 import subprocess
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,14 +36,12 @@ from ..core.state import state
 from . import cupy as _cupy
 from .staging import AwareTransport, DeviceTransport, StagedTransport
 
-__all__ = ["DeviceBuffer", "describe", "cuda_aware", "cuda_aware_reason", "comm_cuda_aware",
-           "transport", "empty_rows", "byte_view", "info", "CupyBackend", "backend",
-           "set_backend"]
+__all__ = ["DeviceBuffer", "RawArray", "describe", "cuda_aware", "cuda_aware_reason",
+           "comm_cuda_aware", "transport", "empty_rows", "byte_view", "info", "CupyBackend",
+           "backend", "set_backend"]
 
 # Algorithms whose bodies use only the transport primitives (DESIGN.md), so they run on
 # device buffers unchanged; native is handled separately (whole-exchange staging).
-
-_KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 
 # DLPack device types (dlpack.h)
 _DL_CUDA, _DL_CUDA_HOST, _DL_ROCM, _DL_ROCM_HOST, _DL_CUDA_MANAGED = 2, 3, 10, 11, 13
@@ -182,9 +179,9 @@ class CupyBackend:
         dev = self.current_device()
         kern = self._kernels.get(dev)
         if kern is None:
-            src_code = (_KERNEL_DIR / "pack.cu").read_text()
-            kern = self._kernels[dev] = self.cp.RawModule(code=src_code).get_function(
-                "pya2a_pack")
+            from . import loader
+
+            kern = self._kernels[dev] = loader.module("pack.cu", dev).get_function("pya2a_pack")
         return kern
 
     def _launch_pack(self, src: int, dtab: Any, n: int, maxlen: int, dst: int,
@@ -286,7 +283,11 @@ _DL_KIND = {0: "i", 1: "u", 2: "f", 5: "c"}
 
 
 @dataclasses.dataclass
-class _Raw:
+class RawArray:
+    """A device array as pointer, shape and type, read from DLPack or CAI (or made by
+    :meth:`flat`); it exposes ``__cuda_array_interface__`` itself, so engines that take
+    device arrays take it too."""
+
     ptr: int
     shape: tuple[int, ...]
     strides: tuple[int, ...] | None  # bytes
@@ -296,8 +297,18 @@ class _Raw:
     device: int | None
     keep: object
 
+    @classmethod
+    def flat(cls, addr: int, nbytes: int) -> RawArray:
+        """``nbytes`` bytes at device address ``addr`` as a flat uint8 array."""
+        return cls(int(addr), (int(nbytes),), None, 1, "u1", False, None, None)
 
-def _from_dlpack(obj: object, be: Any) -> _Raw:
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "typestr": "|" + (self.typestr or f"V{self.itemsize}"),
+                "data": (self.ptr, self.readonly), "strides": self.strides, "version": 3}
+
+
+def _from_dlpack(obj: object, be: Any) -> RawArray:
     dev_type, dev_id = (int(x) for x in obj.__dlpack_device__())
     if dev_type not in _DL_DEVICE:
         raise TypeError(f"DLPack device type {dev_type} is not CUDA/ROCm memory")
@@ -331,10 +342,10 @@ def _from_dlpack(obj: object, be: Any) -> _Raw:
         typestr = f"{kind}{itemsize}" if kind else ""
     ptr = (int(t.data or 0) + int(t.byte_offset)) if t.data else 0
     # the capsule stays alive with the call: the producer's memory cannot go away
-    return _Raw(ptr, shape, strides, itemsize, typestr, readonly, dev_id, (obj, cap))
+    return RawArray(ptr, shape, strides, itemsize, typestr, readonly, dev_id, (obj, cap))
 
 
-def _from_cai(obj: object, be: Any) -> _Raw:
+def _from_cai(obj: object, be: Any) -> RawArray:
     cai = obj.__cuda_array_interface__
     if cai.get("mask") is not None:
         raise TypeError("masked arrays are not supported")
@@ -352,7 +363,7 @@ def _from_cai(obj: object, be: Any) -> _Raw:
         cur = be.current_stream()
         if be.stream_handle(cur) != int(stream):
             be.wait(cur, be.record(be.external_stream(int(stream))))
-    return _Raw(int(ptr or 0), shape, None if strides is None else tuple(strides), itemsize,
+    return RawArray(int(ptr or 0), shape, None if strides is None else tuple(strides), itemsize,
                 t, bool(readonly), None, obj)
 
 

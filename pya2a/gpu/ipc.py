@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import cupy as _cupy
+
 __all__ = [
     "MAX_PEERS",
     "MAX_ALLOCS",
@@ -62,16 +64,6 @@ CTRL_TAB = 1024
 CTRL_BYTES = 64 * 1024  # control block size; staging slots start after it
 KEY_SHIFT = 56
 STAGED = (1 << 64) - 1  # key meaning "no symmetric buffer: use the staging slots"
-
-
-def _cupy() -> Any:
-    try:
-        from pya2a.gpu import cupy as get
-    except ImportError:  # running from a source tree without the package
-        import cupy
-
-        return cupy
-    return get()
 
 
 class AllocationInfo(NamedTuple):

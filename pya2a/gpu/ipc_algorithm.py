@@ -30,21 +30,12 @@ from mpi4py import MPI
 from ..core.registry import AlgorithmInfo, Context, register
 from ..core.spec import VSpec
 from ..core.state import live_states, state
+from .device import RawArray
 
 __all__ = ["run", "cost", "comm_available", "free_engines"]
 
 MIN_CAPACITY = 1 << 20  # staging bytes per peer pair in a fresh engine
 _ENGINE = "ipc.engine"  # CommState slot: {device: engine}
-
-
-class _Raw:
-    """A flat byte view of a device buffer, as ``__cuda_array_interface__``."""
-
-    __slots__ = ("__cuda_array_interface__",)
-
-    def __init__(self, addr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
-                                         "data": (addr, False), "strides": None, "version": 3}
 
 
 def comm_available(comm: MPI.Intracomm, device: int | None = None) -> tuple[bool, str]:
@@ -131,7 +122,7 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     need = max(int(need), 1)
     direct = need >= IpcAlltoallv.DIRECT_FROM  # global: every rank registers, or none
     eng = _engine(ctx.comm, int(recv.device), 1 if direct else need)
-    rbuf = _Raw(recv.addr, recv.nbytes)
+    rbuf = RawArray.flat(recv.addr, recv.nbytes)
     reg = None
     if direct:
         reg = eng.register_recv(rbuf, recv.bdispls)
@@ -148,7 +139,7 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
                                     cp.cuda.get_current_stream().ptr)
         sbuf, scounts, sdispls = keep, recv.bcounts, recv.bdispls
     else:
-        sbuf, scounts, sdispls = _Raw(send.addr, send.nbytes), send.bcounts, send.bdispls
+        sbuf, scounts, sdispls = RawArray.flat(send.addr, send.nbytes), send.bcounts, send.bdispls
     call = eng.alltoallv(sbuf, scounts, sdispls, rbuf, recv.bcounts, recv.bdispls,
                          method=method, registration=reg if method in ("push", "ce") else None)
     if not direct and send is not None:  # registration (direct) is collective every call

@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 
 from ..core._pack import int64_key as _int64_key
+from . import cupy as _cupy
+from . import loader
 from .ipc import (
     CTRL_BYTES,
     KEY_SHIFT,
@@ -49,7 +51,6 @@ from .ipc import (
     STAGED,
     IpcGroup,
     SymmetricAlloc,
-    _cupy,
     allocation_of,
     check_ipc,
     close_handle,
@@ -126,22 +127,6 @@ def pdl_supported(cp: Any, device: int) -> bool:
 
 def _pdl_wanted(cp: Any, device: int) -> bool:
     return os.environ.get("PYA2A_IPC_PDL", "1") != "0" and pdl_supported(cp, device)
-
-
-_KERNEL_FILE = os.path.join(os.path.dirname(__file__), "kernels", "ipc_alltoallv.cu")
-_MODULES: dict[int, Any] = {}
-
-
-def _module(cp: Any, device: int) -> Any:
-    """The compiled RawModule for ``device`` (compiled once per process and device)."""
-    mod = _MODULES.get(device)
-    if mod is None:
-        with open(_KERNEL_FILE, encoding="utf-8") as f:
-            src = f.read()
-        opts: tuple[str, ...] = ("-std=c++17",)
-        mod = cp.RawModule(code=src, options=opts)
-        _MODULES[device] = mod
-    return mod
 
 
 def _ptr_nbytes(buf: Any) -> tuple[int, int]:
@@ -352,14 +337,10 @@ class IpcAlltoallv:
             raise ValueError(f"IpcAlltoallv: settings differ across ranks: {confs}")
         with cp.cuda.Device(self.device):
             sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
-            self._mod = _module(cp, self.device)
-            self._fn = {
-                "push": self._mod.get_function("pya2a_ipc_alltoallv").kernel.ptr,
-                "ll": self._mod.get_function("pya2a_ipc_ll").kernel.ptr,
-                "pre": self._mod.get_function("pya2a_ipc_ce_pre").kernel.ptr,
-                "post": self._mod.get_function("pya2a_ipc_ce_post").kernel.ptr,
-                "flag": self._mod.get_function("pya2a_ipc_ce_flag").kernel.ptr,
-            }
+            self._mod = loader.module("ipc_alltoallv.cu", self.device)
+            self._fn = {m: loader.function_ptr(self._mod, f"pya2a_ipc_{k}") for m, k in (
+                ("push", "alltoallv"), ("ll", "ll"), ("pre", "ce_pre"), ("post", "ce_post"),
+                ("flag", "ce_flag"))}
             self._fn["pull"] = self._fn["push"]
             self._streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
             self._ev_fork = cp.cuda.Event(disable_timing=True)

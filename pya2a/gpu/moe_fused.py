@@ -28,7 +28,6 @@ dropped, not reported; the weighted sum uses fused multiply-adds.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 
 from ..core.validate import agree, error_code
 from . import cupy as _cupy
+from . import loader
 from .ipc import CTRL_BYTES, IpcGroup, check_ipc
 
 __all__ = ["FusedExpertParallel", "FusedHandle", "fused_available", "scale_experts",
@@ -45,12 +45,10 @@ MAX_RANKS = 8  # MOE_MAXP in kernels/moe_fused.cu
 MAX_EXPERTS = 512  # MOE_MAXE
 _THREADS = 512
 _WARPS = _THREADS // 32
-_KERNEL_FILE = os.path.join(os.path.dirname(__file__), "kernels", "moe_fused.cu")
 # row type -> kernel template type; bfloat16 rows are uint16 words in CuPy
 _TYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _NAMES = tuple(f"pya2a_moe_{k}<{t}>" for k in ("combine", "scale_experts")
                for t in _TYPES.values())
-_MODULES: dict[int, Any] = {}
 
 _P = MAX_RANKS
 _DISPATCH = np.dtype([("x", np.uint64), ("idx", np.uint64), ("ctrl", np.uint64),
@@ -73,15 +71,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _module(cp: Any, device: int) -> Any:
-    """The compiled RawModule for ``device`` (once per process and device)."""
-    mod = _MODULES.get(device)
-    if mod is None:
-        with open(_KERNEL_FILE, encoding="utf-8") as f:
-            src = f.read()
-        mod = _MODULES[device] = cp.RawModule(code=src, options=("-std=c++17",),
-                                              name_expressions=_NAMES)
-    return mod
 
 
 def fused_available(comm: Any, ep: Any = None) -> tuple[bool, str]:
@@ -161,13 +150,10 @@ class FusedExpertParallel:
             self.ctrl = self.group.allocate(CTRL_BYTES)
             self.xa = self.group.allocate(max(cap * rb, 256))
             self.ya = self.group.allocate(max(cap * rb, 256))
-            self._mod = _module(cp, self.device)
-            self._fn = {
-                "dispatch": self._mod.get_function("pya2a_moe_dispatch").kernel.ptr,
-                "combine": self._mod.get_function(f"pya2a_moe_combine<{self.type}>").kernel.ptr,
-                "scale": self._mod.get_function(
-                    f"pya2a_moe_scale_experts<{self.type}>").kernel.ptr,
-            }
+            mod = loader.module("moe_fused.cu", self.device, _NAMES)
+            self._fn = {k: loader.function_ptr(mod, f) for k, f in (
+                ("dispatch", "pya2a_moe_dispatch"), ("combine", f"pya2a_moe_combine<{self.type}>"),
+                ("scale", f"pya2a_moe_scale_experts<{self.type}>"))}
             sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
             self.slot = cp.empty(max(N, 1), dtype=np.int32)
             self.idx = cp.empty(max(N, 1), dtype=np.int64)

@@ -28,11 +28,15 @@
 // A flag can never run ahead of the waiter (each side needs the other's previous
 // call to finish first), so "wait until >= s" is exact.
 //
-// Every block spins on flags written by other GPUs: the grid must stay co-resident
-// (the host keeps it at most the SM count), see GPU-NOTES.md.
+// Every block spins on flags written by other ranks: every rank's grid must be resident
+// at once (the host sizes grids for that, docs/gpu-ipc.md "Progress"); a grid smaller
+// than the number of roles walks them (role_of, FOR_ROLES).
 //
 // Portability: only __threadfence_system, volatile loads/stores and atomicAdd; the
-// CUDA-only release store is guarded so hiprtc can build the file. Untested on AMD.
+// CUDA-only instructions are guarded (pya2a_device.cuh) so hiprtc can build the file.
+// Untested on AMD.
+
+#include "pya2a_device.cuh"
 
 #define PYA2A_MAXP 8
 #define PYA2A_MAXB 64
@@ -49,9 +53,6 @@
 #define KEY_SHIFT 56
 #define KEY_MASK ((1ull << KEY_SHIFT) - 1ull)
 #define KEY_REGISTERED 255ull    // key index: base from Args.reg_base (registered user buffer)
-
-typedef unsigned long long u64;
-typedef long long i64;
 
 struct Args {
     u64 sendbuf;
@@ -78,37 +79,6 @@ struct Args {
     u64 reg_base[PYA2A_MAXP];    // registered receive buffers: allocation base of rank r here
 };
 
-__device__ __forceinline__ u64 ld_volatile(const u64* p) {
-    return *(const volatile u64*)p;
-}
-
-__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700) && !defined(__HIP_PLATFORM_AMD__)
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-#else
-    __threadfence_system();
-    *(volatile u64*)p = v;
-#endif
-}
-
-// Programmatic dependent launch (sm_90+): wait until the previous grid in the stream has
-// completed and its memory is visible (a no-op when this launch did not ask for overlap),
-// then let the next grid be scheduled; it waits here in turn.
-__device__ __forceinline__ void pdl_enter() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(__HIP_PLATFORM_AMD__)
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void spin_until_ge(const u64* p, u64 s) {
-    while (ld_volatile(p) < s) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700) && !defined(__HIP_PLATFORM_AMD__)
-        __nanosleep(32);
-#endif
-    }
-}
-
 // Number of chunks and chunk size for a pair moving n bytes: a function of n and
 // launch-independent constants only, so sender and receiver agree.
 __device__ __forceinline__ void chunking(i64 n, const Args& a, i64* nch, i64* cs) {
@@ -121,41 +91,6 @@ __device__ __forceinline__ void chunking(i64 n, const Args& a, i64* nch, i64* cs
     *cs = c;
 }
 
-// Block-wide byte copy; 16-byte vectors when source and destination agree mod 16,
-// four vectors in flight per thread.
-__device__ void block_copy(char* dst, const char* src, i64 n) {
-    const i64 tid = threadIdx.x, nt = blockDim.x;
-    if (n <= 0) return;
-    const unsigned long long da = (unsigned long long)dst, sa = (unsigned long long)src;
-    if (((da ^ sa) & 15ull) == 0) {
-        i64 head = (i64)((16ull - (da & 15ull)) & 15ull);
-        if (head > n) head = n;
-        for (i64 i = tid; i < head; i += nt) dst[i] = src[i];
-        const i64 nv = (n - head) >> 4;
-        uint4* d4 = (uint4*)(dst + head);
-        const uint4* s4 = (const uint4*)(src + head);
-        i64 i = tid;
-        for (; i + 3 * nt < nv; i += 4 * nt) {
-            uint4 v0 = s4[i], v1 = s4[i + nt], v2 = s4[i + 2 * nt], v3 = s4[i + 3 * nt];
-            d4[i] = v0; d4[i + nt] = v1; d4[i + 2 * nt] = v2; d4[i + 3 * nt] = v3;
-        }
-        for (; i < nv; i += nt) d4[i] = s4[i];
-        const i64 done = head + (nv << 4);
-        for (i64 j = done + tid; j < n; j += nt) dst[j] = src[j];
-    } else if (((da ^ sa) & 3ull) == 0) {
-        i64 head = (i64)((4ull - (da & 3ull)) & 3ull);
-        if (head > n) head = n;
-        for (i64 i = tid; i < head; i += nt) dst[i] = src[i];
-        const i64 nw = (n - head) >> 2;
-        unsigned int* d = (unsigned int*)(dst + head);
-        const unsigned int* s = (const unsigned int*)(src + head);
-        for (i64 i = tid; i < nw; i += nt) d[i] = s[i];
-        for (i64 j = head + (nw << 2) + tid; j < n; j += nt) dst[j] = src[j];
-    } else {
-        for (i64 i = tid; i < n; i += nt) dst[i] = src[i];
-    }
-}
-
 __device__ __forceinline__ char* key_addr(const Args& a, u64 key, int peer) {
     const u64* tab = (const u64*)a.ctrl + CTRL_TAB;
     const u64 k = key >> KEY_SHIFT;
@@ -163,20 +98,32 @@ __device__ __forceinline__ char* key_addr(const Args& a, u64 key, int peer) {
     return (char*)(base + (key & KEY_MASK));
 }
 
-// Blocks [0, self_blocks) copy this rank's own block; the rest are (peer q, chunk c)
-// pairs, q = 1..p-1: block (q, c) sends chunk c to rank me+q and receives chunk c
-// from rank me-q, and rank me+q's block (q, c) is its partner.
-__device__ __forceinline__ void role(const Args& a, int* q, int* c) {
-    const int b = blockIdx.x;
-    if (b < (int)a.self_blocks) {
+// Roles: [0, self_blocks) copy this rank's own block; the rest are (peer q, chunk c)
+// pairs, q = 1..p-1: role (q, c) sends chunk c to rank me+q and receives chunk c from
+// rank me-q, and rank me+q's role (q, c) is its partner.
+//
+// A launch may have fewer blocks than roles (ranks sharing one GPU get a share of its
+// SMs each, docs/gpu-ipc.md): block b takes roles b, b + gridDim.x, ... and walks them
+// phase by phase (announce, send, own copy, receive). A phase waits only for an earlier
+// phase of the peers, and every block finishes a phase for all its roles before it waits
+// in the next one, so the exchange completes with any grid of at least one block per rank,
+// provided every rank's grid is resident at once.
+__device__ __forceinline__ int num_roles(const Args& a) {
+    return (int)a.self_blocks + ((int)a.p - 1) * (int)a.bpp;
+}
+
+__device__ __forceinline__ void role_of(const Args& a, int r, int* q, int* c) {
+    if (r < (int)a.self_blocks) {
         *q = 0;
-        *c = b;
+        *c = r;
     } else {
-        const int i = b - (int)a.self_blocks;
+        const int i = r - (int)a.self_blocks;
         *q = 1 + i / (int)a.bpp;
         *c = i % (int)a.bpp;
     }
 }
+
+#define FOR_ROLES(a, r) for (int r = (int)blockIdx.x; r < num_roles(a); r += (int)gridDim.x)
 
 __device__ void self_copy(const Args& a, int c) {
     const i64 n = a.scount[a.rank];
@@ -227,89 +174,121 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
     u64* ctrl = (u64*)a.ctrl;
     const int me = (int)a.rank, p = (int)a.p;
     int q, c;
-    role(a, &q, &c);
     const u64 s = begin_call(a);
     announce_finished(a, s);
-    const int dst = (me + q) % p, src = (me - q + p) % p;
     i64 nch, cs;
 
-    if (q == 0) {
-        self_copy(a, c);
-    } else if (a.mode == 0) {
+    if (a.mode == 0) {
         // --- push ---
-        const i64 nr = a.rcount[src];
         const bool staged = (a.my_key == ~0ull);
-        if (c == 0 && threadIdx.x == 0 && nr > 0) {
-            const u64 key = staged ? (a.stage_off + (u64)src * (u64)a.slot_bytes) : (a.my_key + (u64)a.rdispl[src]);
-            u64* pc = (u64*)a.peer_ctrl[src];
-            *(volatile u64*)(pc + CTRL_RDY_KEY + me) = key;
-            st_release_sys(pc + CTRL_RDY_SEQ + me, s);
-        }
-        const i64 ns = a.scount[dst];
-        chunking(ns, a, &nch, &cs);
-        if (ns > 0 && c < nch) {
-            PAIR_RANGE(ns, nch, cs, c, b, e)
-            if (b < e) {
-                if (threadIdx.x == 0) {
-                    spin_until_ge(ctrl + CTRL_RDY_SEQ + dst, s);
-                    __threadfence_system();
-                    s_key = ld_volatile(ctrl + CTRL_RDY_KEY + dst);
-                }
-                __syncthreads();
-                char* out = key_addr(a, s_key, dst);
-                block_copy(out + b, (const char*)a.sendbuf + a.sdispl[dst] + b, e - b);
-                __threadfence_system();
-                __syncthreads();
-                if (threadIdx.x == 0)
-                    st_release_sys((u64*)a.peer_ctrl[dst] + CTRL_FLAG + me * PYA2A_MAXB + c, s);
+        FOR_ROLES(a, r) {  // receiver: tell each sender where to write
+            role_of(a, r, &q, &c);
+            const int src = (me - q + p) % p;
+            if (q != 0 && c == 0 && threadIdx.x == 0 && a.rcount[src] > 0) {
+                const u64 key = staged ? (a.stage_off + (u64)src * (u64)a.slot_bytes) : (a.my_key + (u64)a.rdispl[src]);
+                u64* pc = (u64*)a.peer_ctrl[src];
+                *(volatile u64*)(pc + CTRL_RDY_KEY + me) = key;
+                st_release_sys(pc + CTRL_RDY_SEQ + me, s);
             }
         }
-        chunking(nr, a, &nch, &cs);
-        if (nr > 0 && c < nch) {
-            PAIR_RANGE(nr, nch, cs, c, b, e)
-            if (b < e) {
-                if (threadIdx.x == 0) {
-                    spin_until_ge(ctrl + CTRL_FLAG + src * PYA2A_MAXB + c, s);
+        FOR_ROLES(a, r) {  // sender: store the chunk, then raise its flag
+            role_of(a, r, &q, &c);
+            if (q == 0) continue;
+            const int dst = (me + q) % p;
+            const i64 ns = a.scount[dst];
+            chunking(ns, a, &nch, &cs);
+            if (ns > 0 && c < nch) {
+                PAIR_RANGE(ns, nch, cs, c, b, e)
+                if (b < e) {
+                    if (threadIdx.x == 0) {
+                        spin_until_ge(ctrl + CTRL_RDY_SEQ + dst, s);
+                        __threadfence_system();
+                        s_key = ld_volatile(ctrl + CTRL_RDY_KEY + dst);
+                    }
+                    __syncthreads();
+                    char* out = key_addr(a, s_key, dst);
+                    block_copy(out + b, (const char*)a.sendbuf + a.sdispl[dst] + b, e - b);
                     __threadfence_system();
+                    __syncthreads();
+                    if (threadIdx.x == 0)
+                        st_release_sys((u64*)a.peer_ctrl[dst] + CTRL_FLAG + me * PYA2A_MAXB + c, s);
                 }
-                __syncthreads();
-                if (staged)
-                    block_copy((char*)a.recvbuf + a.rdispl[src] + b,
-                               (const char*)a.ctrl + a.stage_off + (u64)src * (u64)a.slot_bytes + b, e - b);
+            }
+        }
+        FOR_ROLES(a, r) {
+            role_of(a, r, &q, &c);
+            if (q == 0) self_copy(a, c);
+        }
+        FOR_ROLES(a, r) {  // receiver: wait for the chunk, copy it out if staged
+            role_of(a, r, &q, &c);
+            if (q == 0) continue;
+            const int src = (me - q + p) % p;
+            const i64 nr = a.rcount[src];
+            chunking(nr, a, &nch, &cs);
+            if (nr > 0 && c < nch) {
+                PAIR_RANGE(nr, nch, cs, c, b, e)
+                if (b < e) {
+                    if (threadIdx.x == 0) {
+                        spin_until_ge(ctrl + CTRL_FLAG + src * PYA2A_MAXB + c, s);
+                        __threadfence_system();
+                    }
+                    __syncthreads();
+                    if (staged)
+                        block_copy((char*)a.recvbuf + a.rdispl[src] + b,
+                                   (const char*)a.ctrl + a.stage_off + (u64)src * (u64)a.slot_bytes + b, e - b);
+                }
             }
         }
     } else {
         // --- pull: sendbuf symmetric (my_key is its key) ---
-        const i64 ns = a.scount[dst];
-        if (c == 0 && threadIdx.x == 0 && ns > 0) {
-            u64* pc = (u64*)a.peer_ctrl[dst];
-            *(volatile u64*)(pc + CTRL_RDY_KEY + me) = a.my_key + (u64)a.sdispl[dst];
-            st_release_sys(pc + CTRL_RDY_SEQ + me, s);
-        }
-        const i64 nr = a.rcount[src];
-        chunking(nr, a, &nch, &cs);
-        if (nr > 0 && c < nch) {
-            PAIR_RANGE(nr, nch, cs, c, b, e)
-            if (b < e) {
-                if (threadIdx.x == 0) {
-                    spin_until_ge(ctrl + CTRL_RDY_SEQ + src, s);
-                    __threadfence_system();
-                    s_key = ld_volatile(ctrl + CTRL_RDY_KEY + src);
-                }
-                __syncthreads();
-                const char* in = key_addr(a, s_key, src);
-                block_copy((char*)a.recvbuf + a.rdispl[src] + b, in + b, e - b);
-                __threadfence_system();
-                __syncthreads();
-                if (threadIdx.x == 0)
-                    st_release_sys((u64*)a.peer_ctrl[src] + CTRL_FLAG + me * PYA2A_MAXB + c, s);
+        FOR_ROLES(a, r) {  // sender: publish where to read
+            role_of(a, r, &q, &c);
+            const int dst = (me + q) % p;
+            if (q != 0 && c == 0 && threadIdx.x == 0 && a.scount[dst] > 0) {
+                u64* pc = (u64*)a.peer_ctrl[dst];
+                *(volatile u64*)(pc + CTRL_RDY_KEY + me) = a.my_key + (u64)a.sdispl[dst];
+                st_release_sys(pc + CTRL_RDY_SEQ + me, s);
             }
         }
-        chunking(ns, a, &nch, &cs);
-        if (ns > 0 && c < nch) {
-            PAIR_RANGE(ns, nch, cs, c, b, e)
-            if (b < e && threadIdx.x == 0) {
-                spin_until_ge(ctrl + CTRL_FLAG + dst * PYA2A_MAXB + c, s);
+        FOR_ROLES(a, r) {  // receiver: read the chunk, then tell the sender "consumed"
+            role_of(a, r, &q, &c);
+            if (q == 0) continue;
+            const int src = (me - q + p) % p;
+            const i64 nr = a.rcount[src];
+            chunking(nr, a, &nch, &cs);
+            if (nr > 0 && c < nch) {
+                PAIR_RANGE(nr, nch, cs, c, b, e)
+                if (b < e) {
+                    if (threadIdx.x == 0) {
+                        spin_until_ge(ctrl + CTRL_RDY_SEQ + src, s);
+                        __threadfence_system();
+                        s_key = ld_volatile(ctrl + CTRL_RDY_KEY + src);
+                    }
+                    __syncthreads();
+                    const char* in = key_addr(a, s_key, src);
+                    block_copy((char*)a.recvbuf + a.rdispl[src] + b, in + b, e - b);
+                    __threadfence_system();
+                    __syncthreads();
+                    if (threadIdx.x == 0)
+                        st_release_sys((u64*)a.peer_ctrl[src] + CTRL_FLAG + me * PYA2A_MAXB + c, s);
+                }
+            }
+        }
+        FOR_ROLES(a, r) {
+            role_of(a, r, &q, &c);
+            if (q == 0) self_copy(a, c);
+        }
+        FOR_ROLES(a, r) {  // sender: the send buffer may be reused once every chunk is read
+            role_of(a, r, &q, &c);
+            if (q == 0) continue;
+            const int dst = (me + q) % p;
+            const i64 ns = a.scount[dst];
+            chunking(ns, a, &nch, &cs);
+            if (ns > 0 && c < nch) {
+                PAIR_RANGE(ns, nch, cs, c, b, e)
+                if (b < e && threadIdx.x == 0) {
+                    spin_until_ge(ctrl + CTRL_FLAG + dst * PYA2A_MAXB + c, s);
+                }
             }
         }
     }
@@ -409,80 +388,101 @@ __device__ __forceinline__ uint4 ll_wait(const uint4* p, unsigned int tag) {
     return w;
 }
 
-extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
-    pdl_enter();
-    u64* ctrl = (u64*)a.ctrl;
-    const int me = (int)a.rank, p = (int)a.p;
-    int q, c;
-    role(a, &q, &c);
-    const int dst = (me + q) % p, src = (me - q + p) % p;
-    const i64 nt = blockDim.x;
-    // This block's send lines [sb, se) to dst, and the payload of this thread's first
-    // line, loaded before the call number and the buffer-reuse check so that its latency
-    // overlaps theirs (with small chunks that is the only line a thread sends).
-    const i64 ns = (q == 0) ? 0 : a.scount[dst], ls = (ns + 7) >> 3;
-    i64 sb = 0, se = 0;
+// Lines [sb, se) of chunk c of a block of ls lines.
+__device__ __forceinline__ void ll_range(const Args& a, i64 ls, int c, i64* sb, i64* se) {
+    *sb = 0;
+    *se = 0;
     if (ls > 0) {
         i64 nch, cs;
         ll_chunking(ls, a, &nch, &cs);
         if (c < nch) {
-            sb = (i64)c * cs;
-            se = (sb + cs < ls) ? sb + cs : ls;
+            *sb = (i64)c * cs;
+            *se = (*sb + cs < ls) ? *sb + cs : ls;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
+    pdl_enter();
+    u64* ctrl = (u64*)a.ctrl;
+    const int me = (int)a.rank, p = (int)a.p;
+    const i64 nt = blockDim.x;
+    int q, c;
+    // The payload of this thread's first line of the block's first role, loaded before
+    // the call number and the buffer-reuse check so that its latency overlaps theirs (with
+    // small chunks that is the only line a thread sends).
+    role_of(a, (int)blockIdx.x, &q, &c);
+    i64 sb, se;
+    int dst = (me + q) % p;
+    i64 ns = (q == 0) ? 0 : a.scount[dst];
+    ll_range(a, (ns + 7) >> 3, c, &sb, &se);
     const char* in = (const char*)a.sendbuf + a.sdispl[dst];
-    const int sal = ll_align(in);
-    const i64 i0 = sb + threadIdx.x;
+    int sal = ll_align(in);
+    i64 i0 = sb + threadIdx.x;
     const uint2 first = (i0 < se) ? ll_load8(in, i0, ns, sal) : make_uint2(0u, 0u);
     // dst's "finished" flag, read together with the call number rather than after it
     const u64 fin0 = (i0 < se) ? ld_volatile(ctrl + CTRL_FIN + dst) : 0ull;
     const u64 s = begin_call(a);
     announce_finished(a, s);
-    if (q == 0) {
-        self_copy(a, c);
-    } else {
-        const unsigned int tag = (unsigned int)s;
-        const u64 par = s & 1ull;
-        i64 nch, cs;
-        if (i0 < se) {
-            // dst finished the call that last used this parity's buffer (every sending
-            // thread reads the flag itself: one broadcast load, no block barrier)
-            if (s >= 3 && fin0 < s - 2) spin_until_ge(ctrl + CTRL_FIN + dst, s - 2);
-            uint4* out = (uint4*)(a.peer_ctrl[dst] + a.ll_off + (par * (u64)p + (u64)me) * (u64)a.ll_slot);
-            ll_put(out + i0, first, tag);
-            i64 i = i0 + nt;
-            for (; i + nt < se; i += 2 * nt) {  // two loads in flight before the stores
-                const uint2 v0 = ll_load8(in, i, ns, sal), v1 = ll_load8(in, i + nt, ns, sal);
-                ll_put(out + i, v0, tag);
-                ll_put(out + i + nt, v1, tag);
-            }
-            if (i < se) ll_put(out + i, ll_load8(in, i, ns, sal), tag);
+    const unsigned int tag = (unsigned int)s;
+    const u64 par = s & 1ull;
+    FOR_ROLES(a, r) {  // send: every line carries the call number
+        const bool head = (r == (int)blockIdx.x);
+        if (!head) {
+            role_of(a, r, &q, &c);
+            dst = (me + q) % p;
+            ns = (q == 0) ? 0 : a.scount[dst];
+            ll_range(a, (ns + 7) >> 3, c, &sb, &se);
+            in = (const char*)a.sendbuf + a.sdispl[dst];
+            sal = ll_align(in);
+            i0 = sb + threadIdx.x;
         }
-        const i64 nr = a.rcount[src], lr = (nr + 7) >> 3;
-        ll_chunking(lr, a, &nch, &cs);
-        if (lr > 0 && c < nch) {
-            PAIR_RANGE(lr, nch, cs, c, b, e)
-            if (b < e) {
-                const uint4* inl = (const uint4*)(a.ctrl + a.ll_off + (par * (u64)p + (u64)src) * (u64)a.ll_slot);
-                char* o = (char*)a.recvbuf + a.rdispl[src];
-                const int al = ll_align(o);
-                i64 i = b + threadIdx.x;
-                for (; i + 3 * nt < e; i += 4 * nt) {
-                    // issue four polls before waiting on any of them
-                    uint4 w0 = ll_get(inl + i), w1 = ll_get(inl + i + nt);
-                    uint4 w2 = ll_get(inl + i + 2 * nt), w3 = ll_get(inl + i + 3 * nt);
-                    if (!ll_ready(w0, tag)) w0 = ll_wait(inl + i, tag);
-                    if (!ll_ready(w1, tag)) w1 = ll_wait(inl + i + nt, tag);
-                    if (!ll_ready(w2, tag)) w2 = ll_wait(inl + i + 2 * nt, tag);
-                    if (!ll_ready(w3, tag)) w3 = ll_wait(inl + i + 3 * nt, tag);
-                    ll_store8(o, i, w0, nr, al);
-                    ll_store8(o, i + nt, w1, nr, al);
-                    ll_store8(o, i + 2 * nt, w2, nr, al);
-                    ll_store8(o, i + 3 * nt, w3, nr, al);
-                }
-                for (; i < e; i += nt) ll_store8(o, i, ll_wait(inl + i, tag), nr, al);
-            }
+        if (q == 0 || i0 >= se) continue;
+        const uint2 v = head ? first : ll_load8(in, i0, ns, sal);
+        const u64 fin = head ? fin0 : ld_volatile(ctrl + CTRL_FIN + dst);
+        // dst finished the call that last used this parity's buffer (every sending
+        // thread reads the flag itself: one broadcast load, no block barrier)
+        if (s >= 3 && fin < s - 2) spin_until_ge(ctrl + CTRL_FIN + dst, s - 2);
+        uint4* out = (uint4*)(a.peer_ctrl[dst] + a.ll_off + (par * (u64)p + (u64)me) * (u64)a.ll_slot);
+        ll_put(out + i0, v, tag);
+        i64 i = i0 + nt;
+        for (; i + nt < se; i += 2 * nt) {  // two loads in flight before the stores
+            const uint2 v0 = ll_load8(in, i, ns, sal), v1 = ll_load8(in, i + nt, ns, sal);
+            ll_put(out + i, v0, tag);
+            ll_put(out + i + nt, v1, tag);
         }
+        if (i < se) ll_put(out + i, ll_load8(in, i, ns, sal), tag);
+    }
+    FOR_ROLES(a, r) {
+        role_of(a, r, &q, &c);
+        if (q == 0) self_copy(a, c);
+    }
+    FOR_ROLES(a, r) {  // receive: poll the lines themselves
+        role_of(a, r, &q, &c);
+        if (q == 0) continue;
+        const int src = (me - q + p) % p;
+        const i64 nr = a.rcount[src];
+        i64 b, e;
+        ll_range(a, (nr + 7) >> 3, c, &b, &e);
+        if (b >= e) continue;
+        const uint4* inl = (const uint4*)(a.ctrl + a.ll_off + (par * (u64)p + (u64)src) * (u64)a.ll_slot);
+        char* o = (char*)a.recvbuf + a.rdispl[src];
+        const int al = ll_align(o);
+        i64 i = b + threadIdx.x;
+        for (; i + 3 * nt < e; i += 4 * nt) {
+            // issue four polls before waiting on any of them
+            uint4 w0 = ll_get(inl + i), w1 = ll_get(inl + i + nt);
+            uint4 w2 = ll_get(inl + i + 2 * nt), w3 = ll_get(inl + i + 3 * nt);
+            if (!ll_ready(w0, tag)) w0 = ll_wait(inl + i, tag);
+            if (!ll_ready(w1, tag)) w1 = ll_wait(inl + i + nt, tag);
+            if (!ll_ready(w2, tag)) w2 = ll_wait(inl + i + 2 * nt, tag);
+            if (!ll_ready(w3, tag)) w3 = ll_wait(inl + i + 3 * nt, tag);
+            ll_store8(o, i, w0, nr, al);
+            ll_store8(o, i + nt, w1, nr, al);
+            ll_store8(o, i + 2 * nt, w2, nr, al);
+            ll_store8(o, i + 3 * nt, w3, nr, al);
+        }
+        for (; i < e; i += nt) ll_store8(o, i, ll_wait(inl + i, tag), nr, al);
     }
 }
 
@@ -530,12 +530,13 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ce_post(const Args a
     u64* ctrl = (u64*)a.ctrl;
     const int me = (int)a.rank, p = (int)a.p;
     int q, c;
-    role(a, &q, &c);
     const u64 s = begin_call(a);
-    const int src = (me - q + p) % p;
-    if (q != 0) {
-        // A staged block arrives as ce_sub sub-copies, each flagged: block c copies
-        // its share of sub-copy j = c % J out as soon as that one has landed.
+    FOR_ROLES(a, r) {
+        role_of(a, r, &q, &c);
+        if (q == 0) continue;
+        const int src = (me - q + p) % p;
+        // A staged block arrives as ce_sub sub-copies, each flagged: role c copies its
+        // share of sub-copy j = c % J out as soon as that one has landed.
         const i64 nr = a.rcount[src];
         const bool staged = (a.my_key == ~0ull);
         const int J = staged ? (int)a.ce_sub : 1;

@@ -43,6 +43,8 @@
 #include <cstdio>  // printf; NVRTC / hiprtc declare it themselves
 #endif
 
+#include "pya2a_device.cuh"
+
 #define MOE_MAXP 8
 #define MOE_MAXE 512
 #define MOE_THREADS 512
@@ -53,9 +55,6 @@
 #define CTRL_DONE 64
 #define CTRL_CNT_BYTES 16384
 
-typedef unsigned long long u64;
-typedef long long i64;
-
 #if defined(__HIP_PLATFORM_AMD__)
 #define SHFL(v, j) __shfl((v), (j), 32)
 #define SHFL_UP(v, d) __shfl_up((v), (d), 32)
@@ -64,38 +63,15 @@ typedef long long i64;
 #define SHFL_UP(v, d) __shfl_up_sync(0xffffffffu, (v), (d))
 #endif
 
-__device__ __forceinline__ u64 ld_volatile(const u64* p) { return *(const volatile u64*)p; }
-
-__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700) && !defined(__HIP_PLATFORM_AMD__)
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-#else
-    __threadfence_system();
-    *(volatile u64*)p = v;
-#endif
-}
-
-__device__ __forceinline__ u64 now_ns() {
-#if defined(__CUDA_ARCH__) && !defined(__HIP_PLATFORM_AMD__)
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-#else
-    return (u64)clock64();  // cycles, not ns: the watchdog is only a backstop there
-#endif
-}
-
 // Wait until *p >= s. A watchdog turns a lost flag (a rank that never made the call, a
 // protocol bug) into a message and a wrong result instead of a hung GPU: after
 // MOE_WATCHDOG_NS the waiter reports and gives up.
 #define MOE_WATCHDOG_NS 5000000000ull
-__device__ __noinline__ u64 spin_until_ge(const u64* p, u64 s, int rank, int word) {
+__device__ __noinline__ u64 spin_watchdog(const u64* p, u64 s, int rank, int word) {
     u64 v, t0 = 0;
     unsigned int k = 0;
     while ((v = ld_volatile(p)) < s) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700) && !defined(__HIP_PLATFORM_AMD__)
-        __nanosleep(20);
-#endif
+        spin_pause(20);
         if ((++k & 4095u) == 0u) {
             const u64 t = now_ns();
             if (t0 == 0) {
@@ -209,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_dispatch(con
         }
         // ---- 3. wait for every rank's counts; offsets
         if (tid < p) {
-            spin_until_ge(ctrl + CTRL_CNT_FLAG + tid, a.seq, me, CTRL_CNT_FLAG + tid);
+            spin_watchdog(ctrl + CTRL_CNT_FLAG + tid, a.seq, me, CTRL_CNT_FLAG + tid);
             __threadfence_system();
         }
         __syncthreads();
@@ -299,7 +275,7 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_dispatch(con
     if (s_last && tid < p) {
         __threadfence_system();
         st_release_sys((u64*)a.peer_ctrl[tid] + CTRL_DATA_FLAG + me, a.seq);
-        spin_until_ge(ctrl + CTRL_DATA_FLAG + tid, a.seq, me, CTRL_DATA_FLAG + tid);
+        spin_watchdog(ctrl + CTRL_DATA_FLAG + tid, a.seq, me, CTRL_DATA_FLAG + tid);
         __threadfence_system();
     }
 }
@@ -368,7 +344,7 @@ __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_combine(const CombineAr
     u64* ctrl = (u64*)a.ctrl;
     if (tid < p) {
         st_release_sys((u64*)a.peer_ctrl[tid] + CTRL_READY_FLAG + me, 2ull * a.seq + (u64)a.use_x);
-        const u64 v = spin_until_ge(ctrl + CTRL_READY_FLAG + tid, 2ull * a.seq, me,
+        const u64 v = spin_watchdog(ctrl + CTRL_READY_FLAG + tid, 2ull * a.seq, me,
                                     CTRL_READY_FLAG + tid);
         __threadfence_system();
         src_base[tid] = (v & 1ull) ? a.peer_x[tid] : a.peer_y[tid];
