@@ -58,7 +58,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--shapes", default="all", help="comma list of shape numbers 0..4")
-    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the NCCL baseline")
+    ap.add_argument("--staged", action="store_true",
+                    help="also time the staged backend (ranks sharing a GPU, where NCCL "
+                         "refuses to run)")
     a = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import cupy as cp
@@ -108,6 +111,29 @@ def main() -> int:
                "tokens": comm.allgather(n), "rows_received": comm.allgather(rows_here),
                "fused_us": t_fused, "fused_wall_us": wall_fused,
                "fused_noagree_us": t_fast, "fused_noagree_wall_us": wall_fast}
+        if a.staged:
+            eps = pya2a.moe.ExpertParallel(comm, E, H, T, K, np.float16, device=dev,
+                                           backend="staged")
+            first = me * El
+            fac = np.array([1 + ((first + le) % 5) / 4 for le in range(El)], np.float16)
+            sout = {}
+
+            def staged_step(eps=eps, xd=xd, idxd=idxd, wd=wd, fac=fac, sout=sout):
+                ex, counts, h = eps.dispatch(xd, idxd)
+                ey = cp.asarray(ex) * cp.asarray(np.repeat(fac, np.asarray(counts)))[:, None]
+                sout["y"] = eps.combine(ey, wd, h)
+
+            staged_step()
+            cp.cuda.runtime.deviceSynchronize()
+            sy = cp.asnumpy(cp.asarray(sout["y"]))
+            t_st, wall_st = per_call_us(comm, cp, staged_step, a.iters, a.warmup)
+            eps.free()
+            err = float(np.max(np.abs(sy.astype(np.float32) - fused_y.astype(np.float32)),
+                               initial=0.0))
+            row.update({"staged_us": t_st, "staged_wall_us": wall_st,
+                        "speedup_vs_staged": t_st / t_fused,
+                        "speedup_vs_staged_noagree": t_st / t_fast,
+                        "max_abs_diff_y_staged": comm.allreduce(err, op=MPI.MAX)})
         if torch is not None:
             xt, it, wt = (torch.as_tensor(xd, device="cuda"), torch.as_tensor(idxd, device="cuda"),
                           torch.as_tensor(wd, device="cuda"))
@@ -174,6 +200,11 @@ def _geo(v: list[float]) -> float:
 def _report(rows: list, p: int, a, cp, torch) -> dict:
     s = {"fused_geomean_us": _geo([r["fused_us"] for r in rows]),
          "fused_noagree_geomean_us": _geo([r["fused_noagree_us"] for r in rows])}
+    if rows and "staged_us" in rows[0]:
+        s["staged_geomean_us"] = _geo([r["staged_us"] for r in rows])
+        s["speedup_vs_staged_geomean"] = _geo([r["speedup_vs_staged"] for r in rows])
+        s["speedup_vs_staged_noagree_geomean"] = _geo([r["speedup_vs_staged_noagree"]
+                                                       for r in rows])
     if rows and "baseline_us" in rows[0]:
         s["baseline_geomean_us"] = _geo([r["baseline_us"] for r in rows])
         s["speedup_geomean"] = _geo([r["speedup"] for r in rows])
@@ -185,7 +216,9 @@ def _report(rows: list, p: int, a, cp, torch) -> dict:
         "cupy": cp.__version__, "python": platform.python_version(),
         "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
         "iters": a.iters, "warmup": a.warmup, "seed": a.seed,
-        "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
+        "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
+        "ranks_per_gpu": p // max(1, cp.cuda.runtime.getDeviceCount()),
+        "mps_thread_percentage": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")}
     if torch is not None:
         prov["torch"] = torch.__version__
         v = torch.cuda.nccl.version()

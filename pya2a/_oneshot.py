@@ -292,7 +292,7 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
         load_device_algorithms()
     if requested == "auto":
         stats_ = select.Stats.from_records(table, p, device, st.node().max_local)
-        cands = available_here(icomm, recv.device, _candidates(p, send, recv))
+        cands = available_here(icomm, recv.device, _candidates(p, send, recv), auto=True)
         requested = _choose(stats_, cands)
         log.decision(icomm, call, requested, table, lambda: select.ranking(stats_, list(cands)))
     else:

@@ -156,7 +156,8 @@ class ExpertParallel:
         device: None for host arrays (NumPy, torch CPU tensors), else the CUDA device
             ordinal that this rank's device arrays (CuPy or torch) live on.
         backend: "auto" (host for ``device=None``; on a device, "fused" when the ranks can
-            map each other's GPU memory (one node, IPC), else "staged"), "host", "staged"
+            map each other's GPU memory (one node, IPC; ranks sharing a GPU only under
+            MPS), else "staged"), "host", "staged"
             (device arrays through :func:`pya2a.Alltoallv`, staged through host memory when
             MPI is not CUDA-aware) or "fused" (:mod:`pya2a.gpu.moe_fused`).
         mode: "auto" (default: per dispatch, the mode that moves fewer bytes between ranks),
@@ -261,7 +262,7 @@ class ExpertParallel:
         elif backend == "auto":
             from .gpu.moe_fused import fused_available
 
-            ok, _why = fused_available(self._icomm, self)
+            ok, _why = fused_available(self._icomm, self, auto=True)
             self.backend = "fused" if ok and mode != "per_rank" else "staged"
         else:
             self.backend = backend

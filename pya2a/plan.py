@@ -108,7 +108,7 @@ def _decide(icomm: MPI.Intracomm, send: VSpec, recv: VSpec, table_rows: np.ndarr
     for n in algorithms.names():
         why = usable(algorithms.get(n), p, send, recv)
         if why is None:
-            why = refusal(icomm, recv.device, n)
+            why = refusal(icomm, recv.device, n, auto=True)
         if why is None:
             cands.append(n)
         else:

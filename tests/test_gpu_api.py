@@ -250,3 +250,22 @@ def test_managed_memory_through_every_device_algorithm(cp, ipc_ok, side):
             pya2a.Alltoallv(comm, [sbuf, c[r]], [rbuf, c[:, r]], algorithm=alg)
             got = cp.asnumpy(rbuf)
             assert got.tobytes() == want.tobytes(), (alg, scale, side)
+
+
+def test_auto_takes_ipc_only_where_the_ranks_kernels_run_together(cp, ipc_ok):
+    """Ranks sharing a GPU: ``ipc`` runs when asked for, but ``auto`` takes it only under
+    MPS (time-sliced, each wait on a peer costs a slice); a GPU each: as before."""
+    from pya2a.gpu.ipc import device_share
+
+    comm = pya2a.core.state.internal_comm(WORLD)
+    dev = cp.cuda.Device().id
+    share = device_share(comm, dev)
+    ok, why = ipc_alg.comm_auto(comm, dev)
+    assert ok == share.fast, why
+    p = WORLD.Get_size()
+    ex = pya2a.explain(WORLD, np.full(p, 64), np.full(p, 64), "B", device=dev)
+    if ipc_ok and not share.fast:
+        assert ex.choice != "ipc" and "ipc" in ex.excluded
+    if not share.fast:
+        pya2a.Alltoallv(WORLD, [cp.zeros(p), np.ones(p, int)],
+                        [cp.full(p, 7.0), np.ones(p, int)], algorithm="auto")

@@ -7,6 +7,8 @@ it knows exactly what it must receive. No timing here (see pya2a/tools/gpu_bench
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -248,14 +250,78 @@ def test_programmatic_dependent_launch(engine, case):
     if not _pdl_supported():
         pytest.skip("programmatic dependent launch needs sm_90+ and cuLaunchKernelEx")
     kind, method = case.split("-")
-    old, engine.pdl = engine.pdl, True
+    eng = engine
+    if engine.share.ranks_per_device > 1:  # grids sized for PDL's second resident grid
+        os.environ["PYA2A_IPC_PDL"] = "1"
+        try:
+            eng = IpcAlltoallv(COMM, capacity_bytes=1 << 20)
+        finally:
+            del os.environ["PYA2A_IPC_PDL"]
+        assert eng.pdl
+    old, eng.pdl = eng.pdl, True
     try:
         if kind == "repeated":
-            test_repeated_calls_changing_data(engine, method, method == "push")
+            test_repeated_calls_changing_data(eng, method, method == "push")
         else:
-            test_cuda_graph_capture(engine, method)
+            test_cuda_graph_capture(eng, method)
     finally:
-        engine.pdl = old
+        eng.pdl = old
+        if eng is not engine:
+            eng.free()
+
+
+def test_grid_fits_beside_the_other_ranks_on_the_gpu(engine):
+    """Ranks sharing a GPU: every rank's waiting grids (two with PDL) and the copy-engine
+    flag kernel fit on the client's multiprocessors together, one block per SM."""
+    from pya2a.gpu.ipc import client_sms
+
+    r = engine.share.ranks_per_device
+    sms = client_sms(engine.device)
+    grids = 2 if engine.pdl else 1
+    if r == 1:
+        assert engine.grid_max <= sms
+    else:
+        assert r * (grids * engine.grid_max + 1) <= sms
+    assert engine.share.ranks_per_device == COMM.allreduce(engine.share.ranks_per_device,
+                                                           op=MPI.MAX)
+
+
+@pytest.mark.parametrize("method", ["ll", "push", "pull", "ce"])
+@pytest.mark.parametrize("grid", [1, 3])
+def test_small_grids_walk_every_role(engine, method, grid):
+    """Grids smaller than the number of (peer, chunk) roles, as ranks sharing a GPU get
+    them: each block walks several roles phase by phase; results stay exact."""
+    old = engine.grid_max
+    engine.grid_max = grid
+    engine._cache.clear()
+    try:
+        rng = np.random.default_rng(4242)
+        c = _counts(rng, "random", 3000 if method != "ll" else 700)
+        c = c * 16  # bytes
+        sd = np.concatenate([[0], np.cumsum(c[RANK])[:-1]])
+        rd = np.concatenate([[0], np.cumsum(c[:, RANK])[:-1]])
+        if method == "pull":  # one symmetric buffer for both grid sizes
+            if getattr(engine, "_walk_send", None) is None:
+                engine._walk_send = engine.alloc_symmetric(1 << 20)
+            send = engine._walk_send
+        else:
+            send = cupy.empty(max(int(c[RANK].sum()), 1), dtype=cupy.uint8)
+        for it in range(3):
+            host = np.concatenate([
+                ((np.arange(int(c[RANK, j])) * 7 + RANK * 31 + j * 5 + it) % 251)
+                .astype(np.uint8) for j in range(P)]) if P else np.zeros(0, np.uint8)
+            if host.size:
+                send[:host.size] = cupy.asarray(host)
+            recv = cupy.full(max(int(c[:, RANK].sum()), 1), 255, dtype=cupy.uint8)
+            engine.alltoallv(send, c[RANK], sd, recv, c[:, RANK], rd, method=method)
+            want = np.concatenate([
+                ((np.arange(int(c[i, RANK])) * 7 + i * 31 + RANK * 5 + it) % 251)
+                .astype(np.uint8) for i in range(P)])
+            got = cupy.asnumpy(recv[:want.size])
+            assert COMM.allreduce(int((got != want).sum())) == 0, it
+    finally:
+        engine.grid_max = old
+        engine._cache.clear()
 
 
 # ---------------------------------------------------------------- registered buffers

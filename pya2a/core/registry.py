@@ -91,6 +91,9 @@ class AlgorithmInfo:
         comm_available: optional ``comm_available(icomm, device) -> (ok, reason)``,
             collective on first use per communicator and the same on every rank: whether
             the algorithm can run on this communicator at all (node layout, peer access).
+        comm_auto: optional ``comm_auto(icomm, device) -> (ok, reason)``, collective and
+            cached like ``comm_available``: whether ``auto`` may pick it here, where it
+            runs when asked for but slowly (``ipc`` with ranks time-slicing one GPU).
     """
 
     name: str
@@ -109,6 +112,7 @@ class AlgorithmInfo:
     oneshot_plan: bool = True
     schedule_options: tuple[str, ...] = ()
     comm_available: Callable[[Any, int | None], tuple[bool, str]] | None = None
+    comm_auto: Callable[[Any, int | None], tuple[bool, str]] | None = None
 
 
 _REGISTRY: dict[str, AlgorithmInfo] = {}
@@ -200,18 +204,23 @@ def name_code(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def refusal(icomm: Any, device: int | None, name: str) -> str | None:
-    """Why ``name`` cannot run on this communicator at all, or None.
+def refusal(icomm: Any, device: int | None, name: str, *, auto: bool = False) -> str | None:
+    """Why ``name`` cannot run on this communicator at all (with ``auto``: or should not
+    be picked by ``auto`` here), or None.
 
     Collective on first use per (communicator, algorithm); the same verdict on every rank.
     """
-    check = get(name).comm_available
-    if check is None:
-        return None
-    ok, why = check(icomm, device)
-    return None if ok else why
+    info = get(name)
+    for check in (info.comm_available, info.comm_auto if auto else None):
+        if check is not None:
+            ok, why = check(icomm, device)
+            if not ok:
+                return why
+    return None
 
 
-def available_here(icomm: Any, device: int | None, cands: tuple[str, ...]) -> tuple[str, ...]:
-    """``cands`` less the algorithms that cannot run on this communicator at all."""
-    return tuple(n for n in cands if refusal(icomm, device, n) is None)
+def available_here(icomm: Any, device: int | None, cands: tuple[str, ...], *,
+                   auto: bool = False) -> tuple[str, ...]:
+    """``cands`` less the algorithms that cannot run on this communicator at all (with
+    ``auto``: less those ``auto`` should not pick here either)."""
+    return tuple(n for n in cands if refusal(icomm, device, n, auto=auto) is None)

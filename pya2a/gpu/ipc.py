@@ -27,6 +27,8 @@ exportable; :func:`allocation_of` says so and callers fall back to staging.
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -48,6 +50,11 @@ __all__ = [
     "close_handle",
     "mapped",
     "check_ipc",
+    "DeviceShare",
+    "device_share",
+    "mps_client",
+    "client_sms",
+    "grid_budget",
 ]
 
 MAX_PEERS = 8  # PYA2A_MAXP in kernels/ipc_alltoallv.cu
@@ -236,9 +243,11 @@ def check_ipc(comm: Any, device: int | None = None) -> tuple[bool, str]:
     """Collective: can every rank of ``comm`` map every other rank's GPU memory?
 
     True only if all ranks share one node (``Split_type(COMM_TYPE_SHARED)`` spans
-    the communicator), each has a GPU, no two ranks drive the same GPU, at most
-    ``MAX_PEERS`` ranks, and ``deviceCanAccessPeer`` holds for every pair. The answer
-    and reason are the same on every rank.
+    the communicator), each has a GPU, at most ``MAX_PEERS`` ranks, and
+    ``deviceCanAccessPeer`` holds for every pair of distinct GPUs. Ranks may share a GPU
+    (several processes per device map each other's memory through IPC too; see
+    :func:`device_share` for what that means for speed and grid sizes). The answer and
+    reason are the same on every rank.
     """
     from mpi4py import MPI
 
@@ -267,8 +276,6 @@ def check_ipc(comm: Any, device: int | None = None) -> tuple[bool, str]:
         except Exception as exc:
             reason = f"no usable GPU: {exc}"
     pcis = comm.allgather(pci)
-    if not reason and len(set(pcis)) != size and all(pcis):
-        reason = "two ranks share one GPU (IPC within one device is refused)"
     if not reason and all(pcis):
         cp = _cupy()
         runtime = cp.cuda.runtime
@@ -287,6 +294,143 @@ def check_ipc(comm: Any, device: int | None = None) -> tuple[bool, str]:
         if why:
             return False, f"rank {r}: {why}"
     return True, "ok"
+
+
+class DeviceShare(NamedTuple):
+    """How the ranks of a communicator sit on their GPUs (the same on every rank).
+
+    Attributes:
+        ranks_per_device: the most ranks of the communicator on one GPU (1: a GPU each).
+        mps: every rank is a client of the CUDA Multi-Process Service (:func:`mps_client`),
+            so kernels of ranks sharing a GPU run at the same time; without it they
+            time-slice, and a wait on another rank costs a time slice (milliseconds).
+    """
+
+    ranks_per_device: int
+    mps: bool
+
+    @property
+    def fast(self) -> bool:
+        """Kernels that wait for other ranks are fast here: a GPU each, or MPS."""
+        return self.ranks_per_device <= 1 or self.mps
+
+
+def device_share(comm: Any, device: int | None = None) -> DeviceShare:
+    """Collective: how many ranks of ``comm`` share a GPU, and whether all are MPS clients.
+
+    GPUs are told apart by PCI bus id (``CUDA_VISIBLE_DEVICES`` may number one GPU
+    differently in different processes). MPS is agreed with a logical AND, so a job where
+    some ranks are not clients is treated as time-sliced.
+    """
+    cp = _cupy()
+    rt = cp.cuda.runtime
+    pci = ""
+    try:
+        dev = int(device) if device is not None else int(rt.getDevice())
+        pci = rt.deviceGetPCIBusId(dev)
+    except Exception:
+        dev = -1
+    mine = (pci, mps_client(dev)[0] if pci else False)
+    allv = comm.allgather(mine)
+    counts: dict[str, int] = {}
+    for p_, _m in allv:
+        if p_:
+            counts[p_] = counts.get(p_, 0) + 1
+    return DeviceShare(max(counts.values(), default=1), all(m for _p, m in allv))
+
+
+class _NvmlProcess(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+
+
+def _nvml_pids(device_pci: str) -> tuple[set[int], set[int]] | None:
+    """(MPS client pids, other compute pids) on the GPU with this PCI bus id, from NVML;
+    None if NVML cannot tell (no library, an old driver, no such device)."""
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    try:
+        if lib.nvmlInit_v2() != 0:
+            return None
+        handle = ctypes.c_void_p()
+        if lib.nvmlDeviceGetHandleByPciBusId_v2(device_pci.encode(), ctypes.byref(handle)) != 0:
+            return None
+        out = []
+        for fn in ("nvmlDeviceGetMPSComputeRunningProcesses_v3",
+                   "nvmlDeviceGetComputeRunningProcesses_v3"):
+            f = getattr(lib, fn, None)
+            if f is None:
+                return None
+            n = ctypes.c_uint(256)
+            buf = (_NvmlProcess * 256)()
+            if f(handle, ctypes.byref(n), buf) != 0:
+                return None
+            out.append({int(buf[i].pid) for i in range(min(int(n.value), 256))})
+        return out[0], out[1]
+    finally:
+        lib.nvmlShutdown()
+
+
+@functools.cache
+def mps_client(device: int) -> tuple[bool, str]:
+    """Whether this process reaches ``device`` through MPS, and how that was decided.
+
+    ``PYA2A_MPS=0|1`` overrides. Otherwise NVML is asked (after this process holds a
+    context on the device) which processes have an MPS compute context there: this
+    process among them means yes; this process among the plain compute processes means
+    no. Where NVML cannot tell (no library, process ids of another namespace), a
+    reachable MPS control pipe (``$CUDA_MPS_PIPE_DIRECTORY``, default
+    ``/tmp/nvidia-mps``, holding ``control``) means yes: the CUDA driver connects every
+    new context to a running daemon found there.
+    """
+    env = os.environ.get("PYA2A_MPS", "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True, "PYA2A_MPS=1"
+    if env in ("0", "false", "no", "off"):
+        return False, "PYA2A_MPS=0"
+    pid = os.getpid()
+    try:
+        cp = _cupy()
+        with cp.cuda.Device(device):
+            cp.cuda.runtime.free(0)  # a context on the device (cudaFree(0) creates it)
+            pci = cp.cuda.runtime.deviceGetPCIBusId(device)
+        pids = _nvml_pids(pci)
+    except Exception:
+        pids = None
+    if pids is not None:
+        if pid in pids[0]:
+            return True, "NVML lists this process as an MPS client"
+        if pid in pids[1]:
+            return False, "NVML lists this process with its own context (no MPS)"
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    if os.path.exists(os.path.join(pipe, "control")):
+        return True, f"MPS control pipe in {pipe}"
+    return False, "no MPS daemon found"
+
+
+def client_sms(device: int) -> int:
+    """Multiprocessors this process may use on ``device`` (the device attribute; under MPS
+    with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` the driver reports the client's share)."""
+    cp = _cupy()
+    return int(cp.cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+def grid_budget(sms: int, ranks_per_device: int, grids_in_flight: int = 1) -> int:
+    """Blocks one rank's waiting kernel may launch so that every rank's can be resident.
+
+    A kernel that spins on another rank's flag needs that rank's kernel resident at the
+    same time (MPS does not preempt; docs/gpu-ipc.md, "Progress"). With ``r`` ranks on a
+    GPU of ``sms`` multiprocessors (the client's share under an MPS limit), each with up to
+    ``grids_in_flight`` such grids queued (2 with programmatic dependent launch, whose next
+    grid may become resident early), every rank gets ``sms // (r * grids_in_flight)``
+    blocks: then all of them fit even at one block per multiprocessor, wherever the
+    scheduler puts them. A GPU of its own keeps the whole device.
+    """
+    if ranks_per_device <= 1:
+        return max(1, int(sms))
+    return max(1, int(sms) // (int(ranks_per_device) * max(1, int(grids_in_flight))))
 
 
 class IpcGroup:
@@ -309,6 +453,7 @@ class IpcGroup:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.device = cp.cuda.Device(device).id if device is not None else cp.cuda.Device().id
+        self.share = device_share(self.comm, self.device)
         self.allocs: list[SymmetricAlloc] = []
         self._table_ptr = 0  # device address of the key table (set with allocation 0)
 

@@ -10,9 +10,10 @@ This module adapts it to the registry: one engine per internal communicator and 
 made on first use (collective) and made again, larger, when a call's largest block exceeds
 its staging capacity. Both decisions use the all-gathered agreement record (the largest
 block over all ranks, ``ctx.options["max_block"]``), so every rank makes them together.
-Availability (one node, one GPU per rank, peer access between every pair) is checked once
-per communicator, collectively, by :func:`comm_available`; ``auto`` only picks ``ipc`` when
-it holds. Engines live until :func:`free_engines` or process exit.
+Availability (one node, peer access between every pair of GPUs; ranks may share a GPU) is
+checked once per communicator, collectively, by :func:`comm_available`; ``auto`` only picks
+``ipc`` when it holds and, for ranks sharing a GPU, only under MPS (:func:`comm_auto`).
+Engines live until :func:`free_engines` or process exit.
 
 From ``IpcAlltoallv.DIRECT_FROM`` bytes per pair (global largest block) the receive buffer
 is registered with the peers (``IpcAlltoallv.register_recv``: a one-int64 ``Allgather`` per
@@ -32,7 +33,7 @@ from ..core.spec import VSpec
 from ..core.state import live_states, state
 from .device import RawArray
 
-__all__ = ["run", "cost", "comm_available", "free_engines"]
+__all__ = ["run", "cost", "comm_available", "comm_auto", "free_engines"]
 
 MIN_CAPACITY = 1 << 20  # staging bytes per peer pair in a fresh engine
 _ENGINE = "ipc.engine"  # CommState slot: {device: engine}
@@ -61,6 +62,25 @@ def comm_available(comm: MPI.Intracomm, device: int | None = None) -> tuple[bool
         else:
             hit = IpcAlltoallv.available(comm, device=device)
         st.set_slot("ipc.available", hit)
+    return hit
+
+
+def comm_auto(comm: MPI.Intracomm, device: int | None = None) -> tuple[bool, str]:
+    """Collective on first use per communicator: may ``auto`` pick ``ipc`` here?
+
+    Yes with a GPU per rank, or with ranks sharing a GPU under MPS (their kernels run at
+    once); no when ranks time-slice a GPU (each wait on a peer costs a time slice), where
+    an explicit ``algorithm="ipc"`` still runs. Same answer on every rank.
+    """
+    st = state(comm)
+    hit = st.slot("ipc.auto")
+    if hit is None:
+        from .ipc import device_share
+
+        share = device_share(comm, device)
+        hit = (True, "ok") if share.fast else (
+            False, f"{share.ranks_per_device} ranks share a GPU without MPS (time-sliced)")
+        st.set_slot("ipc.auto", hit)
     return hit
 
 
@@ -159,10 +179,11 @@ def _supports(p: int, send: VSpec | None, recv: VSpec | None, device: bool) -> s
     if not device:
         return "takes device buffers only"
     if p > 8:
-        return "needs at most 8 ranks (one node, one GPU each)"
+        return "needs at most 8 ranks (one node)"
     return None
 
 
 register(AlgorithmInfo(name="ipc", run=run, cost=cost, supports=_supports, host=False,
                        device=True, takes_in_place=True, uses_transport=False,
-                       oneshot_plan=False, comm_available=comm_available, doc=__doc__ or ""))
+                       oneshot_plan=False, comm_available=comm_available, comm_auto=comm_auto,
+                       doc=__doc__ or ""))

@@ -1,9 +1,10 @@
 """Intra-node GPU all-to-all over CUDA/HIP IPC (the ``ipc`` algorithm).
 
-Ranks of one node, one GPU each, every pair peer-accessible (NVLink / NVSwitch or
-xGMI). One kernel launch moves every peer block; ranks signal each other with
-sequence-numbered flags in peer memory, so there is no host barrier and no
-allocation per call, calls are stream-ordered and capturable in a CUDA graph.
+Ranks of one node, every pair of GPUs peer-accessible (NVLink / NVSwitch or xGMI);
+several ranks may share a GPU (docs/gpu-ipc.md, "Ranks sharing a GPU"). One kernel
+launch moves every peer block; ranks signal each other with sequence-numbered flags in
+peer memory, so there is no host barrier and no allocation per call, calls are
+stream-ordered and capturable in a CUDA graph.
 
 Counts are exchanged device-side: each rank knows only its own ``sendcounts`` and
 ``recvcounts`` (which must agree pairwise, as in MPI). In the default push method
@@ -55,6 +56,7 @@ from .ipc import (
     check_ipc,
     close_handle,
     export_handle,
+    grid_budget,
     mapped,
     open_handle,
 )
@@ -125,8 +127,14 @@ def pdl_supported(cp: Any, device: int) -> bool:
     return int(major or 0) >= 9
 
 
-def _pdl_wanted(cp: Any, device: int) -> bool:
-    return os.environ.get("PYA2A_IPC_PDL", "1") != "0" and pdl_supported(cp, device)
+def _pdl_wanted(cp: Any, device: int, shared: bool = False) -> bool:
+    """PDL for this rank (it only orders this rank's own stream, so ranks need not agree):
+    ``PYA2A_IPC_PDL=0|1`` decides; by default on where supported, except when ranks share
+    the GPU (there an early-resident next grid takes SMs that other ranks' kernels need)."""
+    env = os.environ.get("PYA2A_IPC_PDL", "")
+    if env == "0" or (shared and env != "1"):
+        return False
+    return pdl_supported(cp, device)
 
 
 def _ptr_nbytes(buf: Any) -> tuple[int, int]:
@@ -280,8 +288,8 @@ class IpcAlltoallv:
     """All-to-all(v) between the GPUs of one node through IPC-mapped memory.
 
     Args:
-        comm: mpi4py intracommunicator; all ranks on one node, one GPU each
-            (check with :meth:`available` first). Collective.
+        comm: mpi4py intracommunicator; all ranks on one node, a GPU each or several
+            ranks sharing one (check with :meth:`available` first). Collective.
         capacity_bytes: largest block (bytes) one rank receives from one peer in one
             call when the receive buffer is not symmetric; sizes the staging slots
             (``size * capacity_bytes`` of device memory per rank). Same on every rank.
@@ -309,8 +317,9 @@ class IpcAlltoallv:
     def available(comm: Any, *, device: int | None = None) -> tuple[bool, str]:
         """Collective: ``(True, "ok")`` if the backend can run on ``comm``, else ``(False, why)``.
 
-        Same answer on every rank. Needs CuPy, all ranks on one node, one distinct GPU
-        per rank, at most 8 ranks, and peer access between every pair of GPUs.
+        Same answer on every rank. Needs CuPy, all ranks on one node, at most 8 ranks,
+        and peer access between every pair of distinct GPUs; ranks may share a GPU
+        (fast under MPS, time-sliced without; :func:`pya2a.gpu.ipc.device_share`).
         """
         return check_ipc(comm, device)
 
@@ -345,13 +354,23 @@ class IpcAlltoallv:
             self._streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
             self._ev_fork = cp.cuda.Event(disable_timing=True)
             self._ev_join = [cp.cuda.Event(disable_timing=True) for _ in self._streams]
-        # Co-residency: every block may spin on flags from other GPUs, so the grid
-        # never exceeds the SM count: a few blocks for the own block, the rest split
-        # evenly between the peers.
-        smin = min(self.group.comm.allgather(int(sms)))
+        # Co-residency (docs/gpu-ipc.md, "Progress"): every block may spin on flags from
+        # other ranks, so every rank's grid must be resident at once. A GPU of its own:
+        # at most the SM count. Ranks sharing a GPU: grid_budget's share each (halved
+        # when PDL may make the next grid resident early), less one block for the
+        # copy-engine path's flag kernel; PDL is off there unless asked for.
+        share = self.group.share
+        self.share = share
+        self.pdl = _pdl_wanted(cp, self.device, shared=share.ranks_per_device > 1)
+        budget = grid_budget(int(sms), share.ranks_per_device, 2 if self.pdl else 1)
+        self.grid_max = max(1, budget - 1) if share.ranks_per_device > 1 else budget
+        smin = min(self.group.comm.allgather(self.grid_max))
+        # a few roles for the own block, the rest split evenly between the peers (a
+        # smaller grid walks the roles: the kernels work with any grid size)
         self.self_max = max(1, min(8, smin // 16))
-        # (minus one SM for the copy-engine path's flag kernels)
-        self.max_chunks = max(1, min(MAX_CHUNKS, (smin - self.self_max - 1) // max(p - 1, 1)))
+        reserve = 1 if share.ranks_per_device <= 1 else 0  # an SM for the ce flag kernel
+        self.max_chunks = max(1, min(MAX_CHUNKS,
+                                     (smin - self.self_max - reserve) // max(p - 1, 1)))
         self.min_chunk = int(min_chunk)
         self.ll_min_chunk = int(ll_min_chunk)
         self.ll_off = CTRL_BYTES + p * self.slot_bytes
@@ -362,7 +381,6 @@ class IpcAlltoallv:
             cp.cuda.runtime.deviceSynchronize()
         self.group.comm.Barrier()
         self._launchk = cp.cuda.driver.launchKernel
-        self.pdl = _pdl_wanted(cp, self.device)  # per rank; only orders this rank's stream
         self._getdev = cp.cuda.runtime.getDevice
         self._template = np.zeros((), dtype=_ARGS_DTYPE)
         t = self._template
@@ -630,7 +648,8 @@ class IpcAlltoallv:
         self_blocks = min(self.self_max, max(1, -(-nself // (128 << 10))))
         a["bpp"] = bpp
         a["self_blocks"] = self_blocks
-        return _Call(a, self_blocks + max(p - 1, 0) * bpp, method, copies, self_copy,
+        roles = self_blocks + max(p - 1, 0) * bpp
+        return _Call(a, min(roles, self.grid_max), method, copies, self_copy,
                      self._fn.get(method, 0))
 
     def _check_slots(self, counts: np.ndarray) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 from ..core.validate import agree, error_code
 from . import cupy as _cupy
 from . import loader
-from .ipc import CTRL_BYTES, IpcGroup, check_ipc
+from .ipc import CTRL_BYTES, IpcGroup, check_ipc, client_sms, device_share, grid_budget
 
 __all__ = ["FusedExpertParallel", "FusedHandle", "fused_available", "scale_experts",
            "MAX_EXPERTS", "MAX_RANKS"]
@@ -73,12 +73,15 @@ def _cdiv(a: int, b: int) -> int:
 
 
 
-def fused_available(comm: Any, ep: Any = None) -> tuple[bool, str]:
+def fused_available(comm: Any, ep: Any = None, *, auto: bool = False) -> tuple[bool, str]:
     """Collective: can the fused path run on ``comm`` (for ``ep``'s configuration)?
 
-    Needs everything :func:`pya2a.gpu.ipc.check_ipc` needs (one node, one GPU per rank,
-    peer access, at most 8 ranks), at most 512 experts, float16 / bfloat16 / float32 rows
-    and ``hidden * itemsize`` a multiple of 16 bytes. Same answer on every rank.
+    Needs everything :func:`pya2a.gpu.ipc.check_ipc` needs (one node, peer access between
+    distinct GPUs, at most 8 ranks; ranks may share a GPU), at most 512 experts, float16 /
+    bfloat16 / float32 rows and ``hidden * itemsize`` a multiple of 16 bytes. With
+    ``auto`` (should ``backend="auto"`` take it?) ranks sharing a GPU must also be MPS
+    clients: time-sliced, every wait on a peer costs a time slice. Same answer on every
+    rank.
     """
     why = ""
     if ep is not None:
@@ -90,7 +93,13 @@ def fused_available(comm: Any, ep: Any = None) -> tuple[bool, str]:
             why = f"{ep.num_experts} experts (fused path: at most {MAX_EXPERTS})"
     if why:  # configuration is agreed on every rank already: same answer everywhere
         return False, why
-    return check_ipc(comm, None if ep is None else ep.device)
+    dev = None if ep is None else ep.device
+    ok, why = check_ipc(comm, dev)
+    if ok and auto:
+        share = device_share(comm, dev)
+        if not share.fast:
+            return False, f"{share.ranks_per_device} ranks share a GPU without MPS (time-sliced)"
+    return ok, why
 
 
 @dataclass(eq=False)
@@ -154,13 +163,15 @@ class FusedExpertParallel:
             self._fn = {k: loader.function_ptr(mod, f) for k, f in (
                 ("dispatch", "pya2a_moe_dispatch"), ("combine", f"pya2a_moe_combine<{self.type}>"),
                 ("scale", f"pya2a_moe_scale_experts<{self.type}>"))}
-            sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
             self.slot = cp.empty(max(N, 1), dtype=np.int32)
             self.idx = cp.empty(max(N, 1), dtype=np.int64)
             self.counts = cp.zeros(ep.local_experts, dtype=np.int64)
             self.xbuf = self.group.as_array(self.xa, (cap, ep.hidden), ep.dtype)
             self.ybuf = self.group.as_array(self.ya, (cap, ep.hidden), ep.dtype)
-        self.sms = int(sms)
+        self.sms = client_sms(self.device)
+        # Blocks of dispatch and combine wait for other ranks: every rank's grid must be
+        # resident at once (grid_budget; a GPU of its own: one block per SM)
+        self.grid_max = grid_budget(self.sms, self.group.share.ranks_per_device)
         p = ep.size
         d = self._dargs = np.zeros((), dtype=_DISPATCH)
         d["ctrl"], d["slot"], d["expert_counts"] = self.ctrl.ptr, self.slot.data.ptr, \
@@ -286,7 +297,7 @@ class FusedExpertParallel:
             ia = self._cp.ascontiguousarray(ia, dtype=np.int64)  # allocates; stream-ordered
         self._keep = (x, topk_idx, ia)
         self.seq += 1
-        g = min(self.sms, max(1, N))
+        g = min(self.grid_max, max(1, N))
         epb = _cdiv(N, g) if N else 1
         g = _cdiv(N, epb) if N else 1
         segs = max(1, min(_cdiv(g * _WARPS, max(N, 1)), ep.row_bytes // 512))
@@ -379,7 +390,7 @@ class FusedExpertParallel:
         if oa is None:
             with cp.cuda.Device(self.device):
                 oa = cp.empty((n, ep.hidden), dtype=ep.dtype)
-        segs = max(1, min(_cdiv(self.sms * _WARPS, max(n, 1)), ep.row_bytes // 512))
+        segs = max(1, min(_cdiv(self.grid_max * _WARPS, max(n, 1)), ep.row_bytes // 512))
         w, k = self._cw, self._ck
         w[k["y"]] = oa.data.ptr if n else self.ya.ptr
         w[k["w"]] = wa.data.ptr if N else self.idx.data.ptr
@@ -388,7 +399,7 @@ class FusedExpertParallel:
         w[k["use_x"]] = use_x
         w[k["segs"]] = segs
         w[k["seg_vecs"]] = _cdiv(ep.row_bytes // 16, segs)
-        self._launch(self._fn["combine"], min(self.sms, max(1, _cdiv(n * segs, _WARPS))),
+        self._launch(self._fn["combine"], min(self.grid_max, max(1, _cdiv(n * segs, _WARPS))),
                      _THREADS, self._cparams)
         handle.done = True
         self._pending = None

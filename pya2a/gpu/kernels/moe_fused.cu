@@ -35,9 +35,11 @@
 // and combine alternate.
 //
 // Entries whose expert is outside [0, E) are dropped (not sent, weight ignored).
-// Blocks wait on flags that other GPUs raise: the grid stays at most the SM count (one
-// 512-thread block per SM fits), see GPU-NOTES.md. HIP: __shfl_sync is mapped to __shfl;
-// untested on AMD.
+// Blocks wait on flags that other ranks raise: every rank's grid must be resident at once
+// (the host caps grids with pya2a.gpu.ipc.grid_budget: one block per SM for a GPU of its
+// own, a share for ranks sharing one; docs/gpu-ipc.md "Progress"); dispatch takes any grid
+// (entries per block), combine walks tokens grid-stride.
+// HIP: __shfl_sync is mapped to __shfl; untested on AMD.
 
 #if !defined(__CUDACC_RTC__) && !defined(__HIPCC_RTC__)
 #include <cstdio>  // printf; NVRTC / hiprtc declare it themselves
