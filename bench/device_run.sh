@@ -9,14 +9,19 @@
 #   bash bench/device_run.sh staged N          bench/gpu_staged.py: Open MPI, the MPICH wheel
 #   bash bench/device_run.sh shm N             the shm window under both MPIs, bench --device cuda
 #   bash bench/device_run.sh moe N             bench/moe_dispatch_combine.py
+#   bash bench/device_run.sh share N           ranks sharing a GPU: SMs each sees, MPS detection
+#   bash bench/device_run.sh shared N          ranks sharing a GPU: ipc methods vs shm vs staged
 #   bash bench/device_run.sh cpu               bench/cpu_sweep.sh (MPICH wheel, p = 64 32 16)
 #
 # Ranks take GPU rank % (visible GPUs), so N above the GPU count shares GPUs. Results (JSON,
 # PNG) go to $OUT named <what>_<machine>, e.g. gpu_alltoallv_h200x4.json; every log goes to
 # $LOGS and is packed into $OUT/logs.tgz after each subcommand. Environment:
 #   ONE_GPU=1   suites: every rank on GPU 0 (CUDA_VISIBLE_DEVICES=0)
-#   MPS=1       suites: start the MPS daemon (as root) for ranks sharing a GPU, each rank
-#               limited to CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100/N; stopped on exit
+#   MPS=1       suites, sanitize, moe, share, shared: start the MPS daemon (as root) for
+#               ranks sharing a GPU; stopped on exit
+#   MPS_PCT     with MPS=1: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for each rank: "split" (default,
+#               100/N), "none" (no limit: the engine sizes its grids itself) or a number
+#   MOE_ARGS    extra arguments of bench/moe_dispatch_combine.py (e.g. --no-baseline --staged)
 #   M           the launcher (default: Open MPI's mpiexec, as root, oversubscribed)
 #   MACHINE     the <machine> part of names (default from nvidia-smi: h200x4; h200 for one GPU)
 # Needs Open MPI's `mpiexec` on PATH (called by name); `staged`, `shm` and `cpu` also need
@@ -32,7 +37,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export PYTHONWARNINGS=ignore::DeprecationWarning PYTHONUNBUFFERED=1
 M=${M:-"mpiexec --allow-run-as-root --oversubscribe --bind-to none"}
 PT="-q -p no:cacheprovider -o addopts="
-GPU_SUITES="tests/test_gpu_api.py tests/test_gpu_shm.py tests/test_gpu_ipc.py tests/test_gpu_device.py tests/test_moe.py tests/test_moe_torch.py"
+GPU_SUITES=${GPU_SUITES:-"tests/test_gpu_api.py tests/test_gpu_shm.py tests/test_gpu_ipc.py tests/test_gpu_device.py tests/test_moe.py tests/test_moe_torch.py"}
 T0=$SECONDS
 
 stamp() { echo "== $1 at +$((SECONDS - T0))s"; }
@@ -73,6 +78,8 @@ machine() {
 # MPS daemon for ranks sharing a GPU (their spinning kernels must be resident together);
 # the ranks find it through the two directories, which Open MPI passes on with -x.
 start_mps() {
+  [ -n "${MPS_ON:-}" ] && return
+  MPS_ON=1
   export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps_pipe}
   export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps_log}
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -81,23 +88,49 @@ start_mps() {
   M="$M -x CUDA_MPS_PIPE_DIRECTORY -x CUDA_MPS_LOG_DIRECTORY"
 }
 
-stop_mps() { echo quit | nvidia-cuda-mps-control; }
+stop_mps() { echo quit | nvidia-cuda-mps-control; sleep 1; }
+
+# A run killed by its timeout can leave the MPS server unusable for new clients
+# (cudaErrorDevicesUnavailable): start a fresh one.
+restart_mps() {
+  [ -n "${MPS_ON:-}" ] || return
+  stop_mps
+  nvidia-cuda-mps-control -d || echo "MPS daemon did not restart"
+}
+
+# $RUN_ENV / $RUN_TAG for N ranks: the environment each rank gets (ONE_GPU, MPS with its
+# thread percentage) and the name part that says so; starts MPS when asked.
+run_env() {
+  local n=$1 pct
+  RUN_ENV="" RUN_TAG=p$n
+  [ "${ONE_GPU:-0}" = 1 ] && RUN_ENV="CUDA_VISIBLE_DEVICES=0" RUN_TAG=${RUN_TAG}_one_gpu
+  if [ "${MPS:-0}" = 1 ]; then
+    start_mps
+    pct=${MPS_PCT:-split}
+    [ "$pct" = split ] && pct=$((100 / n))
+    RUN_TAG=${RUN_TAG}_mps
+    if [ "$pct" != none ]; then
+      RUN_ENV="$RUN_ENV CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct" RUN_TAG=${RUN_TAG}$pct
+    fi
+  fi
+  # the launcher with $RUN_ENV set and exported to the ranks
+  RUN_M="env $RUN_ENV $M $(for v in $RUN_ENV; do echo "-x ${v%%=*}"; done)"
+}
 
 # suites N [N ...]: the GPU suites on N ranks each; prints exit code, summary, failures.
 suites() {
-  local n env tag log
-  [ "${MPS:-0}" = 1 ] && start_mps
+  local n log rc
   for n in "$@"; do
-    env="" tag=p$n
-    [ "${ONE_GPU:-0}" = 1 ] && env="CUDA_VISIBLE_DEVICES=0" tag=${tag}_one_gpu
-    [ "${MPS:-0}" = 1 ] && env="$env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / n))" tag=${tag}_mps
-    log=$LOGS/gpu_suites_${tag}_$MACHINE.log
-    stamp "GPU suites, $n ranks${env:+ ($env)}"
-    # shellcheck disable=SC2046,SC2086  # word lists: $env, $M, the -x options
-    env $env timeout -k 5 300 $M -n "$n" $(for v in $env; do echo "-x ${v%%=*}"; done) \
+    run_env "$n"
+    log=$LOGS/gpu_suites_${RUN_TAG}_$MACHINE.log
+    stamp "GPU suites, $n ranks${RUN_ENV:+ ($RUN_ENV)}"
+    # shellcheck disable=SC2086
+    timeout -k 5 "${SUITE_TIMEOUT:-300}" $RUN_M -n "$n" \
       python3 -m mpi4py tests/run_mpi.py $PT -m "not serial" $GPU_SUITES > "$log" 2>&1
-    echo "rc=$?"; tail -n 1 "$log"
+    rc=$?
+    echo "rc=$rc"; tail -n 1 "$log"
     grep -aE "^(FAILED|ERROR)" "$log" | head
+    [ $rc = 124 ] && restart_mps
   done
 }
 
@@ -105,14 +138,16 @@ suites() {
 # included), then memcheck on the registration tests (user buffers peers write into).
 sanitize() {
   local n=$1 tool log t=tests/test_gpu_ipc.py
+  run_env "$n"
+  local M=$RUN_M
   local small="$t::test_ll $t::test_push_staged $t::test_pull_symmetric_send $t::test_copy_engine
     $t::test_mixed_methods_in_sequence $t::test_cuda_graph_capture $t::test_programmatic_dependent_launch"
   local reg="registered or registration or buffers_change or many_distinct or stream_ordered or large_blocks_direct or copy_engine_plan"
   for tool in memcheck racecheck registration; do
-    log=$LOGS/gpu_${tool}_p${n}_$MACHINE.log
+    log=$LOGS/gpu_${tool}_${RUN_TAG}_$MACHINE.log
     stamp "compute-sanitizer $tool, $n ranks"
     if [ $tool = registration ]; then
-      log=$LOGS/gpu_memcheck_registration_p${n}_$MACHINE.log
+      log=$LOGS/gpu_memcheck_registration_${RUN_TAG}_$MACHINE.log
       # shellcheck disable=SC2086
       timeout -k 5 300 $M -n "$n" compute-sanitizer --tool memcheck --print-limit 20 \
         python3 -m mpi4py tests/run_mpi.py $PT $t -k "$reg" > "$log" 2>&1
@@ -232,12 +267,58 @@ print(json.dumps(r)) if c.rank < 2 else None
 
 # moe N: fused MoE dispatch + expert op + combine against the same step over NCCL.
 moe() {
-  local n=$1 name=moe_$MACHINE
-  stamp "MoE step, $n ranks"
+  local n=$1 name
+  run_env "$n"
+  name=moe_$MACHINE
+  [ "$RUN_TAG" != "p$n" ] && name=moe_${n}on1_${RUN_TAG#p"$n"_}_$MACHINE
+  stamp "MoE step, $n ranks${RUN_ENV:+ ($RUN_ENV)}"
   # shellcheck disable=SC2086
-  timeout -k 5 300 $M -n "$n" python3 bench/moe_dispatch_combine.py --iters 100 \
-    --out "$OUT/$name.json" > "$LOGS/$name.log" 2>&1
+  timeout -k 5 300 $RUN_M -n "$n" python3 bench/moe_dispatch_combine.py --iters 100 \
+    ${MOE_ARGS:-} --out "$OUT/$name.json" > "$LOGS/$name.log" 2>&1
   echo "rc=$?"; tail -n 12 "$LOGS/$name.log"
+}
+
+# share N: what N ranks sharing this machine's GPU see: multiprocessors per rank (under an
+# MPS thread limit the driver reports the client's share), MPS detected and agreed, the
+# grid budget of the ipc engine, and whether auto takes ipc.
+share() {
+  local n=$1
+  run_env "$n"
+  stamp "ranks sharing a GPU, $n ranks${RUN_ENV:+ ($RUN_ENV)}"
+  # shellcheck disable=SC2086
+  timeout -k 5 120 $RUN_M -n "$n" python3 -c '
+import cupy as cp
+from mpi4py import MPI
+from pya2a.gpu import ipc
+from pya2a.gpu.ipc_alltoallv import IpcAlltoallv
+c = MPI.COMM_WORLD
+cp.cuda.Device(c.rank % cp.cuda.runtime.getDeviceCount()).use()
+d = cp.cuda.Device().id
+e = IpcAlltoallv(c, 1 << 20)
+r = dict(rank=c.rank, sms=ipc.client_sms(d), mps=ipc.mps_client(d), share=e.share,
+         grid_max=e.grid_max, max_chunks=e.max_chunks, pdl=e.pdl)
+e.free()
+print(r) if c.rank < 2 else None
+' 2>&1 | tail -n 4
+}
+
+# shared N: N ranks on one GPU: every ipc method, shm, the staged path (pairwise, native) and
+# one-shot auto, 128 B - 64 MiB per peer; NCCL refuses two ranks on one GPU. Written as
+# gpu_alltoallv_<N>on1_<mps...>_<machine>.json / .png.
+shared() {
+  local n=$1 name
+  run_env "$n"
+  name=gpu_alltoallv_${n}on1_${RUN_TAG#p"$n"_}_$MACHINE
+  [ "$RUN_TAG" = "p$n" ] && name=gpu_alltoallv_${n}on1_timesliced_$MACHINE
+  stamp "ranks sharing a GPU, bench, $n ranks${RUN_ENV:+ ($RUN_ENV)}"
+  # shellcheck disable=SC2086
+  timeout -k 5 "${SHARED_TIMEOUT:-400}" $RUN_M -n "$n" python3 -m pya2a.tools.gpu_bench \
+    --no-nccl --passes "${SHARED_PASSES:-2}" \
+    --sizes "${SHARED_SIZES:-128,1024,8192,65536,262144,1048576,4194304,16777216,67108864}" \
+    --out "$OUT/$name.json" --plot "$OUT/$name.png" > "$LOGS/$name.log" 2>&1
+  echo "rc=$?"
+  grep -aE " (ll|push|push_staged|pull|ce|api:auto|api:shm|api:native|api:pairwise) " \
+    "$LOGS/$name.log" | head -90
 }
 
 # cpu: the CPU sweep on this machine's cores with the MPICH wheel, results packed into
@@ -255,7 +336,7 @@ cpu() {
 
 cmd=${1:-}
 case "$cmd" in
-  suites|sanitize|bench|latency|registered|staged|shm|moe)
+  suites|sanitize|bench|latency|registered|staged|shm|moe|share|shared)
     [ $# -ge 2 ] || { echo "usage: bash bench/device_run.sh $cmd N"; exit 2; } ;;
   cpu) ;;
   *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 2 ;;
