@@ -63,6 +63,7 @@ from mpi4py import MPI
 
 import pya2a  # the exchange is looked up at call time (pya2a.Alltoallv), so wrappers apply
 
+from .core.devices import array_family
 from .core.spec import is_device_buffer
 from .core.state import check_comm as _check_comm
 from .core.state import internal_comm
@@ -128,9 +129,6 @@ class DispatchHandle:
     dev: dict = field(default_factory=dict)  # device copies of index arrays (staged path)
 
 
-def _family(obj: object) -> str:
-    mod = type(obj).__module__.split(".")[0]
-    return "torch" if mod == "torch" else "cupy" if mod == "cupy" else mod
 
 
 def _wants_grad(*arrays: Any) -> bool:
@@ -138,7 +136,7 @@ def _wants_grad(*arrays: Any) -> bool:
     torch = sys.modules.get("torch")
     if torch is None or not torch.is_grad_enabled():
         return False
-    return any(_family(a) == "torch" and a.requires_grad for a in arrays)
+    return any(array_family(a) == "torch" and a.requires_grad for a in arrays)
 
 
 class ExpertParallel:
@@ -256,7 +254,11 @@ class ExpertParallel:
                              or self._acc_dtype == np.float64 else np.float32)
         self.traffic = dict.fromkeys(PHASES, 0)
         self._fused = None
-        self._xp = np if device is None else _cupy_on(int(device))
+        self._xp = np
+        if device is not None:
+            from .gpu import cupy
+
+            self._xp = cupy()
         if self.device is None:
             self.backend = "host"
         elif backend == "auto":
@@ -319,7 +321,7 @@ class ExpertParallel:
 
             return grad_dispatch(self, x, topk_idx)
         torch = sys.modules.get("torch")
-        fresh = _family(x) == "torch" and torch is not None and torch.is_grad_enabled()
+        fresh = array_family(x) == "torch" and torch is not None and torch.is_grad_enabled()
         return self._dispatch(x, topk_idx, grad=False, fresh=fresh)
 
     def _dispatch(self, x: Any, topk_idx: Any, grad: bool,
@@ -672,7 +674,7 @@ class ExpertParallel:
 
     def _storage(self, a: Any) -> Any:
         """The NumPy / CuPy view of a caller's array, bfloat16 as uint16 words (no copy)."""
-        fam = _family(a)
+        fam = array_family(a)
         if fam == "torch":
             t = a.detach()
             if str(t.dtype) == "torch.bfloat16":
@@ -688,7 +690,7 @@ class ExpertParallel:
 
     def _wrap(self, arr: Any, like: Any) -> Any:
         """``arr`` (NumPy / CuPy storage) as the caller's array type (torch stays torch)."""
-        if _family(like) != "torch":
+        if array_family(like) != "torch":
             return arr
         import torch
 
@@ -699,7 +701,7 @@ class ExpertParallel:
         return t.view(torch.bfloat16) if self._bf16 else t
 
     def _check_kind(self, call: str, name: str, a: Any) -> None:
-        fam = _family(a)
+        fam = array_family(a)
         if self.device is None:
             host_torch = fam == "torch" and a.device.type == "cpu"
             if not (isinstance(a, np.ndarray) or host_torch):
@@ -712,7 +714,7 @@ class ExpertParallel:
     def _check_dtype(self, call: str, name: str, a: Any) -> None:
         got = _dtype_name(a.dtype)
         if got != self.dtype_name and not (self._bf16 and got == "uint16"
-                                           and _family(a) != "torch"):
+                                           and array_family(a) != "torch"):
             raise TypeError(f"{call}: {name} has dtype {a.dtype}, expected {self.dtype_name}")
 
     def _check_x(self, call: str, x: Any) -> int:
@@ -761,12 +763,12 @@ class ExpertParallel:
                              f"({n}, {self.topk})")
         if not _dtype_name(w.dtype).startswith(("float", "bfloat")):
             raise TypeError(f"{call}: topk_weight must be floating point, got {w.dtype}")
-        if _family(w) == "torch":
+        if array_family(w) == "torch":
             w = w.detach()
             if str(w.dtype) == "torch.bfloat16":
                 w = w.float()
         if self.device is None:
-            return w.numpy() if _family(w) == "torch" else np.asarray(w)
+            return w.numpy() if array_family(w) == "torch" else np.asarray(w)
         return self._xp.asarray(w) if is_device_buffer(w) else self._xp.asarray(np.asarray(w))
 
     def expert_output(self, rows: int) -> Any:
@@ -882,7 +884,7 @@ def _dtype_name(dt: Any) -> str:
 def _to_host(a: Any) -> np.ndarray:
     if isinstance(a, np.ndarray):
         return a
-    fam = _family(a)
+    fam = array_family(a)
     if fam == "cupy":
         return a.get()
     if fam == "torch":
@@ -894,10 +896,6 @@ def _bytes(a: Any) -> Any:
     return a.reshape(-1).view(np.uint8)
 
 
-def _cupy_on(device: int) -> Any:
-    from .gpu import cupy
-
-    return cupy()
 
 
 class _on_device:  # noqa: N801 (a context manager used like a function)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-__all__ = ["gpu_device", "load_device_algorithms"]
+__all__ = ["array_family", "gpu_device", "load_device_algorithms"]
 
 
 def gpu_device() -> ModuleType:
@@ -21,3 +21,10 @@ def gpu_device() -> ModuleType:
 def load_device_algorithms() -> None:
     """Register the device-only algorithms (``ipc``, ``shm``); idempotent."""
     from ..gpu import algorithms  # noqa: F401  (registration)
+
+
+def array_family(obj: object) -> str:
+    """Which library an array comes from: ``"torch"``, ``"cupy"`` or ``"other"`` (by its
+    type's module; imports nothing)."""
+    mod = (type(obj).__module__ or "").split(".")[0]
+    return mod if mod in ("torch", "cupy") else "other"

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from ..core.devices import array_family
 from ..core.state import state
 from . import cupy as _cupy
 from .staging import AwareTransport, DeviceTransport, StagedTransport
@@ -568,13 +569,6 @@ def transport(comm: MPI.Intracomm, device: int) -> DeviceTransport:
 # ---------------------------------------------------------------------------------------
 # arrays for the array-level API
 # ---------------------------------------------------------------------------------------
-def _family(obj: object) -> str:
-    mod = type(obj).__module__ or ""
-    if mod.startswith("torch"):
-        return "torch"
-    if mod.startswith("cupy"):
-        return "cupy"
-    return "other"
 
 
 def _as_cupy(obj: object):
@@ -596,7 +590,7 @@ def empty_rows(like: object, nrows: int):
         out = hook(like, nrows)
         if out is not None:
             return out
-    fam = _family(like)
+    fam = array_family(like)
     shape = (int(nrows), *tuple(like.shape)[1:])
     if fam == "torch":
         import torch
@@ -615,7 +609,7 @@ def byte_view(arr: object):
         out = hook(arr)
         if out is not None:
             return out
-    fam = _family(arr)
+    fam = array_family(arr)
     if fam == "torch":
         import torch
 
