@@ -288,3 +288,16 @@ def test_replot_reads_the_cited_results(name, capsys):
     assert cli.main(["bench", "--replot", str(ROOT / "bench" / "results" / name)]) == 0
     out = capsys.readouterr().out
     assert "auto->" in out and "#wrong" in out
+
+
+@pytest.mark.serial
+def test_device_bench_without_cupy_says_so(tmp_path):
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("CuPy is importable here: the device bench would run")
+    out = _run([sys.executable, "-m", "pya2a", "bench", "--device", "cuda", "-b", "8", "-e", "8"])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "CuPy is not importable" in out.stderr and "gpu-cuda13" in out.stderr

@@ -30,7 +30,8 @@ from .report import fmt_size, parse_size, print_table, write_csv, write_plot
 __all__ = ["main", "info", "UsageError"]
 
 PATTERNS = ("uniform", "random", "skew", "hot")
-PROG = "python -m pya2a"
+# how the user started us: the ``pya2a`` script or ``python -m pya2a``
+PROG = "pya2a" if sys.argv and Path(sys.argv[0]).stem == "pya2a" else "python -m pya2a"
 
 
 class UsageError(Exception):
