@@ -217,6 +217,23 @@ cdef Py_ssize_t _extent_of(object dt) except? -1:
     return ext
 
 
+cdef dict _HOST_TYPES = {}
+
+
+cdef inline bint _host_buffer(object obj):
+    """``obj`` is read through the buffer protocol: it has one and is not a device array
+    that also exports it (CuPy arrays do, and raise when it is used without managed or
+    system memory); those go to the device reader with the other device arrays. The
+    answer is kept per type."""
+    if not PyObject_CheckBuffer(obj):
+        return False
+    t = type(obj)
+    r = _HOST_TYPES.get(t)
+    if r is None:
+        r = _HOST_TYPES[t] = not hasattr(t, "__cuda_array_interface__")
+    return r
+
+
 cdef int _host(Msg m, object obj, bint readonly, str call, str what,
                bint want_type=True) except -1:
     """Address, size, format of a buffer-protocol object, with mpi4py's checks."""
@@ -249,7 +266,7 @@ def acquire(obj, bint readonly, str call="pya2a", str what="buffer", bint want_t
     m.obj = obj
     if obj is None or obj is _BOTTOM:
         raise TypeError(f"{call}: {what} buffer is {obj!r}; a real buffer is needed here")
-    if PyObject_CheckBuffer(obj):
+    if _host_buffer(obj):
         _host(m, obj, readonly, call, what, want_type)
         m.cacheable = True
     else:
@@ -262,7 +279,7 @@ def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoal
     """Read one Alltoall (``vector`` False) or Alltoallv message for ``p`` peers."""
     cdef object o_buf = None, o_counts = None, o_displs = None, o_type = None
     cdef Py_ssize_t n
-    if PyObject_CheckBuffer(msg):
+    if _host_buffer(msg):
         o_buf = msg
     elif type(msg) is list or type(msg) is tuple or isinstance(msg, (list, tuple)):
         n = len(msg)
@@ -293,7 +310,7 @@ def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoal
         m.datatype = _explicit_type(call, what, o_type)  # None: KeyError, as mpi4py
         m.itemsize = m.datatype.Get_size()
     else:
-        if PyObject_CheckBuffer(o_buf):
+        if _host_buffer(o_buf):
             _host(m, o_buf, readonly, call, what, o_type is None)
             m.cacheable = True
         else:
