@@ -1,9 +1,9 @@
 """The public API on device buffers: every device algorithm, ``ipc`` included, and ``auto``.
 
-Skips cleanly without CuPy or a GPU. Under mpiexec with one GPU per rank (nvidia-h200-x4)
-``ipc`` runs; with ranks sharing one GPU it is unavailable, ``auto`` must fall back to a
-staged algorithm and an explicit ``algorithm="ipc"`` must raise on every rank. The oracle is
-the MPI library's own Alltoallv on host copies of the same data.
+Skips cleanly without CuPy or a GPU. ``ipc`` runs with one GPU per rank and with ranks
+sharing a GPU; there ``auto`` takes it only under MPS. Where it cannot run (no peer access)
+an explicit ``algorithm="ipc"`` must raise on every rank. The oracle is the MPI library's
+own Alltoallv on host copies of the same data.
 """
 
 from __future__ import annotations
