@@ -33,7 +33,7 @@ from mpi4py import MPI
 
 from . import algorithms, select
 from .algorithms._bound import bind_schedule, bind_scratch_ok, schedule_steps
-from .core import log
+from .core import _msg, log
 from .core import spec as _spec
 from .core.devices import load_device_algorithms
 from .core.registry import Bound, Context, execute, name_code, refusal, usable
@@ -460,6 +460,9 @@ def _detached(spec: VSpec) -> VSpec:
 
 def _address(buf: object) -> tuple[int, int]:
     """(address, nbytes) of a host buffer, or of a device array via the array interface."""
+    hit = _msg.address(buf)
+    if hit is not None:
+        return hit
     try:
         mem = MPI.buffer(buf)
         return (mem.address, mem.nbytes)

@@ -38,7 +38,7 @@ cdef extern from "Python.h":
     long long PyLong_AsLongLong(object) except? -1
 
 __all__ = ["Msg", "read", "read_pair", "acquire", "int64_vector", "is_integral", "set_hooks",
-           "add_cacheable", "format_type"]
+           "add_cacheable", "format_type", "address"]
 
 cdef object _TYPEDICT = MPI._typedict
 cdef object _DATATYPE = MPI.Datatype
@@ -257,6 +257,21 @@ cdef int _host(Msg m, object obj, bint readonly, str call, str what,
     finally:
         PyBuffer_Release(&view)
     return 0
+
+
+def address(obj):
+    """(address, size) of a buffer-protocol object's memory, or None (a cheap lookup key;
+    nothing is checked)."""
+    cdef Py_buffer view
+    if not PyObject_CheckBuffer(obj):
+        return None
+    try:
+        PyObject_GetBuffer(obj, &view, PyBUF_RECORDS_RO)
+    except Exception:
+        return None
+    out = (<Py_ssize_t> view.buf, view.len)
+    PyBuffer_Release(&view)
+    return out
 
 
 def acquire(obj, bint readonly, str call="pya2a", str what="buffer", bint want_type=False):

@@ -1,0 +1,163 @@
+"""The drop-in call's cost against mpi4py's own, and a plan's binding costs (host buffers).
+
+Run (any p; the README's figures are p = 2 on a 2-core machine)::
+
+    mpiexec -n 2 python bench/oneshot_overhead.py --json bench/results/oneshot_p2_local.json
+
+Rows, per bytes per peer (8 B .. 16 KiB by default), each the mean per call of ``--iters``
+calls, the slowest rank's, best of ``--passes`` passes in which the rows take turns (so
+every ratio compares calls made in the same stretch of time):
+
+- ``mpi4py``: ``comm.Alltoallv([s, counts], [r, counts])`` on the same buffers;
+- ``oneshot``: ``pya2a.Comm(comm).Alltoallv`` with the same arguments (its signature is
+  cached after the first call; every call still agrees on it across ranks);
+- ``oneshot_native``: the same with ``algorithm="native"`` (only the call path differs
+  from mpi4py's);
+- ``plan``: ``pya2a.plan(...)`` of the algorithm ``auto`` chose, ``run`` on the same buffers;
+- ``plan_new_recv``: the plan with a new receive array every call;
+- ``plan_rebind``: the plan, ``cache_size=1``, alternating two receive buffers, so that every
+  call binds a buffer.
+
+``--profile`` adds, on rank 0, the functions where a one-shot call's time goes (cProfile,
+repeated calls at the smallest size) to the output and the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import pya2a
+
+SIZES = [8, 64, 512, 1024, 4096, 16384]
+
+
+def _time(comm: MPI.Intracomm, fn, iters: int) -> float:
+    """Mean seconds per call of ``fn`` over ``iters`` calls, the slowest rank's."""
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    dt = (time.perf_counter() - t0) / iters
+    return comm.allreduce(dt, op=MPI.MAX)
+
+
+def _rows(comm: MPI.Intracomm, m: int):
+    p = comm.Get_size()
+    n = max(m // 8, 1)
+    counts = [n] * p
+    s = np.arange(n * p, dtype="d")
+    r = np.empty(n * p)
+    pc = pya2a.Comm(comm)
+    pn = pya2a.Comm(comm, algorithm="native")
+    pl = pya2a.plan(comm, counts, counts, "d")
+    pl1 = pya2a.plan(comm, counts, counts, "d", algorithm=pl.algorithm, cache_size=1)
+    alt = [np.empty(n * p), np.empty(n * p)]
+    k = [0]
+
+    def rebind():
+        k[0] ^= 1
+        pl1.run(s, alt[k[0]])
+
+    rows = {
+        "mpi4py": lambda: comm.Alltoallv([s, counts], [r, counts]),
+        "oneshot": lambda: pc.Alltoallv([s, counts], [r, counts]),
+        "oneshot_native": lambda: pn.Alltoallv([s, counts], [r, counts]),
+        "plan": lambda: pl.run(s, r),
+        "plan_new_recv": lambda: pl.run(s, np.empty(n * p)),
+        "plan_rebind": rebind,
+    }
+    return rows, pl, pl1
+
+
+def measure(comm: MPI.Intracomm, sizes: list[int], iters: int, passes: int) -> list[dict]:
+    out = []
+    for m in sizes:
+        rows, pl, pl1 = _rows(comm, m)
+        for fn in rows.values():  # warm up: signatures cached, buffers bound
+            for _ in range(20):
+                fn()
+        best = {name: float("inf") for name in rows}
+        for _ in range(passes):
+            for name, fn in rows.items():
+                best[name] = min(best[name], _time(comm, fn, iters))
+        rec = {"bytes_per_peer": m, "auto_algorithm": pl.algorithm,
+               **{f"{k}_us": round(v * 1e6, 3) for k, v in best.items()}}
+        base = best["mpi4py"]
+        rec["oneshot_over_mpi4py"] = round(best["oneshot"] / base, 3)
+        rec["oneshot_native_over_mpi4py"] = round(best["oneshot_native"] / base, 3)
+        rec["new_recv_over_plan"] = round(best["plan_new_recv"] / best["plan"], 3)
+        rec["rebind_over_plan"] = round(best["plan_rebind"] / best["plan"], 3)
+        out.append(rec)
+        pl.free()
+        pl1.free()
+        if comm.Get_rank() == 0:
+            print(f"{m:>6} B/peer  mpi4py {rec['mpi4py_us']:8.2f} us  oneshot "
+                  f"{rec['oneshot_us']:8.2f} ({rec['oneshot_over_mpi4py']:.2f}x)  native "
+                  f"{rec['oneshot_native_us']:8.2f} ({rec['oneshot_native_over_mpi4py']:.2f}x)"
+                  f"  plan[{pl.algorithm}] {rec['plan_us']:8.2f}  new recv "
+                  f"{rec['new_recv_over_plan']:.2f}x  rebind {rec['rebind_over_plan']:.2f}x",
+                  flush=True)
+    return out
+
+
+def profile(comm: MPI.Intracomm, m: int, calls: int, top: int = 18) -> str:
+    """cProfile of ``calls`` repeated one-shot calls on rank 0 (every rank calls)."""
+    p = comm.Get_size()
+    n = max(m // 8, 1)
+    counts = [n] * p
+    s, r = np.arange(n * p, dtype="d"), np.empty(n * p)
+    pc = pya2a.Comm(comm)
+    for _ in range(50):
+        pc.Alltoallv([s, counts], [r, counts])
+    prof = cProfile.Profile() if comm.Get_rank() == 0 else None
+    comm.Barrier()
+    if prof is not None:
+        prof.enable()
+    for _ in range(calls):
+        pc.Alltoallv([s, counts], [r, counts])
+    if prof is None:
+        return ""
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="bytes per peer")
+    ap.add_argument("--iters", type=int, default=2000, help="calls per timed row")
+    ap.add_argument("--passes", type=int, default=5, help="passes (best one kept)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the one-shot call")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    rows = measure(comm, args.sizes, args.iters, args.passes)
+    prof = profile(comm, args.sizes[0], args.iters) if args.profile else ""
+    if comm.Get_rank() == 0:
+        if prof:
+            print(prof)
+        if args.json:
+            lib = MPI.Get_library_version().splitlines()[0].strip("\x00 ")
+            doc = {"command": f"mpiexec -n {comm.Get_size()} python bench/oneshot_overhead.py "
+                              + " ".join(sys.argv[1:]),
+                   "p": comm.Get_size(), "mpi_library": lib, "pya2a": pya2a.__version__,
+                   "iters": args.iters, "passes": args.passes, "rows": rows}
+            if prof:
+                doc["profile"] = prof
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
