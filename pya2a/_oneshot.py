@@ -20,9 +20,9 @@ whose record does not fix their meaning (a derived datatype, whose handle may be
 after ``Free``; ``None`` / ``MPI.BOTTOM`` buffers) have no signature and always take the
 full path, which stays the reference behaviour.
 
-What a cached entry does not see: a changed tuning table or ``PYA2A_MESH_GRID`` applies to
-signatures not cached yet (``clear()`` forgets them all). ``PYA2A_ALGORITHM`` is part of the
-signature.
+What a cached entry does not see: a changed tuning table applies to signatures not cached
+yet (``clear()`` forgets them all). ``PYA2A_ALGORITHM`` and ``PYA2A_MESH_GRID`` are part of
+the signature.
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ _PLANS = "oneshot.plans"
 CAPACITY = 64  # signatures kept per communicator (least recently used evicted)
 _NO = object()  # "these options have no signature": take the full path
 _IN_PLACE = MPI.IN_PLACE
+_ENV_RAW = getattr(os.environ, "_data", None)  # POSIX: the raw mapping, keys in bytes
+# PYA2A_MESH_GRID changes which schedules can run: part of the signature, read per call
+_ENV_GET = _ENV_RAW.get if isinstance(_ENV_RAW, dict) else \
+    (lambda k: os.environ.get(k.decode()))  # noqa: E731
 
 
 def _options_key(options: Any) -> Any:
@@ -79,7 +83,7 @@ def signature(kind: str, sendmsg: Any, recvmsg: Any, inplace: bool, requested: s
     opt = _options_key(options)
     if part is None or opt is _NO:
         return None
-    return (kind, requested, check, opt, part)
+    return (kind, requested, check, opt, _ENV_GET(b"PYA2A_MESH_GRID"), part)
 
 
 class FastCache:
@@ -216,7 +220,7 @@ def exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg
         if part is not None:
             opt = None if options is None else _options_key(options)
             if opt is not _NO:
-                key = (kind, requested, check, opt, part)
+                key = (kind, requested, check, opt, _ENV_GET(b"PYA2A_MESH_GRID"), part)
     except Exception as e:  # agreed on by the full path, then raised on every rank
         exc = e
     hit = fast.lookup(key)

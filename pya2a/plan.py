@@ -33,7 +33,7 @@ from mpi4py import MPI
 
 from . import algorithms, select
 from .algorithms._bound import bind_schedule, bind_scratch_ok, schedule_steps
-from .core import _msg, log
+from .core import _msg, _pack, log
 from .core import spec as _spec
 from .core.devices import load_device_algorithms
 from .core.registry import Bound, Context, execute, name_code, refusal, usable
@@ -241,6 +241,9 @@ class Plan:
         self._cache_size = max(1, int(cache_size))
         self._by_addr: OrderedDict[tuple, _Entry] = OrderedDict()
         self._last: tuple | None = None  # (send object, recv object, entry) of the last run
+        self._seen: OrderedDict[tuple, None] = OrderedDict()  # pairs run once, not bound
+        self._stage: tuple | None = None  # the staging pair's buffers and binding
+        self._stage_ok = (recv.device is None and send.contiguous and recv.contiguous)
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
         self._max_block: int | None = None  # largest block over all ranks, bytes
@@ -292,11 +295,12 @@ class Plan:
             bound = Bound(run=lambda: execute(info, s, r, c))
         return _Entry(bound, scratch)
 
-    def _bind(self, sendbuf: object, recvbuf: object, ctx: Context) -> tuple[tuple, _Entry]:
+    def _specs(self, sendbuf: object, recvbuf: object) -> tuple[tuple, VSpec | None, VSpec]:
+        """The plan's templates on these buffers (checked), and their address key."""
         recv = _spec.bind(self._recv_t, recvbuf, False, "Plan.run", "receive buffer")
         if in_place(sendbuf):
             send = None
-            key = (None, recv.addr, recv.nbytes)
+            key: tuple = (None, recv.addr, recv.nbytes)
         else:
             send = _spec.bind(self._send_t, sendbuf, True, "Plan.run", "send buffer")
             if (send.device is None) != (recv.device is None):
@@ -310,7 +314,43 @@ class Plan:
         if (recv.device is None) != (self.device is None):
             raise TypeError(f"Plan.run: the plan is for "
                             f"{'host' if self.device is None else 'device'} buffers")
+        return key, send, recv
+
+    def _bind(self, sendbuf: object, recvbuf: object, ctx: Context) -> tuple[tuple, _Entry]:
+        key, send, recv = self._specs(sendbuf, recvbuf)
         return key, self._make_entry(send, recv, ctx)
+
+    def _staged(self, send: VSpec, recv: VSpec) -> _Entry:
+        """A run on buffers seen for the first time, through the plan's own staging pair.
+
+        Binding a buffer pair costs far more than a run for the bound schedules and the
+        persistent requests; a pair seen once (a new receive array every call) runs instead
+        through one binding to two plan-owned buffers: the send bytes copied in, the run,
+        the receive blocks copied out. The messages on the wire are the same as a bound
+        pair's, so ranks may take either way independently. A pair seen again is bound.
+        """
+        if self._stage is None:
+            s_arr = np.empty(max(self._send_t.nbytes, 1), dtype=np.uint8)
+            r_arr = np.empty(max(self._recv_t.nbytes, 1), dtype=np.uint8)
+            s_spec = _spec.bind(self._send_t, s_arr, True, "Plan.run", "staging buffer")
+            r_spec = _spec.bind(self._recv_t, r_arr, False, "Plan.run", "staging buffer")
+            rb = self._recv_t
+            nz = rb.counts > 0
+            offs = np.ascontiguousarray(rb.bdispls[nz], dtype=np.int64)
+            lens = np.ascontiguousarray(rb.bcounts[nz], dtype=np.int64)
+            self._stage = (s_arr, r_arr, self._make_entry(s_spec, r_spec, self._ctx()),
+                           offs, lens)
+        s_arr, r_arr, entry, offs, lens = self._stage
+        n_send = self._send_t.nbytes
+        run = entry.bound.run
+        sview, rview = send.host_bytes(), recv.host_bytes()
+
+        def staged() -> None:
+            s_arr[:n_send] = sview[:n_send]
+            run()
+            _pack.pack(r_arr, offs, lens, rview, offs)
+
+        return _Entry(Bound(run=staged), None)
 
     def _entry(self, sendbuf: object, recvbuf: object) -> _Entry:
         if self._freed:
@@ -320,10 +360,18 @@ class Plan:
             return last[2]
         # a new object may still be the same memory (a fresh view): look up by address
         recv_mem = _address(recvbuf)
-        send_mem = (None,) if in_place(sendbuf) else _address(sendbuf)
+        inplace = in_place(sendbuf)
+        send_mem = (None,) if inplace else _address(sendbuf)
         key = (*send_mem, *recv_mem) if send_mem[0] is not None else (None, *recv_mem)
         entry = self._by_addr.get(key)
         if entry is None:
+            if self._stage_ok and not inplace and key not in self._seen:
+                key, send, recv = self._specs(sendbuf, recvbuf)
+                self._seen[key] = None
+                while len(self._seen) > 16 * self._cache_size:
+                    self._seen.popitem(last=False)
+                assert send is not None  # not in place
+                return self._staged(send, recv)
             key, entry = self._bind(sendbuf, recvbuf, self._ctx())
             self._insert(key, entry)
         else:
@@ -428,6 +476,9 @@ class Plan:
         while self._by_addr:
             _, e = self._by_addr.popitem()
             e.bound.free()
+        if self._stage is not None:
+            self._stage[2].bound.free()
+            self._stage = None
 
     def __enter__(self) -> Plan:
         return self

@@ -64,10 +64,13 @@ def test_uniform_packed_exchange_uses_the_user_buffers(comm):
     sbuf, want = send_data(c, r, "int32"), expected_recv(c, r, "int32")
     rbuf = np.zeros_like(want)
     with pya2a.plan(comm, 5, 5, np.int32, algorithm="padded") as pl:
-        pl.run(sbuf, rbuf)
+        pl.run(sbuf, rbuf)  # first sight: the plan's staging pair
+        np.testing.assert_array_equal(rbuf, want)
+        rbuf[:] = 0
+        pl.run(sbuf, rbuf)  # seen again: bound to these buffers
         np.testing.assert_array_equal(rbuf, want)
         if p > 1:
-            ex = pl._last.bound.run.__self__
+            ex = pl._last[2].bound.run.__self__  # (send, recv, binding) of the last run
             assert ex.direct and not hasattr(ex, "sbuf")
     # the choice is local: rank 0 sends and receives only largest blocks, the last rank's
     # own block is smaller, so it packs while rank 0 hands MPI its buffers
@@ -77,11 +80,13 @@ def test_uniform_packed_exchange_uses_the_user_buffers(comm):
     pya2a.Alltoallv(comm, [send_data(c2, r), c2[r]], [out, c2[:, r]], algorithm="padded")
     np.testing.assert_array_equal(out, expected_recv(c2, r))
     with pya2a.plan(comm, c2[r], c2[:, r], np.float64, algorithm="padded") as pl:
-        out.fill(-1)
-        pl.run(send_data(c2, r), out)
-        np.testing.assert_array_equal(out, expected_recv(c2, r))
+        sdata = send_data(c2, r)
+        for _ in range(2):  # the second run binds these buffers
+            out.fill(-1)
+            pl.run(sdata, out)
+            np.testing.assert_array_equal(out, expected_recv(c2, r))
         if p > 1:
-            assert pl._last.bound.run.__self__.direct == (r != p - 1)
+            assert pl._last[2].bound.run.__self__.direct == (r != p - 1)
 
 
 def test_alltoall_call_needs_no_max_block(comm):
