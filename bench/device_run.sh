@@ -12,6 +12,8 @@
 #   bash bench/device_run.sh share N           ranks sharing a GPU: SMs each sees, MPS detection
 #   bash bench/device_run.sh shared N          ranks sharing a GPU: ipc methods vs shm vs staged
 #   bash bench/device_run.sh cpu               bench/cpu_sweep.sh (MPICH wheel, p = 64 32 16)
+#   bash bench/device_run.sh pfft N            bench/pfft_bench.py: parallel FFT, pya2a's Alltoallw
+#                                              vs the MPI's own, host (both MPIs) and device arrays
 #
 # Ranks take GPU rank % (visible GPUs), so N above the GPU count shares GPUs. Results (JSON,
 # PNG) go to $OUT named <what>_<machine>, e.g. gpu_alltoallv_h200x4.json; every log goes to
@@ -339,9 +341,42 @@ cpu() {
   tar czf "$OUT/cpu_$MACHINE.tgz" -C "$res" .
 }
 
+# pfft N: parallel FFT forward + backward per call, pya2a's Alltoallw against the MPI's own:
+# N host ranks with Open MPI and the MPICH wheel (mpi4py-fft when .whl/ holds a wheel of it
+# that imports here, else the pencil FFT of examples/pfft.py), then device arrays (CuPy FFT;
+# pya2a against copying to the host around the MPI's own Alltoallw). 512^3 on its own, with
+# fewer repetitions.
+pfft() {
+  local n=$1 m name
+  mpich
+  if ls .whl/mpi4py_fft*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/mpi4py_fft*.whl
+  fi
+  for m in ompi mpich; do
+    name=pfft_cpu_p${n}_${m}_$MACHINE
+    stamp "pfft host, $m, $n ranks"
+    # shellcheck disable=SC2086
+    timeout -k 5 280 $([ $m = ompi ] && echo "$M" || echo "$MPICH") -n "$n" python3 \
+      bench/pfft_bench.py --sizes 32 64 128 256 --repeat 10 --json "$OUT/$name.json" \
+      > "$LOGS/$name.log" 2>&1
+    echo "rc=$?"; grep -a "fwd+bwd" "$LOGS/$name.log"
+    # shellcheck disable=SC2086
+    timeout -k 5 280 $([ $m = ompi ] && echo "$M" || echo "$MPICH") -n "$n" python3 \
+      bench/pfft_bench.py --sizes 512 --repeat 3 --warmup 1 --json "$OUT/${name}_512.json" \
+      > "$LOGS/${name}_512.log" 2>&1
+    echo "rc=$?"; grep -a "fwd+bwd" "$LOGS/${name}_512.log"
+  done
+  name=pfft_gpu_p${n}_$MACHINE
+  stamp "pfft device arrays, $n ranks"
+  # shellcheck disable=SC2086
+  timeout -k 5 280 $M -n "$n" python3 bench/pfft_bench.py --device cuda --sizes 64 128 256 512 \
+    --grids pencil slab --repeat 10 --json "$OUT/$name.json" > "$LOGS/$name.log" 2>&1
+  echo "rc=$?"; grep -a "fwd+bwd\|rror" "$LOGS/$name.log" | head -20
+}
+
 cmd=${1:-}
 case "$cmd" in
-  suites|sanitize|bench|latency|registered|staged|shm|moe|share|shared)
+  suites|sanitize|bench|latency|registered|staged|shm|moe|share|shared|pfft)
     [ $# -ge 2 ] || { echo "usage: bash bench/device_run.sh $cmd N"; exit 2; } ;;
   cpu) ;;
   *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 2 ;;
