@@ -51,6 +51,10 @@ class _Mpi4pyFFT:
         self.u[...] = np.random.default_rng(comm.Get_rank()).standard_normal(self.u.shape)
         self.uh = newDistArray(self.fft, True)
         f, b = self.fft.forward, self.fft.backward
+        for x in (f, b):  # finite values everywhere: exchanges() moves these arrays
+            for xf in x._xfftn:
+                xf.input_array[...] = 0
+                xf.output_array[...] = 0
         # each transform's redistributions: bound Transfer.forward / .backward methods
         self.moves = [(move, x._xfftn[i].output_array, x._xfftn[i + 1].input_array)
                       for x in (f, b) for i, move in enumerate(x._transfer)]
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if impl == "pencil" and dtype.kind != "c":
         ap.error("the pencil FFT of examples/pfft.py is complex-to-complex: --dtype complex128")
 
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     for n in args.sizes:
         for grid in args.grids:
@@ -199,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         meta.update({"oversubscribed": p > (os.cpu_count() or p), "numpy": np.__version__,
                      "impl": impl, "device": args.device, "algorithm": args.algorithm,
                      "repeat": args.repeat, "warmup": args.warmup,
+                     "loadavg_before_after": [load_before, os.getloadavg()
+                                              if hasattr(os, "getloadavg") else None],
                      "timing": "per call, slowest rank, between barriers; pya2a and MPI "
                                "alternate call by call"})
         if impl == "mpi4py-fft":
