@@ -117,6 +117,11 @@ def bind_schedule(info: AlgorithmInfo, send: VSpec, recv: VSpec, ctx: Context,
 
     def rows(src_base, src_size, offs, lens, dst_base, dst_size, dst_offs) -> np.ndarray:
         offs, lens, dst_offs = (np.asarray(x, dtype=np.int64) for x in (offs, lens, dst_offs))
+        keep = lens != 0  # empty blocks touch no byte, wherever they are
+        if not keep.all():
+            offs, lens, dst_offs = offs[keep], lens[keep], dst_offs[keep]
+            src_base = src_base[keep] if np.ndim(src_base) else src_base
+            src_size = src_size[keep] if np.ndim(src_size) else src_size
         if lens.size and ((offs < 0).any() or (offs + lens > src_size).any()
                           or (dst_offs < 0).any() or (dst_offs + lens > dst_size).any()):
             raise ValueError("bind_schedule: a block lies outside its buffer")  # a bug

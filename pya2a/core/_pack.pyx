@@ -17,7 +17,20 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-__all__ = ["pack", "gather", "scatter", "blocks_overlap", "check_blocks", "take_runs",
+cdef extern from *:
+    """
+    static inline int pya2a_mul_ovf(long long a, long long b, long long *r) {
+        return __builtin_mul_overflow(a, b, r);
+    }
+    static inline int pya2a_add_ovf(long long a, long long b, long long *r) {
+        return __builtin_add_overflow(a, b, r);
+    }
+    """
+    bint mul_ovf "pya2a_mul_ovf"(long long a, long long b, long long *r) nogil
+    bint add_ovf "pya2a_add_ovf"(long long a, long long b, long long *r) nogil
+
+__all__ = ["pack", "gather", "scatter", "blocks_overlap", "check_blocks", "block_end",
+           "take_runs",
            "record_arrival", "CopyList", "int64_key"]
 
 
@@ -54,9 +67,12 @@ def int64_key(a, b, c, d):
 
 cdef int _check(const int64_t[::1] offs, const int64_t[::1] lens,
                 Py_ssize_t size) except -1 nogil:
+    """Every non-empty block inside ``[0, size)`` (an empty block may lie anywhere)."""
     cdef Py_ssize_t i
     for i in range(lens.shape[0]):
-        if lens[i] < 0 or offs[i] < 0 or offs[i] + lens[i] > size:
+        if lens[i] == 0:
+            continue
+        if lens[i] < 0 or offs[i] < 0 or offs[i] > size - lens[i]:
             with gil:
                 raise ValueError(
                     f"block {i} (offset {offs[i]}, length {lens[i]}) "
@@ -100,8 +116,8 @@ def gather(const unsigned char[::1] src, const int64_t[::1] offs,
     with nogil:
         _check(offs, lens, src.shape[0])
         for i in range(n):
-            total += lens[i]
-        if start < 0 or start + total > dst.shape[0]:
+            total += lens[i]  # each length is within src (checked): no wrap for n < 2^31
+        if start < 0 or total > dst.shape[0] - start:
             with gil:
                 raise ValueError(
                     f"gather: {total} bytes from offset {start} do not fit "
@@ -129,7 +145,7 @@ def scatter(const unsigned char[::1] src, unsigned char[::1] dst,
         _check(offs, lens, dst.shape[0])
         for i in range(n):
             total += lens[i]
-        if start < 0 or start + total > src.shape[0]:
+        if start < 0 or total > src.shape[0] - start:
             with gil:
                 raise ValueError(
                     f"scatter: {total} bytes from offset {start} exceed "
@@ -175,15 +191,18 @@ def blocks_overlap(const int64_t[::1] offs, const int64_t[::1] lens):
 
 def check_blocks(const int64_t[::1] counts, const int64_t[::1] displs, int64_t extent,
                  int64_t true_lb, int64_t true_extent, int64_t nbytes):
-    """Validate a block table in one pass.
+    """Validate a block table in one pass, with overflow-checked arithmetic.
 
     Returns ``(code, j, value, total, largest)``: code 0 = valid, 1 = ``counts[j]``
     negative, 2 = ``displs[j]`` negative, 3 = block j ends at byte ``value`` beyond
-    ``nbytes`` (or starts before 0), 4 = non-empty blocks with a non-positive extent.
-    ``total`` and ``largest`` are the sum and maximum of the counts (valid only when code 0).
+    ``nbytes`` (or starts before 0; ``value`` is -1 when its end does not fit in 64 bits),
+    4 = non-empty blocks with a non-positive extent. Blocks of count 0 may have any
+    non-negative displacement (they touch no byte). ``total`` and ``largest`` are the sum
+    and maximum of the counts (valid only when code 0).
     """
     cdef Py_ssize_t j, n = counts.shape[0]
-    cdef int64_t total = 0, largest = 0, c, d, lo, hi
+    cdef long long total = 0, largest = 0, c, d, lo, hi, span
+    cdef bint wrap
     if displs.shape[0] != n:
         raise ValueError("check_blocks: counts and displs differ in length")
     for j in range(n):
@@ -197,14 +216,41 @@ def check_blocks(const int64_t[::1] counts, const int64_t[::1] displs, int64_t e
             continue
         if extent <= 0:
             return (4, j, extent, 0, 0)
-        lo = d * extent + true_lb
-        hi = d * extent + (c - 1) * extent + true_lb + true_extent
+        # lo = d * extent + true_lb; hi = lo + (c - 1) * extent + true_extent
+        wrap = mul_ovf(d, extent, &lo) or add_ovf(lo, true_lb, &lo)
+        if not wrap:
+            wrap = mul_ovf(c - 1, extent, &span) or add_ovf(span, true_extent, &span) or \
+                add_ovf(lo, span, &hi)
+        if wrap:
+            return (3, j, -1, 0, 0)
         if lo < 0 or hi > nbytes:
             return (3, j, hi, 0, 0)
-        total += c
+        if add_ovf(total, c, &total):
+            return (3, j, -1, 0, 0)
         if c > largest:
             largest = c
     return (0, -1, 0, total, largest)
+
+
+def block_end(const int64_t[::1] counts, const int64_t[::1] displs, int64_t extent):
+    """One past the last byte of the furthest non-empty block, or -1 if it would wrap.
+
+    For block tables without a buffer (plans): the size a buffer must have.
+    """
+    cdef Py_ssize_t j, n = counts.shape[0]
+    cdef long long end = 0, e, c, d
+    if displs.shape[0] != n:
+        raise ValueError("block_end: counts and displs differ in length")
+    for j in range(n):
+        c = counts[j]
+        d = displs[j]
+        if c <= 0:
+            continue
+        if add_ovf(d, c, &e) or mul_ovf(e, extent, &e):
+            return -1
+        if e > end:
+            end = e
+    return end
 
 
 # ---- index builders for the store-and-forward schedules (hypercube) -------------------------
