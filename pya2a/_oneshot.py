@@ -37,14 +37,23 @@ import numpy as np
 from mpi4py import MPI
 
 from . import algorithms, select
-from .core import _msg, log
+from .core import _msg, log, watchdog
 from .core.devices import load_device_algorithms
 from .core.registry import Context, available_here, execute, name_code, refusal, usable
 from .core.registry import requested as resolve
 from .core.spec import VSpec, finish
 from .core.state import CommState, check_comm, live_states, state
 from .core.transport import HostTransport, transport_for
-from .core.validate import agree, check_counts_match, check_pair, check_pairs_match, check_uniform
+from .core.validate import (
+    agree,
+    call_settings,
+    check_counts_match,
+    check_options,
+    check_pair,
+    check_pairs_match,
+    check_uniform,
+    window_setting,
+)
 from .plan import Plan
 
 __all__ = ["FastCache", "signature", "clear", "exchange"]
@@ -210,6 +219,15 @@ def exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg
     check_comm(call, comm)
     st = state(comm)
     icomm = st.comm
+    guard = watchdog.enter(icomm, call) if watchdog.timeout() is not None else None
+    try:
+        return _exchange(call, kind, st, icomm, sendmsg, recvmsg, algorithm, check, options)
+    finally:
+        watchdog.leave(guard)
+
+
+def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg: object,
+              recvmsg: object, algorithm: str, check: bool, options: Mapping | None) -> str:
     requested = resolve(algorithm)
     inplace = sendmsg is None or sendmsg is _IN_PLACE
     fast = st.slot(_SIGNATURES, FastCache)
@@ -260,6 +278,7 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
     icomm = st.comm
     p, rank = icomm.Get_size(), icomm.Get_rank()
     send = recv = None
+    valid_options: dict | None = None
     rows = p if p <= ROWS_IN_RECORD else 0
     stats = np.zeros(6 + 2 * rows, dtype=np.int64)
     try:
@@ -269,8 +288,8 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
         recv = finish(r, p, call, "receive message", "recv")
         send = recv if inplace else finish(s, p, call, "send message", "send")
         check_pair(call, send, recv, rank, kind)
-        if options is not None and not isinstance(options, Mapping):
-            raise TypeError(f"{call}: options must be a dict, not {type(options).__name__}")
+        valid_options = check_options(call, options, p)
+        window_setting(valid_options, 1)  # a bad PYA2A_DIRECT_WINDOW fails every rank here
         if requested != "auto":
             info = algorithms.get(requested, call)
             why = usable(info, p, send, recv)
@@ -284,7 +303,8 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
             stats[6 + p:] = recv.counts * recv.tsize
     except Exception as e:  # agreed on below, then raised on every rank
         exc = e
-    table = agree(icomm, exc, stats)
+    settings = call_settings(kind, check, valid_options, inplace, p, select.load_table())
+    table = agree(icomm, exc, stats, settings, call)
     assert send is not None and recv is not None  # agree() raised otherwise
     check_uniform(call, table)
     if rows:  # every rank holds every rank's counts: the same verdict everywhere

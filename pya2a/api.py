@@ -88,6 +88,10 @@ def alltoallv(comm: MPI.Intracomm, sendbuf, sendcounts, *, algorithm: str = "aut
     try:
         device = is_device_buffer(sendbuf)
         shape = tuple(sendbuf.shape)
+        if not device and np.dtype(sendbuf.dtype).hasobject:
+            raise TypeError(f"{call}: sendbuf holds Python objects (dtype "
+                            f"{np.dtype(sendbuf.dtype)}); they cannot travel between "
+                            f"processes")
         if len(shape) < 1:
             raise ValueError(f"{call}: sendbuf must have at least one dimension")
         counts = np.asarray(sendcounts)

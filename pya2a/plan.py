@@ -33,7 +33,7 @@ from mpi4py import MPI
 
 from . import algorithms, select
 from .algorithms._bound import bind_schedule, bind_scratch_ok, schedule_steps
-from .core import _msg, _pack, log
+from .core import _msg, _pack, log, watchdog
 from .core import spec as _spec
 from .core.devices import load_device_algorithms
 from .core.registry import Bound, Context, execute, name_code, refusal, usable
@@ -41,7 +41,14 @@ from .core.registry import requested as resolve
 from .core.spec import VSpec, in_place
 from .core.state import check_comm, internal_comm, ranks_per_node
 from .core.transport import transport_for
-from .core.validate import agree, check_counts_match, check_layout, check_uniform
+from .core.validate import (
+    agree,
+    call_settings,
+    check_buffer_dtype,
+    check_counts_match,
+    check_layout,
+    check_uniform,
+)
 
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain"]
 
@@ -142,9 +149,14 @@ class BoundPlan:
         e = self._entry
         if e is None:
             raise ValueError("BoundPlan.run: the bound plan was freed")
-        if e.scratch is not None:
-            e.scratch[0][...] = e.scratch[1]
-        e.bound.run()
+        guard = watchdog.enter(self._plan.comm, "BoundPlan.run") \
+            if watchdog.timeout() is not None else None
+        try:
+            if e.scratch is not None:
+                e.scratch[0][...] = e.scratch[1]
+            e.bound.run()
+        finally:
+            watchdog.leave(guard)
 
     def free(self) -> None:
         """Release the persistent requests (local; call on every rank before MPI ends)."""
@@ -190,7 +202,7 @@ class Plan:
         p, rank = icomm.Get_size(), icomm.Get_rank()
         requested = resolve(algorithm)
         exc: BaseException | None = None
-        stats = np.zeros(6, dtype=np.int64)
+        stats = np.zeros(7, dtype=np.int64)  # the 7th: send counts equal receive counts
         send = recv = None
         try:
             dt = _spec.element_type(call, dtype)
@@ -209,16 +221,19 @@ class Plan:
             sb = sc * send.tsize
             stats[:] = (name_code(requested), int(sb.max()) if p else 0, int(sb.sum()),
                         dev is not None, send.contiguous and recv.contiguous,
-                        int((rc * recv.tsize).sum()))
+                        int((rc * recv.tsize).sum()),
+                        bool(np.array_equal(sb, rc * recv.tsize)))
         except Exception as e:  # agreed on below, then raised on every rank
             exc = e
-        rows = agree(icomm, exc, stats)
+        settings = call_settings("alltoallv", True, None, False, p, select.load_table())
+        rows = agree(icomm, exc, stats, settings, call)
         assert send is not None and recv is not None  # agree() raised otherwise
         check_uniform(call, rows)
         check_counts_match(icomm, call, send, recv)
         self.algorithm, self._explanation = _decide(icomm, send, recv, rows, algorithm,
                                                         requested)
         self._init(icomm, send, recv, cache_size)
+        self._in_place_ok = bool(rows[:, 7].all())  # the same on every rank
         self._max_block = int(rows[:, 2].max())  # global: algorithms size shared state by it
         info = self._info
         if info.prepare is None and info.schedule is not None and self.device is None and \
@@ -248,6 +263,7 @@ class Plan:
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
         self._max_block: int | None = None  # largest block over all ranks, bytes
         self._steps: list | None = None  # this rank's schedule, made on first need
+        self._in_place_ok = False  # every rank's send counts equal its receive counts
 
     @classmethod
     def _from_specs(cls, icomm: MPI.Intracomm, algorithm: str, send: VSpec, recv: VSpec,
@@ -297,12 +313,18 @@ class Plan:
 
     def _specs(self, sendbuf: object, recvbuf: object) -> tuple[tuple, VSpec | None, VSpec]:
         """The plan's templates on these buffers (checked), and their address key."""
+        if in_place(sendbuf) and not self._in_place_ok:  # a global fact: raised on every rank
+            raise ValueError("Plan.run: in place needs every rank's send counts equal to its "
+                             "receive counts (the receive blocks are what is sent); this "
+                             "plan's differ on some rank")
         recv = _spec.bind(self._recv_t, recvbuf, False, "Plan.run", "receive buffer")
+        check_buffer_dtype("Plan.run", "receive buffer", recvbuf, self.datatype)
         if in_place(sendbuf):
             send = None
             key: tuple = (None, recv.addr, recv.nbytes)
         else:
             send = _spec.bind(self._send_t, sendbuf, True, "Plan.run", "send buffer")
+            check_buffer_dtype("Plan.run", "send buffer", sendbuf, self.datatype)
             if (send.device is None) != (recv.device is None):
                 raise TypeError("Plan.run: send and receive buffers must both be host or "
                                 "both be device buffers")
@@ -423,18 +445,23 @@ class Plan:
             check: agree on buffer errors collectively (one Allgather) before moving data;
                 must be the same on every rank.
         """
-        if check:
-            exc = None
-            try:
+        guard = watchdog.enter(self.comm, "Plan.run") if watchdog.timeout() is not None \
+            else None
+        try:
+            if check:
+                exc = None
+                try:
+                    entry = self._entry(sendbuf, recvbuf)
+                except Exception as e:
+                    exc = e
+                agree(self.comm, exc, np.zeros(0, dtype=np.int64))
+            else:
                 entry = self._entry(sendbuf, recvbuf)
-            except Exception as e:
-                exc = e
-            agree(self.comm, exc, np.zeros(0, dtype=np.int64))
-        else:
-            entry = self._entry(sendbuf, recvbuf)
-        if entry.scratch is not None:
-            entry.scratch[0][...] = entry.scratch[1]
-        entry.bound.run()
+            if entry.scratch is not None:
+                entry.scratch[0][...] = entry.scratch[1]
+            entry.bound.run()
+        finally:
+            watchdog.leave(guard)
 
     __call__ = run
 

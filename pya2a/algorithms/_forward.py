@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from ..core.validate import parse_grid
 from .tags import TAG_META
 
-__all__ = ["Step", "blocks", "post", "meta_exchange", "meta_wait", "grid_from", "default_grid"]
+__all__ = ["Step", "blocks", "post", "meta_exchange", "meta_wait", "grid_from", "default_grid",
+           "size_mismatch"]
 
 
 
@@ -92,30 +94,25 @@ def default_grid(p: int) -> tuple[int, int]:
     return r, p // r
 
 
-def _parse_grid(value: object, p: int, where: str) -> tuple[int, int]:
-    if isinstance(value, str):
-        parts = value.replace("x", ",").split(",")
-        try:
-            value = tuple(int(v) for v in parts)
-        except ValueError:
-            raise ValueError(f"mesh: {where} must be 'r,c', got {value!r}") from None
-    try:
-        r, c = (int(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise ValueError(f"mesh: {where} must be a pair (r, c), got {value!r}") from None
-    if r < 1 or c < 1 or r * c != p:
-        raise ValueError(f"mesh: {where} {r} x {c} does not match {p} ranks (need r * c = p)")
-    return r, c
-
-
 def grid_from(p: int, options: dict | None = None) -> tuple[int, int]:
     """The mesh grid: ``options["grid"]``, else env ``PYA2A_MESH_GRID="r,c"``, else default.
 
     Raises ValueError when the given grid is malformed or r * c != p.
     """
     if options and options.get("grid") is not None:
-        return _parse_grid(options["grid"], p, "grid")
+        return parse_grid(options["grid"], p, "grid")
     env = os.environ.get("PYA2A_MESH_GRID", "").strip()
     if env:
-        return _parse_grid(env, p, "PYA2A_MESH_GRID")
+        return parse_grid(env, p, "PYA2A_MESH_GRID")
     return default_grid(p)
+
+
+def size_mismatch(call: str, rank: int, sources, got, want) -> ValueError:
+    """The error a store-and-forward algorithm raises, after its exchange completed, when
+    blocks arrived with another size than the receive counts say (counts that do not match
+    between ranks). Those blocks were not written; the others were delivered."""
+    src, g, w = int(sources[0]), int(got[0]), int(want[0])
+    more = f" (and {len(sources) - 1} more blocks)" if len(sources) > 1 else ""
+    return ValueError(f"{call}: rank {src} sends {g} bytes to rank {rank}, which expects {w} "
+                      f"bytes from it{more}; send and receive counts must match, as in MPI "
+                      f"(the mismatched blocks were not written)")

@@ -4,15 +4,15 @@ Step k (k = 1..p-1) pairs this rank with ``dst = rank + k`` and ``src = rank - k
 at any moment every rank sends to a different peer instead of all hitting rank 0 first. At
 most ``window`` steps are in flight (option ``window``, env ``PYA2A_DIRECT_WINDOW``, default
 32 as MPICH's throttle): a window of p-1 posts everything at once, a window of 1 is pairwise.
+The window must be a positive integer; it may differ between ranks.
 Zero-byte blocks are skipped on both sides (their counts agree when the call is correct).
 """
 
 from __future__ import annotations
 
-import os
-
 from ..core.registry import AlgorithmInfo, Bound, Context, register
 from ..core.spec import VSpec
+from ..core.validate import window_setting
 from ._common import bind_groups, exchange_groups
 from .tags import TAG_DIRECT
 
@@ -27,8 +27,9 @@ def schedule(rank: int, size: int) -> list[tuple[int, int]]:
 
 
 def _window(ctx: Context) -> int:
-    w = ctx.options.get("window") or int(os.environ.get("PYA2A_DIRECT_WINDOW", DEFAULT_WINDOW))
-    return max(1, int(w))
+    """The window in force on this rank (it may differ between ranks: each rank throttles
+    only its own posts, and every step k is matched by the peer's step k)."""
+    return window_setting(ctx.options, DEFAULT_WINDOW)
 
 
 def run(send: VSpec, recv: VSpec, ctx: Context) -> None:

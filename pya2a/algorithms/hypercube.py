@@ -33,7 +33,7 @@ from ..core import _pack
 from ..core.registry import AlgorithmInfo, Context, register
 from ..core.spec import VSpec
 from ._common import sides
-from ._forward import Step, blocks, meta_exchange, meta_wait, post
+from ._forward import Step, blocks, meta_exchange, meta_wait, post, size_mismatch
 from .tags import TAG_HYPERCUBE
 
 __all__ = ["schedule", "run", "cost", "nsteps", "order", "peers"]
@@ -131,10 +131,13 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     pos = np.arange(p, dtype=np.int64)
     if _pow2(p):
         home = pos ^ r  # destination of position j at the start = its source at the end
-        where = s.rd[home]
+        origin = home
     else:
         home = (r + pos) % p
-        where = s.rd[(r - pos) % p]  # receive offset of the block that ends at position j
+        origin = (r - pos) % p  # source of the block that ends at position j
+    where = s.rd[origin]  # its receive offset
+    expect = s.rc[origin]  # and its receive count
+    wrong: list[int] = []
     length = s.sc[home]  # data state: bytes at each position
     offset = s.sd[home]
     known = length.copy()  # size state, one step ahead of the data
@@ -169,10 +172,18 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
         src_off, lens, dst_off = _pack.record_arrival(offset, length, st.order, incoming,
                                                       st.done, where)
         if lens.size:
+            at = st.order[st.done]
+            ok = lens == expect[at]
+            if not ok.all():  # counts that do not match: those blocks are not written
+                wrong.extend(int(j) for j in at[~ok])
+                src_off, lens, dst_off = src_off[ok], lens[ok], dst_off[ok]
             t.pack(inc, src_off, lens, s.rb, dst_off)
         if k + 1 < len(rounds):
             known[o2] = ahead
             incoming = ahead
+    if wrong:
+        j = np.array(sorted(wrong), dtype=np.int64)
+        raise size_mismatch("hypercube", r, origin[j], length[j], expect[j])
 
 
 # Python work per step besides its messages (index arrays, one gather per holding buffer,

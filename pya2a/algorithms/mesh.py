@@ -12,9 +12,11 @@ p nearest sqrt(p) (r <= c). A prime p has only 1 x p, where phase 1 is a direct 
 phase 2 is empty: the algorithm degenerates to ``direct``. With rows = nodes (c = ranks per
 node) phase 1 stays on the node and phase 2 sends one aggregated message per remote node.
 
-Variable counts: phase 2 needs no metadata (a rank receives exactly its own blocks, whose
-sizes are its receive counts). Phase 1 messages carry blocks of the sender's send counts; one
-round of r int64 to each row peer before phase 1 tells the receiver their sizes.
+Variable counts: phase 1 messages carry blocks of the sender's send counts; one round of r
+int64 to each row peer before phase 1 tells the receiver their sizes. Phase 2 messages carry
+a rank's own blocks; their sizes (c int64 from each column peer) travel during phase 1, so a
+block whose size differs from the receive count (counts that do not match between ranks) is
+left unwritten and reported instead of overwriting its neighbours.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ._forward import (
     meta_exchange,
     meta_wait,
     post,
+    size_mismatch,
 )
 from .tags import TAG_MESH
 
@@ -96,6 +99,14 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     reqs = meta_exchange(ctx.comm, [(i * c + jo, out, i * c + ji, lens1[ji])
                                     for jo, out, ji in zip(peers, outs, lpeers, strict=True)])
     meta_wait(reqs)
+    # lens2[ii, j2]: bytes of block (ii, j2) -> this rank, announced by the column peer that
+    # forwards it in phase 2; sent now, it travels while phase 1 moves the data
+    lens2 = np.empty((r, c), dtype=np.int64)
+    lens2[i] = lens1[:, i]
+    outs2 = [np.ascontiguousarray(lens1[:, (i + k) % r]) for k in range(1, r)]
+    reqs2 = meta_exchange(ctx.comm, [(((i + k) % r) * c + j, outs2[k - 1],
+                                      ((i - k) % r) * c + j, lens2[(i - k) % r])
+                                     for k in range(1, r)])
 
     # Phase 1: regroup the send buffer by destination column, exchange along the row.
     cols = np.array(peers, dtype=np.int64)
@@ -118,7 +129,10 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
 
     # Local regroup: block (i, j2) -> (i2, j) sits at arena offset boff[j2, i2].
     boff = (aoff[:c, None] + np.cumsum(lens1, axis=1) - lens1)
-    t.pack(arena, _c(boff[:, i]), _c(lens1[:, i]), s.rb, _c(rd[i]))  # own row: home
+    meta_wait(reqs2)
+    fits = lens2 == rc  # blocks whose size is the receive count (all, in a correct call)
+    own = fits[i]  # own row: home
+    t.pack(arena, _c(boff[own, i]), _c(lens1[own, i]), s.rb, _c(rd[i][own]))
     rows = np.array([(i + k) % r for k in range(1, r)], dtype=np.int64)
     stage2 = t.empty(int(lens1[:, rows].sum()))
     t.gather(arena, _c(boff[:, rows].T), _c(lens1[:, rows].T), stage2, 0)
@@ -129,25 +143,39 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     soff = 0
     late = []
     out_bytes = lens1.sum(axis=0).tolist()  # to each destination row
-    in_bytes = rc.sum(axis=1).tolist()  # from each source row
+    in_bytes = lens2.sum(axis=1).tolist()  # from each source row, as announced
     in_place = (rd[:, 1:] == rd[:, :-1] + rc[:, :-1]).all(axis=1).tolist()
+    row_fits = fits.all(axis=1).tolist()
     first = rd[:, 0].tolist()
+    unfit = []
     for k in range(1, r):
         io, ii = (i + k) % r, (i - k) % r
         post(t, reqs, stage2, soff, out_bytes[io], io * c + j, TAG_MESH, True)
         soff += out_bytes[io]
-        if in_place[ii]:
+        if not row_fits[ii]:
+            unfit.append(ii)
+        elif in_place[ii]:
             post(t, reqs, s.rb, first[ii], in_bytes[ii], ii * c + j, TAG_MESH, False)
         else:
             late.append(ii)
-    inbuf = t.empty(sum(in_bytes[ii] for ii in late)) if late else None
+    inbuf = t.empty(sum(in_bytes[ii] for ii in late + unfit)) if late or unfit else None
     pos = 0
-    for ii in late:
+    for ii in late + unfit:
         post(t, reqs, inbuf, pos, in_bytes[ii], ii * c + j, TAG_MESH, False)
         pos += in_bytes[ii]
     t.waitall(reqs)
     if late:
         t.scatter(inbuf, s.rb, _c(rd[late]), _c(rc[late]), 0)
+    if fits.all():
+        return
+    pos = sum(in_bytes[ii] for ii in late)
+    for ii in unfit:  # deliver the blocks that fit, leave the others unwritten
+        offs = pos + np.cumsum(lens2[ii]) - lens2[ii]
+        ok = fits[ii]
+        t.pack(inbuf, _c(offs[ok]), _c(lens2[ii][ok]), s.rb, _c(rd[ii][ok]))
+        pos += in_bytes[ii]
+    bad = np.argwhere(~fits)  # (source row, source column)
+    raise size_mismatch("mesh", q, bad[:, 0] * c + bad[:, 1], lens2[~fits], rc[~fits])
 
 
 # Python work per call besides the messages (grid, index arrays, four gathers), in units of

@@ -34,6 +34,7 @@ from mpi4py import MPI
 from ..core import _pack
 from ..core.registry import AlgorithmInfo, Bound, Context, register
 from ..core.spec import VSpec
+from ..core.validate import allreduce_max
 from ._common import sides
 
 __all__ = ["run", "cost", "prepare", "model_m", "chunking", "SCRATCH_LIMIT", "BRUCK_MAX",
@@ -184,7 +185,7 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
     if slot is None:
         mine = max(int(recv.bcounts.max()) if recv.counts.size else 0,
                    int(send.bcounts.max()) if send is not None and send.counts.size else 0)
-        slot = int(ctx.comm.allreduce(mine, op=MPI.MAX))
+        slot = allreduce_max(ctx.comm, mine)
     if ctx.size == 1:
         t = ctx.transport
         if send is not None and not ctx.in_place:

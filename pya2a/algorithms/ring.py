@@ -19,7 +19,7 @@ import numpy as np
 from ..core.registry import AlgorithmInfo, Context, register
 from ..core.spec import VSpec
 from ._common import sides
-from ._forward import Step, blocks
+from ._forward import Step, blocks, size_mismatch
 from .tags import TAG_RING
 
 __all__ = ["schedule", "run", "cost", "message_lengths"]
@@ -61,8 +61,16 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     t.copy(s.rb, int(rd[r]), s.sb, int(s.sd[r]), int(rc[r]))
     if p == 1:
         return
-    inlen = np.empty(p, dtype=np.int64)
-    ctx.comm.Alltoall(message_lengths(s.sc, r), inlen)
+    # per pair: the length of the message carrying the sender's data in, and the block for
+    # the receiver in it (checked against the receive count: a mismatch is not written)
+    meta_out = np.empty((p, 2), dtype=np.int64)
+    meta_out[:, 0] = message_lengths(s.sc, r)
+    meta_out[:, 1] = s.sc
+    meta = np.empty((p, 2), dtype=np.int64)
+    ctx.comm.Alltoall(meta_out, meta)
+    inlen, blk = meta[:, 0], meta[:, 1]
+    blk[r] = rc[r]
+    wrong = blk != rc
     nxt, prv = (r + 1) % p, (r - 1) % p
     dests = (r + 1 + np.arange(p - 1)) % p
     first = int(s.sc[dests].sum())
@@ -73,16 +81,20 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     for k in range(1, p):
         src = (r - k) % p
         m = int(inlen[src])
-        own = min(int(rc[src]), m)  # equal unless counts mismatch (erroneous, as in MPI)
+        own = int(blk[src])  # the sender's size: what is forwarded stays consistent
         # one Sendrecv per step (fewest Python calls); empty messages are not skipped since
         # neither side knows whether the other has anything to send back
-        if k == p - 1:  # the last message is only this rank's block: straight into place
+        if k == p - 1 and not wrong[src]:  # the last message is only this rank's block
             t.sendrecv(out, off, n, nxt, s.rb, int(rd[src]), own, prv, TAG_RING)
         else:
             t.sendrecv(out, off, n, nxt, inc, 0, m, prv, TAG_RING)
         if k < p - 1:
-            t.copy(s.rb, int(rd[src]), inc, 0, own)
+            if not wrong[src]:
+                t.copy(s.rb, int(rd[src]), inc, 0, own)
             out, off, n, inc = inc, own, m - own, out
+    if wrong.any():
+        bad = np.flatnonzero(wrong)
+        raise size_mismatch("ring", r, bad, blk[bad], rc[bad])
 
 
 # Python work per step besides the message itself (own-block copy, bookkeeping), in units

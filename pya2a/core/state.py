@@ -19,6 +19,7 @@ only holds the duplicate (algorithms get ``ctx.comm``) finds the same holder wit
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = ["CommState", "NodeLayout", "state", "internal_comm", "check_comm",
 _USER_KEYVAL: int | None = None
 _INTERNAL_KEYVAL: int | None = None
 _LIVE: weakref.WeakSet[CommState] = weakref.WeakSet()
+_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -163,10 +165,12 @@ def _delete(comm: MPI.Comm, keyval: int, held: CommState) -> None:
 
 def _keyvals() -> tuple[int, int]:
     global _USER_KEYVAL, _INTERNAL_KEYVAL
-    if _USER_KEYVAL is None:
-        _USER_KEYVAL = MPI.Comm.Create_keyval(delete_fn=_delete)
-        _INTERNAL_KEYVAL = MPI.Comm.Create_keyval()
-    assert _INTERNAL_KEYVAL is not None
+    if _INTERNAL_KEYVAL is None:
+        with _LOCK:  # two threads' first calls must not make two pairs of keyvals
+            if _INTERNAL_KEYVAL is None:
+                _USER_KEYVAL = MPI.Comm.Create_keyval(delete_fn=_delete)
+                _INTERNAL_KEYVAL = MPI.Comm.Create_keyval()
+    assert _USER_KEYVAL is not None and _INTERNAL_KEYVAL is not None
     return _USER_KEYVAL, _INTERNAL_KEYVAL
 
 

@@ -1,0 +1,214 @@
+"""A watchdog for stalled exchanges: ``PYA2A_TIMEOUT=seconds`` (off by default).
+
+When it is on, every pya2a call on a communicator announces its arrival to every peer
+with a small nonblocking message on pya2a's private duplicate (tag :data:`TAG_ARRIVAL`),
+then runs as usual. A monitor thread watches the calls in progress; one that has waited
+longer than the timeout prints, on each waiting rank, which call it is in, its call
+number on that communicator and which peers have not arrived at it (or that all have, when
+the stall is inside the exchange: a peer failed or stopped in the middle), and then ends
+the whole job with ``MPI.COMM_WORLD.Abort``. A blocked MPI call cannot be interrupted to
+raise instead without leaving the other ranks waiting, so aborting is the one exit that
+cannot hang anyone.
+
+Nothing waits on the arrival messages: they complete in the background and are collected
+at the next call on the same communicator (MPI matches them in order), so a call that
+raised locally before communicating leaves nothing stuck. The monitor reads them with
+``Test`` from its own thread, which needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default).
+The setting is read when pya2a is imported; :func:`configure` changes it at run time.
+Off, the cost per call is one function call returning None.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+__all__ = ["TAG_ARRIVAL", "configure", "timeout", "enter", "leave", "Arrivals"]
+
+TAG_ARRIVAL = 7190  # on the private duplicate; the algorithms' tags are 7101..7120
+
+_TIMEOUT: float | None = None
+_SLOT = "watchdog.arrivals"
+_lock = threading.Lock()
+_wake = threading.Condition(_lock)
+_active: dict[int, _Guard] = {}
+_thread: threading.Thread | None = None
+
+
+def _parse(value: str | None) -> float | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        raise ValueError(f"PYA2A_TIMEOUT must be a number of seconds, got {value!r}") from None
+    if not t > 0:
+        raise ValueError(f"PYA2A_TIMEOUT must be positive, got {value!r}")
+    return t
+
+
+def configure(seconds: float | None) -> None:
+    """Set the timeout in seconds (None: off) for calls that start from now on (local)."""
+    global _TIMEOUT
+    _TIMEOUT = None if seconds is None else _parse(str(seconds))
+
+
+def timeout() -> float | None:
+    """The timeout in force (None: off)."""
+    return _TIMEOUT
+
+
+class Arrivals:
+    """Per-communicator arrival messages (kept in the communicator's state slot)."""
+
+    __slots__ = ("count", "pending", "__weakref__")
+
+    def __init__(self) -> None:
+        self.count = 0
+        # (call number, recv requests by peer, send requests, buffers kept alive)
+        self.pending: list[tuple[int, list, list, tuple]] = []
+
+    def announce(self, comm: MPI.Intracomm) -> tuple[int, list]:
+        """Post this call's arrival messages; returns (call number, recv request by peer)."""
+        self._collect()
+        self.count += 1
+        n = self.count
+        p, me = comm.Get_size(), comm.Get_rank()
+        out = np.array([n], dtype=np.int64)
+        inbox = np.zeros(p, dtype=np.int64)
+        recvs: list = [None] * p
+        sends = []
+        for q in range(p):
+            if q == me:
+                continue
+            recvs[q] = comm.Irecv([inbox[q:q + 1], MPI.INT64_T], q, TAG_ARRIVAL)
+            sends.append(comm.Isend([out, MPI.INT64_T], q, TAG_ARRIVAL))
+        self.pending.append((n, recvs, sends, (out, inbox)))
+        return n, recvs
+
+    def _collect(self) -> None:
+        """Drop the calls whose arrival messages have all completed (no waiting)."""
+        keep = []
+        for entry in self.pending:
+            reqs = [r for r in entry[1] if r is not None] + entry[2]
+            if reqs and not MPI.Request.Testall(reqs):
+                keep.append(entry)
+        self.pending = keep
+
+    def free(self) -> None:
+        """Cancel what is still pending (the communicator is being freed)."""
+        for _, recvs, sends, _ in self.pending:
+            for r in recvs:
+                if r is not None and r:
+                    try:
+                        r.Cancel()
+                        r.Free()
+                    except MPI.Exception:
+                        pass
+            for r in sends:
+                if r:
+                    try:
+                        r.Free()
+                    except MPI.Exception:
+                        pass
+        self.pending = []
+
+
+class _Guard:
+    __slots__ = ("call", "number", "rank", "size", "recvs", "deadline", "world")
+
+    def __init__(self, call: str, number: int, rank: int, size: int, recvs: list,
+                 deadline: float) -> None:
+        self.call, self.number, self.rank, self.size = call, number, rank, size
+        self.recvs, self.deadline = recvs, deadline
+        self.world = MPI.COMM_WORLD.Get_rank()
+
+
+def enter(comm: MPI.Intracomm, call: str, arrivals: Arrivals | None = None) -> _Guard | None:
+    """Start watching ``call`` on the private communicator ``comm`` (None when off).
+
+    ``arrivals`` is the communicator's :class:`Arrivals` (kept in its state); pass the same
+    object for every call on ``comm``.
+    """
+    t = _TIMEOUT
+    if t is None:
+        return None
+    if arrivals is None:
+        from .state import state
+
+        arrivals = state(comm).slot(_SLOT, Arrivals)
+    number, recvs = arrivals.announce(comm)
+    g = _Guard(call, number, comm.Get_rank(), comm.Get_size(), recvs, time.monotonic() + t)
+    with _lock:
+        _active[id(g)] = g
+        _start()
+        _wake.notify()
+    return g
+
+
+def leave(g: _Guard | None) -> None:
+    """Stop watching the call ``g`` (from :func:`enter`)."""
+    if g is None:
+        return
+    with _lock:
+        _active.pop(id(g), None)
+
+
+def _start() -> None:
+    global _thread
+    if _thread is None or not _thread.is_alive():
+        _thread = threading.Thread(target=_monitor, name="pya2a-watchdog", daemon=True)
+        _thread.start()
+
+
+def _missing(g: _Guard) -> list[int]:
+    out = []
+    for q, r in enumerate(g.recvs):
+        if r is None:
+            continue
+        try:
+            if not r.Test():
+                out.append(q)
+        except MPI.Exception:
+            out.append(q)
+    return out
+
+
+def _fire(g: _Guard, waited: float) -> None:
+    missing = _missing(g)
+    if missing:
+        shown = ", ".join(map(str, missing[:16])) + (" ..." if len(missing) > 16 else "")
+        who = f"ranks that have not arrived: {shown}"
+    else:
+        who = ("every rank arrived; the exchange stalled inside (a peer failed or stopped "
+               "in the middle of it)")
+    sys.stderr.write(f"pya2a watchdog: rank {g.rank} of {g.size} (world rank {g.world}) "
+                     f"has waited {waited:.1f} s in {g.call} (call {g.number} on this "
+                     f"communicator), more than PYA2A_TIMEOUT; {who}. Aborting the job.\n")
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(1)
+    time.sleep(5.0)  # Abort normally does not return; if it does, leave without MPI
+    os._exit(1)
+
+
+def _monitor() -> None:
+    while True:
+        with _lock:
+            now = time.monotonic()
+            due = [g for g in _active.values() if g.deadline <= now]
+            if not due:
+                nxt = min((g.deadline for g in _active.values()), default=None)
+                _wake.wait(None if nxt is None else max(nxt - now, 0.01))
+                continue
+            for d in due:  # each stalled call fires once
+                _active.pop(id(d), None)
+        g = due[0]
+        _fire(g, time.monotonic() - g.deadline + (_TIMEOUT or 0.0))
+
+
+_TIMEOUT = _parse(os.environ.get("PYA2A_TIMEOUT"))
