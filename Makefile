@@ -75,7 +75,7 @@ test-mpi: install install-fft
 	done
 
 demo: install
-	$(MPIEXEC) -n $(NP) $(PY) examples/demo.py
+	$(MPIEXEC) -n $(NP) $(PY) -m mpi4py examples/demo.py
 
 lint: install
 	$(VENV)/bin/ruff check .

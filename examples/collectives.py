@@ -1,6 +1,7 @@
 """Collectives stress sweep: time and bandwidth per message size, up to what memory holds.
 
-    mpiexec -n 4 python examples/collectives.py --json collectives.json --png collectives.png
+    mpiexec -n 4 python -m mpi4py examples/collectives.py \
+        --json collectives.json --png collectives.png
 
 For each of Allreduce, Reduce, Bcast, Allgather, Gather, Reduce_scatter, Scatter, Alltoall
 and Allreduce composed as Reduce_scatter + Allgather, the message size doubles from

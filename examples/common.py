@@ -1,6 +1,6 @@
 """Helpers the example programs share (imported from the examples' own directory).
 
-Each example runs as ``mpiexec -n P python examples/<name>.py``, so this directory is
+Each example runs as ``mpiexec -n P python -m mpi4py examples/<name>.py``, so this directory is
 ``sys.path[0]`` and ``from common import ...`` finds this file.
 """
 

@@ -1,4 +1,4 @@
-"""mpiexec -n 4 python examples/demo.py
+"""mpiexec -n 4 python -m mpi4py examples/demo.py
 
 A real Alltoallv with uneven, random block sizes, run through every pya2a algorithm and the
 MPI library's own call; checks each result against MPI's and prints what moved and how long

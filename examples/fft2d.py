@@ -1,6 +1,6 @@
 """2D FFT of a distributed array: FFT rows, all-to-all transpose, FFT columns.
 
-    mpiexec -n 4 python examples/fft2d.py
+    mpiexec -n 4 python -m mpi4py examples/fft2d.py
 
 The n0 x n1 complex array X is distributed by block rows (uneven when p does not divide
 n0). Each rank FFTs its rows (axis 1), one Alltoallv redistributes the array to block

@@ -1,6 +1,6 @@
 """Distributed equi-join of two tables: hash keys to ranks with an all-to-all, join locally.
 
-    mpiexec -n 4 python examples/hash_join.py
+    mpiexec -n 4 python -m mpi4py examples/hash_join.py
 
 Tables R(key, rid) and S(key, sid) are spread over the ranks by row blocks (uneven when p
 does not divide the row count); rid and sid are global row ids, so every output row

@@ -1,8 +1,8 @@
 """Mixture-of-experts layer, expert parallel: dispatch tokens to their experts, combine back.
 
-    mpiexec -n 4 python examples/moe.py            # 64 experts, top-6, hidden 2048
-    mpiexec -n 4 python examples/moe.py --small    # tiny, for tests
-    mpiexec -n 4 python examples/moe.py --device cuda [--backend staged|fused]
+    mpiexec -n 4 python -m mpi4py examples/moe.py            # 64 experts, top-6, hidden 2048
+    mpiexec -n 4 python -m mpi4py examples/moe.py --small    # tiny, for tests
+    mpiexec -n 4 python -m mpi4py examples/moe.py --device cuda [--backend staged|fused]
 
 Every rank holds num_experts / p experts (contiguous ranges). Each rank draws its tokens
 (a random count in [1, max_tokens)), a router's top-k experts per token and softmax weights

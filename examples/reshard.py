@@ -1,6 +1,6 @@
 """Resharding a tensor on a 2D device mesh: 1D rows -> 2D blocks -> 1D columns.
 
-    mpiexec -n 4 python examples/reshard.py
+    mpiexec -n 4 python -m mpi4py examples/reshard.py
 
 The p ranks form an r x c mesh, by default the most square one with r <= c (1 x 3, 2 x 2,
 2 x 4, ...: the grid pya2a's "mesh" algorithm picks); rank q sits at (i, j) = divmod(q, c).

@@ -1,6 +1,6 @@
 """Sample sort: local sort, sample, splitters, all-to-all of buckets, merge.
 
-    mpiexec -n 4 python examples/sample_sort.py
+    mpiexec -n 4 python -m mpi4py examples/sample_sort.py
 
 Each rank holds a block of N int64 keys (uneven when p does not divide N). It sorts them,
 picks regularly spaced samples, and all ranks agree on p - 1 splitters from the gathered

@@ -1,6 +1,6 @@
 """Distributed matrix transpose: block rows of A -> block rows of A.T, one all-to-all.
 
-    mpiexec -n 4 python examples/transpose.py
+    mpiexec -n 4 python -m mpi4py examples/transpose.py
 
 Rank r holds rows [lo_r, hi_r) of an n x n matrix A (uneven blocks when p does not divide
 n). Viewing A as a p x p matrix of blocks A_rs, the transpose is an all-to-all: rank r
