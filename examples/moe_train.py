@@ -1,8 +1,8 @@
 """Train a mixture-of-experts layer across ranks with torch autograd through pya2a.
 
-    mpiexec -n 4 python examples/moe_train.py             # 8 experts, top-2, 300 steps
-    mpiexec -n 4 python examples/moe_train.py --small     # 20 steps, for tests
-    mpiexec -n 4 python examples/moe_train.py --device cuda   # staged backend, one GPU each
+    mpiexec -n 4 python -m mpi4py examples/moe_train.py             # 8 experts, top-2, 300 steps
+    mpiexec -n 4 python -m mpi4py examples/moe_train.py --small     # 20 steps, for tests
+    mpiexec -n 4 python -m mpi4py examples/moe_train.py --device cuda  # staged, one GPU each
 
 The model: an input projection ``h = tanh(x P)`` and one MoE layer on it: a softmax gate
 (hidden x experts) picks the top-k experts per token and their renormalised weights;

@@ -37,6 +37,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import algorithms, select
+from .algorithms.direct import DEFAULT_WINDOW
 from .core import _msg, log, watchdog
 from .core.devices import load_device_algorithms
 from .core.registry import Context, available_here, execute, name_code, refusal, usable
@@ -279,6 +280,7 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
     p, rank = icomm.Get_size(), icomm.Get_rank()
     send = recv = None
     valid_options: dict | None = None
+    window = DEFAULT_WINDOW
     rows = p if p <= ROWS_IN_RECORD else 0
     stats = np.zeros(6 + 2 * rows, dtype=np.int64)
     try:
@@ -289,7 +291,8 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
         send = recv if inplace else finish(s, p, call, "send message", "send")
         check_pair(call, send, recv, rank, kind)
         valid_options = check_options(call, options, p)
-        window_setting(valid_options, 1)  # a bad PYA2A_DIRECT_WINDOW fails every rank here
+        # a bad PYA2A_DIRECT_WINDOW fails every rank here, not later inside direct's run
+        window = window_setting(valid_options, DEFAULT_WINDOW)
         if requested != "auto":
             info = algorithms.get(requested, call)
             why = usable(info, p, send, recv)
@@ -327,6 +330,7 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
         log.decision(icomm, call, requested, table, override="algorithm= or PYA2A_ALGORITHM")
     info = algorithms.get(requested, call)
     opts = dict(options or {})
+    opts["window"] = window  # the value validated above (env read once per decision)
     opts["max_block"] = int(table[:, 2].max())
     # One-shot plans keep their buffers' bindings; only small exchanges are worth it, and
     # the test reads the all-gathered record so every rank takes the same path.

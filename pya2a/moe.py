@@ -67,7 +67,7 @@ from .core.devices import array_family
 from .core.spec import is_device_buffer
 from .core.state import check_comm as _check_comm
 from .core.state import internal_comm
-from .core.validate import agree
+from .core.validate import agree, allgather_object
 
 __all__ = ["ExpertParallel", "DispatchHandle", "reference", "BACKENDS", "MODES", "PHASES"]
 
@@ -825,7 +825,8 @@ def reference(comm: MPI.Intracomm, x: np.ndarray, topk_idx: np.ndarray,
     """
     p, me = comm.Get_size(), comm.Get_rank()
     El = num_experts // p
-    xs, idxs = comm.allgather(np.asarray(x)), comm.allgather(np.asarray(topk_idx))
+    xs = allgather_object(comm, np.asarray(x))
+    idxs = allgather_object(comm, np.asarray(topk_idx))
     expert_x = []
     for le in range(El):
         g = me * El + le

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..core.validate import allgather_object
 from . import cupy as _cupy
 
 __all__ = [
@@ -275,7 +276,7 @@ def check_ipc(comm: Any, device: int | None = None) -> tuple[bool, str]:
             pci = visible[dev]
         except Exception as exc:
             reason = f"no usable GPU: {exc}"
-    pcis = comm.allgather(pci)
+    pcis = allgather_object(comm, pci)
     if not reason and all(pcis):
         cp = _cupy()
         runtime = cp.cuda.runtime
@@ -289,7 +290,7 @@ def check_ipc(comm: Any, device: int | None = None) -> tuple[bool, str]:
             if not runtime.deviceCanAccessPeer(mine, visible.index(other)):
                 reason = f"no peer access between GPU {pci} and {other}"
                 break
-    reasons = comm.allgather(reason)
+    reasons = allgather_object(comm, reason)
     for r, why in enumerate(reasons):
         if why:
             return False, f"rank {r}: {why}"
@@ -331,7 +332,7 @@ def device_share(comm: Any, device: int | None = None) -> DeviceShare:
     except Exception:
         dev = -1
     mine = (pci, mps_client(dev)[0] if pci else False)
-    allv = comm.allgather(mine)
+    allv = allgather_object(comm, mine)
     counts: dict[str, int] = {}
     for p_, _m in allv:
         if p_:
@@ -462,14 +463,14 @@ class IpcGroup:
         if len(self.allocs) >= MAX_ALLOCS:
             raise ValueError(f"IpcGroup: at most {MAX_ALLOCS} symmetric allocations")
         nbytes = int(nbytes)
-        sizes = self.comm.allgather(nbytes)
+        sizes = allgather_object(self.comm, nbytes)
         if len(set(sizes)) != 1:
             raise ValueError(f"IpcGroup.allocate: sizes differ across ranks: {sizes}")
         rt = self._cp.cuda.runtime
         with self._cp.cuda.Device(self.device):
             ptr = rt.malloc(max(nbytes, 1))
             handle = bytes(rt.ipcGetMemHandle(ptr))
-            handles = self.comm.allgather(handle)
+            handles = allgather_object(self.comm, handle)
             peer_ptrs: list[int] = []
             opened: list[int] = []
             for r, h in enumerate(handles):

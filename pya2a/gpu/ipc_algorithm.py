@@ -31,6 +31,7 @@ from mpi4py import MPI
 from ..core.registry import AlgorithmInfo, Context, register
 from ..core.spec import VSpec
 from ..core.state import live_states, state
+from ..core.validate import allreduce_max
 from .device import RawArray
 
 __all__ = ["run", "cost", "comm_available", "comm_auto", "free_engines"]
@@ -138,7 +139,7 @@ def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
         raise ValueError(f"algorithm 'ipc' is not available on this communicator: {why}")
     need = opts.get("max_block")
     if need is None:  # engine size and method must agree on every rank: never a local value
-        need = ctx.comm.allreduce(int(recv.bcounts.max(initial=0)), op=MPI.MAX)
+        need = allreduce_max(ctx.comm, int(recv.bcounts.max(initial=0)))
     need = max(int(need), 1)
     direct = need >= IpcAlltoallv.DIRECT_FROM  # global: every rank registers, or none
     eng = _engine(ctx.comm, int(recv.device), 1 if direct else need)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..core._pack import int64_key as _int64_key
+from ..core.validate import allgather_object
 from . import cupy as _cupy
 from . import loader
 from .ipc import (
@@ -341,7 +342,7 @@ class IpcAlltoallv:
         self.ll_bytes = (int(ll_bytes) + 255) // 256 * 256
         self.ll_slot = 2 * self.ll_bytes
         conf = (self.slot_bytes, self.ll_bytes, int(min_chunk), int(ll_min_chunk), int(ce_sub))
-        confs = self.group.comm.allgather(conf)
+        confs = allgather_object(self.group.comm, conf)
         if len(set(confs)) != 1:
             raise ValueError(f"IpcAlltoallv: settings differ across ranks: {confs}")
         with cp.cuda.Device(self.device):
@@ -364,7 +365,7 @@ class IpcAlltoallv:
         self.pdl = _pdl_wanted(cp, self.device, shared=share.ranks_per_device > 1)
         budget = grid_budget(int(sms), share.ranks_per_device, 2 if self.pdl else 1)
         self.grid_max = max(1, budget - 1) if share.ranks_per_device > 1 else budget
-        smin = min(self.group.comm.allgather(self.grid_max))
+        smin = min(allgather_object(self.group.comm, self.grid_max))
         # a few roles for the own block, the rest split evenly between the peers (a
         # smaller grid walks the roles: the kernels work with any grid size)
         self.self_max = max(1, min(8, smin // 16))
@@ -487,7 +488,7 @@ class IpcAlltoallv:
             mine = ("u", handle, ident[4], [int(x) for x in np.asarray(rdispls)])
         else:
             mine = ("n", None, 0, [int(x) for x in np.asarray(rdispls)])
-        allv = comm.allgather(mine)
+        allv = allgather_object(comm, mine)
         addr: list = [None] * p
         bases: list[int] = [0] * p
         handles: list[bytes] = []
@@ -509,7 +510,7 @@ class IpcAlltoallv:
             bases[r] = base
             addr[r] = base + off
         # a receiver is written in place only if every sender could map it
-        bad = set().union(*comm.allgather(failed))
+        bad = set().union(*allgather_object(comm, failed))
         for r in bad:
             addr[r] = None
         for r in bad:

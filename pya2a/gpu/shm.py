@@ -41,6 +41,7 @@ from mpi4py import MPI
 
 from ..core.spec import VSpec
 from ..core.state import live_states, state
+from ..core.validate import allreduce_max
 from .staging import default_chunk, merge_ranges
 
 __all__ = ["ShmWindow", "comm_available", "window", "free_windows", "exchange",
@@ -165,7 +166,7 @@ class ShmWindow:
         """
         if global_bound <= self.capacity:
             return
-        need = int(self.comm.allreduce(int(local_need), op=MPI.MAX))
+        need = int(allreduce_max(self.comm, int(local_need)))
         if need <= self.capacity:
             return
         cap = max(MIN_REGION, 1 << max(0, need - 1).bit_length(), 2 * self.capacity)
@@ -335,7 +336,7 @@ def exchange(send: VSpec, recv: VSpec, comm: MPI.Intracomm, t: Any,
     """
     p = comm.Get_size()
     if max_block is None:
-        max_block = int(comm.allreduce(int(send.bcounts.max(initial=0)), op=MPI.MAX))
+        max_block = int(allreduce_max(comm, int(send.bcounts.max(initial=0))))
     local = int(send.bcounts.sum()) - int(send.bcounts[comm.Get_rank()])
     win = window(comm, t.backend, (p - 1) * int(max_block), local)
     chunk = int(getattr(t, "chunk", 0) or default_chunk())
