@@ -1,8 +1,8 @@
 """3D FFT in pencils: FFT along z, Alltoallw in process-grid rows, FFT along y, Alltoallw in
 process-grid columns, FFT along x.
 
-    mpiexec -n 4 python examples/pfft.py
-    mpiexec -n 4 python examples/pfft.py --device cuda     # CuPy FFT + pya2a.Alltoallw
+    mpiexec -n 4 python -m mpi4py examples/pfft.py
+    mpiexec -n 4 python -m mpi4py examples/pfft.py --device cuda     # CuPy FFT + pya2a.Alltoallw
 
 The complex N0 x N1 x N2 array is distributed over a P0 x P1 process grid (MPI.Compute_dims)
 in z-pencils: rank (c0, c1) holds rows block c0 of axis 0 and block c1 of axis 1, all of

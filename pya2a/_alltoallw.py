@@ -46,7 +46,7 @@ from .core.registry import name_code
 from .core.registry import requested as resolve
 from .core.spec import _acquire, in_place, int_vector
 from .core.state import CommState, check_comm, state
-from .core.validate import agree
+from .core.validate import agree, allreduce_max
 
 __all__ = ["Alltoallw", "WPlan", "WCache", "stats"]
 
@@ -313,7 +313,7 @@ class _Arena:
 
     def ensure(self, need: int) -> None:
         """Collective: make every half region at least the largest ``need`` of any rank."""
-        need = int(self.comm.allreduce(int(need), op=MPI.MAX))
+        need = allreduce_max(self.comm, int(need))
         if self.win is not None and need <= self.half:
             return
         self.free()
