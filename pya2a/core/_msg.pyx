@@ -38,8 +38,9 @@ cdef extern from "Python.h":
     long long PyLong_AsLongLong(object) except? -1
 
 __all__ = ["Msg", "read", "read_pair", "acquire", "int64_vector", "is_integral", "set_hooks",
-           "add_cacheable", "format_type", "address"]
+           "add_cacheable", "format_type", "address", "check_committed"]
 
+cdef int64_t _INT64_MAX = 0x7FFFFFFFFFFFFFFF
 cdef object _TYPEDICT = MPI._typedict
 cdef object _DATATYPE = MPI.Datatype
 cdef object _BOTTOM = MPI.BOTTOM
@@ -194,11 +195,38 @@ def format_type(str call, str what, str fmt, Py_ssize_t itemsize=0):
     return _format_type(call, what, (fmt or "B").encode("ascii", "replace"), itemsize)
 
 
+def check_committed(str call, str what, object dt):
+    """ValueError naming the datatype if a derived ``dt`` was never committed (local; MPI
+    would fail inside the collective, on this rank only)."""
+    if dt.handle in _CACHEABLE or dt.is_predefined:
+        return
+    try:
+        dt.Pack_size(1, MPI.COMM_SELF)  # the MPI library refuses an uncommitted type here
+    except MPI.Exception:
+        raise ValueError(f"{call}: {what} datatype is a derived datatype that was not "
+                         f"committed; call its Commit() first") from None
+
+
+cdef bint _pointer_format(const char *fmt):
+    """True if a buffer-protocol format holds pointers (``O`` objects, ``P`` void *); the
+    field names of struct formats (between colons) are skipped."""
+    cdef bint inside = False
+    cdef Py_ssize_t i = 0
+    while fmt[i] != 0:
+        if fmt[i] == 58:  # ':'
+            inside = not inside
+        elif not inside and (fmt[i] == 79 or fmt[i] == 80):  # 'O', 'P'
+            return True
+        i += 1
+    return False
+
+
 cdef object _explicit_type(str call, str what, object o_type):
     """mpi4py's ``asdatatype``: a Datatype, or a key of ``MPI._typedict`` (KeyError)."""
     if isinstance(o_type, _DATATYPE):
         if o_type == MPI.DATATYPE_NULL:
             raise ValueError(f"{call}: {what} datatype is MPI.DATATYPE_NULL")
+        check_committed(call, what, o_type)
         return o_type
     try:
         return _TYPEDICT[o_type]
@@ -240,6 +268,10 @@ cdef int _host(Msg m, object obj, bint readonly, str call, str what,
     cdef Py_buffer view
     PyObject_GetBuffer(obj, &view, PyBUF_RECORDS_RO)
     try:
+        if view.format != NULL and _pointer_format(view.format):
+            raise TypeError(f"{call}: {what} holds Python objects or pointers (format "
+                            f"{(<bytes> view.format).decode(errors='replace')!r}); they "
+                            f"cannot travel between processes")
         if not PyBuffer_IsContiguous(&view, b'A'):
             raise BufferError(f"{call}: {what} buffer is not contiguous")
         if not readonly and view.readonly:
@@ -368,6 +400,9 @@ def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoal
                 v += c[i]
         elif is_integral(o_displs):
             v = PyLong_AsLongLong(PyNumber_Index(o_displs))
+            if p > 1 and (v > _INT64_MAX // (p - 1) or v < -(_INT64_MAX // (p - 1))):
+                raise ValueError(f"{call}: {what}: displacement stride {v} puts blocks "
+                                 f"beyond 2^63 elements, outside the buffer")
             for i in range(p):
                 d[i] = v * i
         else:
@@ -387,7 +422,7 @@ def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoal
                 if extent <= 0:
                     raise ValueError(f"{call}: {what}: cannot handle displacement, "
                                      f"datatype extent {extent}")
-                if displ * extent > length:
+                if displ > length // extent:
                     raise ValueError(f"{call}: {what}: displacement {displ} out of bounds, "
                                      f"number of datatype entries {length // extent}")
                 length -= displ * extent
@@ -416,6 +451,9 @@ def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoal
                                      f"entries {length // extent} is not a multiple of the "
                                      f"number of blocks {p}")
                 count = length // extent // p
+        if count > 0 and p > 1 and (_INT64_MAX - displ) // count < p - 1:
+            raise ValueError(f"{call}: {what}: {p} blocks of {count} elements from element "
+                             f"{displ} lie beyond 2^63 elements, outside the buffer")
         for i in range(p):
             c[i] = count
             d[i] = displ + i * count

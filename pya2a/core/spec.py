@@ -337,6 +337,7 @@ def element_type(call: str, dtype: object) -> MPI.Datatype:
     if isinstance(dtype, MPI.Datatype):
         if dtype == MPI.DATATYPE_NULL:
             raise ValueError(f"{call}: dtype is MPI.DATATYPE_NULL")
+        _msg.check_committed(call, "dtype", dtype)
         return dtype
     if type(dtype).__module__.split(".")[0] == "torch":
         import torch
@@ -371,7 +372,10 @@ def template(counts: np.ndarray, displs: np.ndarray, dt: MPI.Datatype,
     """A VSpec with no buffer, for the checks made before buffers exist (plans)."""
     _, extent = dt.Get_extent()
     tlb, textent = dt.Get_true_extent()
-    end = int(((displs + counts) * extent).max()) if counts.size else 0
+    end = _pack.block_end(counts, displs, extent)
+    if end < 0:
+        raise ValueError("plan: a block's end (displacement + count, times the extent "
+                         f"{extent}) lies beyond 2^63 bytes")
     total = int(counts.sum())
     largest = int(counts.max()) if counts.size else 0
     return VSpec(None, 0, end, False, device, dt, extent, dt.Get_size(), tlb, textent,
@@ -430,11 +434,17 @@ def finish(m: _msg.Msg, p: int, call: str, what: str, name: str) -> VSpec:
     if code == 2:
         raise ValueError(f"{call}: {name}displs[{j}] = {value} is negative")
     if code == 3:
+        end = f"byte {value}" if value >= 0 else "beyond 2^63 bytes"
         raise ValueError(
             f"{call}: {what} block {j} (displacement {displs[j]}, count {counts[j]}, "
-            f"extent {extent}) ends at byte {value}, outside the {nbytes}-byte buffer")
+            f"extent {extent}) ends at {end}, outside the {nbytes}-byte buffer")
     if code == 4:
         raise ValueError(f"{call}: {what} datatype extent {extent} is not positive")
+    if extent > 0 and int(displs.max(initial=0)) > nbytes // extent:
+        # empty blocks may have any displacement (they touch no byte); place the ones past
+        # the end at 0 so that byte offsets (displs * extent) never wrap
+        displs = np.where(counts == 0, 0, displs)
+        displs.setflags(write=False)
     return VSpec(obj, addr, nbytes, readonly, m.device, dt, extent, tsize, tlb, textent,
                  counts, displs, keep, total, largest)
 
