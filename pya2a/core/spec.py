@@ -241,24 +241,53 @@ def _dlpack_format(obj: object) -> str:
     return fmt
 
 
+# CuPy arrays described once per (pointer, size, dtype, device): a contiguous CuPy array is
+# read on CuPy's current stream, so describing it again would only repeat the same answer
+_CUPY_DESC: dict[tuple, tuple] = {}
+
+
+def _cupy_key(obj: object, readonly: bool) -> tuple | None:
+    t = type(obj)
+    if t.__name__ != "ndarray" or not t.__module__.startswith("cupy"):
+        return None
+    try:
+        if not obj.flags.c_contiguous:  # type: ignore[attr-defined]
+            return None
+        mem = obj.data  # type: ignore[attr-defined]
+        return (mem.ptr, obj.nbytes, obj.dtype.str, mem.device_id, readonly)  # type: ignore
+    except Exception:
+        return None
+
+
 def _other(m: _msg.Msg, obj: object, readonly: bool, call: str, what: str,
            want_type: bool = True) -> None:
     """The first stage for objects without the buffer protocol (DLPack, CAI, device);
     the datatype from the element format only with ``want_type`` (no explicit one)."""
     if is_device_buffer(obj):
-        try:
-            from .devices import gpu_device
+        ckey = _cupy_key(obj, readonly)
+        hit = _CUPY_DESC.get(ckey) if ckey is not None else None
+        if hit is None:
+            try:
+                from .devices import gpu_device
 
-            _device = gpu_device()
-        except ImportError as exc:  # pragma: no cover - depends on the GPU extra
-            raise TypeError(f"{call}: {what} is a device buffer, but pya2a's GPU support "
-                            f"is not available ({exc})") from exc
-        d = _device.describe(obj, call=call, what=what, readonly=readonly)
-        m.addr, m.nbytes, m.readonly, m.device = d.addr, d.nbytes, d.readonly, d.device
-        m.keepalive = d.keepalive
-        m.itemsize = int(getattr(d, "itemsize", 0) or 0)
+                _device = gpu_device()
+            except ImportError as exc:  # pragma: no cover - depends on the GPU extra
+                raise TypeError(f"{call}: {what} is a device buffer, but pya2a's GPU "
+                                f"support is not available ({exc})") from exc
+            d = _device.describe(obj, call=call, what=what, readonly=readonly)
+            hit = (d.addr, d.nbytes, d.readonly, d.device, d.fmt,
+                   int(getattr(d, "itemsize", 0) or 0))
+            keep = d.keepalive
+            if ckey is not None:
+                _CUPY_DESC[ckey] = hit
+                while len(_CUPY_DESC) > 256:
+                    _CUPY_DESC.pop(next(iter(_CUPY_DESC)))
+        else:
+            keep = obj
+        m.addr, m.nbytes, m.readonly, m.device, fmt, m.itemsize = hit
+        m.keepalive = keep
         if want_type:
-            m.datatype = _msg.format_type(call, what, d.fmt, m.itemsize)
+            m.datatype = _msg.format_type(call, what, fmt, m.itemsize)
         m.cacheable = True
         return
     # host memory behind DLPack, or a CUDA array interface with no CUDA stack to tell:
