@@ -128,7 +128,7 @@ def profile(comm: MPI.Intracomm, m: int, calls: int, top: int = 18) -> str:
         return ""
     prof.disable()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
     return buf.getvalue()
 
 
