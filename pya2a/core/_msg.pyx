@@ -112,6 +112,15 @@ cpdef bint is_integral(object ob):
     return True
 
 
+cdef int64_t _one_int(object ob, str call, str what, str name) except? -1:
+    """One integer through ``__index__`` (TypeError naming the item otherwise)."""
+    try:
+        return PyLong_AsLongLong(PyNumber_Index(ob))
+    except TypeError:
+        raise TypeError(f"{call}: {what} {name} must be an integer, "
+                        f"not {type(ob).__name__}") from None
+
+
 cdef inline bint _is_datatype(object ob):
     return isinstance(ob, (_DATATYPE, str))
 
@@ -411,11 +420,7 @@ def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoal
         displ = 0
         length = m.nbytes
         if o_displs is not None:
-            try:
-                displ = PyLong_AsLongLong(PyNumber_Index(o_displs))
-            except TypeError:
-                raise TypeError(f"{call}: {what} displacement must be an integer, "
-                                f"not {type(o_displs).__name__}") from None
+            displ = _one_int(o_displs, call, what, "displacement")
             if displ < 0:
                 raise ValueError(f"{call}: {what}: negative displacement {displ}")
             if displ > 0:
@@ -427,11 +432,7 @@ def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoal
                                      f"number of datatype entries {length // extent}")
                 length -= displ * extent
         if o_counts is not None:
-            try:
-                count = PyLong_AsLongLong(PyNumber_Index(o_counts))
-            except TypeError:
-                raise TypeError(f"{call}: {what} count must be an integer, "
-                                f"not {type(o_counts).__name__}") from None
+            count = _one_int(o_counts, call, what, "count")
             if count < 0:
                 raise ValueError(f"{call}: {what}: negative count {count}")
             if count > 0 and o_buf is None:
