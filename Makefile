@@ -7,6 +7,8 @@
 #   make bench-cpu - the CPU sweep quoted in the README (bench/cpu_sweep.sh: tune, then bench
 #                 at P ranks into bench/results/cpu_*_local.*; on a small machine e.g.
 #                 PS="4 2" make bench-cpu)
+#   make bench-oneshot - the drop-in call against mpi4py's own and plan binding costs on NP
+#                 ranks (bench/oneshot_overhead.py), JSON into bench/results/
 #   make bench-pfft - mpi4py-fft forward + backward on NP ranks, pya2a vs the MPI's own
 #                 Alltoallw (bench/pfft_bench.py), JSON into bench/results/
 # MPI=mpich (default) uses the MPICH wheel from the package registry; MPI=system builds
@@ -29,7 +31,8 @@ NPS_MULTIHOP ?= 6 7 9 16
 # oversubscribed runs on small machines; a hung job is killed, never waited on forever
 RUN_MPI  = timeout -k 10 900 $(MPIEXEC) -n $$n $(PY) -m mpi4py tests/run_mpi.py
 
-.PHONY: install install-fft test test-unit test-mpi demo lint bench bench-cpu bench-pfft clean
+.PHONY: install install-fft test test-unit test-mpi demo lint bench bench-cpu bench-oneshot bench-pfft \
+	clean
 
 install: $(STAMP)
 
@@ -86,6 +89,10 @@ bench: install
 bench-cpu: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" MPIEXEC=$(MPIEXEC) PY=$(PY) \
 	  bash bench/cpu_sweep.sh bench/results
+
+bench-oneshot: install
+	$(MPIEXEC) -n $(NP) $(PY) bench/oneshot_overhead.py --iters 300 --passes 25 --profile \
+	  --json bench/results/oneshot_p$(NP)_local.json
 
 bench-pfft: install install-fft
 	$(MPIEXEC) -n $(NP) $(PY) bench/pfft_bench.py --json bench/results/pfft_p$(NP)_local.json
