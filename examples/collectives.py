@@ -44,6 +44,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from common import array_module
 from mpi4py import MPI
 
 import pya2a
@@ -318,18 +319,6 @@ def _check(comm: MPI.Intracomm, coll: Collective, bufs: Buffers, n: int, xp: Mod
 # ---------------------------------------------------------------- the suite
 
 
-def _array_module(device: str, comm: MPI.Intracomm) -> ModuleType:
-    """NumPy, or CuPy on this rank's GPU (local rank modulo the GPUs of its node)."""
-    if device == "cpu":
-        return np
-    import cupy  # only needed for --device cuda
-
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    cupy.cuda.Device(local.Get_rank() % cupy.cuda.runtime.getDeviceCount()).use()
-    local.Free()
-    return cupy
-
-
 def _mpi_takes_device_buffers(comm: MPI.Intracomm) -> tuple[bool, str]:
     """Whether the MPI library may be handed GPU pointers (agreed over comm), and why.
 
@@ -422,7 +411,7 @@ def run_suite(
         raise ValueError(f"run_suite: device must be 'cpu' or 'cuda', not {device!r}")
 
     p, rank = comm.Get_size(), comm.Get_rank()
-    xp = _array_module(device, comm)
+    xp = array_module(device, comm)
     mpi_device_ok, why = _mpi_takes_device_buffers(comm) if xp is not np else (True, "")
     sync = (lambda: None) if xp is np else xp.cuda.Device().synchronize
     say = log if (log is not None and rank == 0) else (lambda line: None)

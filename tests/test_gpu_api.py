@@ -132,10 +132,16 @@ def test_array_api_keeps_the_array_type(cp):
     np.testing.assert_array_equal(rcounts, c[:, r])
 
 
-def test_torch_bfloat16_through_auto(cp):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
+@pytest.fixture
+def torch():
+    """torch with CUDA, or the test is skipped."""
+    mod = pytest.importorskip("torch")
+    if not mod.cuda.is_available():
         pytest.skip("torch without CUDA")
+    return mod
+
+
+def test_torch_bfloat16_through_auto(cp, torch):
     p, r = WORLD.Get_size(), WORLD.Get_rank()
     dev = f"cuda:{cp.cuda.Device().id}"
     c = count_matrix("random", p, scale=16)
@@ -192,10 +198,7 @@ def test_repeated_cupy_calls_take_the_fast_path(cp):
     assert _full_calls() == before
 
 
-def test_repeated_torch_calls_take_the_fast_path_on_one_stream(cp):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch without CUDA")
+def test_repeated_torch_calls_take_the_fast_path_on_one_stream(cp, torch):
     p, r = WORLD.Get_size(), WORLD.Get_rank()
     dev = f"cuda:{cp.cuda.Device().id}"
     c = count_matrix("random", p, scale=16)
@@ -325,10 +328,7 @@ def test_alltoallw_in_place_on_device(cp):
         t.Free()
 
 
-def test_alltoallw_torch_tensors(cp):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch without CUDA")
+def test_alltoallw_torch_tensors(cp, torch):
     p, r = WORLD.Get_size(), WORLD.Get_rank()
     dev = f"cuda:{cp.cuda.Device().id}"
     t = MPI.FLOAT.Create_indexed([1, 2], [3, 0]).Commit()
