@@ -259,6 +259,24 @@ def _cupy_key(obj: object, readonly: bool) -> tuple | None:
         return None
 
 
+def _torch_on_cupy_stream(obj: object) -> bool:
+    """A contiguous CUDA torch tensor whose current torch stream is CuPy's current stream."""
+    t = type(obj)
+    if not t.__module__.startswith("torch") or t.__name__ not in ("Tensor", "Parameter"):
+        return False
+    try:
+        if not obj.is_cuda or not obj.is_contiguous():  # type: ignore[attr-defined]
+            return False
+        import cupy
+        import torch
+
+        dev = obj.device.index  # type: ignore[attr-defined]
+        return bool(torch.cuda.current_stream(dev).cuda_stream ==
+                    cupy.cuda.get_current_stream().ptr)
+    except Exception:
+        return False
+
+
 def _other(m: _msg.Msg, obj: object, readonly: bool, call: str, what: str,
            want_type: bool = True) -> None:
     """The first stage for objects without the buffer protocol (DLPack, CAI, device);
@@ -288,7 +306,10 @@ def _other(m: _msg.Msg, obj: object, readonly: bool, call: str, what: str,
         m.keepalive = keep
         if want_type:
             m.datatype = _msg.format_type(call, what, fmt, m.itemsize)
-        m.cacheable = True
+        # a repeated call skips describe() and with it the producer's stream handshake: only
+        # CuPy arrays (read on CuPy's current stream anyway) and torch tensors produced on
+        # that same stream may be replayed; any other producer takes the full path each time
+        m.cacheable = ckey is not None or _torch_on_cupy_stream(obj)
         return
     # host memory behind DLPack, or a CUDA array interface with no CUDA stack to tell:
     # mpi4py reads both as host buffers
