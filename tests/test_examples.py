@@ -154,9 +154,14 @@ def test_collectives_sweep_writes_json(nprocs: int, tmp_path: Path) -> None:
 
 
 def _load_collectives() -> ModuleType:
-    """examples/collectives.py as a module (it is not part of the installed package)."""
+    """examples/collectives.py as a module (it is not part of the installed package).
+
+    It imports ``common`` from its own directory, as it does when run as a script.
+    """
     name = "pya2a_examples_collectives"
     if name not in sys.modules:
+        if str(EXAMPLES) not in sys.path:
+            sys.path.append(str(EXAMPLES))
         spec = importlib.util.spec_from_file_location(name, EXAMPLES / "collectives.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while the class is made
