@@ -475,7 +475,7 @@ class WCache(_oneshot.FastCache):
 
 
 # ---- signatures -----------------------------------------------------------------------------
-_NO = object()
+_NO = _oneshot._NO  # "no signature": the same sentinel as the one-shot path
 _DT = MPI.Datatype
 
 
@@ -534,7 +534,7 @@ def _sig_side(msg: object) -> tuple[tuple, int, object] | None:
 
 def _signature(sendmsg: object, recvmsg: object, inplace: bool, requested: str, check: bool,
                options: Mapping | None):
-    opt = _options_key(options)
+    opt = _oneshot.options_key(options)
     if opt is _NO:
         return None
     r = _sig_side(recvmsg)
@@ -650,7 +650,7 @@ def Alltoallw(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,  # noqa:
         if sig is not None:
             cache.store(sig[0], number, entry)
         return entry.call(sendmsg, recvmsg)
-    opt = _options_key(options)
+    opt = _oneshot.options_key(options)
     pkey = (requested, check, ("id", id(options)) if opt is _NO else opt, inplace, recv.device,
             None if inplace else send.key(), recv.key())
     wplan = cache.plan(pkey)
@@ -677,16 +677,3 @@ def _use_shm(st: CommState, requested: str, device: bool) -> bool:
     if requested == "shm" and not one_node:
         raise ValueError("Alltoallw: algorithm 'shm' needs every rank on one node")
     return one_node
-
-
-def _options_key(options: Mapping | None) -> object:
-    """The options as a hashable key, None without options, ``_NO`` if they have none."""
-    if options is None:
-        return None
-    try:
-        key = tuple(sorted(options.items()))
-        hash(key)
-        return key
-    except Exception:
-        return _NO
-

@@ -40,7 +40,15 @@ from . import algorithms, select
 from .algorithms.direct import DEFAULT_WINDOW
 from .core import _msg, log, watchdog
 from .core.devices import load_device_algorithms
-from .core.registry import Context, available_here, execute, name_code, refusal, usable
+from .core.registry import (
+    Context,
+    available_here,
+    execute,
+    name_code,
+    raw_env,
+    refusal,
+    usable,
+)
 from .core.registry import requested as resolve
 from .core.spec import VSpec, finish
 from .core.state import CommState, check_comm, live_states, state
@@ -57,7 +65,7 @@ from .core.validate import (
 )
 from .plan import Plan
 
-__all__ = ["FastCache", "signature", "clear", "exchange"]
+__all__ = ["FastCache", "signature", "clear", "exchange", "options_key"]
 
 _SIGNATURES = "oneshot.signatures"  # CommState slots
 _PLANS = "oneshot.plans"
@@ -65,13 +73,10 @@ _PLANS = "oneshot.plans"
 CAPACITY = 64  # signatures kept per communicator (least recently used evicted)
 _NO = object()  # "these options have no signature": take the full path
 _IN_PLACE = MPI.IN_PLACE
-_ENV_RAW = getattr(os.environ, "_data", None)  # POSIX: the raw mapping, keys in bytes
-# PYA2A_MESH_GRID changes which schedules can run: part of the signature, read per call
-_ENV_GET = _ENV_RAW.get if isinstance(_ENV_RAW, dict) else \
-    (lambda k: os.environ.get(k.decode()))  # noqa: E731
 
 
-def _options_key(options: Any) -> Any:
+def options_key(options: Any) -> Any:
+    """The options as a hashable key: None without options, ``_NO`` if they have none."""
     if options is None:
         return None
     try:
@@ -90,10 +95,10 @@ def signature(kind: str, sendmsg: Any, recvmsg: Any, inplace: bool, requested: s
     """
     call = "Alltoallv" if kind == "alltoallv" else "Alltoall"
     part = _msg.read_pair(call, kind == "alltoallv", sendmsg, recvmsg, inplace, p)[2]
-    opt = _options_key(options)
+    opt = options_key(options)
     if part is None or opt is _NO:
         return None
-    return (kind, requested, check, opt, _ENV_GET(b"PYA2A_MESH_GRID"), part)
+    return (kind, requested, check, opt, raw_env(b"PYA2A_MESH_GRID"), part)
 
 
 class FastCache:
@@ -237,9 +242,9 @@ def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg
         s, r, part = _msg.read_pair(call, kind == "alltoallv", sendmsg, recvmsg, inplace,
                                     icomm.Get_size())
         if part is not None:
-            opt = None if options is None else _options_key(options)
+            opt = None if options is None else options_key(options)
             if opt is not _NO:
-                key = (kind, requested, check, opt, _ENV_GET(b"PYA2A_MESH_GRID"), part)
+                key = (kind, requested, check, opt, raw_env(b"PYA2A_MESH_GRID"), part)
     except Exception as e:  # agreed on by the full path, then raised on every rank
         exc = e
     hit = fast.lookup(key)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .spec import VSpec
 
 __all__ = ["AlgorithmInfo", "Bound", "Context", "register", "get", "names", "available",
-           "usable", "execute", "requested", "name_code", "available_here", "refusal"]
+           "usable", "execute", "requested", "raw_env", "name_code", "available_here", "refusal"]
 
 
 @dataclass
@@ -186,16 +186,23 @@ def execute(info: AlgorithmInfo, send: VSpec | None, recv: VSpec, ctx: Context) 
 _ENV_DATA = getattr(os.environ, "_data", None)  # POSIX: the raw mapping, keys in bytes
 _ENV_KEY = b"PYA2A_ALGORITHM"
 
+if isinstance(_ENV_DATA, dict) and os.name == "posix":
+    # read on every call (tests and users change settings at run time), without
+    # os.environ's per-call key encoding: this sits on the one-shot fast path
+    raw_env = _ENV_DATA.get
+else:  # pragma: no cover - non-POSIX
+
+    def raw_env(key: bytes) -> bytes | None:
+        """The environment variable ``key`` as bytes (None when unset)."""
+        value = os.environ.get(key.decode())
+        return None if value is None else value.encode()
+
 
 def requested(algorithm: object) -> str:
     """The algorithm asked for: ``algorithm``, or ``PYA2A_ALGORITHM`` when it is "auto"."""
     if algorithm == "auto":
-        if isinstance(_ENV_DATA, dict) and os.name == "posix":
-            # read on every call (tests and users change it at run time), without
-            # os.environ's per-call key encoding: this sits on the one-shot fast path
-            raw = _ENV_DATA.get(_ENV_KEY)
-            return raw.decode() if raw else "auto"
-        return os.environ.get("PYA2A_ALGORITHM", "auto") or "auto"
+        raw = raw_env(_ENV_KEY)
+        return raw.decode() if raw else "auto"
     return algorithm  # type: ignore[return-value]
 
 
