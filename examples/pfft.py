@@ -70,11 +70,15 @@ class Transpose:
             dst.set(hdst)
 
     def forward(self, xa, xp):
+        # the subarray types describe a C-ordered array; CuPy's FFT along any axis but the
+        # last returns a strided view (swapaxes of its output), which no Alltoallw takes
+        xa = xp.ascontiguousarray(xa)
         xb = xp.empty(self.shape_b, dtype=xa.dtype)
         self._move(xa, self.types_a, xb, self.types_b)
         return xb
 
     def backward(self, xb, xp):
+        xb = xp.ascontiguousarray(xb)
         xa = xp.empty(self.shape_a, dtype=xb.dtype)
         self._move(xb, self.types_b, xa, self.types_a)
         return xa

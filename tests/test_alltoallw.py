@@ -8,6 +8,10 @@ COMM_SELF. The oracle is always ``MPI.Comm.Alltoallw`` on the same input.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -405,3 +409,41 @@ def test_bottom_goes_to_mpi(comm):
     finally:
         for t in (*st, *rt_ref, *rt):
             t.Free()
+
+
+def _cupy_like_fft(fn):
+    """``fn`` (numpy.fft.fft / ifft) laid out as CuPy's FFT lays out its results: along any
+    axis but the last, a ``swapaxes`` view of a C-ordered array (strided; Fortran-ordered
+    when the axis is the first of a 3D array), what ``examples/pfft.py`` gets on a GPU."""
+
+    def run(a, axis=-1):
+        return np.ascontiguousarray(fn(np.swapaxes(a, axis, -1), axis=-1)).swapaxes(axis, -1)
+    return run
+
+
+@pytest.mark.parametrize("grid", ["slab", "pencil"])
+def test_pencil_fft_example_with_cupy_fft_layout(comm, grid):
+    """examples/pfft.py forward + backward when its FFTs return CuPy's strided views: every
+    exchange gets C-ordered data (the subarray types' layout), the answer is numpy.fft's."""
+    examples = str(Path(__file__).resolve().parent.parent / "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    import pfft
+
+    p = comm.Get_size()
+    shape = (2 * p + 1, 3 * p + 2, 7)
+    whole = np.random.default_rng([SEED, *shape]).standard_normal(shape) * (1 + 1j)
+    xp = SimpleNamespace(empty=np.empty, asarray=np.asarray, ascontiguousarray=np.ascontiguousarray,
+                         fft=SimpleNamespace(fft=_cupy_like_fft(np.fft.fft),
+                                             ifft=_cupy_like_fft(np.fft.ifft)))
+    fft = pfft.PencilFFT(comm, shape, xp, (p, 1) if grid == "slab" else None)
+    try:
+        u = np.ascontiguousarray(whole[fft.z_slice])
+        before = _alltoallw.stats["hit"] + _alltoallw.stats["full"]
+        uh = fft.forward(u)
+        back = fft.backward(uh)
+        assert _alltoallw.stats["hit"] + _alltoallw.stats["full"] == before + 4
+        np.testing.assert_allclose(uh, np.fft.fftn(whole)[fft.x_slice], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(back, u, rtol=1e-12, atol=1e-12)
+    finally:
+        fft.free()

@@ -346,3 +346,61 @@ def test_alltoallw_torch_tensors(cp, torch):
         np.testing.assert_array_equal(out.cpu().numpy()[mask], ref[mask])
     finally:
         t.Free()
+
+
+def _pfft_module():
+    """examples/pfft.py, imported with the examples' directory on sys.path (as a script)."""
+    import sys
+    from pathlib import Path
+
+    examples = str(Path(__file__).resolve().parent.parent / "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    import pfft
+
+    return pfft
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 64), (19, 22, 13)])
+@pytest.mark.parametrize("grid", ["slab", "pencil"])
+def test_pencil_fft_example_on_cupy_arrays(cp, grid, shape):
+    """examples/pfft.py (what bench/pfft_bench.py --device cuda times) on CuPy arrays:
+    CuPy's FFT along axes 0 and 1 returns strided views, which the example makes contiguous
+    before each Alltoallw; forward equals numpy.fft.fftn, backward gives the input back."""
+    pfft = _pfft_module()
+    p = WORLD.Get_size()
+    whole = np.random.default_rng([20261203, *shape]).standard_normal(shape) * (1 - 2j)
+    fft = pfft.PencilFFT(WORLD, shape, cp, (p, 1) if grid == "slab" else None)
+    try:
+        u = cp.asarray(whole[fft.z_slice])
+        for _ in range(2):  # the second pass runs the cached plans
+            uh = fft.forward(u)
+            back = fft.backward(uh)
+            np.testing.assert_allclose(cp.asnumpy(uh), np.fft.fftn(whole)[fft.x_slice],
+                                       rtol=1e-9, atol=1e-8 * np.sqrt(whole.size))
+            np.testing.assert_allclose(cp.asnumpy(back), whole[fft.z_slice], rtol=1e-10,
+                                       atol=1e-12)
+    finally:
+        fft.free()
+
+
+def test_alltoallw_takes_fortran_order_and_refuses_strided_cupy(cp):
+    """As mpi4py: a Fortran-ordered CuPy array is one dense run (read in memory order); a
+    strided view (CuPy's FFT along a middle axis) is refused on every rank."""
+    p = WORLD.Get_size()
+    t = MPI.DOUBLE.Create_contiguous(2).Commit()
+    cd = ([1] * p, [16 * j for j in range(p)])
+    try:
+        host = np.asfortranarray(np.arange(4.0 * p).reshape(2, 2 * p) + 100 * WORLD.Get_rank())
+        ref = np.zeros(4 * p)
+        WORLD.Alltoallw([host, cd, [t] * p], [ref, cd, [t] * p])
+        out = cp.zeros(4 * p)
+        pya2a.Alltoallw(WORLD, [cp.asfortranarray(cp.asarray(host)), cd, [t] * p],
+                        [out, cd, [t] * p])
+        np.testing.assert_array_equal(cp.asnumpy(out), ref)
+        strided = cp.fft.fft(cp.zeros((2, 2 * p, 3), complex), axis=1)
+        assert not strided.flags.c_contiguous and not strided.flags.f_contiguous
+        with pytest.raises(BufferError, match="not contiguous"):
+            pya2a.Alltoallw(WORLD, [strided, cd, [t] * p], [cp.zeros(12 * p), cd, [t] * p])
+    finally:
+        t.Free()

@@ -270,6 +270,66 @@ def test_describe_fake_array_formats(fake):
     assert spec.device == 0 and list(spec.counts) == [4, 4]
 
 
+class StridedCAI(FakeDeviceArray):
+    """A fake device array that always reports strides, its own or the ones it is given
+    (CuPy reports strides for most arrays, contiguous ones included, and any stride for
+    dimensions of length 1)."""
+
+    def __init__(self, arr: np.ndarray, shape: tuple | None = None,
+                 strides: tuple | None = None) -> None:
+        super().__init__(arr)
+        self.cai_shape = arr.shape if shape is None else shape
+        self.cai_strides = arr.strides if strides is None else strides
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {**super().__cuda_array_interface__, "shape": self.cai_shape,
+                "strides": self.cai_strides}
+
+
+@pytest.mark.parametrize(("shape", "strides", "ok"), [
+    ((4, 3, 2), (48, 16, 8), True),          # C order, strides spelled out
+    ((4, 3, 2), (8, 32, 96), True),          # Fortran order (mpi4py takes it too)
+    ((1, 6, 1), (0, 8, 999), True),          # length-1 dimensions: any stride
+    ((6, 1), (8, -5), True),
+    ((0, 5), (7, 3), True),                  # no elements: any strides
+    ((4, 3, 2), (48, 8, 24), False),         # CuPy's FFT along axis 1: swapaxes view
+    ((4, 6), (8, 40), False),                # neither order
+    ((3, 4), (0, 8), False),                 # broadcast along a real dimension
+    ((4,), (16,), False),                    # every other element
+])
+def test_describe_contiguity_rule(fake, shape, strides, ok):
+    """describe() takes what mpi4py takes from __cuda_array_interface__: one dense run."""
+    mem = np.zeros(64)
+    arr = StridedCAI(mem, shape, strides)
+    if ok:
+        d = gdev.describe(arr, call="Alltoallw", what="send message")
+        assert (d.addr, d.nbytes) == (mem.ctypes.data, 8 * int(np.prod(shape)))
+    else:
+        with pytest.raises(BufferError, match="send message device buffer is not contiguous"):
+            gdev.describe(arr, call="Alltoallw", what="send message")
+
+
+def test_fake_device_alltoallw_takes_explicit_contiguous_strides(comm, fake):
+    """Alltoallw with subarray types on C-contiguous device arrays whose interface spells
+    out the strides (as CuPy's does) equals the MPI's own call on the host."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    a_shape, b_shape = (3, 2 * p, 5), (3 * p, 2, 5)
+    host = np.random.default_rng([SEED, r]).standard_normal(a_shape)
+    st, rt = _subarray_types(a_shape, 1, p), _subarray_types(b_shape, 0, p)
+    cd = ([1] * p, [0] * p)
+    try:
+        ref = np.zeros(b_shape)
+        comm.Alltoallw([host, cd, st], [ref, cd, rt])
+        src, out = host.copy(), np.zeros(b_shape)
+        pya2a.Alltoallw(comm, [StridedCAI(src), cd, st], [StridedCAI(out), cd, rt])
+        fake.sync(fake.main)
+        np.testing.assert_array_equal(out, ref)
+    finally:
+        for t in (*st, *rt):
+            t.Free()
+
+
 def test_format_falls_back_when_mpi_lacks_the_type(monkeypatch):
     # Open MPI 4: mpi4py's table has 'f2' but the library has no float16 (DATATYPE_NULL)
     monkeypatch.setitem(MPI._typedict, "f2", MPI.DATATYPE_NULL)

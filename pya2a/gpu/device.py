@@ -369,14 +369,24 @@ def _from_cai(obj: object, be: Any) -> RawArray:
 
 
 def _contiguous(shape: tuple[int, ...], strides: tuple[int, ...] | None, itemsize: int) -> bool:
+    """One dense run of memory, as mpi4py reads ``__cuda_array_interface__`` and DLPack: no
+    strides, no elements, or strides of a C- or Fortran-ordered array. Dimensions of length 1
+    may report any stride (CuPy and torch give them whatever they like); the array's bytes
+    are then taken in memory order, as mpi4py takes them."""
     if strides is None or 0 in shape:
         return True
-    want = itemsize
-    for n, s in zip(reversed(shape), reversed(strides), strict=True):
-        if n != 1 and s != want:
-            return False
-        want *= n
-    return True
+    if len(strides) != len(shape):
+        return False
+    for order in (reversed, iter):  # C: last index fastest; Fortran: first index fastest
+        want, ok = itemsize, True
+        for n, s in zip(order(shape), order(strides), strict=True):
+            if n != 1 and s != want:
+                ok = False
+                break
+            want *= n
+        if ok:
+            return True
+    return False
 
 
 def _mpi_fmt(typestr: str, itemsize: int) -> str:
@@ -421,7 +431,8 @@ def describe(obj: object, *, call: str = "pya2a", what: str = "buffer",
 
     Args:
         obj: CuPy / torch / JAX / numba array or any object with ``__dlpack__`` (CUDA/ROCm
-            device) or ``__cuda_array_interface__``; must be C-contiguous.
+            device) or ``__cuda_array_interface__``; one dense run of memory (C- or
+            Fortran-contiguous, as mpi4py requires), read in memory order.
         call, what: for error messages ("Alltoallv: send message ...").
         readonly: the caller only reads the buffer; False requires a writable one.
 
@@ -453,7 +464,7 @@ def describe(obj: object, *, call: str = "pya2a", what: str = "buffer",
                         f"buffer ({'; '.join(errors) or 'no array interface'})")
     if not _contiguous(raw.shape, raw.strides, raw.itemsize):
         raise BufferError(f"{call}: {what} device buffer is not contiguous; pass a "
-                          f"C-contiguous array (cupy.ascontiguousarray, tensor.contiguous())")
+                          f"contiguous array (cupy.ascontiguousarray, tensor.contiguous())")
     if raw.readonly and not readonly:
         raise BufferError(f"{call}: {what} device buffer is read-only")
     nbytes = int(np.prod(raw.shape, dtype=np.int64)) * raw.itemsize
