@@ -9,6 +9,9 @@ depended on (buffer addresses, sizes, formats, counts, displacements, datatypes,
 options). A call whose signature is cached on this rank, under the same entry number on
 every rank, is a call every rank has already validated and agreed on in exactly this form.
 One ``Allreduce`` of two integers establishes that; any other outcome takes the full path.
+On communicators of up to :data:`pya2a._stamp.STAMP_MAX_P` ranks the entry number travels
+with the exchange instead (:mod:`pya2a._stamp`): no all-reduce, and small exchanges move
+their blocks in the same messages.
 
 Entry numbers are consistent across ranks by construction: every full-path call (collective:
 all ranks take it together) draws the next number from a per-communicator counter on every
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from . import algorithms, select
+from . import _stamp, algorithms, select
 from .algorithms.direct import DEFAULT_WINDOW
 from .core import _msg, log, watchdog
 from .core.devices import load_device_algorithms
@@ -108,7 +111,7 @@ class FastCache:
     ``(number, decision)``.
     """
 
-    __slots__ = ("seq", "entries", "_buf", "_req", "_size", "__weakref__")
+    __slots__ = ("seq", "entries", "_buf", "_req", "_size", "_stamped", "__weakref__")
 
     def __init__(self) -> None:
         self.seq = 0
@@ -116,6 +119,18 @@ class FastCache:
         self._buf = array.array("q", [0, 0])
         self._req: Any = None  # persistent Allreduce (MPI 4), False where there is none
         self._size = 0
+        self._stamped: bool | None = None
+
+    def stamped(self, comm: MPI.Intracomm) -> bool:
+        """Does this communicator fold the agreement into the exchange (:mod:`._stamp`)?
+
+        Fixed at the first call from its size and :data:`_stamp.STAMP_MAX_P`, so the same on
+        every rank.
+        """
+        m = self._stamped
+        if m is None:
+            m = self._stamped = 2 <= comm.Get_size() <= _stamp.STAMP_MAX_P
+        return m
 
     def next_number(self) -> int:
         """Number of the full-path call now starting (same on every rank)."""
@@ -161,21 +176,31 @@ class FastCache:
 
     def free(self) -> None:
         """Forget every signature and release the persistent request (with the state)."""
-        self.entries.clear()
+        self.clear()
         req, self._req = self._req, False
         if req and not MPI.Is_finalized():
             req.Free()
 
     def store(self, key: tuple, number: int, decision: Any) -> None:
         """Remember a validated, agreed call's decision under this rank's signature."""
+        old = self.entries.get(key)
+        if old is not None and old[1] is not decision:
+            _release(old[1])
         self.entries[key] = (number, decision)
         self.entries.move_to_end(key)
         while len(self.entries) > CAPACITY:
-            self.entries.popitem(last=False)
+            _release(self.entries.popitem(last=False)[1][1])
 
     def clear(self) -> None:
         """Forget every signature (local; numbering continues)."""
-        self.entries.clear()
+        while self.entries:
+            _release(self.entries.popitem()[1][1])
+
+
+def _release(decision: Any) -> None:
+    """Free what a forgotten entry holds of its own (a stamped exchange's requests)."""
+    if type(decision) is _Decision:
+        decision.release()
 
 
 def clear() -> None:
@@ -197,12 +222,14 @@ class _Decision:
     must not keep user memory alive); each hit rebinds them to the call's own objects.
     """
 
-    __slots__ = ("info", "opts", "plan", "send", "recv", "ctx")
+    __slots__ = ("info", "opts", "plan", "send", "recv", "ctx", "carry", "stamp")
 
     def __init__(self, info: algorithms.AlgorithmInfo, opts: dict, plan, send: VSpec,
-                 recv: VSpec) -> None:
+                 recv: VSpec, carry: tuple | None = None) -> None:
         self.info, self.opts, self.plan = info, opts, plan
         self.ctx: Context | None = None  # reusable where the transport keeps no state
+        self.carry = carry  # what a stamped hit carries (_stamp.carry_layout), None: nothing
+        self.stamp: _stamp.Stamp | None = None  # made at the first stamped hit
         if recv.device is None and recv.obj is not MPI.BOTTOM:
             send.message()  # the counts as int tuples, made once and kept by each hit
             recv.message()
@@ -213,17 +240,33 @@ class _Decision:
         """False once its one-shot plan was evicted and freed."""
         return self.plan is None or not self.plan._freed
 
+    def stamped(self, comm: MPI.Intracomm, number: int) -> _stamp.Stamp:
+        """This entry's stamped exchange (made once; local)."""
+        st = self.stamp
+        if st is None:
+            st = self.stamp = _stamp.Stamp(comm, number, self.carry)
+        return st
+
+    def release(self) -> None:
+        """Free the stamped exchange's requests (the entry left the cache)."""
+        st, self.stamp = self.stamp, None
+        if st is not None:
+            st.free()
+
 
 def exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg: object,
-              algorithm: str, check: bool, options: Mapping | None = None) -> str:
+              algorithm: str, check: bool, options: Mapping | None = None,
+              st: CommState | None = None) -> str:
     """One one-shot exchange: replay the agreed decision of a cached signature, or decide.
 
     The messages are read once (the parser's first stage); the record is the signature, and
     on a miss the same record is finished into VSpecs. A malformed message is agreed on
-    (raised on every rank) by the full path.
+    (raised on every rank) by the full path. ``st``: ``comm``'s state, when the caller
+    holds it (a :class:`pya2a.Comm` keeps its own while it is open).
     """
-    check_comm(call, comm)
-    st = state(comm)
+    if st is None or st._closed:
+        check_comm(call, comm)
+        st = state(comm)
     icomm = st.comm
     guard = watchdog.enter(icomm, call) if watchdog.timeout() is not None else None
     try:
@@ -248,18 +291,34 @@ def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg
     except Exception as e:  # agreed on by the full path, then raised on every rank
         exc = e
     hit = fast.lookup(key)
-    if fast.agree(icomm, -1 if hit is None else hit[0]):  # collective, 2 integers
-        d = hit[1]  # type: ignore[index]
-        if d.plan is not None and d.plan.run_bound(
-                (s.addr, s.nbytes, r.addr, r.nbytes)):  # type: ignore[union-attr]
-            return d.info.name
-        recv = d.recv.with_buffer(r.obj, r.keepalive)  # type: ignore[union-attr]
-        send = recv if inplace else d.send.with_buffer(s.obj, s.keepalive)  # type: ignore
-        return _execute(icomm, kind, d, send, recv, inplace)
+    stamped = fast.stamped(icomm)
+    if stamped:  # the agreement travels with the exchange (collective either way)
+        if hit is None:
+            _stamp.announce(icomm)
+        else:
+            d = hit[1]
+            stamp = d.stamp if d.stamp is not None else d.stamped(icomm, hit[0])
+            if stamp.run():
+                if stamp.carries:  # the blocks came with the stamps
+                    return d.info.name
+                return _replay(icomm, kind, d, s, r, inplace)
+    elif fast.agree(icomm, -1 if hit is None else hit[0]):  # collective, 2 integers
+        return _replay(icomm, kind, hit[1], s, r, inplace)  # type: ignore[index]
     number = fast.next_number()  # every rank, failed calls too: numbers stay aligned
-    d, send, recv = _decide(call, kind, st, s, r, exc, requested, check, options, inplace)
+    d, send, recv = _decide(call, kind, st, s, r, exc, requested, check, options, inplace,
+                            stamped)
     if key is not None:
         fast.store(key, number, d)
+    return _execute(icomm, kind, d, send, recv, inplace)
+
+
+def _replay(icomm: MPI.Intracomm, kind: str, d: _Decision, s: _msg.Msg, r: _msg.Msg,
+            inplace: bool) -> str:
+    """Run an agreed decision on this call's messages (the hit path)."""
+    if d.plan is not None and d.plan.run_bound((s.addr, s.nbytes, r.addr, r.nbytes)):
+        return d.info.name
+    recv = d.recv.with_buffer(r.obj, r.keepalive)
+    send = recv if inplace else d.send.with_buffer(s.obj, s.keepalive)
     return _execute(icomm, kind, d, send, recv, inplace)
 
 
@@ -278,9 +337,14 @@ def _decide_call(call: str, kind: str, st: CommState, sendmsg: object, recvmsg: 
 
 def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
                  r: _msg.Msg | None, exc: BaseException | None, requested: str,
-                 check: bool, options: Mapping | None,
-                 inplace: bool) -> tuple[_Decision, VSpec, VSpec]:
-    """The full path: finish the parse, agree (raising on every rank), check, select."""
+                 check: bool, options: Mapping | None, inplace: bool,
+                 stamped: bool = False) -> tuple[_Decision, VSpec, VSpec]:
+    """The full path: finish the parse, agree (raising on every rank), check, select.
+
+    ``stamped``: the communicator folds agreement into the exchange; a small dense host
+    exchange is then decided as ``direct`` and later hits carry its blocks in the stamped
+    messages (:mod:`pya2a._stamp`).
+    """
     icomm = st.comm
     p, rank = icomm.Get_size(), icomm.Get_rank()
     send = recv = None
@@ -322,7 +386,14 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
     device = recv.device is not None
     if device:
         load_device_algorithms()
-    if requested == "auto":
+    carry = None
+    if stamped and requested in ("auto", "direct") and not device and not options and \
+            rows and table[:, 5].all() and int(table[:, 2].max()) <= _stamp.CARRY_MAX_BLOCK \
+            and int(max(table[:, 3].max(), table[:, 6].max())) <= _stamp.CARRY_MAX_TOTAL:
+        carry = _stamp.carry_layout(send, recv, rank, inplace)
+        requested = "direct"
+        log.decision(icomm, call, requested, table, override="stamped one-shot exchange")
+    elif requested == "auto":
         stats_ = select.Stats.from_records(table, p, device, st.node().max_local)
         cands = available_here(icomm, recv.device, _candidates(p, send, recv), auto=True)
         requested = _choose(stats_, cands)
@@ -341,13 +412,14 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
     # the test reads the all-gathered record so every rank takes the same path.
     pl = None
     small = int(max(table[:, 3].max(), table[:, 6].max())) <= ONESHOT_MAX_BYTES
-    if small and not options and not inplace and not device and info.oneshot_plan:
+    if small and carry is None and not options and not inplace and not device and \
+            info.oneshot_plan:
         if info.prepare is not None and table[:, 5].all():  # dense types: keyed by sizes
             pl = _cached_plan(st, kind, info.name, send, recv, None, opts["max_block"])
         elif rows and info.schedule is not None and table[:, 5].all():
             pl = _cached_plan(st, kind, info.name, send, recv, table[:, 7:7 + p],
                               opts["max_block"])
-    return _Decision(info, opts, pl, send, recv), send, recv
+    return _Decision(info, opts, pl, send, recv, carry), send, recv
 
 
 def _execute(icomm: MPI.Intracomm, kind: str, d: _Decision, send: VSpec, recv: VSpec,

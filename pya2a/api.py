@@ -13,7 +13,7 @@ from ._oneshot import exchange
 from .core.devices import gpu_device, load_device_algorithms
 from .core.registry import available_here
 from .core.spec import in_place, is_device_buffer
-from .core.state import check_comm, internal_comm
+from .core.state import CommState, check_comm, internal_comm, state
 from .core.validate import agree
 from .plan import Explanation, Plan, explain, plan
 
@@ -199,6 +199,7 @@ class Comm(MPI.Intracomm):
 
     algorithm: str = "auto"
     options: dict | None = None
+    _state: CommState | None = None  # this communicator's pya2a state, while it is open
 
     def __new__(cls, comm: MPI.Intracomm | None = None, *, algorithm: str = "auto",
                 options: Mapping | None = None):
@@ -216,15 +217,23 @@ class Comm(MPI.Intracomm):
         self.algorithm = algorithm
         self.options = dict(options) if options else None
 
+    def _open_state(self, call: str) -> CommState:
+        """The communicator's state, looked up once and kept while it is open."""
+        st = self._state
+        if st is None or st._closed:
+            check_comm(call, self)
+            st = self._state = state(self)
+        return st
+
     def Alltoallv(self, sendbuf, recvbuf) -> None:  # noqa: N802 (mpi4py's name)
         """``MPI.Comm.Alltoallv`` through pya2a with this communicator's algorithm."""
         exchange("Alltoallv", "alltoallv", self, sendbuf, recvbuf, self.algorithm, False,
-                  self.options)
+                 self.options, self._open_state("Alltoallv"))
 
     def Alltoall(self, sendbuf, recvbuf) -> None:  # noqa: N802
         """``MPI.Comm.Alltoall`` through pya2a with this communicator's algorithm."""
         exchange("Alltoall", "alltoall", self, sendbuf, recvbuf, self.algorithm, False,
-                  self.options)
+                 self.options, self._open_state("Alltoall"))
 
     def Alltoallw(self, sendbuf, recvbuf) -> None:  # noqa: N802
         """``MPI.Comm.Alltoallw`` through pya2a with this communicator's algorithm."""

@@ -199,3 +199,63 @@ def test_signature_distinguishes_what_parsing_depends_on():
     assert key([a[:4], [1, 1, 1, 1]], r) != key([a, [1, 1, 1, 1]], r)  # size
     assert _fast.signature("alltoall", [a, 2], r, False, "auto", False, None, 4) != \
         _fast.signature("alltoallv", [a, 2], r, False, "auto", False, None, 4)
+
+
+def test_ranks_on_different_cached_entries_raise_everywhere(comm):
+    """Two cached signatures, one rank repeating the other: a disagreement on every rank.
+
+    Rank 0 repeats the call with blocks of 2 while the others repeat the call with blocks
+    of 1: each rank finds a cached entry, but not the same one (and the messages differ in
+    size). Every rank raises, and no receive buffer is written.
+    """
+    p, rank = comm.Get_size(), comm.Get_rank()
+    send = np.arange(2 * p, dtype="d") + 100 * rank
+    recv = np.full(2 * p, SENTINEL)
+    one, two = [1] * p, [2] * p
+    for _ in range(2):
+        for counts in (one, two):
+            pya2a.Alltoallv(comm, [send, counts], [recv, counts])
+    recv[:] = SENTINEL
+    mine = two if rank == 0 else one
+    if p == 1:
+        pya2a.Alltoallv(comm, [send, mine], [recv, mine])
+        return
+    with pytest.raises(ValueError):
+        pya2a.Alltoallv(comm, [send, mine], [recv, mine])
+    assert (recv == SENTINEL).all(), "receive buffer was written"
+    for counts in (two, one):  # both entries still work afterwards
+        recv[:] = SENTINEL
+        pya2a.Alltoallv(comm, [send, counts], [recv, counts])
+        want = np.full(2 * p, SENTINEL)
+        comm.Alltoallv([send, counts], [want, counts])
+        np.testing.assert_array_equal(recv, want)
+
+
+@pytest.mark.parametrize("nbytes", [8, 4096, 1 << 16])
+def test_in_place_same_buffer_repeated(comm, nbytes):
+    """In place on the same buffer, repeated: the cached (stamped) path, every size."""
+    p, rank = comm.Get_size(), comm.Get_rank()
+    n = nbytes // 8
+    buf = np.empty(n * p)
+    pya2a.Alltoallv(comm, MPI.IN_PLACE, [buf, [n] * p])
+    before = _full_calls(comm)
+    for it in range(4):
+        buf[:] = np.arange(n * p) + 1e6 * rank + 1e3 * it
+        orig = buf.copy()
+        pya2a.Alltoallv(comm, MPI.IN_PLACE, [buf, [n] * p])
+        want = np.empty_like(orig)
+        comm.Alltoallv(orig, want)
+        np.testing.assert_array_equal(buf, want)
+    assert _full_calls(comm) == before
+
+
+def test_small_communicators_fold_agreement_into_the_exchange(comm):
+    """Up to STAMP_MAX_P ranks the one-shot agreement travels with the messages."""
+    from pya2a import _stamp
+
+    p = comm.Get_size()
+    send = np.arange(p, dtype="d")
+    recv = np.empty(p)
+    pya2a.Alltoallv(comm, send, recv)
+    st = state(comm)
+    assert st.slot("oneshot.signatures").stamped(st.comm) == (2 <= p <= _stamp.STAMP_MAX_P)

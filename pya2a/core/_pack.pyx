@@ -31,7 +31,7 @@ cdef extern from *:
 
 __all__ = ["pack", "gather", "scatter", "blocks_overlap", "check_blocks", "block_end",
            "take_runs",
-           "record_arrival", "CopyList", "int64_key"]
+           "record_arrival", "CopyList", "int64_key", "stamps_match"]
 
 
 cdef inline Py_ssize_t _vec_i64(object x):
@@ -63,6 +63,25 @@ def int64_key(a, b, c, d):
     memcpy(o + 2 * nb, cnp.PyArray_DATA(<cnp.ndarray>c), nb)
     memcpy(o + 3 * nb, cnp.PyArray_DATA(<cnp.ndarray>d), nb)
     return out
+
+
+def stamps_match(int64_t[::1] words, const int64_t[::1] index, int64_t number,
+                 int64_t reset):
+    """True iff ``words[index[i]] == number`` for every i; then sets each to ``reset``.
+
+    The receive side of a stamped exchange (:mod:`pya2a._stamp`): every message ends in its
+    sender's number, and a slot still holding ``reset`` was not reached by the message.
+    """
+    cdef Py_ssize_t i, j, n = index.shape[0], m = words.shape[0]
+    cdef bint ok = True
+    for i in range(n):
+        j = index[i]
+        if j < 0 or j >= m:
+            raise IndexError(f"stamps_match: index {j} outside 0..{m - 1}")
+        if words[j] != number:
+            ok = False
+        words[j] = reset
+    return ok
 
 
 cdef int _check(const int64_t[::1] offs, const int64_t[::1] lens,

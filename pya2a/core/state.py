@@ -186,6 +186,9 @@ def state(comm: MPI.Intracomm) -> CommState:
         if held is None:
             # a plain Intracomm even when comm is a pya2a.Comm
             dup = MPI.Intracomm(comm).Dup()
+            # errors raise on pya2a's own messages (a truncated stamped message is a
+            # disagreement to detect, never an abort), whatever the user's handler
+            dup.Set_errhandler(MPI.ERRORS_RETURN)
             held = CommState(dup)
             _LIVE.add(held)
             dup.Set_attr(internal_kv, held)

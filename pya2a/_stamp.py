@@ -1,0 +1,158 @@
+"""The one-shot call's agreement folded into its exchange, on small communicators.
+
+A repeated one-shot call must know that every rank repeats a call they all validated
+together (:mod:`pya2a._oneshot`): the same cache entry, numbered identically on every rank.
+On large communicators one all-reduce of the entry number establishes that before the data
+moves. On a communicator of ``2 <= p <= STAMP_MAX_P`` ranks that all-reduce would cost as
+much as the exchange itself, so the number travels *with* the exchange instead: every call
+starts with one message from each rank to each other rank (tag ``TAG_STAMP``), ending in
+the sender's entry number. Small exchanges carry their blocks in those messages (staged,
+so nothing reaches the receive buffer before the stamps are checked); other entries send
+only the number and then run their decision as usual.
+
+Why every rank sees a disagreement: if some rank's number differs from another's, then on
+every rank at least one received stamp differs from its own (were a rank's stamps all equal
+to its own number, every number would be equal). A rank without an entry sends -1. A
+message of another entry's size is caught too: a longer one is MPI's truncation error
+(pya2a's communicator returns errors), a shorter one leaves the slot's sentinel in place.
+Every rank then takes the full path (the agreement all-gather), which decides again or
+raises the same error everywhere; the staged blocks of the failed attempt are dropped.
+Each call consumes exactly one ``TAG_STAMP`` message from each peer and MPI does not
+overtake, so the messages of consecutive calls never mix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from .algorithms.tags import TAG_STAMP
+from .core import _pack
+
+__all__ = ["STAMP_MAX_P", "CARRY_MAX_BLOCK", "CARRY_MAX_TOTAL", "Stamp", "announce",
+           "carry_layout"]
+
+# Communicators of 2..STAMP_MAX_P ranks fold the agreement into the exchange (the mode is
+# fixed per communicator at its first one-shot call; the same constant on every rank).
+STAMP_MAX_P = 8
+# Largest block (bytes, any pair) and per-rank total that a stamped message carries; larger
+# exchanges stamp the number alone and run their algorithm on the user's buffers.
+CARRY_MAX_BLOCK = 32 << 10
+CARRY_MAX_TOTAL = 256 << 10
+_UNSET = -2  # a receive slot's stamp before a message reaches it (never a valid number)
+
+
+def carry_layout(send, recv, rank: int, inplace: bool) -> tuple:
+    """What a carrying stamp copies: per peer, bytes and byte offsets of both sides.
+
+    ``send`` / ``recv`` are the agreed, contiguous VSpecs of the call that made the entry;
+    addresses are kept (an entry is used only by calls on the same memory).
+    """
+    return (send.addr, send.counts * send.tsize, send.displs * send.extent,
+            recv.addr, recv.counts * recv.tsize, recv.displs * recv.extent, rank, inplace)
+
+
+def _slots(nbytes: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Word offset and word length of each peer's message (data padded to 8 bytes + stamp)."""
+    words = (nbytes + 7) // 8 + 1
+    words[rank] = 0
+    return np.cumsum(words) - words, words
+
+
+class Stamp:
+    """One cache entry's stamped exchange: persistent requests on its own staging."""
+
+    __slots__ = ("number", "reqs", "carries", "_pack", "_unpack", "_rwords", "_trail",
+                 "_keep")
+
+    def __init__(self, comm: MPI.Intracomm, number: int, layout: tuple | None) -> None:
+        p, rank = comm.Get_size(), comm.Get_rank()
+        self.number = number
+        zeros = np.zeros(p, dtype=np.int64)
+        if layout is None:
+            saddr = raddr = 0
+            sbytes = soff = rbytes = roff = zeros
+            inplace = False
+        else:
+            saddr, sbytes, soff, raddr, rbytes, roff, _, inplace = layout
+        self.carries = layout is not None
+        s_at, s_len = _slots(sbytes.copy(), rank)
+        r_at, r_len = _slots(rbytes.copy(), rank)
+        sw = np.zeros(int(s_len.sum()), dtype=np.int64)
+        rw = np.full(int(r_len.sum()), _UNSET, dtype=np.int64)
+        peers = [j for j in range(p) if j != rank]
+        sw[(s_at + s_len - 1)[peers]] = number  # written once: the stamp never changes
+        self._trail = np.ascontiguousarray((r_at + r_len - 1)[peers])
+        self._rwords = rw
+        sb, rb = sw.view(np.uint8), rw.view(np.uint8)
+        self.reqs = [comm.Recv_init([rb[8 * r_at[j]:8 * (r_at[j] + r_len[j])], MPI.BYTE], j,
+                                    TAG_STAMP) for j in peers]
+        self.reqs += [comm.Send_init([sb[8 * s_at[j]:8 * (s_at[j] + s_len[j])], MPI.BYTE], j,
+                                     TAG_STAMP) for j in peers]
+        pack = unpack = np.zeros((0, 3), dtype=np.int64)
+        if self.carries:
+            s_base, r_base = sw.ctypes.data, rw.ctypes.data
+            pack = np.stack([saddr + soff[peers], s_base + 8 * s_at[peers], sbytes[peers]], 1)
+            unpack = np.stack([r_base + 8 * r_at[peers], raddr + roff[peers], rbytes[peers]],
+                              1)
+            if not inplace:  # in place the own block is already where it belongs
+                own = [[saddr + int(soff[rank]), raddr + int(roff[rank]), int(sbytes[rank])]]
+                unpack = np.concatenate([unpack, np.array(own, dtype=np.int64)])
+        self._pack = _pack.CopyList(pack, sw)
+        self._unpack = _pack.CopyList(unpack, rw)
+        self._keep = (sw, rw)
+
+    def run(self) -> bool:
+        """Collective: exchange; True iff every peer stamped this entry's number.
+
+        On True a carrying stamp has delivered every block into the receive buffer. On
+        False nothing was written there, and every rank returns False.
+        """
+        self._pack()
+        reqs = self.reqs
+        MPI.Prequest.Startall(reqs)
+        ok = True
+        try:
+            MPI.Request.Waitall(reqs)
+        except MPI.Exception:  # a longer message than this entry's: another entry's
+            ok = False
+            _drain(reqs)
+        if not _pack.stamps_match(self._rwords, self._trail, self.number, _UNSET) or not ok:
+            return False
+        self._unpack()
+        return True
+
+    def free(self) -> None:
+        """Release the persistent requests (the entry leaves the cache)."""
+        reqs, self.reqs = self.reqs, []
+        if not MPI.Is_finalized():
+            for q in reqs:
+                q.Free()
+
+
+def _drain(reqs: list) -> None:
+    """Complete every request after a Waitall error (errors on the others are dropped)."""
+    for q in reqs:
+        for _ in range(2):
+            try:
+                q.Wait()
+                break
+            except MPI.Exception:
+                continue
+
+
+def announce(comm: MPI.Intracomm, number: int = -1) -> None:
+    """Collective with :meth:`Stamp.run`: a rank without a usable entry stamps ``number``.
+
+    Receives each peer's message whatever its size (another rank may carry blocks), so that
+    every rank then takes the full path together.
+    """
+    p, rank = comm.Get_size(), comm.Get_rank()
+    word = np.array([number], dtype=np.int64)
+    peers = [j for j in range(p) if j != rank]
+    sends = [comm.Isend([word, MPI.BYTE], j, TAG_STAMP) for j in peers]
+    status = MPI.Status()
+    for j in peers:
+        msg = comm.Mprobe(j, TAG_STAMP, status)
+        msg.Recv([bytearray(max(status.Get_count(MPI.BYTE), 1)), MPI.BYTE])
+    MPI.Request.Waitall(sends)
