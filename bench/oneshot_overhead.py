@@ -16,7 +16,11 @@ every ratio compares calls made in the same stretch of time):
 - ``plan``: ``pya2a.plan(...)`` of the algorithm ``auto`` chose, ``run`` on the same buffers;
 - ``plan_new_recv``: the plan with a new receive array every call;
 - ``plan_rebind``: the plan, ``cache_size=1``, alternating two receive buffers, so that every
-  call binds a buffer.
+  call binds a buffer;
+- ``allreduce``: the all-reduce of two integers that confirms a repeated one-shot call on
+  communicators of more than ``pya2a._stamp.STAMP_MAX_P`` ranks (a persistent request);
+  smaller ones carry that confirmation in the exchange (``--stamp-max-p`` sets the limit on
+  every rank, to compare both ways at one p).
 
 ``--profile`` adds, on rank 0, the functions where a one-shot call's time goes (cProfile,
 repeated calls at the smallest size) to the output and the JSON.
@@ -36,6 +40,7 @@ import numpy as np
 from mpi4py import MPI
 
 import pya2a
+import pya2a._stamp
 
 SIZES = [8, 64, 512, 1024, 4096, 16384]
 
@@ -67,6 +72,13 @@ def _rows(comm: MPI.Intracomm, m: int):
         k[0] ^= 1
         pl1.run(s, alt[k[0]])
 
+    word = np.zeros(2, dtype=np.int64)
+    agree = comm.Allreduce_init(MPI.IN_PLACE, word, op=MPI.MAX)
+
+    def allreduce():
+        agree.Start()
+        agree.Wait()
+
     rows = {
         "mpi4py": lambda: comm.Alltoallv([s, counts], [r, counts]),
         "oneshot": lambda: pc.Alltoallv([s, counts], [r, counts]),
@@ -74,14 +86,15 @@ def _rows(comm: MPI.Intracomm, m: int):
         "plan": lambda: pl.run(s, r),
         "plan_new_recv": lambda: pl.run(s, np.empty(n * p)),
         "plan_rebind": rebind,
+        "allreduce": allreduce,
     }
-    return rows, pl, pl1
+    return rows, pl, pl1, agree
 
 
 def measure(comm: MPI.Intracomm, sizes: list[int], iters: int, passes: int) -> list[dict]:
     out = []
     for m in sizes:
-        rows, pl, pl1 = _rows(comm, m)
+        rows, pl, pl1, agree = _rows(comm, m)
         for fn in rows.values():  # warm up: signatures cached, buffers bound
             for _ in range(20):
                 fn()
@@ -99,12 +112,14 @@ def measure(comm: MPI.Intracomm, sizes: list[int], iters: int, passes: int) -> l
         out.append(rec)
         pl.free()
         pl1.free()
+        agree.Free()
         if comm.Get_rank() == 0:
             print(f"{m:>6} B/peer  mpi4py {rec['mpi4py_us']:8.2f} us  oneshot "
                   f"{rec['oneshot_us']:8.2f} ({rec['oneshot_over_mpi4py']:.2f}x)  native "
                   f"{rec['oneshot_native_us']:8.2f} ({rec['oneshot_native_over_mpi4py']:.2f}x)"
                   f"  plan[{pl.algorithm}] {rec['plan_us']:8.2f}  new recv "
-                  f"{rec['new_recv_over_plan']:.2f}x  rebind {rec['rebind_over_plan']:.2f}x",
+                  f"{rec['new_recv_over_plan']:.2f}x  rebind {rec['rebind_over_plan']:.2f}x  "
+                  f"allreduce {rec['allreduce_us']:.2f}",
                   flush=True)
     return out
 
@@ -139,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", type=int, default=5, help="passes (best one kept)")
     ap.add_argument("--profile", action="store_true", help="cProfile the one-shot call")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--stamp-max-p", type=int, default=None,
+                    help="largest p whose one-shot calls stamp their messages instead of "
+                         "an all-reduce (default: the library's)")
     args = ap.parse_args(argv)
     comm = MPI.COMM_WORLD
+    if args.stamp_max_p is not None:  # the same on every rank, before any call
+        pya2a._stamp.STAMP_MAX_P = args.stamp_max_p
     rows = measure(comm, args.sizes, args.iters, args.passes)
     prof = profile(comm, args.sizes[0], args.iters) if args.profile else ""
     if comm.Get_rank() == 0:
