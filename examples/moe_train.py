@@ -2,7 +2,8 @@
 
     mpiexec -n 4 python -m mpi4py examples/moe_train.py             # 8 experts, top-2, 300 steps
     mpiexec -n 4 python -m mpi4py examples/moe_train.py --small     # 20 steps, for tests
-    mpiexec -n 4 python -m mpi4py examples/moe_train.py --device cuda  # staged, one GPU each
+    mpiexec -n 4 python -m mpi4py examples/moe_train.py --device cuda  # staged backend
+    mpiexec -n 4 python -m mpi4py examples/moe_train.py --device cuda --backend fused
 
 The model: an input projection ``h = tanh(x P)`` and one MoE layer on it: a softmax gate
 (hidden x experts) picks the top-k experts per token and their renormalised weights;
@@ -27,7 +28,8 @@ exits 1 on every rank.
 
 Options: --experts (default 8, rounded up to a multiple of the ranks), --topk, --hidden,
 --ffn, --tokens (per rank per step), --steps, --lr, --dtype {float32,float64},
---mode {auto,per_expert,per_rank}, --seed, --small, --device {cpu,cuda}.
+--mode {auto,per_expert,per_rank}, --seed, --small, --device {cpu,cuda}, --backend
+{staged,fused,auto} (with --device cuda; fused: float32, one node, per_expert mode).
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def distributed_layer(m: Experts, ep: pya2a.moe.ExpertParallel, x: torch.Tensor,
     x = torch.tanh(x @ m.proj)
     idx, w = m.route(x, k)
     ex, counts, h = ep.dispatch(x, idx)
-    segs = torch.split(ex, counts.tolist())
+    cnt = [int(c) for c in counts.tolist()]  # a device array on the fused backend
+    segs = torch.split(ex[:sum(cnt)], cnt)  # fused: expert_x is the whole receive buffer
     outs = [torch.relu(s @ m.w1[le]) @ m.w2[le] for le, s in enumerate(segs)]
     y = x + ep.combine(torch.cat(outs) if outs else ex, w, h)
     return y, x.detach(), idx, segs
@@ -135,6 +138,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--small", action="store_true", help="20 steps")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--backend", default="staged", choices=["staged", "fused", "auto"],
+                    help="device backend (with --device cuda)")
     a = ap.parse_args()
     comm = MPI.COMM_WORLD
     p, me = comm.Get_size(), comm.Get_rank()
@@ -152,7 +157,7 @@ def main() -> int:
         torch.cuda.set_device(ordinal)
 
     ep = pya2a.moe.ExpertParallel(comm, E, a.hidden, a.tokens, a.topk, dtype, ordinal,
-                                  backend="auto" if ordinal is None else "staged",
+                                  backend="auto" if ordinal is None else a.backend,
                                   mode=a.mode)
     lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
     model = Experts(E, a.hidden, a.ffn, dtype, dev, a.seed, lo, hi)  # this rank's shard
@@ -211,7 +216,8 @@ def main() -> int:
     worst = comm.allreduce(worst, op=MPI.MAX)
     if me == 0:
         print(f"OK  p={p} experts={E} topk={a.topk} hidden={a.hidden} dtype={a.dtype} "
-              f"mode={a.mode} steps={a.steps}: loss {first_loss:.4f} -> {total:.4f}, "
+              f"mode={a.mode} backend={ep.backend} steps={a.steps}: "
+              f"loss {first_loss:.4f} -> {total:.4f}, "
               f"largest relative difference to one process {worst:.1e} "
               f"(bytes sent by rank 0: {ep.traffic})", flush=True)
     ep.free()

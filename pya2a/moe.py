@@ -309,9 +309,10 @@ class ExpertParallel:
             ``dtype``, same array type as ``x``, tokens grouped by local expert, contiguous
             per expert (within an expert by source rank, then token, then k); it is a view
             of a buffer reused by the next dispatch, except for torch tensors in grad mode
-            (then a new tensor, since autograd may keep it; host and staged paths).
-            ``expert_counts`` is int64 (E_local,) (NumPy; a device array on the fused
-            path). ``handle`` goes to :meth:`combine`.
+            (then a new tensor, since autograd may keep it; on the fused path a copy of
+            the whole receive buffer, ``max_recv_tokens`` rows). ``expert_counts`` is int64
+            (E_local,) (NumPy; a device array on the fused path, this dispatch's own in
+            torch grad mode). ``handle`` goes to :meth:`combine`.
 
         Raises:
             TypeError, ValueError: bad arguments on any rank (raised on every rank).
@@ -327,7 +328,7 @@ class ExpertParallel:
     def _dispatch(self, x: Any, topk_idx: Any, grad: bool,
                   fresh: bool = True) -> tuple[Any, Any, DispatchHandle]:
         if self._fused is not None:
-            return self._fused.dispatch(x, topk_idx, grad=grad)
+            return self._fused.dispatch(x, topk_idx, grad=grad, fresh=fresh)
         call = "ExpertParallel.dispatch"
         p, k, E = self.size, self.topk, self.num_experts
         exc: BaseException | None = None
@@ -465,7 +466,8 @@ class ExpertParallel:
                  out: Any, grad: bool) -> tuple[Any, Any]:
         """combine; with ``grad`` also returns what its backward pass needs."""
         if self._fused is not None:
-            return self._fused.combine(expert_y, topk_weight, handle, out=out, grad=grad), None
+            y = self._fused.combine(expert_y, topk_weight, handle, out=out, grad=grad)
+            return y, (handle.rows if grad else None)
         call = "ExpertParallel.combine"
         exc: BaseException | None = None
         w = None
@@ -580,6 +582,8 @@ class ExpertParallel:
         ``grad_x`` is (num_rows, hidden) of ``dtype`` (any array type of the instance).
         Collective.
         """
+        if self._fused is not None:
+            return self._wrap(self._fused.dispatch_backward(grad_x, handle), grad_x)
         h = handle
         with _on_device(self.device):
             g = self._storage(grad_x)
@@ -598,6 +602,9 @@ class ExpertParallel:
         in float32 (on the token's rank from the rows combine received, per_expert; on the
         owner, sent back as one word per entry, per_rank).
         """
+        if self._fused is not None:
+            gey, gw = self._fused.combine_backward(grad_y, expert_y, topk_weight, handle, saved)
+            return self._wrap(gey, expert_y), gw
         h, xp, k, n, R = handle, self._xp, self.topk, handle.num_tokens, handle.num_rows
         N = h.order.size
         with _on_device(self.device):

@@ -21,12 +21,18 @@ The backward passes are collective: every rank must backpropagate through every 
 and combine, in the same order (the usual case: every rank runs the same layers and calls
 ``backward`` on its loss). ``requires_grad`` must agree across ranks (checked, raised
 everywhere). A differentiable dispatch returns a new ``expert_x`` (not the reused buffer),
-since the expert op may keep it for its own backward pass. The fused GPU backend has no
-backward pass: train with ``backend="staged"`` on a device.
+since the expert op may keep it for its own backward pass.
+
+On the fused GPU backend the backward passes reuse its two kernels
+(:mod:`pya2a.gpu.moe_fused`): the gradient of combine is a dispatch launch of the scaled
+rows, the gradient of dispatch a combine launch with unit weights; everything stays on the
+device. There, the calls run on torch's current stream (the one autograd runs each
+backward node on), so CuPy's launches and torch's kernels are ordered.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -40,14 +46,17 @@ class MoEDispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, ep: Any, topk_idx: Any, box: list) -> torch.Tensor:
-        expert_x, counts, handle = ep._dispatch(x, topk_idx, grad=True)
+        with _torch_stream(ep):
+            expert_x, counts, handle = ep._dispatch(x, topk_idx, grad=True)
         ctx.ep, ctx.handle = ep, handle
         box.extend((counts, handle))
         return expert_x
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return ctx.ep._dispatch_backward(grad.contiguous(), ctx.handle), None, None, None
+        with _torch_stream(ctx.ep):
+            dx = ctx.ep._dispatch_backward(grad.contiguous(), ctx.handle)
+        return dx, None, None, None
 
 
 class MoECombine(torch.autograd.Function):
@@ -56,7 +65,8 @@ class MoECombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, expert_y: torch.Tensor, topk_weight: torch.Tensor, ep: Any,
                 handle: Any, out: Any) -> torch.Tensor:
-        y, saved = ep._combine(expert_y, topk_weight, handle, out=out, grad=True)
+        with _torch_stream(ep):
+            y, saved = ep._combine(expert_y, topk_weight, handle, out=out, grad=True)
         ctx.ep, ctx.handle, ctx.saved = ep, handle, saved
         ctx.save_for_backward(expert_y, topk_weight)
         return y
@@ -64,8 +74,9 @@ class MoECombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         expert_y, topk_weight = ctx.saved_tensors
-        gey, gw = ctx.ep._combine_backward(grad.contiguous(), expert_y, topk_weight,
-                                           ctx.handle, ctx.saved)
+        with _torch_stream(ctx.ep):
+            gey, gw = ctx.ep._combine_backward(grad.contiguous(), expert_y, topk_weight,
+                                               ctx.handle, ctx.saved)
         gw = torch.as_tensor(gw, device=topk_weight.device).to(topk_weight.dtype)
         return gey, gw, None, None, None
 
@@ -90,3 +101,18 @@ def _tensor(a: Any) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.as_tensor(a)
+
+
+def _torch_stream(ep: Any) -> Any:
+    """On the fused backend: make torch's current stream CuPy's current stream (a context
+    manager; a no-op elsewhere or when they are the same)."""
+    if getattr(ep, "_fused", None) is None:
+        return contextlib.nullcontext()
+    import cupy
+
+    ptr = torch.cuda.current_stream(ep.device).cuda_stream
+    stack = contextlib.ExitStack()
+    stack.enter_context(cupy.cuda.Device(ep.device))  # CuPy's streams are per device
+    if ptr != cupy.cuda.get_current_stream().ptr:
+        stack.enter_context(cupy.cuda.ExternalStream(ptr, ep.device))
+    return stack

@@ -174,8 +174,9 @@ class Local:
         w = w / w.sum(dim=-1, keepdim=True)
         w.retain_grad()
         ex, counts, h = self.ep.dispatch(x, idx)
-        outs = [self.model.expert(0, seg, self.w1[le], self.w2[le])
-                for le, seg in enumerate(torch.split(ex, counts.tolist()))]
+        cnt = [int(c) for c in counts.tolist()]  # fused: a device array, and expert_x is
+        outs = [self.model.expert(0, seg, self.w1[le], self.w2[le])  # the whole buffer
+                for le, seg in enumerate(torch.split(ex[:sum(cnt)], cnt))]
         ey = torch.cat(outs) if outs else ex
         return self.ep.combine(ey, w, h), w
 
@@ -194,8 +195,9 @@ def test_gradients_equal_single_process_layer(comm, mode: str, dtype: str) -> No
 
 
 def _check_layer_gradients(comm, mode: str, dtype: str, device: int | None,
-                           tol: float) -> None:
-    """The two-layer check; with ``device`` the distributed model runs there (staged)."""
+                           tol: float, backend: str = "staged") -> None:
+    """The two-layer check; with ``device`` the distributed model runs there on
+    ``backend``."""
     p, me = comm.Get_size(), comm.Get_rank()
     dt = getattr(torch, dtype)
     E, H, F, T, K = 2 * p if p > 1 else 4, 8, 12, 6, 2
@@ -213,7 +215,7 @@ def _check_layer_gradients(comm, mode: str, dtype: str, device: int | None,
 
     dev = "cpu" if device is None else f"cuda:{device}"
     ep = moe.ExpertParallel(comm, E, H, T, K, dt, device, mode=mode,
-                            backend="auto" if device is None else "staged")
+                            backend="auto" if device is None else backend)
     local = Local(model, ep, dev)
     x = xs[me].detach().to(dev).requires_grad_(True)
     y1, w1 = local.layer(x)
@@ -221,16 +223,27 @@ def _check_layer_gradients(comm, mode: str, dtype: str, device: int | None,
     loss = (y2 * cs[me].to(dev)).sum()
     loss.backward()
 
-    _close(torch.tensor(comm.allreduce(loss.item()), dtype=dt), ref_loss.detach(), tol, "loss")
-    _close(x.grad.cpu(), xs[me].grad, tol, "x.grad")
-    _close(w1.grad.cpu(), ref_w[me][0].grad, tol, "topk_weight.grad, layer 1")
-    _close(w2.grad.cpu(), ref_w[me][1].grad, tol, "topk_weight.grad, layer 2")
-    lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
-    _close(local.w1.grad.cpu(), model.w1.grad[lo:hi], tol, "expert W1 grad")
-    _close(local.w2.grad.cpu(), model.w2.grad[lo:hi], tol, "expert W2 grad")
-    gate = local.gate.grad.cpu().numpy().copy()
+    try:
+        _compare_layers(comm, ep, local, loss, x, w1, w2, xs, model, ref_loss, ref_w, dt, tol)
+    finally:
+        ep.free()
+
+
+def _compare_layers(comm, ep, local, loss, x, w1, w2, xs, model, ref_loss, ref_w, dt,
+                    tol: float) -> None:
+    p, me = comm.Get_size(), comm.Get_rank()
+    total = comm.allreduce(loss.item())  # the collectives first: a failed check on one
+    gate = local.gate.grad.cpu().numpy().copy()  # rank leaves no rank waiting
     comm.Allreduce(MPI.IN_PLACE, gate)
-    _close(torch.from_numpy(gate), model.gate.grad, tol, "gate grad (summed over ranks)")
+    at = f" (rank {me} of {p}, {ep.backend} backend, mode {ep.mode})"
+    _close(torch.tensor(total, dtype=dt), ref_loss.detach(), tol, "loss" + at)
+    _close(x.grad.cpu(), xs[me].grad, tol, "x.grad" + at)
+    _close(w1.grad.cpu(), ref_w[me][0].grad, tol, "topk_weight.grad, layer 1" + at)
+    _close(w2.grad.cpu(), ref_w[me][1].grad, tol, "topk_weight.grad, layer 2" + at)
+    lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
+    _close(local.w1.grad.cpu(), model.w1.grad[lo:hi], tol, "expert W1 grad" + at)
+    _close(local.w2.grad.cpu(), model.w2.grad[lo:hi], tol, "expert W2 grad" + at)
+    _close(torch.from_numpy(gate), model.gate.grad, tol, "gate grad (summed over ranks)" + at)
     assert ep.traffic["dispatch_backward"] + ep.traffic["combine_backward"] >= 0
 
 
@@ -366,19 +379,157 @@ def test_device_gradients_staged(comm, mode: str) -> None:
     _check_layer_gradients(comm, mode, "float32", _gpu(comm), 1e-3)
 
 
-@pytest.mark.gpu
-def test_device_fused_refuses_gradients_everywhere(comm) -> None:
+def _fused_gpu(comm) -> int:
+    """The device ordinal, or skip where the fused backend cannot run."""
     dev = _gpu(comm)
     from pya2a.gpu.moe_fused import fused_available
 
     ok, why = fused_available(moe.internal_comm(comm), None)
     if not ok:
         pytest.skip(why)
+    return dev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_device_gradients_fused(comm, dtype: str) -> None:
+    """The two-layer gradient check (gate, top-k, expert MLPs, one ExpertParallel for both
+    layers: backward runs combine 2, dispatch 2, combine 1, dispatch 1) on the fused
+    backend; float64 is not a fused row type, so that case checks the refusal."""
+    dev = _fused_gpu(comm)
+    if dtype == "float64":
+        with pytest.raises(ValueError, match="backend 'fused' cannot run here"):
+            moe.ExpertParallel(comm, 2 * comm.Get_size(), 8, 4, 2, torch.float64, dev,
+                               backend="fused")
+        return
+    _check_layer_gradients(comm, "per_expert", dtype, dev, 1e-3, backend="fused")
+
+
+def _scaled_case(comm, case: int, dt, H: int = 64, T: int = 7, K: int = 2):
+    """Every rank's tokens, distinct top-k experts, float32 router weights and loss
+    coefficients, and the expert parameters ``a`` (E, H) (expert e: ``rows * a[e]``), from
+    the seed; the same on every rank."""
     p = comm.Get_size()
-    ep = moe.ExpertParallel(comm, p, 64, 3, 1, torch.float16, dev, backend="fused")
+    E = 2 * p
+    xs = [tokens(case, s, T, H, dt) for s in range(p)]
+    idxs = [torch.argsort(torch.rand(x.shape[0], E, generator=_gen(case, s, 1)), dim=1)[:, :K]
+            for s, x in enumerate(xs)]
+    ws = [torch.rand(x.shape[0], K, generator=_gen(case, s, 2)) for s, x in enumerate(xs)]
+    cs = [torch.randn(x.shape, generator=_gen(case, s, 3)) for s, x in enumerate(xs)]
+    a = 1 + torch.rand(E, H, generator=_gen(case, 999))
+    return E, K, xs, idxs, ws, cs, a
+
+
+def _scaled_reference(xs, idxs, ws, cs, a):
+    """float32, one process, all experts local: loss = sum over ranks s of
+    <c_s, y_s>, y_s[t] = sum_k w_s[t, k] * x_s[t] * a[idx_s[t, k]]; returns (per rank:
+    y, x.grad, w.grad), a.grad."""
+    a = a.clone().requires_grad_(True)
+    rx = [x.float().requires_grad_(True) for x in xs]
+    rw = [w.clone().requires_grad_(True) for w in ws]
+    ys = [(w[:, :, None] * x[:, None, :] * a[i]).sum(dim=1)
+          for x, i, w in zip(rx, idxs, rw, strict=True)]
+    sum((y * c).sum() for y, c in zip(ys, cs, strict=True)).backward()
+    return [(y.detach(), x.grad, w.grad) for y, x, w in zip(ys, rx, rw, strict=True)], a.grad
+
+
+def _scaled_layer(ep, x, idx, w, a_local, dt):
+    """dispatch, expert l scales its rows by ``a_local[l]`` (float32 math, cast to the row
+    type), combine; also the valid expert rows."""
+    ex, counts, h = ep.dispatch(x, idx)
+    cnt = [int(c) for c in counts.tolist()]
+    ex = ex[:sum(cnt)]
+    outs = [(seg.float() * a_local[le]).to(dt) for le, seg in enumerate(torch.split(ex, cnt))]
+    return ep.combine(torch.cat(outs), w, h), ex
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["fused", "staged"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_device_gradients_scaled_experts(comm, backend: str, dtype: str) -> None:
+    """x.grad, topk_weight.grad and the experts' parameter gradients on a device backend
+    against the float32 one-process computation on the same inputs (bfloat16: the rows are
+    rounded where the layer stores them, so to bfloat16 precision)."""
+    dev = _fused_gpu(comm) if backend == "fused" else _gpu(comm)
+    p, me = comm.Get_size(), comm.Get_rank()
+    dt = getattr(torch, dtype)
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    E, K, xs, idxs, ws, cs, a = _scaled_case(comm, 50, dt)
+    per_rank, a_grad = _scaled_reference(xs, idxs, ws, cs, a)
+    cuda = f"cuda:{dev}"
+    ep = moe.ExpertParallel(comm, E, xs[0].shape[1], 7, K, dt, dev, backend=backend,
+                            mode="per_expert")
     try:
-        x = torch.ones(3, 64, dtype=torch.float16, device=f"cuda:{dev}", requires_grad=True)
-        with pytest.raises(NotImplementedError, match="no backward pass"):
-            ep.dispatch(x, torch.zeros(3, 1, dtype=torch.int64, device=f"cuda:{dev}"))
+        lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
+        x = xs[me].to(cuda).requires_grad_(True)
+        w = ws[me].to(cuda).requires_grad_(True)
+        a_local = a[lo:hi].to(cuda).requires_grad_(True)
+        y, _ = _scaled_layer(ep, x, idxs[me].to(cuda), w, a_local, dt)
+        assert y.dtype == dt
+        (y.float() * cs[me].to(cuda)).sum().backward()
+        torch.cuda.synchronize(dev)
+        at = f" (rank {me} of {p}, {backend}, {dtype})"
+        ref_y, ref_xg, ref_wg = per_rank[me]
+        _close(y.float().cpu(), ref_y, tol, "y" + at)
+        assert x.grad.dtype == dt and w.grad.dtype == torch.float32, at
+        _close(x.grad.float().cpu(), ref_xg, tol, "x.grad" + at)
+        _close(w.grad.cpu(), ref_wg, tol, "topk_weight.grad" + at)
+        _close(a_local.grad.cpu(), a_grad[lo:hi], tol, "expert parameter grad" + at)
     finally:
         ep.free()
+
+
+@pytest.mark.gpu
+def test_device_fused_backward_call_sequences(comm) -> None:
+    """The fused backward keeps the kernels' flag protocol in each order autograd may call
+    it, repeated over steps: a combine's backward without the dispatch's (the input needs
+    no gradient), a dispatch's backward without the combine's (combine outside grad mode),
+    then both; each result against the float32 one-process computation."""
+    dev = _fused_gpu(comm)
+    p, me = comm.Get_size(), comm.Get_rank()
+    cuda = f"cuda:{dev}"
+    dt = torch.float32
+    ep = None
+    try:
+        for step in range(3):
+            E, K, xs, idxs, ws, cs, a = _scaled_case(comm, 60 + step, dt, H=32, T=5)
+            per_rank, a_grad = _scaled_reference(xs, idxs, ws, cs, a)
+            ref_y, ref_xg, ref_wg = per_rank[me]
+            if ep is None:
+                ep = moe.ExpertParallel(comm, E, 32, 5, K, dt, dev, backend="fused")
+            lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
+            x0, idx = xs[me].to(cuda), idxs[me].to(cuda)
+            w0, c = ws[me].to(cuda), cs[me].to(cuda)
+            at = f" (rank {me} of {p}, step {step}"
+            # 1. combine's backward only: x and w need no gradient, the experts do
+            a1 = a[lo:hi].to(cuda).requires_grad_(True)
+            y, _ = _scaled_layer(ep, x0, idx, w0, a1, dt)
+            (y * c).sum().backward()
+            _close(y.cpu(), ref_y, 1e-4, "y, combine backward only" + at + ")")
+            _close(a1.grad.cpu(), a_grad[lo:hi], 1e-4,
+                   "expert parameter grad, combine backward only" + at + ")")
+            # 2. dispatch's backward only: loss = sum of squares of the expert inputs,
+            # so x.grad[t] = 2 * topk * x[t]; combine runs outside grad mode
+            x = x0.clone().requires_grad_(True)
+            ex, counts, h = ep.dispatch(x, idx)
+            rows = int(counts.sum())
+            with torch.no_grad():
+                y = ep.combine(ex[:rows] * 2, w0, h)
+            (ex[:rows] ** 2).sum().backward()
+            _close(x.grad.cpu(), 2 * K * xs[me], 1e-5, "x.grad, dispatch backward only" + at
+                   + ")")
+            _close(y.cpu(), 2 * xs[me] * ws[me].sum(dim=1, keepdim=True), 1e-4,
+                   "y of a combine outside grad mode" + at + ")")
+            # 3. both, as in training
+            x = x0.clone().requires_grad_(True)
+            w = w0.clone().requires_grad_(True)
+            a3 = a[lo:hi].to(cuda).requires_grad_(True)
+            y, _ = _scaled_layer(ep, x, idx, w, a3, dt)
+            (y * c).sum().backward()
+            _close(x.grad.cpu(), ref_xg, 1e-4, "x.grad, full step" + at + ")")
+            _close(w.grad.cpu(), ref_wg, 1e-4, "topk_weight.grad, full step" + at + ")")
+            _close(a3.grad.cpu(), a_grad[lo:hi], 1e-4, "expert parameter grad, full step"
+                   + at + ")")
+    finally:
+        if ep is not None:
+            ep.free()

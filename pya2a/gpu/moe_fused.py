@@ -18,11 +18,20 @@ stream-ordered on the current CuPy stream. By default each call also agrees on a
 errors across ranks with one small ``Allgather`` (``agree=True``), so that a bad argument
 raises on every rank instead of leaving the others' kernels waiting for it.
 
+Backward passes (autograd, :mod:`pya2a.moe_autograd`) reuse the two kernels, on the
+device, with no host round trip of the data: the gradient of combine is a dispatch launch
+of the ``n * topk`` rows ``topk_weight[t, k] * grad_y[t]`` (as ``n * topk`` tokens of one
+expert each: the same flat order, so each row lands where the forward's expert row was)
+plus the router-weight gradient ``<grad_y[t], expert row (t, k)>`` from the rows the
+forward combine read (kept with ``save``); the gradient of dispatch is a combine launch
+with unit weights over the owners' ``expert_x`` gradients and the forward's slots.
+
 Differences from the portable path (documented in docs/moe.md): ``expert_x`` is the whole
 receive buffer (``max_recv_tokens`` rows; the first ``sum(expert_counts)`` are valid) and
 ``expert_counts`` is a device int64 array, since the row count is only known on the
-device; dispatch and combine must alternate; expert ids outside ``[0, num_experts)`` are
-dropped, not reported; the weighted sum uses fused multiply-adds.
+device; a combine must follow its dispatch with no other dispatch in between; expert ids
+outside ``[0, num_experts)`` are dropped, not reported; the weighted sum uses fused
+multiply-adds.
 """
 
 from __future__ import annotations
@@ -64,7 +73,8 @@ _COMBINE = np.dtype([("y", np.uint64), ("w", np.uint64), ("idx", np.uint64),
                      ("peer_y", np.uint64, (_P,)), ("seq", np.uint64), ("n", np.int64),
                      ("topk", np.int64), ("E", np.int64), ("El", np.int64),
                      ("row_bytes", np.int64), ("rank", np.int64), ("p", np.int64),
-                     ("use_x", np.int64), ("segs", np.int64), ("seg_vecs", np.int64)])
+                     ("use_x", np.int64), ("segs", np.int64), ("seg_vecs", np.int64),
+                     ("save", np.uint64)])
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -110,7 +120,13 @@ class FusedHandle:
         owner: id of the FusedExpertParallel.
         seq: call number (the flags' value).
         num_tokens: n.
-        expert_counts: int64 device array (E_local,).
+        expert_counts: int64 device array (E_local,) (the shared one, or this dispatch's
+            own copy when autograd may need it).
+        idx, slot: autograd: this dispatch's own copies (device) of the routing (int64,
+            n * topk) and of each entry's row at its destination (int32); else None (the
+            shared buffers, valid until the next dispatch launch).
+        rows: autograd: after combine, (n * topk, hidden) the expert row of each entry as
+            combine read it (zeros for dropped entries), for the router-weight gradient.
     """
 
     owner: int
@@ -118,10 +134,16 @@ class FusedHandle:
     num_tokens: int
     expert_counts: Any
     done: bool = False
+    idx: Any = None
+    slot: Any = None
+    rows: Any = None
 
     def num_rows(self) -> int:
         """Rows this rank received (synchronises with the device)."""
         return int(self.expert_counts.sum().get())
+
+
+_BACKWARD = "backward dispatch"  # FusedExpertParallel._pending after a combine's backward
 
 
 def _word(dt: np.dtype, field: str) -> int:
@@ -168,6 +190,8 @@ class FusedExpertParallel:
             self.counts = cp.zeros(ep.local_experts, dtype=np.int64)
             self.xbuf = self.group.as_array(self.xa, (cap, ep.hidden), ep.dtype)
             self.ybuf = self.group.as_array(self.ya, (cap, ep.hidden), ep.dtype)
+            # unit weights of the dispatch backward (a combine launch)
+            self._ones = cp.ones(max(N, 1), dtype=np.float32)
         self.sms = client_sms(self.device)
         # Blocks of dispatch and combine wait for other ranks: every rank's grid must be
         # resident at once (grid_budget; a GPU of its own: one block per SM)
@@ -191,43 +215,53 @@ class FusedExpertParallel:
         # the per-call fields, written through word views (cheaper than field access)
         self._dw = np.frombuffer(d.data, dtype=np.uint64)
         self._cw = np.frombuffer(c.data, dtype=np.uint64)
-        self._dk = {f: _word(_DISPATCH, f) for f in ("x", "idx", "seq", "n", "epb", "segs",
-                                                      "seg_bytes")}
-        self._ck = {f: _word(_COMBINE, f) for f in ("y", "w", "seq", "n", "use_x", "segs",
-                                                     "seg_vecs")}
+        self._dk = {f: _word(_DISPATCH, f) for f in ("x", "idx", "seq", "n", "topk", "epb",
+                                                      "segs", "seg_bytes")}
+        self._ck = {f: _word(_COMBINE, f) for f in ("y", "w", "idx", "slot", "seq", "n",
+                                                     "use_x", "segs", "seg_vecs", "save")}
         self._dparams = (ctypes.c_void_p * 1)(d.ctypes.data)
         self._cparams = (ctypes.c_void_p * 1)(c.ctypes.data)
         self._scale_params: dict[tuple[int, int], Any] = {}
-        self._rec = np.zeros(1, dtype=np.int64)
-        self._table = np.zeros(ep.size, dtype=np.int64)
+        self._rec = np.zeros(2, dtype=np.int64)
+        self._table = np.zeros(2 * ep.size, dtype=np.int64)
         self._launch_fn = cp.cuda.driver.launchKernel
         self._ndarray = cp.ndarray
         self.seq = 0
-        self._pending: FusedHandle | None = None
+        # what the last launch was: a forward dispatch waiting for its combine (its handle),
+        # a backward dispatch launch (_BACKWARD: a combine launch may follow), or a combine
+        # launch / nothing yet (None: a combine launch needs a dispatch launch first)
+        self._pending: Any = None
         self._keep: Any = None
         self._freed = False
 
     # ------------------------------------------------------------------ helpers
-    def _agree(self, exc: BaseException | None) -> None:
-        """validate.agree's outcome, with one preallocated 8-byte Allgather when all is well."""
+    def _agree(self, exc: BaseException | None, flag: bool = False, what: str = "") -> None:
+        """validate.agree's outcome, with one preallocated 16-byte Allgather when all is well;
+        ``flag`` (requires grad) must also be the same on every rank (else ValueError
+        ``what`` everywhere)."""
         if not self.agree_errors:
             if exc is not None:
                 raise exc
             return
-        self._rec[0] = error_code(exc)
+        self._rec[0], self._rec[1] = error_code(exc), int(flag)
         self.comm.Allgather(self._rec, self._table)
-        if self._table.any():  # every rank sees it: all run the full agreement, which raises
+        codes, flags = self._table[0::2], self._table[1::2]
+        if codes.any():  # every rank sees it: all run the full agreement, which raises
             agree(self.comm, exc, np.zeros(0, dtype=np.int64))
+        if (flags != flags[0]).any():
+            raise ValueError(what)
 
     def _device_array(self, call: str, name: str, a: Any) -> Any:
         """A CuPy view of a CuPy / torch / CAI device array on this rank's device
         (torch bfloat16 as uint16 words: CuPy has no bfloat16)."""
         if type(a) is not self._ndarray:
             bf16 = str(getattr(a, "dtype", "")) == "torch.bfloat16"
+            if type(a).__module__.startswith("torch"):
+                a = a.detach()  # a tensor requiring grad exports no array interface
             if bf16:
                 import torch
 
-                a = a.detach().view(torch.int16)
+                a = a.view(torch.int16)
             if not hasattr(a, "__cuda_array_interface__"):
                 raise TypeError(f"{call}: {name} must be a device array (CuPy, torch) on "
                                 f"device {self.device}, got {type(a).__name__}")
@@ -260,14 +294,66 @@ class FusedExpertParallel:
         stream = cp.cuda.get_current_stream().ptr
         self._launch_fn(fn, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(params), 0)
 
+    # ------------------------------------------------------------------ launches
+    def _launch_dispatch(self, x_ptr: int, idx_ptr: int, n: int, topk: int) -> None:
+        """One dispatch launch (the next call number) of ``n`` tokens of ``topk`` entries."""
+        ep = self.ep
+        N = n * topk
+        self.seq += 1
+        g = min(self.grid_max, max(1, N))
+        epb = _cdiv(N, g) if N else 1
+        g = _cdiv(N, epb) if N else 1
+        segs = max(1, min(_cdiv(g * _WARPS, max(N, 1)), ep.row_bytes // 512))
+        w, k = self._dw, self._dk
+        w[k["x"]] = x_ptr if N else self.xa.ptr
+        w[k["idx"]] = idx_ptr if N else self.idx.data.ptr
+        w[k["seq"]] = self.seq
+        w[k["n"]] = n
+        w[k["topk"]] = topk
+        w[k["epb"]] = epb
+        w[k["segs"]] = segs
+        w[k["seg_bytes"]] = _cdiv(_cdiv(ep.row_bytes, segs), 16) * 16
+        self._launch(self._fn["dispatch"], g, _THREADS, self._dparams)
+
+    def _launch_combine(self, y_ptr: int, w_ptr: int, n: int, use_x: int, handle: FusedHandle,
+                        save_ptr: int = 0) -> None:
+        """One combine launch (the current call number) of ``handle``'s ``n`` tokens from the
+        peers' expert-output buffers (``use_x``: this rank's lie in its input buffer)."""
+        ep = self.ep
+        segs = max(1, min(_cdiv(self.grid_max * _WARPS, max(n, 1)), ep.row_bytes // 512))
+        w, k = self._cw, self._ck
+        w[k["y"]] = y_ptr if n else self.ya.ptr
+        w[k["w"]] = w_ptr if n else self.idx.data.ptr
+        w[k["idx"]] = self.idx.data.ptr if handle.idx is None else handle.idx.data.ptr
+        w[k["slot"]] = self.slot.data.ptr if handle.slot is None else handle.slot.data.ptr
+        w[k["save"]] = save_ptr if n else 0
+        w[k["seq"]] = self.seq
+        w[k["n"]] = n
+        w[k["use_x"]] = use_x
+        w[k["segs"]] = segs
+        w[k["seg_vecs"]] = _cdiv(ep.row_bytes // 16, segs)
+        self._launch(self._fn["combine"], min(self.grid_max, max(1, _cdiv(n * segs, _WARPS))),
+                     _THREADS, self._cparams)
+
+    def _rows_to_ybuf(self, a: Any) -> None:
+        """Copy rows into this rank's symmetric expert-output buffer (stream-ordered)."""
+        cp = self._cp
+        if a.shape[0] and a.data.ptr != self.ya.ptr:
+            with cp.cuda.Device(self.device):
+                cp.cuda.runtime.memcpyAsync(self.ya.ptr, a.data.ptr, a.nbytes, 3,
+                                            cp.cuda.get_current_stream().ptr)  # D2D
+
     # ------------------------------------------------------------------ calls
-    def dispatch(self, x: Any, topk_idx: Any, *,
-                 grad: bool = False) -> tuple[Any, Any, FusedHandle]:
+    def dispatch(self, x: Any, topk_idx: Any, *, grad: bool = False,
+                 fresh: bool = False) -> tuple[Any, Any, FusedHandle]:
         """See :meth:`pya2a.moe.ExpertParallel.dispatch`; ``expert_x`` is the whole buffer.
 
         ``topk_idx`` is read by the dispatch kernel only (it keeps its own copy for
-        combine); int64 C-contiguous avoids a conversion. ``grad`` (autograd) is refused
-        on every rank: this path has no backward pass.
+        combine); int64 C-contiguous avoids a conversion. ``grad``: ``x`` requires grad
+        (must agree across ranks). ``grad`` or ``fresh`` (torch in grad mode: autograd may
+        keep ``expert_x`` or differentiate combine): ``expert_x`` is a new copy of the
+        whole buffer, and the handle keeps its own copies of the routing, slots and counts
+        for the backward passes.
         """
         call = "ExpertParallel.dispatch"
         ep = self.ep
@@ -277,10 +363,9 @@ class FusedExpertParallel:
         try:
             if self._freed:
                 raise ValueError(f"{call}: used after free()")
-            _no_grad(call, grad)
-            if self._pending is not None:
+            if isinstance(self._pending, FusedHandle):
                 raise ValueError(f"{call}: the previous dispatch was not combined yet (the "
-                                 f"fused path needs dispatch and combine to alternate)")
+                                 f"fused path needs each combine to follow its dispatch)")
             xa = self._check_rows(call, "x", x, ep.max_tokens)
             n = xa.shape[0]
             ia = self._device_array(call, "topk_idx", topk_idx)
@@ -291,29 +376,24 @@ class FusedExpertParallel:
                 raise TypeError(f"{call}: topk_idx must be integers, got {ia.dtype}")
         except Exception as e:
             exc = e
-        self._agree(exc)
+        self._agree(exc, grad, f"{call}: x requires grad on some ranks only (the backward "
+                               f"pass is collective: requires_grad must agree on every rank)")
         N = n * ep.topk
+        cp = self._cp
         if N and (ia.dtype != np.int64 or not ia.flags.c_contiguous):
-            ia = self._cp.ascontiguousarray(ia, dtype=np.int64)  # allocates; stream-ordered
+            with cp.cuda.Device(self.device):
+                ia = cp.ascontiguousarray(ia, dtype=np.int64)  # allocates; stream-ordered
         self._keep = (x, topk_idx, ia)
-        self.seq += 1
-        g = min(self.grid_max, max(1, N))
-        epb = _cdiv(N, g) if N else 1
-        g = _cdiv(N, epb) if N else 1
-        segs = max(1, min(_cdiv(g * _WARPS, max(N, 1)), ep.row_bytes // 512))
-        w, k = self._dw, self._dk
-        w[k["x"]] = xa.data.ptr if n else self.xa.ptr
-        w[k["idx"]] = ia.data.ptr if N else self.idx.data.ptr
-        w[k["seq"]] = self.seq
-        w[k["n"]] = n
-        w[k["epb"]] = epb
-        w[k["segs"]] = segs
-        w[k["seg_bytes"]] = _cdiv(_cdiv(ep.row_bytes, segs), 16) * 16
-        self._launch(self._fn["dispatch"], g, _THREADS, self._dparams)
+        self._launch_dispatch(xa.data.ptr if n else 0, ia.data.ptr if N else 0, n, ep.topk)
         h = FusedHandle(id(self), self.seq, n, self.counts)
+        ex = self.xbuf
+        if grad or fresh:
+            with cp.cuda.Device(self.device):  # stream-ordered copies after the launch
+                h.idx, h.slot = self.idx[:N].copy(), self.slot[:N].copy()
+                h.expert_counts = self.counts.copy()
+                ex = self.xbuf.copy()
         self._pending = h
-        return (self.xbuf if type(x) is self._ndarray else ep._wrap(self.xbuf, x)), \
-            self.counts, h
+        return (ex if type(x) is self._ndarray else ep._wrap(ex, x)), h.expert_counts, h
 
     def expert_output(self, rows: int) -> Any:
         """The first ``rows`` rows of the symmetric expert-output buffer (CuPy)."""
@@ -344,14 +424,18 @@ class FusedExpertParallel:
 
     def combine(self, expert_y: Any, topk_weight: Any, handle: FusedHandle, *,
                 out: Any = None, grad: bool = False) -> Any:
-        """See :meth:`pya2a.moe.ExpertParallel.combine` (``y`` is a CuPy / torch array)."""
+        """See :meth:`pya2a.moe.ExpertParallel.combine` (``y`` is a CuPy / torch array).
+
+        ``grad``: ``expert_y`` or ``topk_weight`` requires grad (must agree across ranks);
+        the launch then also stores each entry's expert row as read in ``handle.rows``, for
+        the router-weight gradient.
+        """
         call = "ExpertParallel.combine"
         ep, cp = self.ep, self._cp
         exc = None
         n = 0
         ya = wa = oa = None
         try:
-            _no_grad(call, grad)
             if not isinstance(handle, FusedHandle):
                 raise TypeError(f"{call}: handle must be the handle from dispatch, got "
                                 f"{type(handle).__name__}")
@@ -362,52 +446,162 @@ class FusedExpertParallel:
                                  f"combined already)")
             n = handle.num_tokens
             ya = self._check_rows(call, "expert_y", expert_y, ep.max_recv_tokens)
-            if str(getattr(topk_weight, "dtype", "")) == "torch.bfloat16":
-                topk_weight = topk_weight.float()  # the kernel reads float32 weights
-            wa = self._device_array(call, "topk_weight", topk_weight)
-            if wa.shape != (n, ep.topk):
-                raise ValueError(f"{call}: topk_weight has shape {tuple(wa.shape)}, "
-                                 f"expected ({n}, {ep.topk})")
-            if wa.dtype.kind != "f":
-                raise TypeError(f"{call}: topk_weight must be floating point, got {wa.dtype}")
+            wa = self._weights(call, topk_weight, n)
             if out is not None:
+                if grad:
+                    raise ValueError(f"{call}: out= cannot be used when the result needs "
+                                     f"gradients")
                 oa = self._check_rows(call, "out", out, n)
                 if oa.shape[0] != n:
                     raise ValueError(f"{call}: out has {oa.shape[0]} rows, expected {n}")
         except Exception as e:
             exc = e
-        self._agree(exc)
+        self._agree(exc, grad, f"{call}: expert_y / topk_weight require grad on some ranks "
+                               f"only (requires_grad must agree on every rank)")
         N = n * ep.topk
-        yp = ya.data.ptr
-        use_x = int(yp == self.xa.ptr)
-        if not use_x and yp != self.ya.ptr and ya.shape[0]:
-            with cp.cuda.Device(self.device):
-                cp.cuda.runtime.memcpyAsync(self.ya.ptr, yp, ya.nbytes, 3,
-                                            cp.cuda.get_current_stream().ptr)  # D2D
-        if N and (wa.dtype != np.float32 or not wa.flags.c_contiguous):
-            with cp.cuda.Device(self.device):
+        use_x = int(ya.data.ptr == self.xa.ptr)
+        if not use_x:
+            self._rows_to_ybuf(ya)
+        save = None
+        with cp.cuda.Device(self.device):
+            if N and (wa.dtype != np.float32 or not wa.flags.c_contiguous):
                 wa = cp.ascontiguousarray(wa, dtype=np.float32)  # allocates; stream-ordered
-        if oa is None:
-            with cp.cuda.Device(self.device):
+            if oa is None:
                 oa = cp.empty((n, ep.hidden), dtype=ep.dtype)
-        segs = max(1, min(_cdiv(self.grid_max * _WARPS, max(n, 1)), ep.row_bytes // 512))
-        w, k = self._cw, self._ck
-        w[k["y"]] = oa.data.ptr if n else self.ya.ptr
-        w[k["w"]] = wa.data.ptr if N else self.idx.data.ptr
-        w[k["seq"]] = handle.seq
-        w[k["n"]] = n
-        w[k["use_x"]] = use_x
-        w[k["segs"]] = segs
-        w[k["seg_vecs"]] = _cdiv(ep.row_bytes // 16, segs)
-        self._launch(self._fn["combine"], min(self.grid_max, max(1, _cdiv(n * segs, _WARPS))),
-                     _THREADS, self._cparams)
+            if grad:
+                save = cp.empty((N, ep.hidden), dtype=ep.dtype)
+        self._launch_combine(oa.data.ptr, wa.data.ptr if N else 0, n, use_x, handle,
+                             save.data.ptr if save is not None and N else 0)
         handle.done = True
+        handle.rows = save
         self._pending = None
         self._keep = (expert_y, topk_weight, wa)
         if out is not None:
             return out
         like = topk_weight if type(topk_weight).__module__.startswith("torch") else expert_y
         return ep._wrap(oa, like)
+
+    # ------------------------------------------------------------------ backward passes
+    def dispatch_backward(self, grad_x: Any, handle: FusedHandle) -> Any:
+        """d(loss)/dx from d(loss)/d(expert_x). Collective.
+
+        A combine launch with unit weights over every rank's ``expert_x`` gradient (copied
+        into its symmetric expert-output buffer) with this dispatch's slots: each token's
+        copies summed in float32 in k order, cast to the row type. Returns a CuPy (n, H)
+        array.
+        """
+        call = "ExpertParallel.dispatch (backward)"
+        ep, cp = self.ep, self._cp
+        self._backward_check(call, handle)
+        g = self._grad_rows(call, "the gradient of expert_x", grad_x, ep.max_recv_tokens,
+                            exact=False)
+        if self._pending is None:
+            # the last launch was a combine (this dispatch's combine got no gradient): a
+            # combine launch must follow a dispatch launch, so run an empty one (every rank
+            # takes this branch: the ranks make the same calls in the same order)
+            self._launch_dispatch(0, 0, 0, ep.topk)
+        self._rows_to_ybuf(g)
+        n = handle.num_tokens
+        with cp.cuda.Device(self.device):
+            out = cp.empty((n, ep.hidden), dtype=ep.dtype)
+        self._launch_combine(out.data.ptr, self._ones.data.ptr, n, 0, handle)
+        self._pending = None
+        self._keep = (grad_x, g, out)
+        return out
+
+    def combine_backward(self, grad_y: Any, expert_y: Any, topk_weight: Any,
+                         handle: FusedHandle, rows: Any) -> tuple[Any, Any]:
+        """(d(loss)/d(expert_y), d(loss)/d(topk_weight)) from d(loss)/dy. Collective.
+
+        ``d expert_y[row of (t, k)] = topk_weight[t, k] * grad_y[t]``: the ``n * topk``
+        scaled rows (float32 product, cast to the row type) go out in one dispatch launch as
+        tokens of one entry each (same flat order: each lands at the row of (t, k));
+        ``expert_y``'s rows past ``sum(expert_counts)`` get zeros. ``d topk_weight[t, k] =
+        <grad_y[t], rows[t * topk + k]>`` in float32, ``rows`` the expert rows the forward
+        combine read (``handle.rows``). Returns CuPy arrays: (len(expert_y), H) of the row
+        type and (n, topk) float32.
+        """
+        call = "ExpertParallel.combine (backward)"
+        ep, cp = self.ep, self._cp
+        self._backward_check(call, handle)
+        if rows is None:
+            raise ValueError(f"{call}: the forward combine did not keep the expert rows "
+                             f"(it ran without gradients)")
+        n, k, H = handle.num_tokens, ep.topk, ep.hidden
+        N = n * k
+        g = self._grad_rows(call, "the gradient of y", grad_y, n, exact=True)
+        m = int(expert_y.shape[0])
+        wa = self._weights(call, topk_weight, n)
+        with cp.cuda.Device(self.device):
+            g32 = self._to_acc(g)
+            w32 = wa.astype(np.float32, copy=False)
+            send = self._cast((w32[:, :, None] * g32[:, None, :]).reshape(N, H))
+            gw = (self._to_acc(rows).reshape(n, k, H) * g32[:, None, :]).sum(axis=2)
+        self._launch_dispatch(send.data.ptr if N else 0, handle.idx.data.ptr if N else 0,
+                              N, 1)
+        with cp.cuda.Device(self.device):  # stream-ordered after the launch
+            gey = self.xbuf[:m].copy()
+            if m:
+                valid = cp.arange(m, dtype=np.int64)[:, None] < handle.expert_counts.sum()
+                gey = cp.where(valid, gey, cp.zeros((), dtype=gey.dtype))
+        self._pending = _BACKWARD
+        self._keep = (grad_y, g, send, wa, topk_weight)
+        return gey, gw
+
+    def _backward_check(self, call: str, handle: FusedHandle) -> None:
+        """Same outcome on every rank (the ranks make the same calls in the same order)."""
+        if self._freed:
+            raise ValueError(f"{call}: used after free()")
+        if isinstance(self._pending, FusedHandle):
+            raise ValueError(f"{call}: a dispatch is waiting for its combine (backward "
+                             f"passes run after every forward dispatch was combined)")
+        if handle.idx is None:
+            raise ValueError(f"{call}: the dispatch ran outside torch grad mode, so its "
+                             f"routing was not kept for the backward pass")
+
+    def _grad_rows(self, call: str, name: str, a: Any, rows: int, *, exact: bool) -> Any:
+        """A C-contiguous, 16-byte aligned CuPy view (or copy) of a gradient's rows."""
+        arr = self._device_array(call, name, a)
+        ep = self.ep
+        if arr.ndim != 2 or arr.shape[1] != ep.hidden or arr.shape[0] > rows or (
+                exact and arr.shape[0] != rows):
+            raise ValueError(f"{call}: {name} has shape {tuple(arr.shape)}, expected "
+                             f"({'' if exact else '<= '}{rows}, {ep.hidden})")
+        if arr.dtype != ep.dtype:
+            raise TypeError(f"{call}: {name} has dtype {a.dtype}, expected {ep.dtype_name}")
+        if arr.shape[0] and (arr.data.ptr & 15 or not arr.flags.c_contiguous):
+            with self._cp.cuda.Device(self.device):
+                arr = arr.copy()  # a new allocation: aligned, C order
+        return arr
+
+    def _weights(self, call: str, topk_weight: Any, n: int) -> Any:
+        """The router weights as a CuPy array of floats (n, topk) (torch bfloat16 as float32)."""
+        if str(getattr(topk_weight, "dtype", "")) == "torch.bfloat16":
+            topk_weight = topk_weight.detach().float()  # the kernel reads float32 weights
+        wa = self._device_array(call, "topk_weight", topk_weight)
+        if wa.shape != (n, self.ep.topk):
+            raise ValueError(f"{call}: topk_weight has shape {tuple(wa.shape)}, expected "
+                             f"({n}, {self.ep.topk})")
+        if wa.dtype.kind != "f":
+            raise TypeError(f"{call}: topk_weight must be floating point, got {wa.dtype}")
+        return wa
+
+    def _to_acc(self, a: Any) -> Any:
+        """Rows as float32 (bfloat16 words shifted into place)."""
+        if self.ep.dtype_name == "bfloat16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float32, copy=False)
+
+    def _cast(self, acc: Any) -> Any:
+        """float32 rows to the row type (bfloat16: round to nearest even, NaN kept quiet),
+        with no host synchronisation."""
+        cp = self._cp
+        if self.ep.dtype_name != "bfloat16":
+            return cp.ascontiguousarray(acc.astype(self.ep.dtype))
+        acc = cp.ascontiguousarray(acc, dtype=np.float32)
+        u = acc.view(np.uint32)
+        r = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+        return cp.where(cp.isnan(acc), np.uint16(0x7FC0), r)
 
     def free(self) -> None:
         """Collective: release the symmetric memory. Idempotent."""
@@ -416,12 +610,6 @@ class FusedExpertParallel:
         self._freed = True
         self._keep = None
         self.group.free()
-
-
-def _no_grad(call: str, grad: bool) -> None:
-    if grad:
-        raise NotImplementedError(f"{call}: the fused backend has no backward pass; use "
-                                  f"backend='staged' for tensors that require grad")
 
 
 def scale_experts(ep: Any, expert_x: Any, out: Any) -> None:

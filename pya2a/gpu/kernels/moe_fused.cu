@@ -27,12 +27,20 @@
 //   caller's topk_idx is read only by this launch.
 // combine (one launch): every block raises READY at every rank, waits for READY from
 //   all, then each warp reads a token's topk rows from the owners' ybuf (or xbuf),
-//   sums them weighted in float32 and stores the token.
+//   sums them weighted in float32 and stores the token; with `save` it also stores each
+//   entry's row as read (autograd keeps them for the router-weight gradient).
+// Backward passes (autograd) reuse both kernels: the gradient of combine is a dispatch
+//   of the (token, k) rows weight * grad_y (n * topk "tokens", topk = 1: the same flat
+//   order, so the rows land where the forward's expert rows were); the gradient of
+//   dispatch is a combine with unit weights of the owners' expert_x gradients, with the
+//   forward's slots. The host keeps the alternation: a combine launch always follows a
+//   dispatch launch; two dispatch launches in a row are safe (each ends with DATA from
+//   every rank, so every block of the previous one finished on every rank).
 // Buffer reuse needs no extra flags: dispatch k+1 on any rank waits for CNT(k+1) from
 // every rank, which each rank raises only after its combine k, which waited for READY(k)
 // from every rank, raised after that rank's expert op k; so no rank writes a peer's xbuf,
-// ybuf or counts while that peer may still read them. The host enforces that dispatch
-// and combine alternate.
+// ybuf or counts while that peer may still read them. The host enforces that every
+// combine launch follows a dispatch launch (the backward passes below).
 //
 // Entries whose expert is outside [0, E) are dropped (not sent, weight ignored).
 // Blocks wait on flags that other ranks raise: every rank's grid must be resident at once
@@ -332,6 +340,8 @@ struct CombineArgs {
     i64 use_x;         // 1: my expert outputs are in my xbuf (in-place expert op)
     i64 segs;          // pieces per token row (one warp each)
     i64 seg_vecs;      // 16-byte vectors per piece
+    u64 save;          // 0, or out: (n * topk, row_bytes): each entry's expert row as read
+                       // (zeros for dropped entries), for the router-weight gradient
 };
 
 #define MOE_KCHUNK 8
@@ -383,6 +393,7 @@ __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_combine(const CombineAr
                             buf[kk] = src[v];
                             wk[kk] = wt[ent];
                         }
+                        if (a.save) ((uint4*)(a.save + (u64)ent * (u64)a.row_bytes))[v] = buf[kk];
                     }
                 }
 #pragma unroll
