@@ -42,7 +42,7 @@ from mpi4py import MPI
 from . import _stamp, algorithms, select
 from .algorithms.direct import DEFAULT_WINDOW
 from .core import _msg, log, watchdog
-from .core.devices import load_device_algorithms
+from .core.devices import gpu_device, load_device_algorithms
 from .core.registry import (
     Context,
     available_here,
@@ -129,7 +129,7 @@ class FastCache:
         """
         m = self._stamped
         if m is None:
-            m = self._stamped = 2 <= comm.Get_size() <= _stamp.STAMP_MAX_P
+            m = self._stamped = comm.Get_size() <= _stamp.STAMP_MAX_P
         return m
 
     def next_number(self) -> int:
@@ -229,7 +229,7 @@ class _Decision:
         self.info, self.opts, self.plan = info, opts, plan
         self.ctx: Context | None = None  # reusable where the transport keeps no state
         self.carry = carry  # what a stamped hit carries (_stamp.carry_layout), None: nothing
-        self.stamp: _stamp.Stamp | None = None  # made at the first stamped hit
+        self.stamp: Any = None  # made at the first stamped hit
         if recv.device is None and recv.obj is not MPI.BOTTOM:
             send.message()  # the counts as int tuples, made once and kept by each hit
             recv.message()
@@ -240,11 +240,17 @@ class _Decision:
         """False once its one-shot plan was evicted and freed."""
         return self.plan is None or not self.plan._freed
 
-    def stamped(self, comm: MPI.Intracomm, number: int) -> _stamp.Stamp:
-        """This entry's stamped exchange (made once; local)."""
+    def stamped(self, comm: MPI.Intracomm, number: int) -> Any:
+        """This entry's stamped exchange (made once; local): a :class:`_stamp.Stamp`, or
+        on one rank with device buffers the device copy of the own block."""
         st = self.stamp
         if st is None:
-            st = self.stamp = _stamp.Stamp(comm, number, self.carry)
+            carry = self.carry
+            if carry is not None and carry[0] == "device":
+                st = gpu_device().SelfCopy(*carry[1:])
+            else:
+                st = _stamp.Stamp(comm, number, carry)
+            self.stamp = st
         return st
 
     def release(self) -> None:
@@ -393,6 +399,13 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
         carry = _stamp.carry_layout(send, recv, rank, inplace)
         requested = "direct"
         log.decision(icomm, call, requested, table, override="stamped one-shot exchange")
+    elif p == 1 and device and requested in ("auto", "native") and not options and \
+            table[:, 5].all():  # later hits: one device copy of the own block
+        own = int(send.counts[0]) * send.tsize
+        carry = ("device", recv.device, recv.addr + int(recv.displs[0]) * recv.extent,
+                 send.addr + int(send.displs[0]) * send.extent, own)
+        requested = "native"
+        log.decision(icomm, call, requested, table, override="one rank, device copy")
     elif requested == "auto":
         stats_ = select.Stats.from_records(table, p, device, st.node().max_local)
         cands = available_here(icomm, recv.device, _candidates(p, send, recv), auto=True)

@@ -3,8 +3,9 @@
 A repeated one-shot call must know that every rank repeats a call they all validated
 together (:mod:`pya2a._oneshot`): the same cache entry, numbered identically on every rank.
 On large communicators one all-reduce of the entry number establishes that before the data
-moves. On a communicator of ``2 <= p <= STAMP_MAX_P`` ranks that all-reduce would cost as
-much as the exchange itself, so the number travels *with* the exchange instead: every call
+moves. On a communicator of ``p <= STAMP_MAX_P`` ranks that all-reduce would cost as
+much as the exchange itself, so the number travels *with* the exchange instead (on one rank
+there is nothing to confirm, and a carrying entry is one copy of the own block): every call
 starts with one message from each rank to each other rank (tag ``TAG_STAMP``), ending in
 the sender's entry number. Small exchanges carry their blocks in those messages (staged,
 so nothing reaches the receive buffer before the stamps are checked); other entries send
@@ -110,13 +111,14 @@ class Stamp:
         """
         self._pack()
         reqs = self.reqs
-        MPI.Prequest.Startall(reqs)
         ok = True
-        try:
-            MPI.Request.Waitall(reqs)
-        except MPI.Exception:  # a longer message than this entry's: another entry's
-            ok = False
-            _drain(reqs)
+        if reqs:  # one rank: nothing to confirm, the own block to copy
+            MPI.Prequest.Startall(reqs)
+            try:
+                MPI.Request.Waitall(reqs)
+            except MPI.Exception:  # a longer message than this entry's: another entry's
+                ok = False
+                _drain(reqs)
         if not _pack.stamps_match(self._rwords, self._trail, self.number, _UNSET) or not ok:
             return False
         self._unpack()
@@ -148,6 +150,8 @@ def announce(comm: MPI.Intracomm, number: int = -1) -> None:
     every rank then takes the full path together.
     """
     p, rank = comm.Get_size(), comm.Get_rank()
+    if p == 1:
+        return
     word = np.array([number], dtype=np.int64)
     peers = [j for j in range(p) if j != rank]
     sends = [comm.Isend([word, MPI.BYTE], j, TAG_STAMP) for j in peers]

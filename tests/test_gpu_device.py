@@ -785,3 +785,45 @@ def test_fake_device_alltoallw_refuses_undecodable(comm, fake):
                             [dev, cd, [t] * p])
     finally:
         t.Free()
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_self_copy_is_one_copy_in_stream_order(fake, same):
+    """gpu.device.SelfCopy (a repeated one-rank device call): copy, then wait; in place
+    (the same address) nothing is copied."""
+    src = FakeDeviceArray(np.arange(8, dtype=np.float64))
+    dst = src if same else FakeDeviceArray(np.zeros(8))
+    a, b = src.arr.ctypes.data + 8, (dst.arr.ctypes.data + 16) if not same else None
+    copy = gdev.SelfCopy(0, a if same else b, a, 24)
+    queued = len(fake.main.ops)
+    assert copy.run()
+    assert fake.main.ran == len(fake.main.ops), "the copy was not waited for"
+    assert len(fake.main.ops) == queued + (0 if same else 1)
+    want = np.arange(8, dtype=np.float64)
+    if not same:
+        want = np.zeros(8)
+        want[2:5] = [1, 2, 3]
+    np.testing.assert_array_equal(dst.arr, want)
+
+
+@gpu
+def test_gpu_one_rank_repeated_call_is_one_copy(cp):
+    """p = 1, the same CuPy buffers each call: the cached path copies the own block in
+    stream order (after work still queued on the current stream) and stays correct."""
+    from pya2a import _oneshot
+    from pya2a.core.state import state
+
+    comm = MPI.COMM_SELF
+    src = cp.zeros(1 << 16, cp.float32)
+    dst = cp.zeros(1 << 16, cp.float32)
+    pya2a.Alltoallv(comm, src, dst)
+    before = state(comm).slot("oneshot.signatures", _oneshot.FastCache).seq
+    for it in range(5):
+        for _ in range(10):  # queued work the copy must wait for
+            src += 1
+        pya2a.Alltoallv(comm, src, dst)
+        np.testing.assert_array_equal(cp.asnumpy(dst), np.full(1 << 16, 10 * (it + 1),
+                                                              np.float32))
+    assert state(comm).slot("oneshot.signatures", _oneshot.FastCache).seq == before
+    pya2a.Alltoallv(comm, MPI.IN_PLACE, dst)
+    np.testing.assert_array_equal(cp.asnumpy(dst), np.full(1 << 16, 50, np.float32))

@@ -39,7 +39,7 @@ from .staging import AwareTransport, DeviceTransport, StagedTransport
 
 __all__ = ["DeviceBuffer", "RawArray", "describe", "cuda_aware", "cuda_aware_reason",
            "comm_cuda_aware", "transport", "empty_rows", "byte_view", "info", "CupyBackend",
-           "backend", "set_backend"]
+           "backend", "set_backend", "SelfCopy"]
 
 # Algorithms whose bodies use only the transport primitives (DESIGN.md), so they run on
 # device buffers unchanged; native is handled separately (whole-exchange staging).
@@ -231,6 +231,34 @@ def backend() -> Any:
     if _BACKEND is None:
         _BACKEND = CupyBackend()
     return _BACKEND
+
+
+class SelfCopy:
+    """A one-rank exchange on device memory: the own block, one copy in stream order.
+
+    What a repeated one-shot call on a one-rank communicator runs for device buffers: a
+    device-to-device copy on the caller's current stream, then a wait for that stream (the
+    call returns with the receive buffer complete, as every exchange does).
+    """
+
+    carries = True
+    __slots__ = ("device", "dst", "src", "nbytes")
+
+    def __init__(self, device: int, dst: int, src: int, nbytes: int) -> None:
+        self.device, self.dst, self.src, self.nbytes = device, dst, src, nbytes
+
+    def run(self) -> bool:
+        """Copy and wait; always True (nothing to confirm on one rank)."""
+        be = backend()
+        with be.use_device(self.device):
+            stream = be.current_stream()
+            if self.nbytes and self.dst != self.src:
+                be.memcpy(self.dst, self.src, self.nbytes, stream)
+            be.sync(stream)
+        return True
+
+    def free(self) -> None:
+        """Nothing held."""
 
 
 def set_backend(be: Any) -> Any:
