@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--staged", action="store_true",
                     help="also time the staged backend (ranks sharing a GPU, where NCCL "
                          "refuses to run)")
+    ap.add_argument("--staged-mode", default="auto", choices=["auto", "per_expert", "per_rank"],
+                    help="transfer mode of the staged backend (auto: by bytes, per dispatch)")
     a = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import cupy as cp
@@ -113,7 +115,7 @@ def main() -> int:
                "fused_noagree_us": t_fast, "fused_noagree_wall_us": wall_fast}
         if a.staged:
             eps = pya2a.moe.ExpertParallel(comm, E, H, T, K, np.float16, device=dev,
-                                           backend="staged")
+                                           backend="staged", mode=a.staged_mode)
             first = me * El
             fac = np.array([1 + ((first + le) % 5) / 4 for le in range(El)], np.float16)
             sout = {}
@@ -122,6 +124,7 @@ def main() -> int:
                 ex, counts, h = eps.dispatch(xd, idxd)
                 ey = cp.asarray(ex) * cp.asarray(np.repeat(fac, np.asarray(counts)))[:, None]
                 sout["y"] = eps.combine(ey, wd, h)
+                sout["mode"] = h.mode
 
             staged_step()
             cp.cuda.runtime.deviceSynchronize()
@@ -130,7 +133,7 @@ def main() -> int:
             eps.free()
             err = float(np.max(np.abs(sy.astype(np.float32) - fused_y.astype(np.float32)),
                                initial=0.0))
-            row.update({"staged_us": t_st, "staged_wall_us": wall_st,
+            row.update({"staged_us": t_st, "staged_wall_us": wall_st, "staged_mode": sout["mode"],
                         "speedup_vs_staged": t_st / t_fused,
                         "speedup_vs_staged_noagree": t_st / t_fast,
                         "max_abs_diff_y_staged": comm.allreduce(err, op=MPI.MAX)})

@@ -120,6 +120,7 @@ class FusedHandle:
         owner: id of the FusedExpertParallel.
         seq: call number (the flags' value).
         num_tokens: n.
+        mode: "per_expert" (one row per (token, expert) pair).
         expert_counts: int64 device array (E_local,) (the shared one, or this dispatch's
             own copy when autograd may need it).
         idx, slot: autograd: this dispatch's own copies (device) of the routing (int64,
@@ -134,6 +135,7 @@ class FusedHandle:
     num_tokens: int
     expert_counts: Any
     done: bool = False
+    mode: str = "per_expert"  # as DispatchHandle.mode: the fused path moves a row per pair
     idx: Any = None
     slot: Any = None
     rows: Any = None
