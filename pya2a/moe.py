@@ -795,6 +795,26 @@ class ExpertParallel:
                 self._ybuf = self._xp.empty((self.max_recv_tokens, self.hidden), self.dtype)
         return self._ybuf[:rows]
 
+    def graph_buffers(self) -> Any:
+        """The static device arrays that calls in :meth:`graph_mode` read and write
+        (:class:`pya2a.gpu.moe_fused.GraphBuffers`: ``x``, ``topk_idx``, ``topk_weight``,
+        ``num_tokens``, ``y``). Fused backend only (ValueError elsewhere)."""
+        return self._graph_state("graph_buffers").graph_buffers()
+
+    def graph_mode(self) -> Any:
+        """Collective context manager: dispatch and combine inside can be captured in a
+        CUDA graph and replayed with new routing and token counts (no host
+        synchronisation, no MPI call per call); see
+        :meth:`pya2a.gpu.moe_fused.FusedExpertParallel.graph_mode` and docs/moe.md
+        "Graph capture". Fused backend only (ValueError on every rank elsewhere)."""
+        return self._graph_state("graph_mode").graph_mode()
+
+    def _graph_state(self, name: str) -> Any:
+        if self._fused is None:  # the backend is the same on every rank
+            raise ValueError(f"ExpertParallel.{name}: graph capture needs the fused backend "
+                             f"(this instance runs {self.backend!r})")
+        return self._fused
+
     def free(self) -> None:
         """Release device and IPC memory (collective on the fused path). Idempotent."""
         if self._fused is not None:

@@ -394,3 +394,81 @@ def test_device_backends_match_reference(comm, backend: str, route: str) -> None
                                        rtol=2e-3, atol=2e-3)
     finally:
         ep.free()
+
+
+def test_graph_capture_needs_the_fused_backend(comm) -> None:
+    p = comm.Get_size()
+    ep = moe.ExpertParallel(comm, p, 8, 3, 1, np.float32)
+    for call in (ep.graph_mode, ep.graph_buffers):
+        with pytest.raises(ValueError, match="graph capture needs the fused backend"):
+            call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_device_graph_capture_replays(comm, dtype: str) -> None:
+    """dispatch + expert op (scale_experts, reading the device counts) + combine captured
+    once in a CUDA graph with the worst-case row count, replayed 1000 times with new tokens,
+    routing, weights and token counts (0 and max_tokens included) written into the static
+    buffers: y exact every replay. The values are multiples of 1/4 so that every product
+    and sum is exact in float32 and the reference rounds once, like the kernel."""
+    dev = _gpu_device(comm)
+    import cupy
+
+    from pya2a.gpu.moe_fused import fused_available, scale_experts
+
+    ok, why = fused_available(moe.internal_comm(comm), None)
+    if not ok:
+        pytest.skip(why)
+    p, me = comm.Get_size(), comm.Get_rank()
+    E, H, T, K = 4 * p, 64, 12, 3
+    ep = moe.ExpertParallel(comm, E, H, T, K, dtype, device=dev, backend="fused")
+    bad: list[str] = []
+    try:
+        with cupy.cuda.Device(dev):
+            stream = cupy.cuda.Stream(non_blocking=True)
+            out = ep.expert_output(ep.max_recv_tokens)
+            err = None
+            with ep.graph_mode() as io:  # collective
+                try:
+                    with stream:
+                        stream.begin_capture()
+                        ex, _, h = ep.dispatch(io.x, io.topk_idx)
+                        scale_experts(ep, ex, out)
+                        ep.combine(out, io.topk_weight, h, out=io.y)
+                        graph = stream.end_capture()
+                except Exception as e:  # replaying on some ranks only would hang the others
+                    err = e
+            if comm.allreduce(err is not None, op=MPI.LOR):
+                raise err or RuntimeError("the capture failed on another rank")
+            rng = np.random.default_rng([SEED, 80, me])
+            fac = np.array([1 + (e % 5) / 4 for e in range(E)], dtype=np.float32)
+            for step in range(1000):
+                n = T if step == 0 else 0 if step == 1 else int(rng.integers(0, T + 1))
+                x = (rng.integers(-8, 9, (n, H)) / 4).astype(np.float32)
+                idx = np.argsort(rng.random((n, E)), axis=1)[:, :K].astype(np.int64)
+                w = (rng.integers(0, 5, (n, K)) / 4).astype(np.float32)
+                y32 = (w[:, :, None] * x[:, None, :] * fac[idx][:, :, None]).sum(axis=1)
+                if n:
+                    io.x[:n].set(_rows_of(x, dtype), stream=stream)
+                    io.topk_idx[:n].set(idx, stream=stream)
+                    io.topk_weight[:n].set(w, stream=stream)
+                io.num_tokens.set(np.array([n], dtype=np.int32), stream=stream)
+                graph.launch(stream=stream)
+                y = io.y[:n].get(stream=stream) if n else _rows_of(y32, dtype)
+                stream.synchronize()
+                if not np.array_equal(y, _rows_of(y32, dtype)) and len(bad) < 3:
+                    diff = np.flatnonzero((y != _rows_of(y32, dtype)).any(axis=1))
+                    bad.append(f"replay {step}: n={n}, rows {diff[:8].tolist()} differ")
+        assert not bad, f"rank {me} of {p}, {dtype}: " + "; ".join(bad)
+    finally:
+        ep.free()
+
+
+def _rows_of(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows in the stored row type, rounded to nearest even (bfloat16: the bits as
+    uint16)."""
+    if dtype != "bfloat16":
+        return a.astype(dtype)
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)

@@ -26,6 +26,10 @@ plus the router-weight gradient ``<grad_y[t], expert row (t, k)>`` from the rows
 forward combine read (kept with ``save``); the gradient of dispatch is a combine launch
 with unit weights over the owners' ``expert_x`` gradients and the forward's slots.
 
+Graph capture (:meth:`FusedExpertParallel.graph_mode`): the calls read the token count
+and the call number from device memory, make no MPI call, and take the static buffers of
+:meth:`FusedExpertParallel.graph_buffers`.
+
 Differences from the portable path (documented in docs/moe.md): ``expert_x`` is the whole
 receive buffer (``max_recv_tokens`` rows; the first ``sum(expert_counts)`` are valid) and
 ``expert_counts`` is a device int64 array, since the row count is only known on the
@@ -36,7 +40,9 @@ multiply-adds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +53,8 @@ from . import cupy as _cupy
 from . import loader
 from .ipc import CTRL_BYTES, IpcGroup, check_ipc, client_sms, device_share, grid_budget
 
-__all__ = ["FusedExpertParallel", "FusedHandle", "fused_available", "scale_experts",
-           "MAX_EXPERTS", "MAX_RANKS"]
+__all__ = ["FusedExpertParallel", "FusedHandle", "GraphBuffers", "fused_available",
+           "scale_experts", "MAX_EXPERTS", "MAX_RANKS"]
 
 MAX_RANKS = 8  # MOE_MAXP in kernels/moe_fused.cu
 MAX_EXPERTS = 512  # MOE_MAXE
@@ -66,7 +72,8 @@ _DISPATCH = np.dtype([("x", np.uint64), ("idx", np.uint64), ("ctrl", np.uint64),
                       ("seq", np.uint64), ("n", np.int64), ("topk", np.int64),
                       ("E", np.int64), ("El", np.int64), ("row_bytes", np.int64),
                       ("rank", np.int64), ("p", np.int64), ("epb", np.int64),
-                      ("segs", np.int64), ("seg_bytes", np.int64), ("idx_own", np.uint64)])
+                      ("segs", np.int64), ("seg_bytes", np.int64), ("idx_own", np.uint64),
+                      ("n_dev", np.uint64), ("seq_dev", np.uint64)])
 _COMBINE = np.dtype([("y", np.uint64), ("w", np.uint64), ("idx", np.uint64),
                      ("slot", np.uint64), ("ctrl", np.uint64),
                      ("peer_ctrl", np.uint64, (_P,)), ("peer_x", np.uint64, (_P,)),
@@ -74,7 +81,7 @@ _COMBINE = np.dtype([("y", np.uint64), ("w", np.uint64), ("idx", np.uint64),
                      ("topk", np.int64), ("E", np.int64), ("El", np.int64),
                      ("row_bytes", np.int64), ("rank", np.int64), ("p", np.int64),
                      ("use_x", np.int64), ("segs", np.int64), ("seg_vecs", np.int64),
-                     ("save", np.uint64)])
+                     ("save", np.uint64), ("n_dev", np.uint64), ("seq_dev", np.uint64)])
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -143,6 +150,29 @@ class FusedHandle:
     def num_rows(self) -> int:
         """Rows this rank received (synchronises with the device)."""
         return int(self.expert_counts.sum().get())
+
+
+@dataclass(eq=False)
+class GraphBuffers:
+    """The static device arrays (CuPy) that graph-mode calls read and write.
+
+    Each step, write the tokens, routing, weights and count into them (stream-ordered),
+    then replay the graph; ``y[:n]`` holds the result. Rows past the count are not read
+    (``x``, ``topk_idx``, ``topk_weight``) or written (``y``).
+
+    Attributes:
+        x: (max_tokens, hidden) of the row type (bfloat16 as uint16 words).
+        topk_idx: (max_tokens, topk) int64 global expert ids.
+        topk_weight: (max_tokens, topk) float32.
+        num_tokens: (1,) int32: this step's token count n (clamped to [0, max_tokens]).
+        y: (max_tokens, hidden) of the row type: combine's output.
+    """
+
+    x: Any
+    topk_idx: Any
+    topk_weight: Any
+    num_tokens: Any
+    y: Any
 
 
 _BACKWARD = "backward dispatch"  # FusedExpertParallel._pending after a combine's backward
@@ -218,9 +248,10 @@ class FusedExpertParallel:
         self._dw = np.frombuffer(d.data, dtype=np.uint64)
         self._cw = np.frombuffer(c.data, dtype=np.uint64)
         self._dk = {f: _word(_DISPATCH, f) for f in ("x", "idx", "seq", "n", "topk", "epb",
-                                                      "segs", "seg_bytes")}
+                                                      "segs", "seg_bytes", "n_dev", "seq_dev")}
         self._ck = {f: _word(_COMBINE, f) for f in ("y", "w", "idx", "slot", "seq", "n",
-                                                     "use_x", "segs", "seg_vecs", "save")}
+                                                     "use_x", "segs", "seg_vecs", "save",
+                                                     "n_dev", "seq_dev")}
         self._dparams = (ctypes.c_void_p * 1)(d.ctypes.data)
         self._cparams = (ctypes.c_void_p * 1)(c.ctypes.data)
         self._scale_params: dict[tuple[int, int], Any] = {}
@@ -235,6 +266,12 @@ class FusedExpertParallel:
         self._pending: Any = None
         self._keep: Any = None
         self._freed = False
+        # graph capture: the static buffers, whether calls are being captured, and the
+        # device word holding the call number (once graph_mode was entered, every launch
+        # takes its call number from there)
+        self._io: GraphBuffers | None = None
+        self._graph = False
+        self._seq_dev: Any = None
 
     # ------------------------------------------------------------------ helpers
     def _agree(self, exc: BaseException | None, flag: bool = False, what: str = "") -> None:
@@ -297,8 +334,10 @@ class FusedExpertParallel:
         self._launch_fn(fn, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(params), 0)
 
     # ------------------------------------------------------------------ launches
-    def _launch_dispatch(self, x_ptr: int, idx_ptr: int, n: int, topk: int) -> None:
-        """One dispatch launch (the next call number) of ``n`` tokens of ``topk`` entries."""
+    def _launch_dispatch(self, x_ptr: int, idx_ptr: int, n: int, topk: int,
+                         n_dev: int = 0) -> None:
+        """One dispatch launch (the next call number) of ``n`` tokens of ``topk`` entries
+        (``n_dev``: at most ``n``, the count read from that device int32)."""
         ep = self.ep
         N = n * topk
         self.seq += 1
@@ -315,10 +354,12 @@ class FusedExpertParallel:
         w[k["epb"]] = epb
         w[k["segs"]] = segs
         w[k["seg_bytes"]] = _cdiv(_cdiv(ep.row_bytes, segs), 16) * 16
+        w[k["n_dev"]] = n_dev
+        w[k["seq_dev"]] = 0 if self._seq_dev is None else self._seq_dev.data.ptr
         self._launch(self._fn["dispatch"], g, _THREADS, self._dparams)
 
     def _launch_combine(self, y_ptr: int, w_ptr: int, n: int, use_x: int, handle: FusedHandle,
-                        save_ptr: int = 0) -> None:
+                        save_ptr: int = 0, n_dev: int = 0) -> None:
         """One combine launch (the current call number) of ``handle``'s ``n`` tokens from the
         peers' expert-output buffers (``use_x``: this rank's lie in its input buffer)."""
         ep = self.ep
@@ -334,6 +375,8 @@ class FusedExpertParallel:
         w[k["use_x"]] = use_x
         w[k["segs"]] = segs
         w[k["seg_vecs"]] = _cdiv(ep.row_bytes // 16, segs)
+        w[k["n_dev"]] = n_dev
+        w[k["seq_dev"]] = 0 if self._seq_dev is None else self._seq_dev.data.ptr
         self._launch(self._fn["combine"], min(self.grid_max, max(1, _cdiv(n * segs, _WARPS))),
                      _THREADS, self._cparams)
 
@@ -357,6 +400,8 @@ class FusedExpertParallel:
         whole buffer, and the handle keeps its own copies of the routing, slots and counts
         for the backward passes.
         """
+        if self._graph:
+            return self._dispatch_graph(x, topk_idx, grad)
         call = "ExpertParallel.dispatch"
         ep = self.ep
         exc = None
@@ -432,6 +477,8 @@ class FusedExpertParallel:
         the launch then also stores each entry's expert row as read in ``handle.rows``, for
         the router-weight gradient.
         """
+        if self._graph:
+            return self._combine_graph(expert_y, topk_weight, handle, out, grad)
         call = "ExpertParallel.combine"
         ep, cp = self.ep, self._cp
         exc = None
@@ -554,6 +601,8 @@ class FusedExpertParallel:
         """Same outcome on every rank (the ranks make the same calls in the same order)."""
         if self._freed:
             raise ValueError(f"{call}: used after free()")
+        if self._graph:
+            raise ValueError(f"{call}: graph mode has no backward pass")
         if isinstance(self._pending, FusedHandle):
             raise ValueError(f"{call}: a dispatch is waiting for its combine (backward "
                              f"passes run after every forward dispatch was combined)")
@@ -605,6 +654,118 @@ class FusedExpertParallel:
         r = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
         return cp.where(cp.isnan(acc), np.uint16(0x7FC0), r)
 
+    # ------------------------------------------------------------------ graph capture
+    def graph_buffers(self) -> GraphBuffers:
+        """The static buffers of graph mode (:class:`GraphBuffers`), allocated (zeroed) on
+        first use; local (not collective)."""
+        if self._io is None:
+            cp, ep = self._cp, self.ep
+            T = ep.max_tokens
+            with cp.cuda.Device(self.device):
+                self._io = GraphBuffers(
+                    x=cp.zeros((T, ep.hidden), dtype=ep.dtype),
+                    topk_idx=cp.zeros((T, ep.topk), dtype=np.int64),
+                    topk_weight=cp.zeros((T, ep.topk), dtype=np.float32),
+                    num_tokens=cp.zeros(1, dtype=np.int32),
+                    y=cp.zeros((T, ep.hidden), dtype=ep.dtype))
+        return self._io
+
+    @contextlib.contextmanager
+    def graph_mode(self) -> Iterator[GraphBuffers]:
+        """Collective: inside, dispatch and combine can be captured in a CUDA graph.
+
+        Graph-mode calls take everything that changes per step from device memory: the
+        token count from ``graph_buffers().num_tokens`` and the call number from a device
+        word that each dispatch launch advances (from the first ``graph_mode`` on, every
+        launch of this instance takes its call number from there). They make no host
+        synchronisation, no MPI call (no argument agreement: a bad argument raises on its
+        rank only) and no allocation, and accept only the static buffers: ``dispatch(io.x,
+        io.topk_idx)`` and ``combine(expert_y, io.topk_weight, handle, out=io.y)``, with
+        ``expert_y`` best ``expert_output(max_recv_tokens)`` or the dispatch's ``expert_x``
+        (any other array is copied into the output buffer, a capturable device copy). No
+        autograd. Entering synchronises the device once (the counter word and the buffers
+        must be ready on any stream the graph replays on).
+
+        What the caller must do: every rank captures the same sequence and replays it the
+        same number of times in the same order, with no other dispatch or combine of this
+        instance on any rank in between; expert ids must be valid (bad ones are dropped,
+        not reported); the expert op must be capturable and take its row count from the
+        device counts; the launches go on CuPy's current stream (make the capturing
+        stream current, e.g. ``with stream: stream.begin_capture()``, or for torch's
+        capture ``cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)``).
+        Yields :meth:`graph_buffers`.
+        """
+        call = "ExpertParallel.graph_mode"
+        exc = None
+        try:
+            if self._freed:
+                raise ValueError(f"{call}: used after free()")
+            if self._graph:
+                raise ValueError(f"{call}: already in graph mode")
+            if isinstance(self._pending, FusedHandle):
+                raise ValueError(f"{call}: a dispatch is waiting for its combine")
+        except Exception as e:
+            exc = e
+        agree(self.comm, exc, np.zeros(0, dtype=np.int64))  # once, on entering
+        io = self.graph_buffers()
+        cp = self._cp
+        with cp.cuda.Device(self.device):
+            if self._seq_dev is None:
+                self._seq_dev = cp.full(1, self.seq, dtype=np.uint64)
+            cp.cuda.Device(self.device).synchronize()
+        self._graph = True
+        try:
+            yield io
+        finally:
+            self._graph = False
+
+    def _dispatch_graph(self, x: Any, topk_idx: Any, grad: bool) -> tuple[Any, Any, FusedHandle]:
+        """dispatch in graph mode: the static buffers, the count from the device."""
+        call = "ExpertParallel.dispatch"
+        io, ep = self._io, self.ep
+        if grad:
+            raise ValueError(f"{call}: graph mode has no autograd (x requires grad)")
+        if isinstance(self._pending, FusedHandle):
+            raise ValueError(f"{call}: the previous dispatch was not combined yet")
+        xa = self._device_array(call, "x", x)
+        ia = self._device_array(call, "topk_idx", topk_idx)
+        if not (_same(xa, io.x) and _same(ia, io.topk_idx)):
+            raise ValueError(f"{call}: in graph mode x and topk_idx must be graph_buffers()'s "
+                             f"x and topk_idx (write each step's inputs into them)")
+        self._keep = (x, topk_idx)
+        T = ep.max_tokens
+        self._launch_dispatch(io.x.data.ptr, io.topk_idx.data.ptr, T, ep.topk,
+                              n_dev=io.num_tokens.data.ptr)
+        h = FusedHandle(id(self), self.seq, T, self.counts)
+        self._pending = h
+        return (self.xbuf if type(x) is self._ndarray else ep._wrap(self.xbuf, x)), \
+            self.counts, h
+
+    def _combine_graph(self, expert_y: Any, topk_weight: Any, handle: Any, out: Any,
+                       grad: bool) -> Any:
+        """combine in graph mode: the static buffers, the count from the device."""
+        call = "ExpertParallel.combine"
+        io, ep = self._io, self.ep
+        if grad:
+            raise ValueError(f"{call}: graph mode has no autograd")
+        if not isinstance(handle, FusedHandle) or handle is not self._pending:
+            raise ValueError(f"{call}: handle is not the latest dispatch's")
+        ya = self._check_rows(call, "expert_y", expert_y, ep.max_recv_tokens)
+        wa = self._device_array(call, "topk_weight", topk_weight)
+        oa = None if out is None else self._device_array(call, "out", out)
+        if oa is None or not (_same(wa, io.topk_weight) and _same(oa, io.y)):
+            raise ValueError(f"{call}: in graph mode topk_weight and out must be "
+                             f"graph_buffers()'s topk_weight and y")
+        use_x = int(ya.data.ptr == self.xa.ptr)
+        if not use_x:
+            self._rows_to_ybuf(ya)
+        self._launch_combine(io.y.data.ptr, io.topk_weight.data.ptr, ep.max_tokens, use_x,
+                             handle, n_dev=io.num_tokens.data.ptr)
+        handle.done = True
+        self._pending = None
+        self._keep = (expert_y, topk_weight, out)
+        return out
+
     def free(self) -> None:
         """Collective: release the symmetric memory. Idempotent."""
         if self._freed:
@@ -612,6 +773,11 @@ class FusedExpertParallel:
         self._freed = True
         self._keep = None
         self.group.free()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a`` is the whole of CuPy array ``b`` (same memory, shape and dtype)."""
+    return a.data.ptr == b.data.ptr and a.shape == b.shape and a.dtype == b.dtype
 
 
 def scale_experts(ep: Any, expert_x: Any, out: Any) -> None:

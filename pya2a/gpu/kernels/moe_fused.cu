@@ -42,6 +42,10 @@
 // ybuf or counts while that peer may still read them. The host enforces that every
 // combine launch follows a dispatch launch (the backward passes below).
 //
+// Graph capture: with n_dev / seq_dev set, both kernels read the token count and the call
+// number from device memory instead of their (frozen) arguments; dispatch's last block
+// advances the call number after every block of it has read it.
+//
 // Entries whose expert is outside [0, E) are dropped (not sent, weight ignored).
 // Blocks wait on flags that other ranks raise: every rank's grid must be resident at once
 // (the host caps grids with pya2a.gpu.ipc.grid_budget: one block per SM for a GPU of its
@@ -126,7 +130,19 @@ struct DispatchArgs {
     i64 segs;          // pieces a row is cut into (one warp each)
     i64 seg_bytes;     // bytes per piece (multiple of 16)
     u64 idx_own;       // out: int64 (n * topk) copy of idx for combine
+    u64 n_dev;         // 0, or an int32 in device memory: the token count, capped at n
+                       // (graph capture: n is then the worst case the grid is sized for)
+    u64 seq_dev;       // 0, or a u64 in device memory: the last call number; this launch
+                       // is call *seq_dev + 1 and advances it (graph capture)
 };
+
+// The token count and call number of a launch: from the arguments, or from device memory
+// (graph capture: a replayed launch has frozen arguments).
+__device__ __forceinline__ i64 launch_count(u64 n_dev, i64 n) {
+    if (!n_dev) return n;
+    const i64 v = (i64)*(const volatile int*)n_dev;
+    return v < 0 ? 0 : (v > n ? n : v);
+}
 
 extern "C" __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_dispatch(const DispatchArgs a) {
     __shared__ int hist[MOE_WARPS][MOE_MAXE];
@@ -137,7 +153,9 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_dispatch(con
     __shared__ int s_last;
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int E = (int)a.E, El = (int)a.El, p = (int)a.p, me = (int)a.rank;
-    const i64 N = a.n * a.topk;
+    const i64 n = launch_count(a.n_dev, a.n);
+    const u64 seq = a.seq_dev ? *(const volatile u64*)a.seq_dev + 1ull : a.seq;
+    const i64 N = n * a.topk;
     const long long* idx = (const long long*)a.idx;
     int* slot = (int*)a.slot;
     u64* ctrl = (u64*)a.ctrl;
@@ -191,11 +209,11 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_dispatch(con
             }
             __threadfence_system();
             __syncthreads();
-            if (tid < p) st_release_sys((u64*)a.peer_ctrl[tid] + CTRL_CNT_FLAG + me, a.seq);
+            if (tid < p) st_release_sys((u64*)a.peer_ctrl[tid] + CTRL_CNT_FLAG + me, seq);
         }
         // ---- 3. wait for every rank's counts; offsets
         if (tid < p) {
-            spin_watchdog(ctrl + CTRL_CNT_FLAG + tid, a.seq, me, CTRL_CNT_FLAG + tid);
+            spin_watchdog(ctrl + CTRL_CNT_FLAG + tid, seq, me, CTRL_CNT_FLAG + tid);
             __threadfence_system();
         }
         __syncthreads();
@@ -276,16 +294,17 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_dispatch(con
         unsigned int* done = (unsigned int*)(ctrl + CTRL_DONE);
         const unsigned int old = atomicAdd(done, 1u);
         s_last = (old == gridDim.x - 1);
-        if (s_last) {
+        if (s_last) {  // every block has read *seq_dev by now (at its start)
             *(volatile unsigned int*)done = 0u;
+            if (a.seq_dev) *(volatile u64*)a.seq_dev = seq;
             __threadfence_system();
         }
     }
     __syncthreads();
     if (s_last && tid < p) {
         __threadfence_system();
-        st_release_sys((u64*)a.peer_ctrl[tid] + CTRL_DATA_FLAG + me, a.seq);
-        spin_watchdog(ctrl + CTRL_DATA_FLAG + tid, a.seq, me, CTRL_DATA_FLAG + tid);
+        st_release_sys((u64*)a.peer_ctrl[tid] + CTRL_DATA_FLAG + me, seq);
+        spin_watchdog(ctrl + CTRL_DATA_FLAG + tid, seq, me, CTRL_DATA_FLAG + tid);
         __threadfence_system();
     }
 }
@@ -342,6 +361,8 @@ struct CombineArgs {
     i64 seg_vecs;      // 16-byte vectors per piece
     u64 save;          // 0, or out: (n * topk, row_bytes): each entry's expert row as read
                        // (zeros for dropped entries), for the router-weight gradient
+    u64 n_dev;         // as in DispatchArgs (the call number is *seq_dev, not advanced)
+    u64 seq_dev;
 };
 
 #define MOE_KCHUNK 8
@@ -354,9 +375,11 @@ __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_combine(const CombineAr
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int p = (int)a.p, me = (int)a.rank;
     u64* ctrl = (u64*)a.ctrl;
+    const i64 n = launch_count(a.n_dev, a.n);
+    const u64 seq = a.seq_dev ? *(const volatile u64*)a.seq_dev : a.seq;
     if (tid < p) {
-        st_release_sys((u64*)a.peer_ctrl[tid] + CTRL_READY_FLAG + me, 2ull * a.seq + (u64)a.use_x);
-        const u64 v = spin_watchdog(ctrl + CTRL_READY_FLAG + tid, 2ull * a.seq, me,
+        st_release_sys((u64*)a.peer_ctrl[tid] + CTRL_READY_FLAG + me, 2ull * seq + (u64)a.use_x);
+        const u64 v = spin_watchdog(ctrl + CTRL_READY_FLAG + tid, 2ull * seq, me,
                                     CTRL_READY_FLAG + tid);
         __threadfence_system();
         src_base[tid] = (v & 1ull) ? a.peer_x[tid] : a.peer_y[tid];
@@ -366,7 +389,7 @@ __global__ void __launch_bounds__(MOE_THREADS) pya2a_moe_combine(const CombineAr
     const int* slot = (const int*)a.slot;
     const float* wt = (const float*)a.w;
     const i64 nvec_row = a.row_bytes >> 4;
-    const i64 items = a.n * a.segs;
+    const i64 items = n * a.segs;
     const int topk = (int)a.topk;
     for (i64 it = (i64)blockIdx.x * MOE_WARPS + w; it < items; it += (i64)gridDim.x * MOE_WARPS) {
         const i64 t = it / a.segs;
