@@ -425,7 +425,7 @@ def _scaled_reference(xs, idxs, ws, cs, a):
     <c_s, y_s>, y_s[t] = sum_k w_s[t, k] * x_s[t] * a[idx_s[t, k]]; returns (per rank:
     y, x.grad, w.grad), a.grad."""
     a = a.clone().requires_grad_(True)
-    rx = [x.float().requires_grad_(True) for x in xs]
+    rx = [x.detach().float().clone().requires_grad_(True) for x in xs]  # xs stay leaves
     rw = [w.clone().requires_grad_(True) for w in ws]
     ys = [(w[:, :, None] * x[:, None, :] * a[i]).sum(dim=1)
           for x, i, w in zip(rx, idxs, rw, strict=True)]
