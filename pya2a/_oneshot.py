@@ -141,10 +141,13 @@ class FastCache:
         """This rank's entry for ``key`` if it is still usable (local, no communication)."""
         if key is None:
             return None
-        hit = self.entries.get(key)
-        if hit is None or not hit[1].usable():
+        entries = self.entries
+        hit = entries.get(key)
+        if hit is None:
             return None
-        self.entries.move_to_end(key)
+        if not hit[1].usable():
+            return None
+        entries.move_to_end(key)
         return hit
 
     def agree(self, comm: MPI.Intracomm, number: int) -> bool:
@@ -274,7 +277,9 @@ def exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg
         check_comm(call, comm)
         st = state(comm)
     icomm = st.comm
-    guard = watchdog.enter(icomm, call) if watchdog.timeout() is not None else None
+    if watchdog.timeout() is None:
+        return _exchange(call, kind, st, icomm, sendmsg, recvmsg, algorithm, check, options)
+    guard = watchdog.enter(icomm, call)
     try:
         return _exchange(call, kind, st, icomm, sendmsg, recvmsg, algorithm, check, options)
     finally:
@@ -283,10 +288,10 @@ def exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg
 
 def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg: object,
               recvmsg: object, algorithm: str, check: bool, options: Mapping | None) -> str:
-    requested = resolve(algorithm)
+    requested = resolve(algorithm) if algorithm == "auto" else algorithm
     inplace = sendmsg is None or sendmsg is _IN_PLACE
     fast = st.slot(_SIGNATURES, FastCache)
-    key = s = r = exc = None
+    key = s = r = exc = hit = None
     try:
         s, r, part = _msg.read_pair(call, kind == "alltoallv", sendmsg, recvmsg, inplace,
                                     icomm.Get_size())
@@ -294,16 +299,26 @@ def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg
             opt = None if options is None else options_key(options)
             if opt is not _NO:
                 key = (kind, requested, check, opt, raw_env(b"PYA2A_MESH_GRID"), part)
+                hit = fast.entries.get(key)  # FastCache.lookup, inline: the hot path
+                if hit is not None:
+                    pl = hit[1].plan
+                    if pl is not None and pl._freed:
+                        hit = None
+                    else:
+                        fast.entries.move_to_end(key)
     except Exception as e:  # agreed on by the full path, then raised on every rank
         exc = e
-    hit = fast.lookup(key)
-    stamped = fast.stamped(icomm)
+    stamped = fast._stamped
+    if stamped is None:
+        stamped = fast.stamped(icomm)
     if stamped:  # the agreement travels with the exchange (collective either way)
         if hit is None:
             _stamp.announce(icomm)
         else:
             d = hit[1]
-            stamp = d.stamp if d.stamp is not None else d.stamped(icomm, hit[0])
+            stamp = d.stamp
+            if stamp is None:
+                stamp = d.stamped(icomm, hit[0])
             if stamp.run():
                 if stamp.carries:  # the blocks came with the stamps
                     return d.info.name

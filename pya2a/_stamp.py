@@ -63,8 +63,7 @@ def _slots(nbytes: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
 class Stamp:
     """One cache entry's stamped exchange: persistent requests on its own staging."""
 
-    __slots__ = ("number", "reqs", "carries", "_pack", "_unpack", "_rwords", "_trail",
-                 "_keep")
+    __slots__ = ("number", "reqs", "carries", "run", "_keep")
 
     def __init__(self, comm: MPI.Intracomm, number: int, layout: tuple | None) -> None:
         p, rank = comm.Get_size(), comm.Get_rank()
@@ -83,8 +82,7 @@ class Stamp:
         rw = np.full(int(r_len.sum()), _UNSET, dtype=np.int64)
         peers = [j for j in range(p) if j != rank]
         sw[(s_at + s_len - 1)[peers]] = number  # written once: the stamp never changes
-        self._trail = np.ascontiguousarray((r_at + r_len - 1)[peers])
-        self._rwords = rw
+        trail = np.ascontiguousarray((r_at + r_len - 1)[peers], dtype=np.int64)
         sb, rb = sw.view(np.uint8), rw.view(np.uint8)
         self.reqs = [comm.Recv_init([rb[8 * r_at[j]:8 * (r_at[j] + r_len[j])], MPI.BYTE], j,
                                     TAG_STAMP) for j in peers]
@@ -99,37 +97,21 @@ class Stamp:
             if not inplace:  # in place the own block is already where it belongs
                 own = [[saddr + int(soff[rank]), raddr + int(roff[rank]), int(sbytes[rank])]]
                 unpack = np.concatenate([unpack, np.array(own, dtype=np.int64)])
-        self._pack = _pack.CopyList(pack, sw)
-        self._unpack = _pack.CopyList(unpack, rw)
+        # run() -> bool, collective: True iff every peer stamped this entry's number; then
+        # a carrying stamp has delivered every block into the receive buffer. On False
+        # nothing was written there, and every rank returns False. (In C: _pack.StampRun.)
+        self.run = _pack.StampRun(_pack.CopyList(pack, sw), _pack.CopyList(unpack, rw), rw,
+                                  trail, number, _UNSET, self.reqs, MPI.Prequest.Startall,
+                                  MPI.Request.Waitall, MPI.Exception, _drain)
         self._keep = (sw, rw)
-
-    def run(self) -> bool:
-        """Collective: exchange; True iff every peer stamped this entry's number.
-
-        On True a carrying stamp has delivered every block into the receive buffer. On
-        False nothing was written there, and every rank returns False.
-        """
-        self._pack()
-        reqs = self.reqs
-        ok = True
-        if reqs:  # one rank: nothing to confirm, the own block to copy
-            MPI.Prequest.Startall(reqs)
-            try:
-                MPI.Request.Waitall(reqs)
-            except MPI.Exception:  # a longer message than this entry's: another entry's
-                ok = False
-                _drain(reqs)
-        if not _pack.stamps_match(self._rwords, self._trail, self.number, _UNSET) or not ok:
-            return False
-        self._unpack()
-        return True
 
     def free(self) -> None:
         """Release the persistent requests (the entry leaves the cache)."""
-        reqs, self.reqs = self.reqs, []
+        reqs = self.reqs  # emptied in place: run() holds this list
         if not MPI.Is_finalized():
             for q in reqs:
                 q.Free()
+        reqs.clear()
 
 
 def _drain(reqs: list) -> None:

@@ -227,13 +227,19 @@ class Comm(MPI.Intracomm):
 
     def Alltoallv(self, sendbuf, recvbuf) -> None:  # noqa: N802 (mpi4py's name)
         """``MPI.Comm.Alltoallv`` through pya2a with this communicator's algorithm."""
+        st = self._state
+        if st is None or st._closed:
+            st = self._open_state("Alltoallv")
         exchange("Alltoallv", "alltoallv", self, sendbuf, recvbuf, self.algorithm, False,
-                 self.options, self._open_state("Alltoallv"))
+                 self.options, st)
 
     def Alltoall(self, sendbuf, recvbuf) -> None:  # noqa: N802
         """``MPI.Comm.Alltoall`` through pya2a with this communicator's algorithm."""
+        st = self._state
+        if st is None or st._closed:
+            st = self._open_state("Alltoall")
         exchange("Alltoall", "alltoall", self, sendbuf, recvbuf, self.algorithm, False,
-                 self.options, self._open_state("Alltoall"))
+                 self.options, st)
 
     def Alltoallw(self, sendbuf, recvbuf) -> None:  # noqa: N802
         """``MPI.Comm.Alltoallw`` through pya2a with this communicator's algorithm."""

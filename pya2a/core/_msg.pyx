@@ -19,7 +19,7 @@ from cpython.buffer cimport (PyBUF_FORMAT, PyBUF_RECORDS_RO, PyBuffer_IsContiguo
                              PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t
-from libc.string cimport memcpy, strcmp
+from libc.string cimport memcpy, memset, strcmp
 
 import operator
 
@@ -36,6 +36,7 @@ cdef extern from "Python.h":
     Py_ssize_t PySequence_Size(object) except -1
     object PyNumber_Index(object)
     long long PyLong_AsLongLong(object) except? -1
+    unsigned long long PyLong_AsUnsignedLongLongMask(object) except? -1
 
 __all__ = ["Msg", "read", "read_pair", "acquire", "int64_vector", "is_integral", "set_hooks",
            "add_cacheable", "format_type", "address", "check_committed"]
@@ -81,7 +82,7 @@ cdef class Msg:
         bottom: the buffer is None or ``MPI.BOTTOM`` (absolute addresses / no data).
     """
 
-    cdef public object obj, keepalive, device, datatype, layout, itemsize
+    cdef public object obj, keepalive, device, datatype, layout, itemsize, handle
     cdef public Py_ssize_t addr, nbytes, extent
     cdef public bint readonly, cacheable, bottom
 
@@ -89,7 +90,7 @@ cdef class Msg:
         """The signature of this message, or None where it cannot be cached."""
         if not self.cacheable:
             return None
-        return (self.addr, self.nbytes, self.readonly, self.device, self.datatype.handle,
+        return (self.addr, self.nbytes, self.readonly, self.device, self.handle,
                 self.layout)
 
 
@@ -255,6 +256,9 @@ cdef Py_ssize_t _extent_of(object dt) except? -1:
 
 
 cdef dict _HOST_TYPES = {}
+# buffer format -> (datatype, handle, extent) where the datatype is long-lived: a repeated
+# host message reads its type with one lookup
+cdef dict _FMT_INFO = {}
 
 
 cdef inline bint _host_buffer(object obj):
@@ -292,7 +296,15 @@ cdef int _host(Msg m, object obj, bint readonly, str call, str what,
         if not want_type:  # an explicit datatype: the format is not read (as in mpi4py)
             pass
         elif view.format != NULL:
-            m.datatype = _format_type(call, what, view.format, view.itemsize)
+            raw = <bytes> view.format
+            info = _FMT_INFO.get(raw)
+            if info is not None:
+                m.datatype, m.handle, m.extent = <tuple> info
+            else:
+                m.datatype = dt = _format_type(call, what, view.format, view.itemsize)
+                h = dt.handle
+                if h in _CACHEABLE:
+                    _FMT_INFO[raw] = (dt, h, _extent_of(dt))
         else:
             m.datatype = _BYTE
     finally:
@@ -373,10 +385,15 @@ def read(object msg, Py_ssize_t p, bint vector, bint readonly, str call="Alltoal
             _other(m, o_buf, readonly, call, what, o_type is None)
         if o_type is not None:
             m.datatype = _explicit_type(call, what, o_type)
-    if m.cacheable and m.datatype.handle not in _CACHEABLE:
-        m.cacheable = False
-    cdef Py_ssize_t extent = _extent_of(m.datatype)
-    m.extent = extent
+    cdef Py_ssize_t extent
+    if m.handle is not None and o_type is None:  # a long-lived type read from the format
+        extent = m.extent
+    else:
+        m.handle = m.datatype.handle
+        if m.cacheable and m.handle not in _CACHEABLE:
+            m.cacheable = False
+        extent = _extent_of(m.datatype)
+        m.extent = extent
     layout = PyBytes_FromStringAndSize(NULL, 16 * p)
     cdef int64_t *c = <int64_t *> PyBytes_AS_STRING(layout)
     cdef int64_t *d = c + p
@@ -474,8 +491,24 @@ def read_pair(str call, bint vector, object sendmsg, object recvmsg, bint inplac
                                         "send")
     if not r.cacheable or not s.cacheable:
         return s, r, None
+    # one bytes: cheap to hash and compare (a cache key on the one-shot hot path)
+    cdef Py_ssize_t lay = 16 * p
+    part = PyBytes_FromStringAndSize(NULL, 2 * (5 * 8 + lay))
+    cdef char *o = PyBytes_AS_STRING(part)
+    _record(o, r, lay)
     if inplace:
-        return s, r, (None, (r.addr, r.nbytes, r.readonly, r.device, r.datatype.handle,
-                             r.layout))
-    return s, r, ((s.addr, s.nbytes, s.readonly, s.device, s.datatype.handle, s.layout),
-                  (r.addr, r.nbytes, r.readonly, r.device, r.datatype.handle, r.layout))
+        memset(o + 5 * 8 + lay, 0xFF, 5 * 8 + lay)  # no send message
+    else:
+        _record(o + 5 * 8 + lay, s, lay)
+    return s, r, part
+
+
+cdef void _record(char *o, Msg m, Py_ssize_t lay) except *:
+    """A message's signature record: address, size, writability, device, datatype, layout."""
+    cdef int64_t *w = <int64_t *> o
+    w[0] = m.addr
+    w[1] = m.nbytes
+    w[2] = m.readonly
+    w[3] = -1 if m.device is None else PyLong_AsLongLong(m.device)
+    w[4] = <int64_t> PyLong_AsUnsignedLongLongMask(m.handle)
+    memcpy(o + 5 * 8, PyBytes_AS_STRING(m.layout), lay)

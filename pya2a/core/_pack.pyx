@@ -31,7 +31,9 @@ cdef extern from *:
 
 __all__ = ["pack", "gather", "scatter", "blocks_overlap", "check_blocks", "block_end",
            "take_runs",
-           "record_arrival", "CopyList", "int64_key", "stamps_match"]
+           "record_arrival", "CopyList", "StampRun", "int64_key"]
+
+cdef int64_t _NOGIL_BYTES = 1 << 16  # copy lists at least this long release the GIL
 
 
 cdef inline Py_ssize_t _vec_i64(object x):
@@ -63,25 +65,6 @@ def int64_key(a, b, c, d):
     memcpy(o + 2 * nb, cnp.PyArray_DATA(<cnp.ndarray>c), nb)
     memcpy(o + 3 * nb, cnp.PyArray_DATA(<cnp.ndarray>d), nb)
     return out
-
-
-def stamps_match(int64_t[::1] words, const int64_t[::1] index, int64_t number,
-                 int64_t reset):
-    """True iff ``words[index[i]] == number`` for every i; then sets each to ``reset``.
-
-    The receive side of a stamped exchange (:mod:`pya2a._stamp`): every message ends in its
-    sender's number, and a slot still holding ``reset`` was not reached by the message.
-    """
-    cdef Py_ssize_t i, j, n = index.shape[0], m = words.shape[0]
-    cdef bint ok = True
-    for i in range(n):
-        j = index[i]
-        if j < 0 or j >= m:
-            raise IndexError(f"stamps_match: index {j} outside 0..{m - 1}")
-        if words[j] != number:
-            ok = False
-        words[j] = reset
-    return ok
 
 
 cdef int _check(const int64_t[::1] offs, const int64_t[::1] lens,
@@ -370,9 +353,69 @@ cdef class CopyList:
         self.nbytes = int(a[:, 2].sum()) if self.n else 0
 
     def __call__(self):
+        self.run()
+
+    cdef void run(self):
+        """The copies; the GIL is released only where they are long enough to matter."""
         cdef Py_ssize_t i
         cdef int64_t[:, ::1] r = self._rows
+        if self.nbytes < _NOGIL_BYTES:
+            for i in range(r.shape[0]):
+                memcpy(<void *> <intptr_t> r[i, 1], <const void *> <intptr_t> r[i, 0],
+                       <size_t> r[i, 2])
+            return
         with nogil:
             for i in range(r.shape[0]):
                 memcpy(<void *> <intptr_t> r[i, 1], <const void *> <intptr_t> r[i, 0],
                        <size_t> r[i, 2])
+
+
+cdef class StampRun:
+    """One stamped exchange's run (:class:`pya2a._stamp.Stamp`), in C between MPI calls.
+
+    Copies the blocks into the send staging, starts and waits for the persistent requests,
+    checks that every received message ended in ``number`` (resetting those words), and
+    only then copies the blocks out into the receive buffer. Returns whether every stamp
+    matched; an MPI error while waiting (a message longer than its slot) is a mismatch,
+    after ``drain(reqs)`` completed the rest.
+    """
+
+    cdef CopyList _pack, _unpack
+    cdef int64_t[::1] _words
+    cdef int64_t[::1] _trail
+    cdef int64_t _number, _reset
+    cdef object _reqs, _startall, _waitall, _error, _drain
+
+    def __init__(self, CopyList pack, CopyList unpack, int64_t[::1] words,
+                 int64_t[::1] trail, int64_t number, int64_t reset, list reqs, startall,
+                 waitall, error, drain):
+        cdef Py_ssize_t i
+        for i in range(trail.shape[0]):
+            if trail[i] < 0 or trail[i] >= words.shape[0]:
+                raise IndexError(f"StampRun: stamp word {trail[i]} outside the staging")
+        self._pack, self._unpack = pack, unpack
+        self._words, self._trail = words, trail
+        self._number, self._reset = number, reset
+        self._reqs, self._startall, self._waitall = reqs, startall, waitall
+        self._error, self._drain = error, drain
+
+    def __call__(self):
+        cdef bint ok = True
+        cdef Py_ssize_t i, j
+        self._pack.run()
+        reqs = self._reqs
+        if reqs:
+            self._startall(reqs)
+            try:
+                self._waitall(reqs)
+            except self._error:
+                ok = False
+                self._drain(reqs)
+        for i in range(self._trail.shape[0]):
+            j = self._trail[i]
+            if self._words[j] != self._number:
+                ok = False
+            self._words[j] = self._reset
+        if ok:
+            self._unpack.run()
+        return ok
