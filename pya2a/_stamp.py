@@ -38,8 +38,9 @@ __all__ = ["STAMP_MAX_P", "CARRY_MAX_BLOCK", "CARRY_MAX_TOTAL", "Stamp", "announ
 STAMP_MAX_P = 8
 # Largest block (bytes, any pair) and per-rank total that a stamped message carries; larger
 # exchanges stamp the number alone and run their algorithm on the user's buffers.
-CARRY_MAX_BLOCK = 32 << 10
-CARRY_MAX_TOTAL = 256 << 10
+# (Blocks stay below MPI's eager limits: a 16 KiB block plus its stamp went rendezvous.)
+CARRY_MAX_BLOCK = 8 << 10
+CARRY_MAX_TOTAL = 64 << 10
 _UNSET = -2  # a receive slot's stamp before a message reaches it (never a valid number)
 
 
