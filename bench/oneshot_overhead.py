@@ -20,7 +20,8 @@ every ratio compares calls made in the same stretch of time):
 - ``allreduce``: the all-reduce of two integers that confirms a repeated one-shot call on
   communicators of more than ``pya2a._stamp.STAMP_MAX_P`` ranks (a persistent request);
   smaller ones carry that confirmation in the exchange (``--stamp-max-p`` sets the limit on
-  every rank, to compare both ways at one p).
+  every rank, to compare both ways at one p); ``allreduce_blocking``: the same as one
+  blocking ``Allreduce``.
 
 ``--profile`` adds, on rank 0, the functions where a one-shot call's time goes (cProfile,
 repeated calls at the smallest size) to the output and the JSON.
@@ -92,6 +93,7 @@ def _rows(comm: MPI.Intracomm, m: int):
         "plan_new_recv": lambda: pl.run(s, np.empty(n * p)),
         "plan_rebind": rebind,
         "allreduce": allreduce,
+        "allreduce_blocking": lambda: comm.Allreduce(MPI.IN_PLACE, word, op=MPI.MAX),
     }
     return rows, pl, pl1, agree
 
@@ -125,7 +127,8 @@ def measure(comm: MPI.Intracomm, sizes: list[int], iters: int, passes: int) -> l
                   f"{rec['oneshot_native_us']:8.2f} ({rec['oneshot_native_over_mpi4py']:.2f}x)"
                   f"  plan[{pl.algorithm}] {rec['plan_us']:8.2f}  new recv "
                   f"{rec['new_recv_over_plan']:.2f}x  rebind {rec['rebind_over_plan']:.2f}x  "
-                  f"allreduce {rec['allreduce_us']:.2f}",
+                  f"allreduce {rec['allreduce_us']:.2f} / blocking "
+                  f"{rec['allreduce_blocking_us']:.2f}",
                   flush=True)
     return out
 
