@@ -203,7 +203,8 @@ def run_bench(comm: Any, sizes: list[int], methods: list[str], *, nccl: bool = T
             emit({"method": "nccl", "bytes_per_pair": n, "time_us": t * 1e6,
                   "latency_us": lat * 1e6, "iters": iters, "passes_us": pas})
         if api is not None:
-            for row in api.rows(n, send, recv, warm, iters):
+            for row in api.rows(n, send, recv, warm, iters) + api.copy_rows(
+                    n, send, recv, warm, iters):
                 emit(row)
         if eng is None:
             continue
@@ -408,6 +409,42 @@ class _ApiRows:
             out.append(row)
         return out
 
+    def copy_rows(self, n: int, send: Any, recv: Any, warm: int, iters: int) -> list[dict]:
+        """One rank: CuPy copies of the same bytes, the yardstick of the p = 1 exchange.
+
+        ``cupy_copy``: ``recv[...] = send`` back to back (asynchronous, one wait per pass,
+        as the other rows are timed); ``cupy_copy_sync``: each copy waited for, which is
+        what an exchange does before it returns (its receive buffer is complete).
+        """
+        cp = self.cp
+        if self.p != 1:
+            return []
+        sync = cp.cuda.get_current_stream().synchronize
+        dst, src = recv[:n], send[:n]
+
+        def copy() -> None:
+            dst[...] = src
+
+        def copy_sync() -> None:
+            dst[...] = src
+            sync()
+
+        out = []
+        for name, fn in (("cupy_copy", copy), ("cupy_copy_sync", copy_sync)):
+            for _ in range(warm):
+                fn()
+            sync()
+            pas = []
+            for _ in range(self.passes):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                sync()
+                pas.append((time.perf_counter() - t0) / iters)
+            out.append({"method": name, "bytes_per_pair": n, "time_us": min(pas) * 1e6,
+                        "iters": iters, "passes_us": [round(x * 1e6, 3) for x in pas]})
+        return out
+
     def free(self) -> None:
         """Collective: release the shm windows this benchmark made."""
         from pya2a.gpu import shm_algorithm as shm
@@ -499,12 +536,15 @@ def label(method: str) -> str:
     """The table / plot name of a row: public algorithm names for the public-API rows
     (``auto``, ``pairwise``, ...), ``nccl``, ``ipc.<engine method>`` for the IPC engine's
     own methods (``plan``: a prepared engine plan, ``graph``: captured in a CUDA graph,
-    ``pdl``: programmatic dependent launch), ``pinned d2h|h2d|bound``."""
+    ``pdl``: programmatic dependent launch), ``pinned d2h|h2d|bound``, ``cupy copy
+    [sync]`` (one rank)."""
     if method.startswith("api:"):
         return method[4:]
     if method.startswith("pinned_"):
         return "pinned " + method[7:]
     if method in ("nccl", "nccl_graph"):
+        return method.replace("_", " ")
+    if method.startswith("cupy_copy"):
         return method.replace("_", " ")
     words = []
     for mode in ("_graph", "_plan"):
