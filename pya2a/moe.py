@@ -160,7 +160,9 @@ class ExpertParallel:
             MPI is not CUDA-aware) or "fused" (:mod:`pya2a.gpu.moe_fused`).
         mode: "auto" (default: per dispatch, the mode that moves fewer bytes between ranks),
             "per_expert" (one copy per (token, expert) pair) or "per_rank" (one copy per
-            (token, destination rank)). The fused backend moves one copy per pair.
+            (token, destination rank)). On the fused backend "auto" is "per_expert", and
+            "per_rank" has no autograd and no graph capture. ``backend="auto"`` with
+            ``mode="per_rank"`` takes the staged backend.
         max_recv_tokens: most rows one rank may receive in one dispatch; default
             ``p * max_tokens * topk`` (the worst case). A dispatch exceeding it raises
             ValueError on every rank.
@@ -217,10 +219,6 @@ class ExpertParallel:
                 raise ValueError(f"{call}: backend {backend!r} needs device=<ordinal>")
             if device is not None and backend == "host":
                 raise ValueError(f"{call}: backend 'host' takes device=None")
-            if backend == "fused" and mode == "per_rank":
-                raise ValueError(f"{call}: the fused backend moves one copy per (token, "
-                                 f"expert) pair; mode 'per_rank' needs backend 'host' or "
-                                 f"'staged'")
             cap = p * max_tokens * topk if max_recv_tokens is None else max_recv_tokens
             if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 0:
                 raise ValueError(f"{call}: max_recv_tokens must be an int >= 0, got {cap!r}")
@@ -268,7 +266,8 @@ class ExpertParallel:
             self.backend = "fused" if ok and mode != "per_rank" else "staged"
         else:
             self.backend = backend
-        self.mode = "per_expert" if self.backend == "fused" else mode
+        # the fused backend's "auto" is per_expert (its per_rank launches are not timed)
+        self.mode = "per_expert" if self.backend == "fused" and mode == "auto" else mode
         if self.backend == "fused":
             from .gpu.moe_fused import FusedExpertParallel, fused_available
 

@@ -396,6 +396,57 @@ def test_device_backends_match_reference(comm, backend: str, route: str) -> None
         ep.free()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("route", ["random", "skip", "dup", "hot"])
+def test_device_fused_per_rank_matches_reference(comm, dtype: str, route: str) -> None:
+    """mode="per_rank" on the fused backend: expert_x exactly the reference's (so the
+    copies are expanded to the right rows), y against the per_rank summation order
+    (partials per owner rank, rounded, summed in rank order; the kernels use FMAs); ranks
+    without tokens, expert outputs in expert_output(), in a separate array and in place
+    in expert_x, repeated calls."""
+    dev = _gpu_device(comm)
+    import cupy
+
+    from pya2a.gpu.moe_fused import fused_available
+
+    ok, why = fused_available(moe.internal_comm(comm), None)
+    if not ok:
+        pytest.skip(why)
+    p, me = comm.Get_size(), comm.Get_rank()
+    E, H, T, K = 4 * p, 64, 24, 3
+    ep = moe.ExpertParallel(comm, E, H, T, K, dtype, device=dev, backend="fused",
+                            mode="per_rank")
+    try:
+        for it in range(4):
+            tokens = "some_zero" if it == 1 else "random"
+            x, idx, w = make_inputs(comm, 110 + it, E, H, T, K, dtype, tokens, route)
+            ex, counts, h = ep.dispatch(cupy.asarray(x), cupy.asarray(idx))
+            assert h.mode == "per_rank"
+            counts = cupy.asnumpy(counts)
+            rows = int(counts.sum())
+            ref_x, ref_y = reference(comm, x, idx, w, E, "per_rank")
+            at = f"rank {me} of {p}, call {it}, route {route}, {dtype}"
+            assert [len(r) for r in ref_x] == counts.tolist(), at
+            got = cupy.asnumpy(ex[:rows])
+            for le, part in enumerate(np.split(got, np.cumsum(counts)[:-1])):
+                np.testing.assert_array_equal(part, ref_x[le], err_msg=f"{at}, expert {le}")
+            ey = run_experts(ep, got, counts)
+            if it == 0:
+                ep.expert_output(rows)[...] = cupy.asarray(ey)
+                ey = ep.expert_output(rows)
+            elif it == 2:
+                ex[:rows] = cupy.asarray(ey)
+                ey = ex
+            else:
+                ey = cupy.asarray(ey)
+            y = cupy.asnumpy(ep.combine(ey, cupy.asarray(w), h))
+            np.testing.assert_allclose(y.astype(np.float32), ref_y.astype(np.float32),
+                                       rtol=2e-3, atol=2e-3, err_msg=at)
+    finally:
+        ep.free()
+
+
 def test_graph_capture_needs_the_fused_backend(comm) -> None:
     p = comm.Get_size()
     ep = moe.ExpertParallel(comm, p, 8, 3, 1, np.float32)

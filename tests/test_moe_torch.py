@@ -533,3 +533,27 @@ def test_device_fused_backward_call_sequences(comm) -> None:
     finally:
         if ep is not None:
             ep.free()
+
+
+@pytest.mark.gpu
+def test_device_fused_per_rank_refuses_gradients_everywhere(comm) -> None:
+    """per_rank mode on the fused backend has no backward pass: a dispatch of a tensor that
+    requires grad raises on every rank, before anything moves; graph mode is refused too."""
+    dev = _fused_gpu(comm)
+    p = comm.Get_size()
+    ep = moe.ExpertParallel(comm, p, 64, 3, 1, torch.float16, dev, backend="fused",
+                            mode="per_rank")
+    try:
+        x = torch.ones(3, 64, dtype=torch.float16, device=f"cuda:{dev}", requires_grad=True)
+        idx = torch.zeros(3, 1, dtype=torch.int64, device=f"cuda:{dev}")
+        with pytest.raises(ValueError, match="per_rank mode on the fused backend has no"):
+            ep.dispatch(x, idx)
+        with pytest.raises(ValueError, match="graph capture runs mode 'per_expert' only"):
+            with ep.graph_mode():
+                pass
+        ex, counts, h = ep.dispatch(x.detach(), idx)  # the instance still works
+        rows = int(counts.sum())
+        y = ep.combine(ex[:rows], torch.ones(3, 1, device=f"cuda:{dev}"), h)
+        torch.testing.assert_close(y.float().cpu(), torch.ones(3, 64))
+    finally:
+        ep.free()

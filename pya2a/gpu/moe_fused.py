@@ -26,6 +26,12 @@ plus the router-weight gradient ``<grad_y[t], expert row (t, k)>`` from the rows
 forward combine read (kept with ``save``); the gradient of dispatch is a combine launch
 with unit weights over the owners' ``expert_x`` gradients and the forward's slots.
 
+per_rank mode (``ExpertParallel(..., mode="per_rank")``, forward only): one copy per
+(token, destination rank) through extra symmetric buffers: three dispatch launches
+(routing, copies, each copy's table of expert_x rows), ``pya2a_moe_expand`` on the
+receiver; combine: a dispatch launch of the weights, ``pya2a_moe_partials`` on the owner,
+and a combine launch with unit weights that pulls one partial per (token, rank).
+
 Graph capture (:meth:`FusedExpertParallel.graph_mode`): the calls read the token count
 and the call number from device memory, make no MPI call, and take the static buffers of
 :meth:`FusedExpertParallel.graph_buffers`.
@@ -62,7 +68,7 @@ _THREADS = 512
 _WARPS = _THREADS // 32
 # row type -> kernel template type; bfloat16 rows are uint16 words in CuPy
 _TYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-_NAMES = tuple(f"pya2a_moe_{k}<{t}>" for k in ("combine", "scale_experts")
+_NAMES = tuple(f"pya2a_moe_{k}<{t}>" for k in ("combine", "scale_experts", "partials")
                for t in _TYPES.values())
 
 _P = MAX_RANKS
@@ -183,6 +189,22 @@ def _word(dt: np.dtype, field: str) -> int:
     return dt.fields[field][1] // 8
 
 
+class _Args:
+    """One kernel-argument struct (a NumPy record) with its 8-byte word view, the launch's
+    parameter array and its row size (a variant of the base arguments: other buffers)."""
+
+    def __init__(self, base: np.ndarray, **fields: Any) -> None:
+        self.struct = base.copy()
+        for f, v in fields.items():
+            if isinstance(v, list):
+                self.struct[f][:len(v)] = v
+            else:
+                self.struct[f] = v
+        self.words = np.frombuffer(self.struct.data, dtype=np.uint64)
+        self.params = (ctypes.c_void_p * 1)(self.struct.ctypes.data)
+        self.row_bytes = int(self.struct["row_bytes"])
+
+
 class FusedExpertParallel:
     """The state of the fused path for one :class:`pya2a.moe.ExpertParallel`. Collective.
 
@@ -195,7 +217,8 @@ class FusedExpertParallel:
             wait for it until their watchdog (5 s) gives up with a message.
 
     Memory per rank: 64 KiB control block plus two symmetric buffers of
-    ``max_recv_tokens * hidden * itemsize`` bytes, plus small index buffers.
+    ``max_recv_tokens * hidden * itemsize`` bytes, plus small index buffers; per_rank
+    mode adds two of ``min(p * max_tokens, max_recv_tokens)`` rows and small ones.
     """
 
     def __init__(self, comm: Any, ep: Any, *, agree_errors: bool = True) -> None:
@@ -216,7 +239,8 @@ class FusedExpertParallel:
             mod = loader.module("moe_fused.cu", self.device, _NAMES)
             self._fn = {k: loader.function_ptr(mod, f) for k, f in (
                 ("dispatch", "pya2a_moe_dispatch"), ("combine", f"pya2a_moe_combine<{self.type}>"),
-                ("scale", f"pya2a_moe_scale_experts<{self.type}>"))}
+                ("scale", f"pya2a_moe_scale_experts<{self.type}>"),
+                ("expand", "pya2a_moe_expand"), ("partials", f"pya2a_moe_partials<{self.type}>"))}
             self.slot = cp.empty(max(N, 1), dtype=np.int32)
             self.idx = cp.empty(max(N, 1), dtype=np.int64)
             self.counts = cp.zeros(ep.local_experts, dtype=np.int64)
@@ -245,15 +269,15 @@ class FusedExpertParallel:
         c["topk"], c["E"], c["El"] = ep.topk, ep.num_experts, ep.local_experts
         c["row_bytes"], c["rank"], c["p"] = rb, ep.rank, p
         # the per-call fields, written through word views (cheaper than field access)
-        self._dw = np.frombuffer(d.data, dtype=np.uint64)
-        self._cw = np.frombuffer(c.data, dtype=np.uint64)
+        self._dvar, self._cvar = _Args(d), _Args(c)
+        self._per_rank = ep.mode == "per_rank"
+        if self._per_rank:
+            self._init_per_rank(d, c)
         self._dk = {f: _word(_DISPATCH, f) for f in ("x", "idx", "seq", "n", "topk", "epb",
                                                       "segs", "seg_bytes", "n_dev", "seq_dev")}
         self._ck = {f: _word(_COMBINE, f) for f in ("y", "w", "idx", "slot", "seq", "n",
                                                      "use_x", "segs", "seg_vecs", "save",
                                                      "n_dev", "seq_dev")}
-        self._dparams = (ctypes.c_void_p * 1)(d.ctypes.data)
-        self._cparams = (ctypes.c_void_p * 1)(c.ctypes.data)
         self._scale_params: dict[tuple[int, int], Any] = {}
         self._rec = np.zeros(2, dtype=np.int64)
         self._table = np.zeros(2 * ep.size, dtype=np.int64)
@@ -272,6 +296,89 @@ class FusedExpertParallel:
         self._io: GraphBuffers | None = None
         self._graph = False
         self._seq_dev: Any = None
+
+    def _init_per_rank(self, d: np.ndarray, c: np.ndarray) -> None:
+        """per_rank mode's symmetric buffers (collective) and argument variants."""
+        cp, ep, p = self._cp, self.ep, self.ep.size
+        rb, T, El = ep.row_bytes, ep.max_tokens, ep.local_experts
+        N = T * ep.topk
+        cc = max(min(p * T, ep.max_recv_tokens), 1)  # copies one rank can receive
+        self._tw = _cdiv(ep.topk, 4) * 4  # table row: int32 expert_x rows, 16-byte rows
+        with cp.cuda.Device(self.device):
+            self.copies_a = self.group.allocate(max(cc * rb, 256))
+            self.tables_a = self.group.allocate(max(cc * self._tw * 4, 256))
+            self.weights_a = self.group.allocate(max(ep.max_recv_tokens * 16, 256))
+            self.partials_a = self.group.allocate(max(cc * rb, 256))
+            self._slot2 = cp.empty(max(T * p, 1), dtype=np.int32)  # copies' rows at dest
+            self._idx2 = cp.empty(max(T * p, 1), dtype=np.int64)  # copies' routing
+            self._ncopies = cp.zeros(El, dtype=np.int64)  # [0]: copies received
+            self._sslot = cp.empty(max(N, 1), dtype=np.int32)  # scratch of the weights
+            self._sidx = cp.empty(max(N, 1), dtype=np.int64)
+            self._scounts = cp.zeros(El, dtype=np.int64)
+            self._ones2 = cp.ones(max(T * p, 1), dtype=np.float32)
+        pseudo = {"slot": self._slot2.data.ptr, "idx_own": self._idx2.data.ptr,
+                  "expert_counts": self._ncopies.data.ptr}
+        self._route = _Args(d, row_bytes=0)  # slots and counts only, no rows
+        self._copies = _Args(d, peer_x=list(self.copies_a.peer_ptrs), **pseudo)
+        self._tables = _Args(d, peer_x=list(self.tables_a.peer_ptrs), row_bytes=self._tw * 4,
+                             **pseudo)
+        self._weights_v = _Args(d, peer_x=list(self.weights_a.peer_ptrs), row_bytes=16,
+                                slot=self._sslot.data.ptr, idx_own=self._sidx.data.ptr,
+                                expert_counts=self._scounts.data.ptr)
+        self._pull = _Args(c, peer_y=list(self.partials_a.peer_ptrs), topk=p)
+
+    def _raw(self, name: str, grid: int, *vals: Any) -> None:
+        """Launch a kernel whose arguments are scalars (ctypes values), 256 threads."""
+        arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        self._keep_raw = (arr, vals)
+        self._launch(self._fn[name], grid, 256, arr)
+
+    def _per_rank_dispatch(self, xa: Any, ia: Any, n: int) -> None:
+        """per_rank: routing, copies, tables (three dispatch launches), expansion."""
+        cp, ep, p = self._cp, self.ep, self.ep.size
+        k, El, tw = ep.topk, ep.local_experts, self._tw
+        N = n * k
+        self._launch_dispatch(xa.data.ptr if n else 0, ia.data.ptr if N else 0, n, k,
+                              var=self._route)
+        with cp.cuda.Device(self.device):  # stream-ordered after the routing launch
+            e = ia.reshape(n, k)
+            dest = cp.where((e >= 0) & (e < ep.num_experts), e // El, -1)
+            r = cp.arange(p, dtype=np.int64)
+            hit = dest[:, None, :] == r[None, :, None]  # (n, p, k)
+            idx2 = cp.ascontiguousarray(cp.where(hit.any(axis=2), r[None, :] * El, -1),
+                                        dtype=np.int64)  # a copy per (token, rank) hit
+            big = np.int32(2 ** 31 - 1)
+            tab = cp.sort(cp.where(hit, self.slot[:N].reshape(n, 1, k), big), axis=2)
+            table = cp.full((n, p, tw), -1, dtype=np.int32)
+            table[:, :, :k] = cp.where(tab == big, np.int32(-1), tab)
+        self._keep_pr = (idx2, table)
+        self._launch_dispatch(xa.data.ptr if n else 0, idx2.data.ptr if n else 0, n, p,
+                              var=self._copies)
+        self._launch_dispatch(table.data.ptr if n else 0, idx2.data.ptr if n else 0, n * p, 1,
+                              var=self._tables)
+        self._raw("expand", self.sms * 2, ctypes.c_uint64(self.xa.ptr),
+                  ctypes.c_uint64(self.copies_a.ptr), ctypes.c_uint64(self.tables_a.ptr),
+                  ctypes.c_uint64(self._ncopies.data.ptr), ctypes.c_int32(tw),
+                  ctypes.c_int64(ep.row_bytes))
+
+    def _per_rank_combine(self, ya: Any, wa: Any, oa: Any, n: int) -> None:
+        """per_rank: weights to the owners (a dispatch launch), partial sums per received
+        copy on the owner, one combine launch pulling a partial per (token, rank)."""
+        cp, ep = self._cp, self.ep
+        N = n * ep.topk
+        with cp.cuda.Device(self.device):
+            w16 = cp.zeros((max(N, 1), 4), dtype=np.float32)
+            w16[:N, 0] = wa.reshape(-1)
+        self._keep_pr = (*self._keep_pr, w16)
+        self._launch_dispatch(w16.data.ptr, self.idx.data.ptr, N, 1, var=self._weights_v)
+        self._raw("partials", self.sms * 2, ctypes.c_uint64(self.partials_a.ptr),
+                  ctypes.c_uint64(ya.data.ptr if ya.shape[0] else self.ya.ptr),
+                  ctypes.c_uint64(self.weights_a.ptr), ctypes.c_uint64(self.tables_a.ptr),
+                  ctypes.c_uint64(self._ncopies.data.ptr), ctypes.c_int32(self._tw),
+                  ctypes.c_int64(ep.row_bytes))
+        h = self._pending
+        self._launch_combine(oa.data.ptr, self._ones2.data.ptr, n, 0, h, var=self._pull,
+                             idx_slot=(self._idx2.data.ptr, self._slot2.data.ptr))
 
     # ------------------------------------------------------------------ helpers
     def _agree(self, exc: BaseException | None, flag: bool = False, what: str = "") -> None:
@@ -335,17 +442,19 @@ class FusedExpertParallel:
 
     # ------------------------------------------------------------------ launches
     def _launch_dispatch(self, x_ptr: int, idx_ptr: int, n: int, topk: int,
-                         n_dev: int = 0) -> None:
+                         n_dev: int = 0, var: _Args | None = None) -> None:
         """One dispatch launch (the next call number) of ``n`` tokens of ``topk`` entries
-        (``n_dev``: at most ``n``, the count read from that device int32)."""
-        ep = self.ep
+        (``n_dev``: at most ``n``, the count read from that device int32; ``var``: other
+        buffers than the base arguments')."""
+        v = self._dvar if var is None else var
+        rb = v.row_bytes
         N = n * topk
         self.seq += 1
         g = min(self.grid_max, max(1, N))
         epb = _cdiv(N, g) if N else 1
         g = _cdiv(N, epb) if N else 1
-        segs = max(1, min(_cdiv(g * _WARPS, max(N, 1)), ep.row_bytes // 512))
-        w, k = self._dw, self._dk
+        segs = max(1, min(_cdiv(g * _WARPS, max(N, 1)), rb // 512))
+        w, k = v.words, self._dk
         w[k["x"]] = x_ptr if N else self.xa.ptr
         w[k["idx"]] = idx_ptr if N else self.idx.data.ptr
         w[k["seq"]] = self.seq
@@ -353,22 +462,27 @@ class FusedExpertParallel:
         w[k["topk"]] = topk
         w[k["epb"]] = epb
         w[k["segs"]] = segs
-        w[k["seg_bytes"]] = _cdiv(_cdiv(ep.row_bytes, segs), 16) * 16
+        w[k["seg_bytes"]] = _cdiv(_cdiv(rb, segs), 16) * 16
         w[k["n_dev"]] = n_dev
         w[k["seq_dev"]] = 0 if self._seq_dev is None else self._seq_dev.data.ptr
-        self._launch(self._fn["dispatch"], g, _THREADS, self._dparams)
+        self._launch(self._fn["dispatch"], g, _THREADS, v.params)
 
     def _launch_combine(self, y_ptr: int, w_ptr: int, n: int, use_x: int, handle: FusedHandle,
-                        save_ptr: int = 0, n_dev: int = 0) -> None:
+                        save_ptr: int = 0, n_dev: int = 0, var: _Args | None = None,
+                        idx_slot: tuple[int, int] | None = None) -> None:
         """One combine launch (the current call number) of ``handle``'s ``n`` tokens from the
-        peers' expert-output buffers (``use_x``: this rank's lie in its input buffer)."""
+        peers' expert-output buffers (``use_x``: this rank's lie in its input buffer;
+        ``var`` / ``idx_slot``: other buffers / routing than the base's)."""
         ep = self.ep
+        v = self._cvar if var is None else var
         segs = max(1, min(_cdiv(self.grid_max * _WARPS, max(n, 1)), ep.row_bytes // 512))
-        w, k = self._cw, self._ck
+        w, k = v.words, self._ck
         w[k["y"]] = y_ptr if n else self.ya.ptr
         w[k["w"]] = w_ptr if n else self.idx.data.ptr
-        w[k["idx"]] = self.idx.data.ptr if handle.idx is None else handle.idx.data.ptr
-        w[k["slot"]] = self.slot.data.ptr if handle.slot is None else handle.slot.data.ptr
+        if idx_slot is None:
+            idx_slot = (self.idx.data.ptr if handle.idx is None else handle.idx.data.ptr,
+                        self.slot.data.ptr if handle.slot is None else handle.slot.data.ptr)
+        w[k["idx"]], w[k["slot"]] = idx_slot
         w[k["save"]] = save_ptr if n else 0
         w[k["seq"]] = self.seq
         w[k["n"]] = n
@@ -378,7 +492,7 @@ class FusedExpertParallel:
         w[k["n_dev"]] = n_dev
         w[k["seq_dev"]] = 0 if self._seq_dev is None else self._seq_dev.data.ptr
         self._launch(self._fn["combine"], min(self.grid_max, max(1, _cdiv(n * segs, _WARPS))),
-                     _THREADS, self._cparams)
+                     _THREADS, v.params)
 
     def _rows_to_ybuf(self, a: Any) -> None:
         """Copy rows into this rank's symmetric expert-output buffer (stream-ordered)."""
@@ -421,6 +535,9 @@ class FusedExpertParallel:
                                  f"({n}, {ep.topk})")
             if ia.dtype.kind not in "iu":
                 raise TypeError(f"{call}: topk_idx must be integers, got {ia.dtype}")
+            if grad and self._per_rank:
+                raise ValueError(f"{call}: per_rank mode on the fused backend has no "
+                                 f"backward pass (use mode='per_expert' to train)")
         except Exception as e:
             exc = e
         self._agree(exc, grad, f"{call}: x requires grad on some ranks only (the backward "
@@ -431,10 +548,13 @@ class FusedExpertParallel:
             with cp.cuda.Device(self.device):
                 ia = cp.ascontiguousarray(ia, dtype=np.int64)  # allocates; stream-ordered
         self._keep = (x, topk_idx, ia)
-        self._launch_dispatch(xa.data.ptr if n else 0, ia.data.ptr if N else 0, n, ep.topk)
-        h = FusedHandle(id(self), self.seq, n, self.counts)
+        if self._per_rank:
+            self._per_rank_dispatch(xa, ia, n)
+        else:
+            self._launch_dispatch(xa.data.ptr if n else 0, ia.data.ptr if N else 0, n, ep.topk)
+        h = FusedHandle(id(self), self.seq, n, self.counts, mode=ep.mode)
         ex = self.xbuf
-        if grad or fresh:
+        if (grad or fresh) and not self._per_rank:
             with cp.cuda.Device(self.device):  # stream-ordered copies after the launch
                 h.idx, h.slot = self.idx[:N].copy(), self.slot[:N].copy()
                 h.expert_counts = self.counts.copy()
@@ -496,6 +616,9 @@ class FusedExpertParallel:
             n = handle.num_tokens
             ya = self._check_rows(call, "expert_y", expert_y, ep.max_recv_tokens)
             wa = self._weights(call, topk_weight, n)
+            if grad and self._per_rank:
+                raise ValueError(f"{call}: per_rank mode on the fused backend has no "
+                                 f"backward pass (use mode='per_expert' to train)")
             if out is not None:
                 if grad:
                     raise ValueError(f"{call}: out= cannot be used when the result needs "
@@ -508,6 +631,19 @@ class FusedExpertParallel:
         self._agree(exc, grad, f"{call}: expert_y / topk_weight require grad on some ranks "
                                f"only (requires_grad must agree on every rank)")
         N = n * ep.topk
+        if self._per_rank:
+            with cp.cuda.Device(self.device):
+                if oa is None:
+                    oa = cp.empty((n, ep.hidden), dtype=ep.dtype)
+                wa = wa.astype(np.float32, copy=False)
+            self._per_rank_combine(ya, wa, oa, n)
+            handle.done = True
+            self._pending = None
+            self._keep = (expert_y, topk_weight, wa)
+            if out is not None:
+                return out
+            like = topk_weight if type(topk_weight).__module__.startswith("torch") else expert_y
+            return ep._wrap(oa, like)
         use_x = int(ya.data.ptr == self.xa.ptr)
         if not use_x:
             self._rows_to_ybuf(ya)
@@ -702,6 +838,8 @@ class FusedExpertParallel:
                 raise ValueError(f"{call}: used after free()")
             if self._graph:
                 raise ValueError(f"{call}: already in graph mode")
+            if self._per_rank:
+                raise ValueError(f"{call}: graph capture runs mode 'per_expert' only")
             if isinstance(self._pending, FusedHandle):
                 raise ValueError(f"{call}: a dispatch is waiting for its combine")
         except Exception as e:

@@ -475,3 +475,68 @@ __global__ void pya2a_moe_scale_experts(u64 x, u64 y, const long long* counts, i
 template __global__ void pya2a_moe_scale_experts<F16>(u64, u64, const long long*, int, int, i64);
 template __global__ void pya2a_moe_scale_experts<BF16>(u64, u64, const long long*, int, int, i64);
 template __global__ void pya2a_moe_scale_experts<F32>(u64, u64, const long long*, int, int, i64);
+
+// ---------------------------------------------------------------------------
+// per_rank mode: one copy per (token, destination rank). Dispatch is three dispatch
+// launches (pya2a/gpu/moe_fused.py): the routing alone (row_bytes 0: the slots and
+// counts, no rows), the copies (each token once per destination rank, routed to that
+// rank's first expert, so they land in the destination's copy buffer in source-rank, then
+// token order) and each copy's table (the expert_x rows it expands to, ascending, -1
+// padded, through the same routing into the table buffer); then expand, below, on the
+// receiver. Combine is a dispatch launch of the weights (16 bytes per entry, landing at
+// the entry's expert_x row), partials, below, on the owner, and a combine launch with
+// unit weights that pulls one partial per (token, rank) from the owners.
+
+// x[table[c][j]] = copies[c] for every received copy c < *ncopies and table entry j.
+extern "C" __global__ void pya2a_moe_expand(u64 x, u64 copies, u64 table, u64 ncopies, int tw,
+                                            i64 row_bytes) {
+    const i64 C = *(const long long*)ncopies;
+    const int* tab = (const int*)table;
+    const i64 nv = row_bytes >> 4;
+    for (i64 it = blockIdx.x; it < C * tw; it += gridDim.x) {
+        const int row = tab[it];
+        if (row < 0) continue;
+        const uint4* src = (const uint4*)(copies + (u64)(it / tw) * (u64)row_bytes);
+        uint4* dst = (uint4*)(x + (u64)row * (u64)row_bytes);
+        for (i64 v = threadIdx.x; v < nv; v += blockDim.x) dst[v] = src[v];
+    }
+}
+
+// out[c] = sum over the table rows r of copy c, ascending (expert order, then k), of
+// w[r] * y[r] in float32 (FMA), cast to the row type; w[r] is the first float of the
+// 16-byte weight row r.
+template <class T>
+__global__ void pya2a_moe_partials(u64 out, u64 y, u64 wrows, u64 table, u64 ncopies, int tw,
+                                   i64 row_bytes) {
+    typedef typename T::S S;
+    const int VEC = 16 / (int)sizeof(S);
+    const i64 C = *(const long long*)ncopies;
+    const int* tab = (const int*)table;
+    const float* wr = (const float*)wrows;
+    const i64 nv = row_bytes >> 4;
+    for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
+        for (i64 v = threadIdx.x; v < nv; v += blockDim.x) {
+            float acc[16 / sizeof(S)];
+#pragma unroll
+            for (int q = 0; q < VEC; ++q) acc[q] = 0.f;
+            for (int j = 0; j < tw; ++j) {
+                const int row = tab[c * tw + j];
+                if (row < 0) continue;
+                const float wk = wr[(i64)row * 4];
+                const uint4 u = ((const uint4*)(y + (u64)row * (u64)row_bytes))[v];
+                const S* e = (const S*)&u;
+#pragma unroll
+                for (int q = 0; q < VEC; ++q) acc[q] = fmaf(wk, T::load(e[q]), acc[q]);
+            }
+            uint4 o;
+            S* os = (S*)&o;
+#pragma unroll
+            for (int q = 0; q < VEC; ++q) os[q] = T::store(acc[q]);
+            ((uint4*)(out + (u64)c * (u64)row_bytes))[v] = o;
+        }
+    }
+}
+
+template __global__ void pya2a_moe_partials<F16>(u64, u64, u64, u64, u64, int, i64);
+template __global__ void pya2a_moe_partials<BF16>(u64, u64, u64, u64, u64, int, i64);
+template __global__ void pya2a_moe_partials<F32>(u64, u64, u64, u64, u64, int, i64);
