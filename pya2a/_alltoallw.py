@@ -15,6 +15,11 @@ two ways:
   into a staging buffer, exchange the staging buffers with the Alltoallv algorithm (decided
   once, like a one-shot Alltoallv), unpack.
 
+On host buffers a rank's block to itself skips the staging: it is copied in one pass from
+the send buffer to the receive buffer (:meth:`TypeCopy.copy_block`), which is all an exchange
+on a one-rank communicator does (the slab decomposition of a pencil FFT has such
+communicators along its undivided axis).
+
 Plans are cached per communicator under the layouts, counts and displacements, so a repeated
 exchange (a distributed FFT calls the same few every transform) decodes nothing and allocates
 nothing. As with the one-shot Alltoallv path, each rank also keeps the *signature* of recent
@@ -246,7 +251,15 @@ class WPlan:
         self.rcopy = _copy_plan(recv)
         self.scopy = self.rcopy if inplace else _copy_plan(send)
         self.device = recv.device
+        slen, rlen = self.scopy.lengths, self.rcopy.lengths
+        self.me = -1
         if self.device is None:
+            # the block to itself is copied straight from buffer to buffer (nothing at all in
+            # place): it stays out of the staging buffers and the exchange
+            self.me = st.comm.Get_rank()
+            self.scopy.skip = self.rcopy.skip = self.me
+            slen, rlen = slen.copy(), rlen.copy()
+            slen[self.me] = rlen[self.me] = 0
             self.sstage = np.empty(max(self.scopy.nbytes, 1), dtype=np.uint8)
             self.rstage = np.empty(max(self.rcopy.nbytes, 1), dtype=np.uint8)
             self.saddr, self.raddr = self.sstage.ctypes.data, self.rstage.ctypes.data
@@ -258,8 +271,8 @@ class WPlan:
             self.rstage = gdev.empty_rows(view, max(self.rcopy.nbytes, 1))
             self.drecv = _DeviceCopy(recv, self.rcopy)
             self.dsend = self.drecv if inplace else _DeviceCopy(send, self.scopy)
-        smsg = [self.sstage, (self.scopy.lengths, self.scopy.positions), MPI.BYTE]
-        rmsg = [self.rstage, (self.rcopy.lengths, self.rcopy.positions), MPI.BYTE]
+        smsg = [self.sstage, (slen, self.scopy.positions), MPI.BYTE]
+        rmsg = [self.rstage, (rlen, self.rcopy.positions), MPI.BYTE]
         self.decision, self.sspec, self.rspec = _oneshot._decide_call(
             "Alltoallw", "alltoallv", st, smsg, rmsg, requested, check, options, False)
         if self.device is not None:
@@ -280,6 +293,8 @@ class WPlan:
         src = recv_addr if self.inplace else send_addr
         if self.device is None:
             self.scopy.pack(src, self.saddr)
+            if not self.inplace:
+                self.scopy.copy_block(self.me, send_addr, self.rcopy, self.me, recv_addr)
         else:
             self.dsend.pack(src, self.saddr)
         _oneshot._execute(self.icomm, "alltoallv", self.decision, self.sspec, self.rspec, False)
@@ -359,8 +374,14 @@ class ShmPlan:
         self.generation = dtypes.generation()
         self.rcopy = _copy_plan(recv)
         self.scopy = self.rcopy if inplace else _copy_plan(send)
+        self.me = me
+        self.scopy.skip = self.rcopy.skip = me  # copied straight across (see finish)
+        # my region holds the blocks for the other ranks back to back (mine is not in it)
+        own = int(self.scopy.lengths[me])
+        self.spos = self.scopy.positions - np.where(np.arange(p) > me, own, 0)
+        self.spos[me] = 0
         # (position, length) of my block in each sender's region, one row per sender
-        mine = np.ascontiguousarray(np.stack([self.scopy.positions, self.scopy.lengths], 1))
+        mine = np.ascontiguousarray(np.stack([self.spos, self.scopy.lengths], 1))
         theirs = np.empty((p, 2), dtype=np.int64)
         icomm.Alltoall(mine, theirs)
         exc = None
@@ -371,14 +392,14 @@ class ShmPlan:
                              f"whose datatypes and counts take {self.rcopy.lengths[j]}")
         agree(icomm, exc, np.zeros(0, dtype=np.int64))
         self.rpos = np.ascontiguousarray(theirs[:, 0])
-        arena.ensure(self.scopy.nbytes)
+        arena.ensure(self.scopy.nbytes - own)
         self._gen = -1
         chosen.add("shm")
 
     def _addresses(self) -> None:
         a = self.arena
         me = self.icomm.Get_rank()
-        self.dst = [np.ascontiguousarray(a.bases[me] + h * a.half + self.scopy.positions)
+        self.dst = [np.ascontiguousarray(a.bases[me] + h * a.half + self.spos)
                     for h in (0, 1)]
         self.src = [np.ascontiguousarray(a.bases + h * a.half + self.rpos) for h in (0, 1)]
         self._gen = a.gen
@@ -400,11 +421,14 @@ class ShmPlan:
                            self.dst[self.arena.epoch & 1])
         self.arena.win.Sync()
 
-    def finish(self, recv_addr: int) -> str:
-        """After the agreement: unpack every incoming block from its sender's region."""
+    def finish(self, send_addr: int, recv_addr: int) -> str:
+        """After the agreement: unpack every incoming block from its sender's region, and
+        copy this rank's block to itself from buffer to buffer (one pass, no region)."""
         a = self.arena
         a.win.Sync()
         self.rcopy.unpack_from(self.src[a.epoch & 1], recv_addr)
+        if not self.inplace:  # in place the block to itself stays where it is
+            self.scopy.copy_block(self.me, send_addr, self.rcopy, self.me, recv_addr)
         a.epoch += 1
         return "shm"
 
@@ -412,7 +436,7 @@ class ShmPlan:
         """The whole exchange (the call was agreed already): pack, barrier, unpack."""
         self.pack(send_addr, recv_addr)
         self.icomm.Barrier()
-        return self.finish(recv_addr)
+        return self.finish(send_addr, recv_addr)
 
 
 class _MPIw:
@@ -598,7 +622,7 @@ def Alltoallw(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,  # noqa:
         assert sig is not None and hit is not None
         stats["hit"] += 1
         if type(entry) is ShmPlan:
-            return entry.finish(sig[3])
+            return entry.finish(sig[1], sig[3])
         if isinstance(entry, _MPIw):
             return entry.call(sendmsg, recvmsg)
         return entry.run(sig[1], sig[3])

@@ -6,7 +6,10 @@ An ``Alltoallw`` block is ``count`` elements of a datatype at a byte displacemen
 (:mod:`pya2a.core.dtypes`) and the block's place in a staging buffer where the blocks lie
 back to back in peer order. ``pack`` copies every block's bytes into the staging buffer in
 type-map order (what ``MPI_Pack`` produces), ``unpack`` the reverse. Both are one call
-without the GIL and without a Python loop over blocks, elements or runs.
+without the GIL and without a Python loop over blocks, elements or runs. ``skip`` names a
+block both leave out (a rank's block to itself), which ``copy_block`` copies in one pass
+straight from one plan's buffer into another's: the two blocks' runs are walked side by side
+as two byte streams in type-map order, so no staging copy is made.
 
 Bounds are the caller's to check once per buffer (``lo`` / ``hi`` give the bytes of the user
 buffer the plan touches, ``nbytes`` the staging size): the copies themselves run on raw
@@ -20,6 +23,15 @@ from libc.stdint cimport int64_t, intptr_t
 import numpy as np
 
 __all__ = ["TypeCopy"]
+
+
+cdef struct _Stream:
+    # one block's bytes in type-map order: run r of the element at e, `done` bytes of it used
+    char* e
+    const int64_t* offs
+    const int64_t* lens
+    int64_t ext, whole, done
+    Py_ssize_t r, r0, r1
 
 
 cdef inline void _copy(char* d, const char* s, int64_t n) noexcept nogil:
@@ -58,6 +70,7 @@ cdef class TypeCopy:
     cdef object _keep
     cdef readonly int64_t nbytes
     cdef readonly object positions, lengths
+    cdef public Py_ssize_t skip  # a block pack / unpack leave out (-1: none)
 
     @cython.wraparound(True)  # NumPy slicing with negative ends below
     def __init__(self, offs, lens, starts, extents, layout_ids, displs, counts, sizes):
@@ -86,6 +99,7 @@ cdef class TypeCopy:
         lengths.setflags(write=False)
         pos.setflags(write=False)
         self.positions, self.lengths = pos, lengths
+        self.skip = -1
 
     cdef void _walk(self, char* buf, char* base, const int64_t* at,
                     bint to_stage) noexcept nogil:
@@ -96,7 +110,7 @@ cdef class TypeCopy:
         cdef char* s
         for j in range(self._lid.shape[0]):
             c = self._cnt[j]
-            if c == 0:
+            if c == 0 or j == self.skip:
                 continue
             l = self._lid[j]
             r0, r1 = self._starts[l], self._starts[l + 1]
@@ -121,6 +135,36 @@ cdef class TypeCopy:
                         _copy(e + self._offs[r], s, n)
                     s += n
                 e += ext
+
+    cdef bint _open(self, _Stream* st, Py_ssize_t j, char* buf) noexcept nogil:
+        # False: block j has no bytes
+        cdef int64_t l = self._lid[j]
+        st.r0, st.r1 = self._starts[l], self._starts[l + 1]
+        if self._cnt[j] == 0 or st.r1 == st.r0:
+            return False
+        st.e = buf + self._disp[j]
+        st.offs, st.lens = &self._offs[0], &self._lens[0]
+        st.ext, st.r, st.done = self._ext[l], st.r0, 0
+        st.whole = self._cnt[j] * st.ext if self._dense[l] else 0  # dense: one run
+        return True
+
+    def copy_block(self, Py_ssize_t j, intptr_t src, TypeCopy dst_plan, Py_ssize_t i,
+                   intptr_t dst):
+        """Copy block ``j`` of the buffer at ``src`` into block ``i`` of ``dst_plan``'s
+        buffer at ``dst``, byte ``k`` of one type-map order to byte ``k`` of the other (what
+        packing one and unpacking into the other does), in one pass. The blocks must hold
+        the same number of bytes and must not overlap."""
+        if not (0 <= j < self._lid.shape[0] and 0 <= i < dst_plan._lid.shape[0]):
+            raise IndexError("TypeCopy.copy_block: block out of range")
+        cdef int64_t left = self.lengths[j]
+        if dst_plan.lengths[i] != left:
+            raise ValueError(f"TypeCopy.copy_block: {left} bytes into {dst_plan.lengths[i]}")
+        cdef _Stream a, b
+        if left == 0 or not self._open(&a, j, <char*> src) or \
+                not dst_plan._open(&b, i, <char*> dst):
+            return
+        with nogil:
+            _copy_streams(&a, &b, left)
 
     def pack(self, intptr_t buf, intptr_t stage):
         """Copy every block from the buffer at address ``buf`` into ``stage``."""
@@ -153,3 +197,37 @@ cdef class TypeCopy:
             return
         with nogil:
             self._walk(<char*> buf, <char*> 0, &addrs[0], False)
+
+
+cdef inline int64_t _run_len(_Stream* s) noexcept nogil:
+    return s.whole if s.whole else s.lens[s.r]
+
+
+cdef inline char* _run_at(_Stream* s) noexcept nogil:
+    return s.e + s.offs[s.r0 if s.whole else s.r] + s.done
+
+
+cdef inline void _advance(_Stream* s, int64_t n, int64_t run) noexcept nogil:
+    s.done += n
+    if s.done == run:
+        s.done = 0
+        if not s.whole:
+            s.r += 1
+            if s.r == s.r1:
+                s.r = s.r0
+                s.e += s.ext
+
+
+cdef void _copy_streams(_Stream* a, _Stream* b, int64_t left) noexcept nogil:
+    cdef int64_t ra, rb, n
+    while left > 0:
+        ra, rb = _run_len(a), _run_len(b)
+        n = ra - a.done
+        if rb - b.done < n:
+            n = rb - b.done
+        if n > left:
+            n = left
+        _copy(_run_at(b), _run_at(a), n)
+        _advance(a, n, ra)
+        _advance(b, n, rb)
+        left -= n
