@@ -1,6 +1,7 @@
 """Parallel FFT forward + backward per call: pya2a's Alltoallw against the MPI library's own.
 
     mpiexec -n 4 python bench/pfft_bench.py --sizes 32 64 96 128 --json out.json
+    mpiexec -n 16 python bench/pfft_bench.py --sizes 32 64 128 256 512 --max-seconds 15
     mpiexec -n 4 python bench/pfft_bench.py --device cuda --sizes 64 128 256 --json out.json
 
 Host (default): mpi4py-fft's ``PFFT`` (numpy backend) on ``MPI.COMM_WORLD`` (its
@@ -12,7 +13,10 @@ same subarray exchanges. ``--device cuda``: that pencil FFT on CuPy arrays, pya2
 buffers against copying each array to the host around the MPI's own Alltoallw.
 
 Per size and decomposition the two exchanges alternate call by call (which one goes first
-flips every repetition), each call timed between barriers as the slowest rank's time.
+flips every repetition), each call timed between barriers as the slowest rank's time;
+``--max-seconds`` ends a measurement early (after at least 3 samples) so that one command
+can span 32^3 to 512^3. A size whose arrays would not fit in the node's available memory
+(estimated generously) is skipped with a note and a ``"skipped"`` row.
 Reported: median and minimum of forward + backward, and of the redistributions alone (the
 same calls without the FFTs), in microseconds, with pya2a's algorithm(s). JSON carries the
 command, the host, the MPI library and whether ranks outnumber cores.
@@ -110,10 +114,14 @@ def _algorithms() -> list[str]:
     return sorted(_alltoallw.chosen)
 
 
-def _time(comm, runs: dict, what: str, repeat: int, warmup: int) -> dict:
+def _time(comm, runs: dict, what: str, repeat: int, warmup: int,
+          max_seconds: float | None = None) -> dict:
     names = list(runs)
     times: dict[str, list[float]] = {k: [] for k in names}
+    spent = 0.0  # the same on every rank (sums of all-reduced times): every rank stops together
     for rep in range(warmup + repeat):
+        if max_seconds is not None and rep >= warmup + 3 and spent > max_seconds:
+            break
         order = names if rep % 2 == 0 else names[::-1]
         for k in order:
             obj = runs[k]
@@ -123,10 +131,42 @@ def _time(comm, runs: dict, what: str, repeat: int, warmup: int) -> dict:
             fn()
             obj.sync()
             dt = _slowest(comm, MPI.Wtime() - t0)
+            spent += dt
             if rep >= warmup:
                 times[k].append(dt)
     return {k: {"median_us": float(np.median(v) * 1e6), "min_us": float(np.min(v) * 1e6),
                 "samples": len(v)} for k, v in times.items()}
+
+
+# Arrays of the global size both transforms hold together (their inputs, outputs and every
+# intermediate, pya2a's node-shared window), counted generously: a size whose estimate
+# exceeds the node's available memory is skipped, not run into the OOM killer.
+ARRAYS_HELD = 32
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable of this host (Linux), or None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _fits(world: MPI.Intracomm, n: int, itemsize: int) -> tuple[bool, int, int | None]:
+    """(fits, bytes needed on the busiest node, bytes available there): the same on every
+    rank. The need is ARRAYS_HELD global arrays (complex: 16-byte items) shared by the ranks
+    of the node in proportion to their number."""
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    share = node.Get_size() / world.Get_size()
+    node.Free()
+    need = int(ARRAYS_HELD * n ** 3 * max(itemsize, 16) * share)
+    avail = _available_bytes()
+    ok = world.allreduce(avail is None or need <= avail, op=MPI.LAND)
+    return ok, need, avail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algorithm", default="auto", help="pya2a algorithm (default auto)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop repeating a measurement (at least 3 samples) once its calls "
+                         "took this long: large sizes get fewer samples")
     ap.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = ap.parse_args(argv)
 
@@ -170,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     for n in args.sizes:
+        ok, need, avail = _fits(world, n, dtype.itemsize)
+        if not ok:
+            if rank == 0:
+                print(f"{n}^3 skipped: needs about {need / 2**30:.1f} GiB on a node, "
+                      f"{(avail or 0) / 2**30:.1f} GiB available", flush=True)
+            rows.append({"n": n, "skipped": "memory", "need_bytes": need,
+                         "available_bytes": avail})
+            continue
         for grid in args.grids:
             if impl == "mpi4py-fft":
                 runs = {"mpi": _Mpi4pyFFT(world, n, grid, dtype, xp),
@@ -179,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs = {"mpi": _PencilFFT(world, n, grid, dtype, xp, "mpi", args.algorithm),
                         "pya2a": _PencilFFT(world, n, grid, dtype, xp, "pya2a",
                                             args.algorithm)}
-            tr = _time(world, runs, "transform", args.repeat, args.warmup)
-            ex = _time(world, runs, "exchanges", args.repeat, args.warmup)
+            tr = _time(world, runs, "transform", args.repeat, args.warmup, args.max_seconds)
+            ex = _time(world, runs, "exchanges", args.repeat, args.warmup, args.max_seconds)
             algs = sorted(set().union(*world.allgather(_algorithms())))
             for r in runs.values():
                 r.free()
@@ -204,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         meta.update({"oversubscribed": p > (os.cpu_count() or p), "numpy": np.__version__,
                      "impl": impl, "device": args.device, "algorithm": args.algorithm,
                      "repeat": args.repeat, "warmup": args.warmup,
+                     "max_seconds": args.max_seconds,
                      "loadavg_before_after": [load_before, os.getloadavg()
                                               if hasattr(os, "getloadavg") else None],
                      "timing": "per call, slowest rank, between barriers; pya2a and MPI "
