@@ -1,8 +1,61 @@
 """Build the Cython extension; metadata lives in pyproject.toml."""
 
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+
+def mpi_flags():
+    """Compile and link flags for the MPI library mpi4py uses, or None when none is found.
+
+    mpi4py built from source records its ``mpicc``; a binary mpi4py with the MPICH wheel
+    has ``mpi.h`` and ``libmpi`` under this environment's prefix; otherwise an ``mpicc`` on
+    PATH. pya2a checks at import that the library linked is the one mpi4py loaded.
+    """
+    try:
+        import mpi4py
+
+        mpicc = mpi4py.get_config().get("mpicc")
+    except Exception:
+        mpicc = None
+    prefix = sys.prefix
+    if not mpicc and os.path.exists(os.path.join(prefix, "include", "mpi.h")) and \
+            os.path.exists(os.path.join(prefix, "lib", "libmpi.so")):
+        lib = os.path.join(prefix, "lib")
+        return {"include_dirs": [os.path.join(prefix, "include")], "library_dirs": [lib],
+                "libraries": ["mpi"], "runtime_library_dirs": [lib]}
+    mpicc = mpicc or os.environ.get("MPICC") or shutil.which("mpicc")
+    if not mpicc:
+        return None
+    for args in (["-show"], ["--showme"]):
+        try:
+            out = subprocess.run(shlex.split(mpicc) + args, capture_output=True, text=True,
+                                 timeout=30, check=True).stdout
+        except Exception:
+            continue
+        words = shlex.split(out)[1:]
+        flags: dict = {"include_dirs": [], "library_dirs": [], "libraries": [],
+                       "runtime_library_dirs": [], "extra_link_args": []}
+        for w in words:
+            if w.startswith("-I"):
+                flags["include_dirs"].append(w[2:])
+            elif w.startswith("-L"):
+                flags["library_dirs"].append(w[2:])
+                flags["runtime_library_dirs"].append(w[2:])
+            elif w.startswith("-l"):
+                flags["libraries"].append(w[2:])
+            elif w.startswith("-Wl,"):
+                flags["extra_link_args"].append(w)
+        if "mpi" in flags["libraries"]:
+            return flags
+    return None
+
 
 extensions = [
     Extension(
@@ -35,5 +88,18 @@ extensions = [
         libraries=["dl"],
     ),
 ]
+
+_mpi = mpi_flags()
+if _mpi is not None:
+    # exchange programs: MPI calls in one C loop (optional: pya2a runs without it)
+    extensions.append(Extension(
+        "pya2a.core._exec",
+        ["pya2a/core/_exec.pyx"],
+        include_dirs=[numpy.get_include()] + _mpi.pop("include_dirs"),
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+        optional=True,
+        **_mpi,
+    ))
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))

@@ -4,13 +4,20 @@ A :class:`Plan` fixes the communicator, counts, displacements, datatype and algo
 creation is collective: arguments are checked on every rank with the same error agreement as
 the one-shot calls (an error anywhere raises everywhere), the counts are checked against the
 peers' (what i sends to j is what j expects from i), and the algorithm is chosen from global
-values. ``plan.run(sendbuf, recvbuf)`` then binds the algorithm to the two buffers once
-(persistent ``Send_init`` / ``Recv_init`` requests, precomputed views) and keeps up to
-``cache_size`` (256) such bindings keyed by the buffers' addresses, so repeated runs on the
-same buffers do no allocation, no parsing and no schedule work: only ``Startall`` /
-``Waitall``. A binding holds an address range, not the caller's object, so many distinct or
-short-lived buffers (a new receive array every call) keep no memory alive; a new buffer costs
-one read of its address and size (:func:`pya2a.core.spec.bind`) and the algorithm's binding.
+values. For host buffers the plan then makes its *program* once
+(:mod:`pya2a.algorithms._bound`): the whole exchange as a table of copies, messages and
+waits at offsets from the two buffers' starts (peers, byte counts, scratch: everything that
+does not depend on where the buffers are). ``plan.run(sendbuf, recvbuf)`` on a buffer pair
+seen for the first time reads the buffers' addresses and sizes (:func:`pya2a.core.spec.bind`)
+and runs the program there: one C loop of memcpys and ``MPI_Isend`` / ``MPI_Irecv`` /
+``MPI_Waitall``, nothing allocated, so any number of distinct buffers (a new receive array
+every call) costs about what a repeated pair does. A pair run again is bound: persistent
+``Send_init`` / ``Recv_init`` requests made in one C loop; up to ``cache_size`` (256) pairs
+are remembered by address (least recently used forgotten, its requests freed), and a
+repeated run on them does no parsing: only ``Startall`` / ``Waitall`` and the copies. A
+binding holds an address range, not the caller's object, so buffers keep no memory alive.
+Algorithms without a program (device buffers, ``hierarchical``, a store-and-forward
+schedule whose scratch is too large) bind per pair as before, or run their own code.
 
 Runs are not collective-agreed (that would cost the Allgather plans exist to avoid): buffer
 errors in ``run`` (too small, read-only, wrong kind) raise on the rank that has them, before
@@ -32,8 +39,16 @@ import numpy as np
 from mpi4py import MPI
 
 from . import algorithms, select
-from .algorithms._bound import bind_schedule, bind_scratch_ok, schedule_steps
-from .core import _msg, _pack, log, watchdog
+from .algorithms._bound import (
+    bind_schedule,
+    bind_scratch_ok,
+    host_span,
+    in_place_program,
+    make_program,
+    schedule_program,
+    schedule_steps,
+)
+from .core import _msg, log, watchdog
 from .core import spec as _spec
 from .core.devices import load_device_algorithms
 from .core.registry import Bound, Context, execute, name_code, refusal, usable
@@ -52,7 +67,7 @@ from .core.validate import (
 
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain"]
 
-DEFAULT_CACHE = 256  # buffer pairs bound per plan; bindings hold address ranges, not objects
+DEFAULT_CACHE = 256  # buffer pairs remembered per plan; bindings hold address ranges only
 
 
 @dataclass
@@ -184,8 +199,9 @@ class Plan:
             sums of the counts).
         device: None for host buffers, or the CUDA device ordinal of device buffers.
         algorithm: "auto" (``PYA2A_ALGORITHM`` overrides) or a name; same on every rank.
-        cache_size: buffer pairs whose bindings are kept (least recently used evicted;
-            default 256). A binding holds the buffers' address ranges, never the objects.
+        cache_size: buffer pairs remembered and bound (least recently used forgotten;
+            default 256). Any number of distinct pairs can be run: one not remembered runs
+            the plan's program unbound. A binding holds address ranges, never the objects.
 
     Raises:
         TypeError, ValueError: bad arguments, or counts that do not match the peers', on any
@@ -256,9 +272,8 @@ class Plan:
         self._cache_size = max(1, int(cache_size))
         self._by_addr: OrderedDict[tuple, _Entry] = OrderedDict()
         self._last: tuple | None = None  # (send object, recv object, entry) of the last run
-        self._seen: OrderedDict[tuple, None] = OrderedDict()  # pairs run once, not bound
-        self._stage: tuple | None = None  # the staging pair's buffers and binding
-        self._stage_ok = (recv.device is None and send.contiguous and recv.contiguous)
+        self._progs: dict[bool, object] = {}  # in place? -> the exchange program, or None
+        self._formats: dict[str, bool] = {}  # buffer formats that passed the dtype check
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
         self._max_block: int | None = None  # largest block over all ranks, bytes
@@ -338,41 +353,64 @@ class Plan:
                             f"{'host' if self.device is None else 'device'} buffers")
         return key, send, recv
 
-    def _bind(self, sendbuf: object, recvbuf: object, ctx: Context) -> tuple[tuple, _Entry]:
+    def _bind(self, sendbuf: object, recvbuf: object, ctx: Context | None = None,
+              persistent: bool = False) -> tuple[tuple, _Entry]:
         key, send, recv = self._specs(sendbuf, recvbuf)
-        return key, self._make_entry(send, recv, ctx)
+        entry = self._host_entry(send, recv, persistent)
+        if entry is None:
+            entry = self._make_entry(send, recv, ctx or self._ctx())
+        return key, entry
 
-    def _staged(self, send: VSpec, recv: VSpec) -> _Entry:
-        """A run on buffers seen for the first time, through the plan's own staging pair.
+    def _program(self, inplace: bool):
+        """The exchange program for host buffers (made on first need), or None.
 
-        Binding a buffer pair costs far more than a run for the bound schedules and the
-        persistent requests; a pair seen once (a new receive array every call) runs instead
-        through one binding to two plan-owned buffers: the send bytes copied in, the run,
-        the receive blocks copied out. The messages on the wire are the same as a bound
-        pair's, so ranks may take either way independently. A pair seen again is bound.
+        Made from the templates and global facts only (``_cmat``, ``_max_block``), so every
+        rank that has one sends the same messages as a rank that binds without one.
         """
-        if self._stage is None:
-            s_arr = np.empty(max(self._send_t.nbytes, 1), dtype=np.uint8)
-            r_arr = np.empty(max(self._recv_t.nbytes, 1), dtype=np.uint8)
-            s_spec = _spec.bind(self._send_t, s_arr, True, "Plan.run", "staging buffer")
-            r_spec = _spec.bind(self._recv_t, r_arr, False, "Plan.run", "staging buffer")
-            rb = self._recv_t
-            nz = rb.counts > 0
-            offs = np.ascontiguousarray(rb.bdispls[nz], dtype=np.int64)
-            lens = np.ascontiguousarray(rb.bcounts[nz], dtype=np.int64)
-            self._stage = (s_arr, r_arr, self._make_entry(s_spec, r_spec, self._ctx()),
-                           offs, lens)
-        s_arr, r_arr, entry, offs, lens = self._stage
-        n_send = self._send_t.nbytes
-        run = entry.bound.run
-        sview, rview = send.host_bytes(), recv.host_bytes()
+        progs = self._progs
+        if inplace in progs:
+            return progs[inplace]
+        prog = made = None
+        info, ctx = self._info, self._ctx()
+        send_t, recv_t = self._send_t, self._recv_t
+        try:
+            if self.device is None and inplace and info.takes_in_place:
+                made = info.program(None, recv_t, ctx) if info.program is not None else None
+            elif self.device is None:
+                s = recv_t if inplace else send_t
+                if info.program is not None:
+                    made = info.program(s, recv_t, ctx)
+                elif self._cmat is not None and s.contiguous and recv_t.contiguous:
+                    steps = self._schedule()
+                    if steps is not None:
+                        made = (*schedule_program(s, recv_t, ctx, self._cmat, steps), None)
+                if made is not None and inplace:
+                    made = (*in_place_program(made[0], made[1], recv_t.nbytes), made[2])
+            if made is not None:
+                prog = make_program(self.comm, *made)
+        except ValueError:  # a table the C loop does not take: bind as before
+            prog = None
+        progs[inplace] = prog
+        return prog
 
-        def staged() -> None:
-            s_arr[:n_send] = sview[:n_send]
-            run()
-            _pack.pack(r_arr, offs, lens, rview, offs)
+    def _host_entry(self, send: VSpec | None, recv: VSpec, persistent: bool) -> _Entry | None:
+        """A run of the plan's program on these buffers, or None where there is none.
 
-        return _Entry(Bound(run=staged), None)
+        ``persistent``: bind now (``Plan.bind``); otherwise the first run posts
+        non-persistent requests and a second run on the same pair binds.
+        """
+        if recv.device is not None or recv.obj is MPI.BOTTOM or \
+                (send is not None and send.obj is MPI.BOTTOM):
+            return None
+        prog = self._program(send is None)
+        if prog is None:
+            return None
+        if persistent and prog.collective:
+            return None  # native / padded: their persistent collective, from prepare
+        if send is None:
+            return _Entry(prog.bind(0, 0, recv.addr, recv.nbytes, persistent), None)
+        return _Entry(prog.bind(send.addr, send.nbytes, recv.addr, recv.nbytes, persistent),
+                      None)
 
     def _entry(self, sendbuf: object, recvbuf: object) -> _Entry:
         if self._freed:
@@ -381,25 +419,48 @@ class Plan:
         if last is not None and last[0] is sendbuf and last[1] is recvbuf:
             return last[2]
         # a new object may still be the same memory (a fresh view): look up by address
-        recv_mem = _address(recvbuf)
         inplace = in_place(sendbuf)
-        send_mem = (None,) if inplace else _address(sendbuf)
-        key = (*send_mem, *recv_mem) if send_mem[0] is not None else (None, *recv_mem)
+        rs = host_span(recvbuf, True)
+        ss = None if inplace else host_span(sendbuf, False)
+        if rs is not None and (inplace or ss is not None):
+            key = (None, rs[0], rs[1]) if inplace else (ss[0], ss[1], rs[0], rs[1])
+        else:
+            rs = None
+            recv_mem = _address(recvbuf)
+            send_mem = (None,) if inplace else _address(sendbuf)
+            key = (*send_mem, *recv_mem) if send_mem[0] is not None else (None, *recv_mem)
         entry = self._by_addr.get(key)
         if entry is None:
-            if self._stage_ok and not inplace and key not in self._seen:
-                key, send, recv = self._specs(sendbuf, recvbuf)
-                self._seen[key] = None
-                while len(self._seen) > 16 * self._cache_size:
-                    self._seen.popitem(last=False)
-                assert send is not None  # not in place
-                return self._staged(send, recv)
-            key, entry = self._bind(sendbuf, recvbuf, self._ctx())
+            entry = self._quick(ss, rs, inplace) if rs is not None else None
+            if entry is None:
+                key, entry = self._bind(sendbuf, recvbuf)
+                if rs is not None:  # these buffers' element types passed the full check
+                    self._formats[rs[2]] = True
+                    if ss is not None:
+                        self._formats[ss[2]] = True
             self._insert(key, entry)
         else:
             self._by_addr.move_to_end(key)
         self._last = (sendbuf, recvbuf, entry)
         return entry
+
+    def _quick(self, ss: tuple | None, rs: tuple, inplace: bool) -> _Entry | None:
+        """The program on a new pair of C-contiguous host buffers, from their address, size
+        and format alone (:func:`pya2a.core._pack.host_span`), or None: then the full check
+        (:meth:`_specs`) decides and raises what is wrong. A format is taken here once a
+        buffer of that format has passed the full check on this plan."""
+        prog = self._progs[inplace] if inplace in self._progs else self._program(inplace)
+        fmts = self._formats
+        if prog is None or rs[1] < self._recv_t.nbytes or rs[2] not in fmts:
+            return None
+        if inplace:
+            if not self._in_place_ok:
+                return None
+            return _Entry(prog.bind(0, 0, rs[0], rs[1], False), None)
+        if ss[1] < self._send_t.nbytes or ss[2] not in fmts or (  # type: ignore[index]
+                ss[1] and rs[1] and ss[0] < rs[0] + rs[1] and rs[0] < ss[0] + ss[1]):
+            return None
+        return _Entry(prog.bind(ss[0], ss[1], rs[0], rs[1], False), None)
 
     def _insert(self, key: tuple, entry: _Entry) -> None:
         self._by_addr[key] = entry
@@ -428,7 +489,8 @@ class Plan:
         key = (send.addr, send.nbytes, recv.addr, recv.nbytes)
         entry = self._by_addr.get(key)
         if entry is None:
-            entry = self._make_entry(_detached(send), _detached(recv), self._ctx())
+            entry = self._host_entry(send, recv, False) or \
+                self._make_entry(_detached(send), _detached(recv), self._ctx())
             self._insert(key, entry)
         else:
             self._by_addr.move_to_end(key)
@@ -475,7 +537,8 @@ class Plan:
         exc = None
         entry = None
         try:
-            _, entry = self._bind(sendbuf, recvbuf, self._ctx(persistent_collective=True))
+            _, entry = self._bind(sendbuf, recvbuf, self._ctx(persistent_collective=True),
+                                  persistent=True)
         except Exception as e:
             exc = e
         try:
@@ -503,9 +566,6 @@ class Plan:
         while self._by_addr:
             _, e = self._by_addr.popitem()
             e.bound.free()
-        if self._stage is not None:
-            self._stage[2].bound.free()
-            self._stage = None
 
     def __enter__(self) -> Plan:
         return self

@@ -15,7 +15,7 @@ from mpi4py import MPI
 
 import pya2a
 from pya2a import algorithms, select
-from pya2a.algorithms import padded
+from pya2a.algorithms import _bound, padded
 
 from helpers import SEED, count_matrix, expected_recv, send_data
 
@@ -64,14 +64,14 @@ def test_uniform_packed_exchange_uses_the_user_buffers(comm):
     sbuf, want = send_data(c, r, "int32"), expected_recv(c, r, "int32")
     rbuf = np.zeros_like(want)
     with pya2a.plan(comm, 5, 5, np.int32, algorithm="padded") as pl:
-        pl.run(sbuf, rbuf)  # first sight: the plan's staging pair
+        pl.run(sbuf, rbuf)  # first sight: the plan's program on these buffers
         np.testing.assert_array_equal(rbuf, want)
         rbuf[:] = 0
         pl.run(sbuf, rbuf)  # seen again: bound to these buffers
         np.testing.assert_array_equal(rbuf, want)
-        if p > 1:
-            ex = pl._last[2].bound.run.__self__  # (send, recv, binding) of the last run
-            assert ex.direct and not hasattr(ex, "sbuf")
+        if p > 1:  # one Alltoall from the send buffer (0) to the receive buffer (1)
+            rows, scratch, _ = padded.program(pl._send_t, pl._recv_t, pl._ctx())
+            assert rows == [(_bound.ALLTOALL, 0, 0, 1, 0, 20)] and scratch == []
     # the choice is local: rank 0 sends and receives only largest blocks, the last rank's
     # own block is smaller, so it packs while rank 0 hands MPI its buffers
     c2 = c.copy()
@@ -86,7 +86,8 @@ def test_uniform_packed_exchange_uses_the_user_buffers(comm):
             pl.run(sdata, out)
             np.testing.assert_array_equal(out, expected_recv(c2, r))
         if p > 1:
-            assert pl._last[2].bound.run.__self__.direct == (r != p - 1)
+            rows = padded.program(pl._send_t, pl._recv_t, pl._ctx())[0]
+            assert (rows[0][0] == _bound.ALLTOALL) == (r != p - 1)
 
 
 def test_alltoall_call_needs_no_max_block(comm):

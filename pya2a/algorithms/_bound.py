@@ -1,10 +1,23 @@
-"""Bound schedules: a store-and-forward algorithm's whole exchange as precomputed copies.
+"""Exchange programs: an algorithm's whole exchange as a table of operations, per plan.
 
-When every rank knows the bytes between every pair of ranks (a plan, or a one-shot call
-whose agreement record carried them), a schedule of ``ring`` / ``mesh`` / ``hypercube`` can
-be bound once to two buffers: each phase becomes one list of memcpys
-(:class:`pya2a.core._pack.CopyList`) plus persistent point-to-point requests of known
-sizes, with no size messages at run time.
+A program (:mod:`pya2a.core._exec`) holds what does not depend on where the two user
+buffers are: per operation the buffer (0 = send, 1 = receive, 2.. = scratch the program
+owns), byte offset, length, peer and tag. A plan makes it once; a run on any buffer pair
+is one C loop over memcpys and ``MPI_Isend`` / ``MPI_Irecv`` / ``MPI_Waitall`` (or the
+library's ``MPI_Alltoall(v)``) at base + offset, so a new buffer costs no more than a
+bound one; :meth:`Program.bind` makes persistent requests for pairs seen repeatedly.
+
+- :func:`group_ops`: ``direct`` / ``pairwise``: the own block, then groups of steps, each
+  group's receives and sends posted together and waited for.
+- :func:`schedule_program`: a store-and-forward schedule (``ring`` / ``mesh`` /
+  ``hypercube``) when every rank knows the bytes between every pair of ranks (a plan, or a
+  one-shot call whose agreement record carried them): each phase gathers its outgoing
+  blocks into scratch, posts its messages of known sizes, waits, and unpacks the blocks
+  that arrived home, with no size messages at run time.
+- :func:`make_program`: the C program, or None where the extension is missing or was built
+  against another MPI library than mpi4py's (:func:`py_binding` then binds the same table
+  with mpi4py's persistent requests: the same messages, so ranks may differ in the
+  executor they use).
 """
 
 from __future__ import annotations
@@ -16,9 +29,163 @@ from ..core.registry import AlgorithmInfo, Bound, Context
 from ..core.spec import VSpec
 from .tags import TAG_BOUND
 
-__all__ = ["SCRATCH_LIMIT", "bind_schedule", "bind_scratch_ok", "schedule_steps"]
+__all__ = ["SCRATCH_LIMIT", "bind_groups", "bind_schedule", "bind_scratch_ok", "group_ops",
+           "host_span", "in_place_program", "make_program", "py_binding", "schedule_program",
+           "schedule_steps", "COPY", "RECV", "SEND", "WAIT", "ALLTOALL", "ALLTOALLV"]
 
-SCRATCH_LIMIT = 256 << 20  # bytes of per-binding scratch above which plans call run()
+SCRATCH_LIMIT = 256 << 20  # bytes of per-plan scratch above which plans call run()
+
+# operation codes of a program row (op, a, b, c, d, e); the same values as pya2a.core._exec
+COPY = 0  # src buffer, src offset, dst buffer, dst offset, bytes
+RECV = 1  # buffer, offset, bytes, source, tag
+SEND = 2  # buffer, offset, bytes, destination, tag
+WAIT = 3  # wait for every request posted since the last wait
+ALLTOALL = 4  # send buffer, offset, receive buffer, offset, bytes per peer
+ALLTOALLV = 5  # send buffer (-1: in place), receive buffer; counts in the program's tables
+_NOP = (WAIT, 0, 0, 0, 0, 0)
+
+_EXEC: list = []  # [module or None], resolved on first use
+
+
+def _exec_module():
+    """:mod:`pya2a.core._exec` when built against the MPI library mpi4py loaded, else None."""
+    if not _EXEC:
+        try:
+            from ..core import _exec
+
+            ok = _exec.library_version() == MPI.Get_library_version()
+        except Exception:  # not built here
+            ok, _exec = False, None
+        _EXEC.append(_exec if ok else None)
+    return _EXEC[0]
+
+
+def host_span(obj: object, writable: bool) -> tuple | None:
+    """``(address, nbytes, format)`` of a C-contiguous host buffer, or None
+    (:func:`pya2a.core._exec.host_span`; always None without the C module, where plans have
+    no programs)."""
+    ex = _exec_module()
+    return None if ex is None else ex.host_span(obj, writable)
+
+
+def make_program(comm: MPI.Intracomm, ops: list | np.ndarray, scratch: list = (),
+                 vtables: tuple | None = None):
+    """The C :class:`pya2a.core._exec.Program` of an operation table, or None.
+
+    None where the extension is not available, or where the table does not fit it (a
+    message longer than a C int): the caller then binds with :func:`py_binding` or runs the
+    algorithm's own code, which send the same messages.
+    """
+    ex = _exec_module()
+    if ex is None:
+        return None
+    try:
+        return ex.Program(comm, ops, list(scratch), vtables)
+    except ValueError:
+        return None
+
+
+def group_ops(send: VSpec, recv: VSpec, rank: int, groups: list[list[tuple[int, int]]],
+              tag: int) -> list[tuple]:
+    """Rows of ``direct`` / ``pairwise``: the own block, then per group of (dst, src) steps
+    the receives and sends, posted together, and a wait. Zero-byte blocks are skipped."""
+    sc, sd = send.bcounts.tolist(), send.bdispls.tolist()
+    rc, rd = recv.bcounts.tolist(), recv.bdispls.tolist()
+    ops = [(COPY, 0, sd[rank], 1, rd[rank], rc[rank])] if rc[rank] else []
+    for group in groups:
+        n = len(ops)
+        for dst, src in group:
+            if rc[src]:
+                ops.append((RECV, 1, rd[src], rc[src], src, tag))
+            if sc[dst]:
+                ops.append((SEND, 0, sd[dst], sc[dst], dst, tag))
+        if len(ops) > n:
+            ops.append(_NOP)
+    return ops
+
+
+def in_place_program(ops: list, scratch: list, nbytes: int) -> tuple[list, list]:
+    """An in-place exchange from a program made for two buffers: the receive buffer's first
+    ``nbytes`` copied into a new scratch buffer, which the rows then read as the send one."""
+    new = 2 + len(scratch)
+    out = [(COPY, 1, 0, new, 0, nbytes)] if nbytes else []
+    for op, a, b, c, d, e in ops:
+        if op == COPY or op == ALLTOALL:
+            out.append((op, new if a == 0 else a, b, new if c == 0 else c, d, e))
+        elif op in (RECV, SEND):
+            out.append((op, new if a == 0 else a, b, c, d, e))
+        elif op == WAIT:
+            out.append((op, a, b, c, d, e))
+        else:
+            raise ValueError(f"in_place_program: operation {op} reads the send buffer")
+    return out, [*scratch, np.empty(max(nbytes, 1), dtype=np.uint8)]
+
+
+def py_binding(comm: MPI.Intracomm, ops: list | np.ndarray, scratch: list, send_addr: int,
+               recv_addr: int, keep: object = None) -> Bound:
+    """An operation table (COPY / RECV / SEND / WAIT rows) bound with mpi4py's persistent
+    requests and :class:`pya2a.core._pack.CopyList` copies: the executor where the C one is
+    not available. ``keep``: objects the binding must hold (the user buffers' views)."""
+    from ..core import _pack
+
+    base = [send_addr, recv_addr] + [int(b.ctypes.data) for b in scratch]
+    program: list = []  # (copies or None, requests) per wait
+    copies: list = []
+    reqs: list = []
+    every: list = []
+    for op, a, b, c, d, e in np.asarray(ops, dtype=np.int64).reshape(-1, 6).tolist():
+        if op == COPY:
+            if e:
+                copies.append((base[a] + b, base[c] + d, e))
+        elif op in (RECV, SEND):
+            if copies:  # copies before the requests that follow them
+                program.append((_pack.CopyList(np.array(copies, np.int64), keep), []))
+                copies = []
+            mem = MPI.buffer.fromaddress(base[a] + b, c, False)
+            q = (comm.Recv_init if op == RECV else comm.Send_init)([mem, MPI.BYTE], d, e)
+            reqs.append(q)
+            every.append(q)
+        elif op == WAIT:
+            if reqs:
+                program.append((None, reqs))
+                reqs = []
+        else:
+            raise ValueError(f"py_binding: operation {op} has no persistent form")
+    if copies:
+        program.append((_pack.CopyList(np.array(copies, np.int64), keep), []))
+    startall, waitall = MPI.Prequest.Startall, MPI.Request.Waitall
+    hold = (scratch, keep)
+
+    def run_bound() -> None:
+        for copy, rq in program:
+            if copy is not None:
+                copy()
+            else:
+                startall(rq)
+                waitall(rq)
+
+    def free() -> None:
+        for q in every:
+            if q:
+                q.Free()
+        every.clear()
+        program.clear()
+
+    run_bound.hold = hold  # type: ignore[attr-defined]
+    return Bound(run=run_bound, free=free)
+
+
+def bind_groups(send: VSpec, recv: VSpec, ctx: Context, groups: list[list[tuple[int, int]]],
+                tag: int) -> Bound | None:
+    """Persistent Send_init/Recv_init per block, started group by group (plans without the
+    C executor); None for device buffers and in-place exchanges."""
+    if ctx.transport.device is not None or ctx.in_place:
+        return None
+    from ._common import sides
+
+    s = sides(send, recv, ctx.transport)
+    return py_binding(ctx.comm, group_ops(send, recv, ctx.rank, groups, tag), [],
+                      int(s.sb.ctypes.data), int(s.rb.ctypes.data), (s.sb, s.rb))
 
 
 def schedule_steps(info: AlgorithmInfo, ctx: Context) -> list | None:
@@ -74,24 +241,75 @@ def bind_scratch_ok(comm: MPI.Intracomm, steps: list | None, cmat: np.ndarray) -
     return int(buf[0]) <= SCRATCH_LIMIT
 
 
-def bind_schedule(info: AlgorithmInfo, send: VSpec, recv: VSpec, ctx: Context,
-                  cmat: np.ndarray, steps: list | None = None) -> Bound | None:
-    """Bind a store-and-forward schedule (ring, mesh, hypercube) to two host buffers.
+def schedule_program(send: VSpec, recv: VSpec, ctx: Context, cmat: np.ndarray,
+                     steps: list) -> tuple[list, list]:
+    """A store-and-forward schedule (ring, mesh, hypercube) as rows and scratch buffers.
 
     With the whole byte-count matrix ``cmat[src, dst]`` (all-gathered once when the plan was
     made) every message length, every block's place in every message and every scratch
-    buffer is known here, so a run is only: gather the outgoing blocks (``_pack``), start
-    and wait the persistent requests of the phase, unpack the blocks that arrived home. No
-    size messages travel at run time (the one-shot ``run`` must exchange them), and nothing
-    is allocated. Steps of one phase are posted together (they depend only on earlier
-    phases). Returns None (plans then call ``run``) for device buffers, in-place exchanges
-    and schedules that are not lists of Steps. The scratch limit is the caller's to check, on
-    the largest need over all ranks (:func:`bind_scratch_ok`): with skewed counts one rank's
-    scratch can exceed it while another's does not, and a rank that binds exchanges on other
-    tags than one that calls ``run``, so the two would wait on each other forever. ``steps``:
-    the schedule when the caller has it already (computed here otherwise).
+    buffer is known here, so a run is only: gather the outgoing blocks, post the phase's
+    messages and wait for them, unpack the blocks that arrived home. No size messages travel
+    at run time (the one-shot ``run`` must exchange them). Steps of one phase are posted
+    together (they depend only on earlier phases). Buffers: 0 send, 1 receive, 2 the
+    outgoing scratch (shared by the steps of a phase), 3 the incoming one (a place per
+    message). The scratch limit is the caller's to check, on the largest need over all
+    ranks (:func:`bind_scratch_ok`): with skewed counts one rank's scratch can exceed it
+    while another's does not, and a rank that binds exchanges on other tags than one that
+    calls ``run``, so the two would wait on each other forever.
     """
-    from ..core import _pack
+    r = ctx.rank
+    sd, rd = send.bdispls, recv.bdispls
+    # where a block lives: loc[(src, dst)] = (buffer, offset)
+    loc: dict[tuple[int, int], tuple[int, int]] = {(r, d): (0, int(sd[d]))
+                                                   for d in range(ctx.size)}
+    phases = _phases(steps)
+    out_need, in_need = _scratch_need(phases, cmat)
+    scratch = [np.zeros(max(out_need, 1), dtype=np.uint8),
+               np.zeros(max(in_need, 1), dtype=np.uint8)]
+    n_self = int(recv.bcounts[r])
+    ops: list[tuple] = [(COPY, 0, int(sd[r]), 1, int(rd[r]), n_self)] if n_self else []
+    in_pos = 0
+    for ph in phases:
+        recvs, sends, unpacks, moved = [], [], [], []
+        out_pos = 0
+        for st in ph:
+            blk = np.asarray(st.send, dtype=np.int64).reshape(-1, 2)
+            start = out_pos
+            for (a, b), n in zip(blk.tolist(), cmat[blk[:, 0], blk[:, 1]].tolist(),
+                                 strict=True):
+                if n:
+                    buf, off = loc[(a, b)]
+                    ops.append((COPY, buf, off, 2, out_pos, n))
+                    out_pos += n
+            rblk = np.asarray(st.recv, dtype=np.int64).reshape(-1, 2)
+            rl = cmat[rblk[:, 0], rblk[:, 1]].tolist()
+            rtot = sum(rl)
+            if rtot:
+                recvs.insert(0, (RECV, 3, in_pos, rtot, st.src, TAG_BOUND))
+            if out_pos > start:
+                sends.append((SEND, 2, start, out_pos - start, st.dst, TAG_BOUND))
+            for (a, b), n in zip(rblk.tolist(), rl, strict=True):
+                if b == r:
+                    if n:
+                        unpacks.append((COPY, 3, in_pos, 1, int(rd[a]), n))
+                else:
+                    moved.append(((a, b), in_pos))
+                in_pos += n
+        for key, o in moved:  # received blocks are forwardable from the next phase on
+            loc[key] = (3, o)
+        if recvs or sends:
+            ops.extend(recvs + sends)
+            ops.append(_NOP)
+        ops.extend(unpacks)
+    return ops, scratch
+
+
+def bind_schedule(info: AlgorithmInfo, send: VSpec, recv: VSpec, ctx: Context,
+                  cmat: np.ndarray, steps: list | None = None) -> Bound | None:
+    """:func:`schedule_program` bound to two host buffers with :func:`py_binding` (plans
+    without the C executor). Returns None (plans then call ``run``) for device buffers,
+    in-place exchanges and schedules that are not lists of Steps. ``steps``: the schedule
+    when the caller has it already (computed here otherwise)."""
     from ._common import sides
 
     if ctx.transport.device is not None or ctx.in_place or cmat is None:
@@ -101,94 +319,6 @@ def bind_schedule(info: AlgorithmInfo, send: VSpec, recv: VSpec, ctx: Context,
     if steps is None:
         return None
     s = sides(send, recv, ctx.transport)
-    r, p, comm = ctx.rank, ctx.size, ctx.comm
-    sd, rd = s.sd, s.rd
-    loc: dict[tuple[int, int], tuple[int, int]] = {(r, d): (0, int(sd[d])) for d in range(p)}
-    # one outgoing scratch shared by all steps of the largest phase; incoming ones persist
-    phases = _phases(steps)
-    out_need, in_need = _scratch_need(phases, cmat)
-    out = np.empty(max(out_need, 1), dtype=np.uint8)
-    inc_all = np.empty(max(in_need, 1), dtype=np.uint8)
-    bufs = [s.sb, out, inc_all]  # where a block lives: loc[(src, dst)] = (index, offset)
-    # Copies are (source address, destination address, bytes) rows, checked here once
-    base = np.array([b.ctypes.data for b in bufs], dtype=np.int64)
-    size = np.array([b.nbytes for b in bufs], dtype=np.int64)
-    rb_addr, rb_size = int(s.rb.ctypes.data), int(s.rb.nbytes)
-
-    def rows(src_base, src_size, offs, lens, dst_base, dst_size, dst_offs) -> np.ndarray:
-        offs, lens, dst_offs = (np.asarray(x, dtype=np.int64) for x in (offs, lens, dst_offs))
-        keep = lens != 0  # empty blocks touch no byte, wherever they are
-        if not keep.all():
-            offs, lens, dst_offs = offs[keep], lens[keep], dst_offs[keep]
-            src_base = src_base[keep] if np.ndim(src_base) else src_base
-            src_size = src_size[keep] if np.ndim(src_size) else src_size
-        if lens.size and ((offs < 0).any() or (offs + lens > src_size).any()
-                          or (dst_offs < 0).any() or (dst_offs + lens > dst_size).any()):
-            raise ValueError("bind_schedule: a block lies outside its buffer")  # a bug
-        return np.stack([src_base + offs, dst_base + dst_offs, lens], axis=1).reshape(-1, 3)
-
-    before, after, phase_reqs = [], [], []  # per phase: gather rows, unpack rows, requests
-    in_pos = 0
-    for ph in phases:
-        gathers, unpacks, reqs, moved = [], [], [], []  # gather: (buffer, offset, at, bytes)
-        out_pos = 0
-        for st in ph:
-            blk = np.asarray(st.send, dtype=np.int64).reshape(-1, 2)
-            lens = cmat[blk[:, 0], blk[:, 1]].astype(np.int64)
-            start = out_pos
-            for (a, b), n in zip(blk.tolist(), lens.tolist(), strict=True):
-                gathers.append((*loc[(a, b)], out_pos, n))
-                out_pos += n
-            rblk = np.asarray(st.recv, dtype=np.int64).reshape(-1, 2)
-            rl = cmat[rblk[:, 0], rblk[:, 1]].astype(np.int64)
-            rtot = int(rl.sum())
-            if rtot:
-                reqs.insert(0, comm.Recv_init([inc_all[in_pos:in_pos + rtot], MPI.BYTE],
-                                              st.src, TAG_BOUND))
-            if out_pos > start:
-                reqs.append(comm.Send_init([out[start:out_pos], MPI.BYTE], st.dst, TAG_BOUND))
-            offs = in_pos + np.cumsum(rl) - rl
-            home = rblk[:, 1] == r
-            if home.any():
-                unpacks.append(rows(base[2], size[2], offs[home], rl[home], rb_addr, rb_size,
-                                    rd[rblk[home, 0]]))
-            moved.extend(((a, b), o) for (a, b), o, h in
-                         zip(rblk.tolist(), offs.tolist(), home.tolist(), strict=True) if not h)
-            in_pos += rtot
-        for key, o in moved:  # received blocks are forwardable from the next phase on
-            loc[key] = (2, o)
-        g = np.array(gathers, dtype=np.int64).reshape(-1, 4)
-        before.append([rows(base[g[:, 0]], size[g[:, 0]], g[:, 1], g[:, 3], base[1], size[1],
-                            g[:, 2])])
-        after.append(unpacks)
-        phase_reqs.append(reqs)
-    n_self = int(s.rc[r])
-    # One copy list per phase boundary: the unpacks of phase k and the gathers of phase k + 1
-    # (they touch different buffers) run as one memcpy loop; the first also copies the own
-    # block. A run is then three calls per phase: copies, Startall, Waitall.
-    own = [rows(base[0], size[0], [int(sd[r])], [n_self], rb_addr, rb_size, [int(rd[r])])]
-    keep = (s.sb, s.rb, out, inc_all)
-    lists = []
-    for k in range(len(phases) + 1):
-        parts = (own if k == 0 else after[k - 1]) + (before[k] if k < len(phases) else [])
-        lists.append(_pack.CopyList(np.concatenate(parts) if parts else
-                                    np.zeros((0, 3), np.int64), keep))
-    first, program = lists[0], list(zip(phase_reqs, lists[1:], strict=True))
-    startall, waitall = MPI.Prequest.Startall, MPI.Request.Waitall
-
-    def run_bound() -> None:
-        first()
-        for reqs, copies in program:
-            if reqs:
-                startall(reqs)
-                waitall(reqs)
-            copies()
-
-    def free() -> None:
-        for reqs in phase_reqs:  # emptied in place: the run's program holds these lists
-            for q in reqs:
-                if q:
-                    q.Free()
-            reqs.clear()
-
-    return Bound(run=run_bound, free=free)
+    ops, scratch = schedule_program(send, recv, ctx, cmat, steps)
+    return py_binding(ctx.comm, ops, scratch, int(s.sb.ctypes.data), int(s.rb.ctypes.data),
+                      (s.sb, s.rb))

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from mpi4py import MPI
 
-from ..core.registry import Bound, Context
+from ..core.registry import Context
 from ..core.spec import VSpec
 
-__all__ = ["Sides", "sides", "exchange_groups", "bind_groups"]
+__all__ = ["Sides", "sides", "exchange_groups"]
 
 
 
@@ -51,42 +50,3 @@ def exchange_groups(send: VSpec, recv: VSpec, ctx: Context, groups: list[list[tu
             if sc[dst]:
                 reqs.append(t.isend(s.sb, sd[dst], sc[dst], dst, tag))
         t.waitall(reqs)
-
-
-def bind_groups(send: VSpec, recv: VSpec, ctx: Context, groups: list[list[tuple[int, int]]],
-          tag: int) -> Bound | None:
-    """Persistent Send_init/Recv_init per block, started group by group (plans)."""
-    if ctx.transport.device is not None or ctx.in_place:
-        return None
-    s = sides(send, recv, ctx.transport)
-    comm, r = ctx.comm, ctx.rank
-    sc, sd, rc, rd = s.sc.tolist(), s.sd.tolist(), s.rc.tolist(), s.rd.tolist()
-    batches = []
-    for group in groups:
-        reqs = []
-        for dst, src in group:
-            if rc[src]:
-                reqs.append(comm.Recv_init([s.rb[rd[src]:rd[src] + rc[src]], MPI.BYTE], src, tag))
-            if sc[dst]:
-                reqs.append(comm.Send_init([s.sb[sd[dst]:sd[dst] + sc[dst]], MPI.BYTE], dst, tag))
-        if reqs:
-            batches.append(reqs)
-    n = rc[r]
-    mine = (s.rb[rd[r]:rd[r] + n], s.sb[sd[r]:sd[r] + n]) if n else None
-    startall, waitall = MPI.Prequest.Startall, MPI.Request.Waitall
-
-    def run_bound() -> None:
-        if mine is not None:
-            mine[0][...] = mine[1]
-        for reqs in batches:
-            startall(reqs)
-            waitall(reqs)
-
-    def free() -> None:
-        for reqs in batches:
-            for q in reqs:
-                if q:
-                    q.Free()
-        batches.clear()
-
-    return Bound(run=run_bound, free=free)

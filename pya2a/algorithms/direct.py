@@ -13,10 +13,11 @@ from __future__ import annotations
 from ..core.registry import AlgorithmInfo, Bound, Context, register
 from ..core.spec import VSpec
 from ..core.validate import window_setting
-from ._common import bind_groups, exchange_groups
+from ._bound import bind_groups, group_ops
+from ._common import exchange_groups
 from .tags import TAG_DIRECT
 
-__all__ = ["schedule", "run", "cost", "prepare"]
+__all__ = ["schedule", "run", "cost", "prepare", "program"]
 
 DEFAULT_WINDOW = 32
 
@@ -48,10 +49,15 @@ def prepare(send: VSpec, recv: VSpec, ctx: Context) -> Bound | None:
     return bind_groups(send, recv, ctx, _windows(ctx), TAG_DIRECT)
 
 
+def program(send: VSpec, recv: VSpec, ctx: Context) -> tuple[list, list, None]:
+    """The exchange as operation rows over the plan's templates (the same messages as run)."""
+    return group_ops(send, recv, ctx.rank, _windows(ctx), TAG_DIRECT), [], None
+
+
 def cost(p: int, m: float, params: dict) -> float:
     """Like native plus our per-message software overhead: o + (p-1)(ts + tp + m tw)."""
     return params["o"] + (p - 1) * (params["ts"] + params["tp"] + m * params["tw"])
 
 
 register(AlgorithmInfo(name="direct", device=True, run=run, cost=cost, schedule=schedule,
-                       doc=__doc__ or "", prepare=prepare))
+                       doc=__doc__ or "", prepare=prepare, program=program))

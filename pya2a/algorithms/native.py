@@ -13,7 +13,7 @@ from mpi4py import MPI
 from ..core.registry import AlgorithmInfo, Bound, Context, register
 from ..core.spec import VSpec
 
-__all__ = ["run", "cost", "prepare"]
+__all__ = ["run", "cost", "prepare", "program"]
 
 
 def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:
@@ -63,6 +63,19 @@ def prepare(send: VSpec | None, recv: VSpec, ctx: Context) -> Bound | None:
     return Bound(run=lambda: call(smsg, rmsg))
 
 
+def program(send: VSpec | None, recv: VSpec, ctx: Context) -> tuple | None:
+    """One ``MPI_Alltoallv`` row with the counts and displacements as C int tables (any
+    datatype; ``send`` None: ``MPI_IN_PLACE``). None for device buffers."""
+    from ._bound import ALLTOALLV
+
+    if recv.device is not None or ctx.kind != "alltoallv":
+        return None
+    src = recv if send is None else send
+    tables = ((src.counts, src.displs, recv.counts, recv.displs),
+              (src.datatype, recv.datatype))
+    return [(ALLTOALLV, -1 if send is None else 0, 1, 0, 0, 0)], [], tables
+
+
 def cost(p: int, m: float, params: dict) -> float:
     """All p-1 messages posted at once: start-ups overlap poorly, bytes share the links.
 
@@ -73,4 +86,4 @@ def cost(p: int, m: float, params: dict) -> float:
 
 register(AlgorithmInfo(name="native", run=run, cost=cost, host=True, device=True,
                        needs_contiguous=False, takes_in_place=True, oneshot_plan=True,
-                       doc=__doc__ or "", prepare=prepare))
+                       doc=__doc__ or "", prepare=prepare, program=program))

@@ -37,7 +37,7 @@ from ..core.spec import VSpec
 from ..core.validate import allreduce_max
 from ._common import sides
 
-__all__ = ["run", "cost", "prepare", "model_m", "chunking", "SCRATCH_LIMIT", "BRUCK_MAX",
+__all__ = ["run", "cost", "prepare", "program", "model_m", "chunking", "SCRATCH_LIMIT", "BRUCK_MAX",
            "BRUCK_MIN_P"]
 
 # Per-destination bytes up to which MPICH's MPI_Alltoall runs Bruck's algorithm
@@ -222,6 +222,46 @@ def prepare(send: VSpec | None, recv: VSpec, ctx: Context) -> Bound | None:
     return Bound(run=ex.run, free=ex.free, persistent_collective=ex.req is not None)
 
 
+def program(send: VSpec | None, recv: VSpec, ctx: Context) -> tuple | None:
+    """The exchange as operation rows (the same Alltoall calls as :func:`prepare`'s
+    binding): per round, the slots packed from the send blocks, one ``MPI_Alltoall`` of the
+    slots, the received slots unpacked; or the user's buffers straight to ``MPI_Alltoall``
+    when every block is a packed slot. None for device buffers or an unknown largest block.
+    """
+    from ._bound import ALLTOALL, COPY
+
+    if recv.device is not None or ctx.kind != "alltoallv":
+        return None
+    slot = _slot(send, recv, ctx)
+    if slot is None:
+        return None
+    p = ctx.size
+    rc, rd = recv.bcounts, recv.bdispls
+    in_place = send is None or ctx.in_place
+    sbuf, sc, sd = (1, rc, rd) if in_place else (0, send.bcounts, send.bdispls)
+    if p == 1:
+        n = int(rc[0])
+        return ([(COPY, 0, int(sd[0]), 1, int(rd[0]), n)] if n and not in_place else []), [], \
+            None
+    chunk, rounds = chunking(p, slot)
+    if rounds and int(rc.max()) > slot:
+        return None  # counts that do not match: the binding raises it
+    if not rounds:
+        return [], [], None
+    if rounds == 1 and not in_place and _dense(sc, sd, slot) and _dense(rc, rd, slot):
+        return [(ALLTOALL, 0, int(sd[0]), 1, int(rd[0]), slot)], [], None
+    ops: list[tuple] = []
+    for k in range(rounds):
+        a = k * chunk
+        sl = np.clip(sc - a, 0, chunk).tolist()
+        rl = np.clip(rc - a, 0, chunk).tolist()
+        sdl, rdl = sd.tolist(), rd.tolist()
+        ops.extend((COPY, sbuf, sdl[j] + a, 2, j * chunk, n) for j, n in enumerate(sl) if n)
+        ops.append((ALLTOALL, 2, 0, 3, 0, chunk))
+        ops.extend((COPY, 3, j * chunk, 1, rdl[j] + a, n) for j, n in enumerate(rl) if n)
+    return ops, [np.zeros(p * chunk, np.uint8), np.zeros(p * chunk, np.uint8)], None
+
+
 def model_m(stats) -> float:
     """Bytes per peer that ``padded`` moves: the largest block, whatever the mean is.
 
@@ -270,4 +310,5 @@ def cost(p: int, m: float, params: dict) -> float:
 
 
 register(AlgorithmInfo(name="padded", run=run, cost=cost, host=True, device=False,
-                       doc=__doc__ or "", prepare=prepare, model_m=model_m))
+                       doc=__doc__ or "", prepare=prepare, program=program,
+                       model_m=model_m))

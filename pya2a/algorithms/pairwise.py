@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from ..core.registry import AlgorithmInfo, Bound, Context, register
 from ..core.spec import VSpec
-from ._common import bind_groups, exchange_groups
+from ._bound import bind_groups, group_ops
+from ._common import exchange_groups
 from .tags import TAG_PAIRWISE
 
-__all__ = ["schedule", "run", "cost", "prepare"]
+__all__ = ["schedule", "run", "cost", "prepare", "program"]
 
 
 def schedule(rank: int, size: int) -> list[tuple[int, int]]:
@@ -35,10 +36,16 @@ def prepare(send: VSpec, recv: VSpec, ctx: Context) -> Bound | None:
                        TAG_PAIRWISE)
 
 
+def program(send: VSpec, recv: VSpec, ctx: Context) -> tuple[list, list, None]:
+    """The exchange as operation rows over the plan's templates (the same messages as run)."""
+    groups = [[step] for step in schedule(ctx.rank, ctx.size)]
+    return group_ops(send, recv, ctx.rank, groups, TAG_PAIRWISE), [], None
+
+
 def cost(p: int, m: float, params: dict) -> float:
     """p-1 serialized steps: o + (p-1)(ts + tp + m tw)."""
     return params["o"] + (p - 1) * (params["ts"] + params["tp"] + m * params["tw"])
 
 
 register(AlgorithmInfo(name="pairwise", device=True, run=run, cost=cost, schedule=schedule,
-                       doc=__doc__ or "", prepare=prepare))
+                       doc=__doc__ or "", prepare=prepare, program=program))

@@ -76,6 +76,12 @@ class AlgorithmInfo:
             these two buffers once (persistent requests, precomputed views) for plans;
             ``ctx.options["persistent_collective"]`` allows a collective init (native's
             ``Alltoallv_init``). None (or a None result) means plans call ``run`` each time.
+        program: optional ``program(send, recv, ctx) -> (rows, scratch, vtables) | None``:
+            the exchange as an operation table that does not depend on the buffers'
+            addresses (:mod:`pya2a.algorithms._bound`), made once per plan from its
+            templates (``send`` None: in place); plans then run any buffer pair in one C
+            loop. Host buffers only; it must send exactly the messages ``prepare``'s
+            binding sends.
         model_m: optional ``model_m(stats) -> bytes``: the bytes per peer at which the
             selector evaluates ``cost`` and the measured correction, from the global
             :class:`pya2a.select.Stats`. None: ``stats.m_eff`` (the busiest rank's bytes / p).
@@ -110,6 +116,7 @@ class AlgorithmInfo:
     takes_in_place: bool = False
     uses_transport: bool = True
     oneshot_plan: bool = True
+    program: Callable[[VSpec | None, VSpec, Context], tuple | None] | None = None
     schedule_options: tuple[str, ...] = ()
     comm_available: Callable[[Any, int | None], tuple[bool, str]] | None = None
     comm_auto: Callable[[Any, int | None], tuple[bool, str]] | None = None

@@ -1,0 +1,391 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""Exchange programs: a plan's whole exchange as a table of operations run in one C loop.
+
+A :class:`Program` is everything about an exchange that does not depend on where the two
+user buffers are: per operation, which buffer (0 = send, 1 = receive, 2.. = scratch the
+program owns) and which byte offset, length, peer and tag. Running it on a buffer pair is
+one loop without the GIL over memcpys, ``MPI_Isend`` / ``MPI_Irecv`` / ``MPI_Waitall`` and
+the library's ``MPI_Alltoall(v)`` on the communicator's handle, with each operation's
+address taken as the buffer's base plus the stored offset: nothing is bound, so any number
+of distinct buffers costs the same as one. :meth:`Program.bind` makes a :class:`Binding`
+for a buffer pair seen repeatedly: the same loop with persistent requests
+(``MPI_Send_init`` / ``MPI_Recv_init``, created here in one loop, started per phase).
+
+Every offset is checked against its buffer when the program is made (scratch) or run
+(the user buffers' sizes, against the furthest byte the program touches in each), so a
+bad table raises instead of writing outside a buffer. Message lengths are C ints; a table
+with a longer message is refused (the caller then runs the algorithm's own code).
+
+Built against the ``mpi.h`` of the library mpi4py uses; :func:`library_version` lets the
+importer check at run time that it is the same library.
+"""
+
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
+                             PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer)
+from libc.stdint cimport int64_t, intptr_t, uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+from mpi4py cimport libmpi as mpi
+
+import numpy as np
+from mpi4py import MPI
+
+__all__ = ["Program", "Binding", "library_version", "host_span", "COPY", "RECV", "SEND", "WAIT",
+           "ALLTOALL", "ALLTOALLV", "INT_MAX"]
+
+cdef enum:
+    _COPY = 0       # src buffer, src offset, dst buffer, dst offset, bytes
+    _RECV = 1       # buffer, offset, bytes, source, tag
+    _SEND = 2       # buffer, offset, bytes, destination, tag
+    _WAIT = 3       # wait for every request posted since the last wait
+    _ALLTOALL = 4   # send buffer, offset, receive buffer, offset, bytes per peer
+    _ALLTOALLV = 5  # send buffer (-1: MPI_IN_PLACE), receive buffer; tables in the program
+
+COPY, RECV, SEND, WAIT, ALLTOALL, ALLTOALLV = _COPY, _RECV, _SEND, _WAIT, _ALLTOALL, _ALLTOALLV
+INT_MAX = 2147483647
+
+
+def library_version():
+    """``MPI_Get_library_version`` of the library this module was linked against."""
+    cdef char buf[8192]
+    cdef int n = 0
+    mpi.MPI_Get_library_version(buf, &n)
+    return buf[:n].decode("utf-8", "replace")
+
+
+def host_span(obj, bint writable):
+    """``(address, nbytes, format)`` of a C-contiguous buffer-protocol object (writable if
+    asked), or None for anything else (nothing is raised: the caller's full check decides).
+
+    A plan's quick look at a buffer pair it has not seen: one buffer request, no objects
+    made but the tuple.
+    """
+    cdef Py_buffer view
+    if not PyObject_CheckBuffer(obj):
+        return None
+    cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT
+    if writable:
+        flags |= PyBUF_WRITABLE
+    try:
+        PyObject_GetBuffer(obj, &view, flags)
+    except Exception:
+        return None
+    out = (<Py_ssize_t> view.buf, view.len,
+           (<bytes> view.format).decode("ascii", "replace") if view.format != NULL else "B")
+    PyBuffer_Release(&view)
+    return out
+
+
+cdef int _raise(int ierr) except -1 with gil:
+    raise MPI.Exception(ierr)
+
+
+cdef class Program:
+    """An exchange as an operation table over (send, receive, scratch...) buffers.
+
+    Args:
+        comm: the mpi4py communicator the messages travel on (kept alive here).
+        ops: (n, 6) int64 rows ``(op, a, b, c, d, e)``, see the module constants.
+        scratch: buffers the program owns (numpy byte arrays), numbered 2, 3, ...
+        vtables: for an ``ALLTOALLV`` row: ``(sendcounts, senddispls, recvcounts,
+            recvdispls)`` int arrays (elements of the datatypes) and ``(sendtype,
+            recvtype)`` mpi4py datatypes.
+    """
+
+    cdef int64_t[:, ::1] ops
+    cdef Py_ssize_t nops
+    cdef int nbuf
+    cdef intptr_t *base
+    cdef int64_t *size
+    cdef mpi.MPI_Comm comm
+    cdef int maxreq
+    cdef mpi.MPI_Request *reqs
+    cdef int *vint
+    cdef mpi.MPI_Datatype stype, rtype
+    cdef object keep
+    cdef readonly int64_t send_need
+    cdef readonly int64_t recv_need
+    cdef readonly Py_ssize_t nrequests
+    cdef readonly bint collective  # has MPI_Alltoall(v) rows
+
+    def __cinit__(self):
+        self.base = NULL
+        self.size = NULL
+        self.reqs = NULL
+        self.vint = NULL
+
+    def __init__(self, comm, ops, scratch=(), vtables=None):
+        a = np.ascontiguousarray(np.asarray(ops, dtype=np.int64).reshape(-1, 6))
+        self.ops = a
+        self.nops = a.shape[0]
+        scratch = [np.ascontiguousarray(s).view(np.uint8).reshape(-1) for s in scratch]
+        self.nbuf = 2 + len(scratch)
+        self.base = <intptr_t *> malloc(self.nbuf * sizeof(intptr_t))
+        self.size = <int64_t *> malloc(self.nbuf * sizeof(int64_t))
+        if self.base == NULL or self.size == NULL:
+            raise MemoryError()
+        self.base[0] = self.base[1] = 0
+        self.size[0] = self.size[1] = 0
+        for k, s in enumerate(scratch):
+            self.base[2 + k] = <intptr_t> s.ctypes.data
+            self.size[2 + k] = s.nbytes
+        self.comm = <mpi.MPI_Comm> <uintptr_t> comm.handle
+        self.keep = (comm, a, scratch, vtables)
+        cdef int64_t need[2]
+        need[0] = need[1] = 0
+        cdef int n = 0, most = 0
+        cdef Py_ssize_t i
+        cdef int64_t op
+        for i in range(self.nops):
+            op = a[i, 0]
+            if op == _COPY:
+                self._span(a[i, 1], a[i, 2], a[i, 5], need)
+                self._span(a[i, 3], a[i, 4], a[i, 5], need)
+            elif op == _RECV or op == _SEND:
+                if a[i, 3] > INT_MAX or a[i, 3] < 0 or a[i, 5] < 0 or a[i, 5] > 32767 or \
+                        a[i, 4] < 0 or a[i, 4] >= comm.Get_size():
+                    raise ValueError(f"Program: row {i}: bad length, peer or tag")
+                self._span(a[i, 1], a[i, 2], a[i, 3], need)
+                n += 1
+                most = max(most, n)
+            elif op == _WAIT:
+                n = 0
+            elif op == _ALLTOALL:
+                p = comm.Get_size()
+                self._span(a[i, 1], a[i, 2], a[i, 5] * p, need)
+                self._span(a[i, 3], a[i, 4], a[i, 5] * p, need)
+                if a[i, 5] > INT_MAX:
+                    raise ValueError(f"Program: row {i}: slot longer than a C int")
+            elif op == _ALLTOALLV:
+                self._vtables(a[i, 1], a[i, 2], vtables, need)
+            else:
+                raise ValueError(f"Program: row {i}: unknown operation {op}")
+        self.send_need, self.recv_need = need[0], need[1]
+        self.maxreq = most
+        self.nrequests = sum(1 for i in range(self.nops) if a[i, 0] in (_RECV, _SEND))
+        self.collective = any(a[i, 0] in (_ALLTOALL, _ALLTOALLV) for i in range(self.nops))
+        self.reqs = <mpi.MPI_Request *> malloc(max(most, 1) * sizeof(mpi.MPI_Request))
+        if self.reqs == NULL:
+            raise MemoryError()
+
+    cdef int _span(self, int64_t buf, int64_t off, int64_t n, int64_t *need) except -1:
+        """Record (user buffers) or check (scratch) that bytes [off, off + n) of buf exist."""
+        if n < 0 or off < 0 or buf < 0 or buf >= self.nbuf or n > INT_MAX * 64:
+            raise ValueError(f"Program: bad block (buffer {buf}, offset {off}, {n} bytes)")
+        if n == 0:
+            return 0
+        if buf < 2:
+            if off + n > need[buf]:
+                need[buf] = off + n
+        elif off + n > self.size[buf]:
+            raise ValueError(f"Program: block [{off}, {off + n}) outside scratch {buf}")
+        return 0
+
+    cdef int _vtables(self, int64_t sbuf, int64_t rbuf, vtables, int64_t *need) except -1:
+        counts, types = vtables
+        p = len(counts[0])
+        cdef int i, k
+        self.vint = <int *> malloc(4 * max(p, 1) * sizeof(int))
+        if self.vint == NULL:
+            raise MemoryError()
+        for k in range(4):
+            for i in range(p):
+                v = int(counts[k][i])
+                if v < 0 or v > INT_MAX:
+                    raise ValueError("Program: Alltoallv count or displacement beyond a C int")
+                self.vint[k * p + i] = v
+        self.stype = <mpi.MPI_Datatype> <uintptr_t> types[0].handle
+        self.rtype = <mpi.MPI_Datatype> <uintptr_t> types[1].handle
+        if sbuf not in (-1, 0) or rbuf != 1:
+            raise ValueError("Program: Alltoallv runs on the user buffers")
+        # the caller has checked the layouts against the buffers (spec.bind): extents of
+        # derived types are not counted here
+        return 0
+
+    def __dealloc__(self):
+        free(self.base)
+        free(self.size)
+        free(self.reqs)
+        free(self.vint)
+
+    cdef int _exec(self, intptr_t *base, mpi.MPI_Request *preqs) except -1 nogil:
+        """One exchange; ``preqs``: persistent requests in row order, or NULL."""
+        cdef Py_ssize_t i
+        cdef int ierr = 0, n = 0, first = 0, p
+        cdef int64_t op
+        cdef int64_t[:, ::1] a = self.ops
+        cdef mpi.MPI_Request *reqs = self.reqs
+        cdef void *sptr
+        for i in range(self.nops):
+            op = a[i, 0]
+            if op == _COPY:
+                if a[i, 5]:
+                    memcpy(<void *> (base[a[i, 3]] + a[i, 4]),
+                           <const void *> (base[a[i, 1]] + a[i, 2]), <size_t> a[i, 5])
+            elif op == _RECV:
+                if preqs == NULL:
+                    ierr = mpi.MPI_Irecv(<void *> (base[a[i, 1]] + a[i, 2]), <int> a[i, 3],
+                                         mpi.MPI_BYTE, <int> a[i, 4], <int> a[i, 5],
+                                         self.comm, &reqs[n])
+                n += 1
+            elif op == _SEND:
+                if preqs == NULL:
+                    ierr = mpi.MPI_Isend(<void *> (base[a[i, 1]] + a[i, 2]), <int> a[i, 3],
+                                         mpi.MPI_BYTE, <int> a[i, 4], <int> a[i, 5],
+                                         self.comm, &reqs[n])
+                n += 1
+            elif op == _WAIT:
+                if preqs == NULL:
+                    if n:
+                        ierr = mpi.MPI_Waitall(n, reqs, mpi.MPI_STATUSES_IGNORE)
+                    n = 0
+                else:
+                    if n > first:
+                        ierr = mpi.MPI_Startall(n - first, preqs + first)
+                        if ierr == 0:
+                            ierr = mpi.MPI_Waitall(n - first, preqs + first,
+                                                   mpi.MPI_STATUSES_IGNORE)
+                    first = n
+            elif op == _ALLTOALL:
+                ierr = mpi.MPI_Alltoall(<void *> (base[a[i, 1]] + a[i, 2]), <int> a[i, 5],
+                                        mpi.MPI_BYTE, <void *> (base[a[i, 3]] + a[i, 4]),
+                                        <int> a[i, 5], mpi.MPI_BYTE, self.comm)
+            else:  # _ALLTOALLV
+                mpi.MPI_Comm_size(self.comm, &p)
+                sptr = mpi.MPI_IN_PLACE if a[i, 1] < 0 else <void *> base[a[i, 1]]
+                ierr = mpi.MPI_Alltoallv(sptr, self.vint, self.vint + p, self.stype,
+                                         <void *> base[a[i, 2]], self.vint + 2 * p,
+                                         self.vint + 3 * p, self.rtype, self.comm)
+            if ierr:
+                _raise(ierr)
+        return 0
+
+    cdef int _check(self, int64_t snb, int64_t rnb) except -1:
+        if snb < self.send_need or rnb < self.recv_need:
+            raise ValueError(f"Program: buffers of {snb} and {rnb} bytes, the exchange "
+                             f"needs {self.send_need} and {self.recv_need}")
+        return 0
+
+    def run(self, intptr_t send, int64_t send_nbytes, intptr_t recv, int64_t recv_nbytes):
+        """One exchange on the buffers at these addresses (non-persistent requests)."""
+        self._check(send_nbytes, recv_nbytes)
+        self.base[0] = send
+        self.base[1] = recv
+        with nogil:
+            self._exec(self.base, NULL)
+
+    def bind(self, intptr_t send, int64_t send_nbytes, intptr_t recv, int64_t recv_nbytes,
+             bint now=True):
+        """A :class:`Binding` of this program to two buffers.
+
+        ``now``: make the persistent requests here; otherwise the binding's first run posts
+        non-persistent requests and its second run makes them (a pair run once costs no
+        request set-up).
+        """
+        self._check(send_nbytes, recv_nbytes)
+        return Binding(self, send, recv, now)
+
+
+cdef class Binding:
+    """A :class:`Program` bound to two buffers: its messages as persistent requests.
+
+    ``run()`` is the program's loop with ``MPI_Startall`` / ``MPI_Waitall`` per phase (the
+    first run of a binding made with ``now=False`` posts non-persistent requests instead,
+    the second makes the persistent ones); ``free()`` (local) releases the requests. The
+    buffers must outlive the binding's use.
+    """
+
+    cdef Program prog
+    cdef intptr_t *base
+    cdef mpi.MPI_Request *reqs
+    cdef int nreq
+    cdef int state  # 0: not run yet (lazy), 1: run once without requests, 2: requests made
+    cdef readonly bint persistent_collective
+
+    def __cinit__(self):
+        self.base = NULL
+        self.reqs = NULL
+        self.nreq = 0
+        self.state = 0
+        self.persistent_collective = False
+
+    def __init__(self, Program prog, intptr_t send, intptr_t recv, bint now=True):
+        self.prog = prog
+        self.base = <intptr_t *> malloc(prog.nbuf * sizeof(intptr_t))
+        if self.base == NULL:
+            raise MemoryError()
+        memcpy(self.base, prog.base, prog.nbuf * sizeof(intptr_t))
+        self.base[0] = send
+        self.base[1] = recv
+        if now:
+            self._requests()
+
+    cdef int _requests(self) except -1:
+        """Create the persistent requests (once)."""
+        cdef Program prog = self.prog
+        self.reqs = <mpi.MPI_Request *> malloc(max(prog.nrequests, 1) * sizeof(mpi.MPI_Request))
+        if self.reqs == NULL:
+            raise MemoryError()
+        self.state = 2
+        cdef Py_ssize_t i
+        cdef int ierr = 0
+        cdef int64_t[:, ::1] a = prog.ops
+        cdef intptr_t *b = self.base
+        with nogil:
+            for i in range(prog.nops):
+                if a[i, 0] == _RECV:
+                    ierr = mpi.MPI_Recv_init(<void *> (b[a[i, 1]] + a[i, 2]), <int> a[i, 3],
+                                             mpi.MPI_BYTE, <int> a[i, 4], <int> a[i, 5],
+                                             prog.comm, &self.reqs[self.nreq])
+                elif a[i, 0] == _SEND:
+                    ierr = mpi.MPI_Send_init(<void *> (b[a[i, 1]] + a[i, 2]), <int> a[i, 3],
+                                             mpi.MPI_BYTE, <int> a[i, 4], <int> a[i, 5],
+                                             prog.comm, &self.reqs[self.nreq])
+                else:
+                    continue
+                if ierr:
+                    break
+                self.nreq += 1
+        if ierr:
+            self.free()
+            _raise(ierr)
+        return 0
+
+    def run(self):
+        """One exchange on the bound buffers."""
+        if self.state == 2:
+            if self.reqs == NULL:
+                raise ValueError("Binding.run: the binding was freed")
+            with nogil:
+                self.prog._exec(self.base, self.reqs)
+        elif self.state == 1:
+            self._requests()
+            with nogil:
+                self.prog._exec(self.base, self.reqs)
+        else:
+            if self.base == NULL:
+                raise ValueError("Binding.run: the binding was freed")
+            self.state = 1
+            self.prog.base[0] = self.base[0]  # the program's loop, non-persistent
+            self.prog.base[1] = self.base[1]
+            with nogil:
+                self.prog._exec(self.prog.base, NULL)
+
+    def free(self):
+        """Release the persistent requests (local). Idempotent; a freed binding cannot run."""
+        cdef int i
+        if self.reqs != NULL:
+            for i in range(self.nreq):
+                if self.reqs[i] != mpi.MPI_REQUEST_NULL:
+                    mpi.MPI_Request_free(&self.reqs[i])
+            free(self.reqs)
+            self.reqs = NULL
+            self.nreq = 0
+        self.state = 2  # reqs NULL: run() raises
+
+
+    def __dealloc__(self):
+        # requests are freed by free() (MPI may be finalized by the time of collection)
+        free(self.base)
+        if self.reqs != NULL:
+            free(self.reqs)
