@@ -42,11 +42,11 @@ from . import algorithms, select
 from .algorithms._bound import (
     bind_schedule,
     bind_scratch_ok,
-    host_span,
     in_place_program,
     make_program,
     schedule_program,
     schedule_steps,
+    span_reader,
 )
 from .core import _msg, log, watchdog
 from .core import spec as _spec
@@ -274,6 +274,7 @@ class Plan:
         self._last: tuple | None = None  # (send object, recv object, entry) of the last run
         self._progs: dict[bool, object] = {}  # in place? -> the exchange program, or None
         self._formats: dict[str, bool] = {}  # buffer formats that passed the dtype check
+        self._span = span_reader()
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
         self._max_block: int | None = None  # largest block over all ranks, bytes
@@ -420,8 +421,9 @@ class Plan:
             return last[2]
         # a new object may still be the same memory (a fresh view): look up by address
         inplace = in_place(sendbuf)
-        rs = host_span(recvbuf, True)
-        ss = None if inplace else host_span(sendbuf, False)
+        span = self._span
+        rs = span(recvbuf, True)
+        ss = None if inplace else span(sendbuf, False)
         if rs is not None and (inplace or ss is not None):
             key = (None, rs[0], rs[1]) if inplace else (ss[0], ss[1], rs[0], rs[1])
         else:
@@ -446,7 +448,7 @@ class Plan:
 
     def _quick(self, ss: tuple | None, rs: tuple, inplace: bool) -> _Entry | None:
         """The program on a new pair of C-contiguous host buffers, from their address, size
-        and format alone (:func:`pya2a.core._pack.host_span`), or None: then the full check
+        and format alone (:func:`pya2a.core._exec.host_span`), or None: then the full check
         (:meth:`_specs`) decides and raises what is wrong. A format is taken here once a
         buffer of that format has passed the full check on this plan."""
         prog = self._progs[inplace] if inplace in self._progs else self._program(inplace)

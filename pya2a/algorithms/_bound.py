@@ -30,7 +30,7 @@ from ..core.spec import VSpec
 from .tags import TAG_BOUND
 
 __all__ = ["SCRATCH_LIMIT", "bind_groups", "bind_schedule", "bind_scratch_ok", "group_ops",
-           "host_span", "in_place_program", "make_program", "py_binding", "schedule_program",
+           "in_place_program", "make_program", "span_reader", "py_binding", "schedule_program",
            "schedule_steps", "COPY", "RECV", "SEND", "WAIT", "ALLTOALL", "ALLTOALLV"]
 
 SCRATCH_LIMIT = 256 << 20  # bytes of per-plan scratch above which plans call run()
@@ -60,12 +60,16 @@ def _exec_module():
     return _EXEC[0]
 
 
-def host_span(obj: object, writable: bool) -> tuple | None:
-    """``(address, nbytes, format)`` of a C-contiguous host buffer, or None
-    (:func:`pya2a.core._exec.host_span`; always None without the C module, where plans have
-    no programs)."""
+def _no_span(obj: object, writable: bool) -> None:
+    return None
+
+
+def span_reader():
+    """:func:`pya2a.core._exec.host_span` (``(address, nbytes, format)`` of a C-contiguous
+    host buffer, or None); without the C module, where plans have no programs, a function
+    that always answers None."""
     ex = _exec_module()
-    return None if ex is None else ex.host_span(obj, writable)
+    return _no_span if ex is None else ex.host_span
 
 
 def make_program(comm: MPI.Intracomm, ops: list | np.ndarray, scratch: list = (),
