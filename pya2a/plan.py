@@ -275,6 +275,7 @@ class Plan:
         self._progs: dict[bool, object] = {}  # in place? -> the exchange program, or None
         self._formats: dict[str, bool] = {}  # buffer formats that passed the dtype check
         self._span = span_reader()
+        self._needs = (send.nbytes, recv.nbytes)  # bytes the plan's blocks need
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
         self._max_block: int | None = None  # largest block over all ranks, bytes
@@ -408,10 +409,10 @@ class Plan:
             return None
         if persistent and prog.collective:
             return None  # native / padded: their persistent collective, from prepare
+        # a Binding serves as the entry itself (``bound`` is itself, ``scratch`` None)
         if send is None:
-            return _Entry(prog.bind(0, 0, recv.addr, recv.nbytes, persistent), None)
-        return _Entry(prog.bind(send.addr, send.nbytes, recv.addr, recv.nbytes, persistent),
-                      None)
+            return prog.bind(0, 0, recv.addr, recv.nbytes, persistent)
+        return prog.bind(send.addr, send.nbytes, recv.addr, recv.nbytes, persistent)
 
     def _entry(self, sendbuf: object, recvbuf: object) -> _Entry:
         if self._freed:
@@ -452,17 +453,9 @@ class Plan:
         (:meth:`_specs`) decides and raises what is wrong. A format is taken here once a
         buffer of that format has passed the full check on this plan."""
         prog = self._progs[inplace] if inplace in self._progs else self._program(inplace)
-        fmts = self._formats
-        if prog is None or rs[1] < self._recv_t.nbytes or rs[2] not in fmts:
+        if prog is None or (inplace and not self._in_place_ok):
             return None
-        if inplace:
-            if not self._in_place_ok:
-                return None
-            return _Entry(prog.bind(0, 0, rs[0], rs[1], False), None)
-        if ss[1] < self._send_t.nbytes or ss[2] not in fmts or (  # type: ignore[index]
-                ss[1] and rs[1] and ss[0] < rs[0] + rs[1] and rs[0] < ss[0] + ss[1]):
-            return None
-        return _Entry(prog.bind(ss[0], ss[1], rs[0], rs[1], False), None)
+        return prog.quick(ss, rs, self._formats, *self._needs)
 
     def _insert(self, key: tuple, entry: _Entry) -> None:
         self._by_addr[key] = entry

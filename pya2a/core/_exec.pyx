@@ -285,6 +285,24 @@ cdef class Program:
         self._check(send_nbytes, recv_nbytes)
         return Binding(self, send, recv, now)
 
+    def quick(self, ss, rs, formats, int64_t send_need, int64_t recv_need):
+        """A lazy :class:`Binding` for a buffer pair read by :func:`host_span` (``ss`` None:
+        in place), or None unless both are at least ``*_need`` bytes (and what the program
+        touches), of a format in ``formats``, and do not overlap."""
+        cdef intptr_t ra = rs[0], sa = 0
+        cdef int64_t rn = rs[1], sn = 0
+        if rn < recv_need or rn < self.recv_need or rs[2] not in formats:
+            return None
+        if ss is not None:
+            sa = ss[0]
+            sn = ss[1]
+            if sn < send_need or sn < self.send_need or ss[2] not in formats or (
+                    sn and rn and sa < ra + rn and ra < sa + sn):
+                return None
+        elif self.send_need:
+            return None
+        return Binding(self, sa, ra, False)
+
 
 cdef class Binding:
     """A :class:`Program` bound to two buffers: its messages as persistent requests.
@@ -301,6 +319,16 @@ cdef class Binding:
     cdef int nreq
     cdef int state  # 0: not run yet (lazy), 1: run once without requests, 2: requests made
     cdef readonly bint persistent_collective
+
+    @property
+    def bound(self):
+        """Itself: a plan's cache entry (``entry.bound.run()``)."""
+        return self
+
+    @property
+    def scratch(self):
+        """None: in-place copies are rows of the program (a plan's cache entry)."""
+        return None
 
     def __cinit__(self):
         self.base = NULL
