@@ -24,6 +24,9 @@
 #   MPS_PCT     with MPS=1: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for each rank: "split" (default,
 #               100/N), "none" (no limit: the engine sizes its grids itself) or a number
 #   MOE_ARGS    extra arguments of bench/moe_dispatch_combine.py (e.g. --no-baseline --staged)
+#   SANITIZE_TOOLS, SANITIZE_TIMEOUT  sanitize: which of memcheck racecheck registration
+#               (default all three), seconds each (default 300); SANITIZE_TESTS: test names
+#               of tests/test_gpu_ipc.py for memcheck and racecheck (default: seven small ones)
 #   M           the launcher (default: Open MPI's mpiexec, as root, oversubscribed)
 #   MACHINE     the <machine> part of names (default from nvidia-smi: h200x4; h200 for one GPU)
 # Needs Open MPI's `mpiexec` on PATH (called by name); `staged`, `shm` and `cpu` also need
@@ -151,19 +154,20 @@ sanitize() {
   local M=$RUN_M
   local small="$t::test_ll $t::test_push_staged $t::test_pull_symmetric_send $t::test_copy_engine
     $t::test_mixed_methods_in_sequence $t::test_cuda_graph_capture $t::test_programmatic_dependent_launch"
+  [ -n "${SANITIZE_TESTS:-}" ] && small=$(for x in $SANITIZE_TESTS; do echo "$t::$x"; done)
   local reg="registered or registration or buffers_change or many_distinct or stream_ordered or large_blocks_direct or copy_engine_plan"
-  for tool in memcheck racecheck registration; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck registration}; do
     log=$LOGS/gpu_${tool}_${RUN_TAG}_$MACHINE.log
     stamp "compute-sanitizer $tool, $n ranks"
     if [ $tool = registration ]; then
       log=$LOGS/gpu_memcheck_registration_${RUN_TAG}_$MACHINE.log
       # shellcheck disable=SC2086
-      timeout -k 5 300 $M -n "$n" compute-sanitizer --tool memcheck --print-limit 20 \
-        python3 -m mpi4py tests/run_mpi.py $PT $t -k "$reg" > "$log" 2>&1
+      timeout -k 5 "${SANITIZE_TIMEOUT:-300}" $M -n "$n" compute-sanitizer --tool memcheck \
+        --print-limit 20 python3 -m mpi4py tests/run_mpi.py $PT $t -k "$reg" > "$log" 2>&1
     else
       # shellcheck disable=SC2086
-      timeout -k 5 300 $M -n "$n" compute-sanitizer --tool $tool --print-limit 20 \
-        python3 -m mpi4py tests/run_mpi.py $PT $small > "$log" 2>&1
+      timeout -k 5 "${SANITIZE_TIMEOUT:-300}" $M -n "$n" compute-sanitizer --tool $tool \
+        --print-limit 20 python3 -m mpi4py tests/run_mpi.py $PT $small > "$log" 2>&1
     fi
     echo "rc=$?"; sed 's/\x1b\[[0-9;]*m//g' "$log" | \
       grep -a "ERROR SUMMARY\|RACECHECK SUMMARY\|passed\|failed\|FAILED" | sort | uniq -c | head
