@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--staged", action="store_true",
                     help="also time the staged backend (ranks sharing a GPU, where NCCL "
                          "refuses to run)")
+    ap.add_argument("--fused-mode", default="per_expert", choices=["per_expert", "per_rank"],
+                    help="transfer mode of the fused backend")
     ap.add_argument("--staged-mode", default="auto", choices=["auto", "per_expert", "per_rank"],
                     help="transfer mode of the staged backend (auto: by bytes, per dispatch)")
     a = ap.parse_args()
@@ -91,7 +93,7 @@ def main() -> int:
         n = x.shape[0]
         xd, idxd, wd = cp.asarray(x), cp.asarray(idx), cp.asarray(w)
         ep = pya2a.moe.ExpertParallel(comm, E, H, T, K, np.float16, device=dev,
-                                      backend="fused")
+                                      backend="fused", mode=a.fused_mode)
         ybuf = ep.expert_output(ep.max_recv_tokens)
         yd = cp.empty((n, H), dtype=np.float16)
 
@@ -218,7 +220,7 @@ def _report(rows: list, p: int, a, cp, torch) -> dict:
         "nprocs": p, "mpi": MPI.Get_library_version().splitlines()[0].strip(),
         "cupy": cp.__version__, "python": platform.python_version(),
         "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-        "iters": a.iters, "warmup": a.warmup, "seed": a.seed,
+        "iters": a.iters, "warmup": a.warmup, "seed": a.seed, "fused_mode": a.fused_mode,
         "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
         "ranks_per_gpu": p // max(1, cp.cuda.runtime.getDeviceCount()),
         "mps_thread_percentage": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")}
