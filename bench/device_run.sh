@@ -13,7 +13,8 @@
 #   bash bench/device_run.sh shared N          ranks sharing a GPU: ipc methods vs shm vs staged
 #   bash bench/device_run.sh cpu               bench/cpu_sweep.sh (MPICH wheel, p = 64 32 16)
 #   bash bench/device_run.sh pfft N            bench/pfft_bench.py: parallel FFT, pya2a's Alltoallw
-#                                              vs the MPI's own, host (both MPIs) and device arrays
+#                                              vs the MPI's own, host (both MPIs) and device arrays,
+#                                              32^3-512^3 (PFFT_PARTS: which of ompi mpich gpu)
 #
 # Ranks take GPU rank % (visible GPUs), so N above the GPU count shares GPUs. Results (JSON,
 # PNG) go to $OUT named <what>_<machine>, e.g. gpu_alltoallv_h200x4.json; every log goes to
@@ -29,6 +30,7 @@
 #               of tests/test_gpu_ipc.py for memcheck and racecheck (default: seven small ones)
 #   M           the launcher (default: Open MPI's mpiexec, as root, oversubscribed)
 #   MACHINE     the <machine> part of names (default from nvidia-smi: h200x4; h200 for one GPU)
+#   PFFT_PARTS  pfft: the parts to run, of "ompi mpich gpu" (default all three)
 # Needs Open MPI's `mpiexec` on PATH (called by name); `staged`, `shm` and `cpu` also need
 # the MPICH wheel in .whl/ (mpich-*.whl), and a Cython older than 3 wants .whl/cython*.whl.
 set -u
@@ -347,35 +349,39 @@ cpu() {
 
 # pfft N: parallel FFT forward + backward per call, pya2a's Alltoallw against the MPI's own:
 # N host ranks with Open MPI and the MPICH wheel (mpi4py-fft when .whl/ holds a wheel of it
-# that imports here, else the pencil FFT of examples/pfft.py), then device arrays (CuPy FFT;
-# pya2a against copying to the host around the MPI's own Alltoallw). 512^3 on its own, with
-# fewer repetitions.
+# that imports here, else the pencil FFT of examples/pfft.py), 32^3 to 512^3 in one run per
+# MPI (--max-seconds keeps the large sizes to a few samples; a size that would not fit in
+# memory is skipped), then device arrays (CuPy FFT; pya2a against copying to the host around
+# the MPI's own Alltoallw). PFFT_PARTS picks the parts (default "ompi mpich gpu"), so that
+# each fits in one command's time: e.g. PFFT_PARTS=mpich, then PFFT_PARTS="ompi gpu".
 pfft() {
-  local n=$1 m name
+  local n=$1 m name part
   mpich
   if ls .whl/mpi4py_fft*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/mpi4py_fft*.whl
   fi
-  for m in ompi mpich; do
-    name=pfft_cpu_p${n}_${m}_$MACHINE
-    stamp "pfft host, $m, $n ranks"
-    # shellcheck disable=SC2086
-    timeout -k 5 280 $([ $m = ompi ] && echo "$M" || echo "$MPICH") -n "$n" python3 \
-      bench/pfft_bench.py --sizes 32 64 128 256 --repeat 10 --json "$OUT/$name.json" \
-      > "$LOGS/$name.log" 2>&1
-    echo "rc=$?"; grep -a "fwd+bwd" "$LOGS/$name.log"
-    # shellcheck disable=SC2086
-    timeout -k 5 280 $([ $m = ompi ] && echo "$M" || echo "$MPICH") -n "$n" python3 \
-      bench/pfft_bench.py --sizes 512 --repeat 3 --warmup 1 --json "$OUT/${name}_512.json" \
-      > "$LOGS/${name}_512.log" 2>&1
-    echo "rc=$?"; grep -a "fwd+bwd" "$LOGS/${name}_512.log"
+  for part in ${PFFT_PARTS:-ompi mpich gpu}; do
+    case $part in
+      ompi|mpich)
+        m=$part
+        name=pfft_cpu_p${n}_${m}_$MACHINE
+        stamp "pfft host, $m, $n ranks"
+        # shellcheck disable=SC2086
+        timeout -k 5 280 $([ $m = ompi ] && echo "$M" || echo "$MPICH") -n "$n" python3 \
+          bench/pfft_bench.py --sizes 32 64 128 256 512 --repeat 10 --warmup 2 \
+          --max-seconds 12 --json "$OUT/$name.json" > "$LOGS/$name.log" 2>&1
+        echo "rc=$?"; grep -a "fwd+bwd\|skipped\|rror" "$LOGS/$name.log" | head -20 ;;
+      gpu)
+        name=pfft_gpu_p${n}_$MACHINE
+        stamp "pfft device arrays, $n ranks"
+        # shellcheck disable=SC2086
+        timeout -k 5 280 $M -n "$n" python3 bench/pfft_bench.py --device cuda \
+          --sizes 64 128 256 512 --grids pencil slab --repeat 10 --max-seconds 12 \
+          --json "$OUT/$name.json" > "$LOGS/$name.log" 2>&1
+        echo "rc=$?"; grep -a "fwd+bwd\|skipped\|rror" "$LOGS/$name.log" | head -20 ;;
+      *) echo "PFFT_PARTS: unknown part $part (ompi, mpich, gpu)" ;;
+    esac
   done
-  name=pfft_gpu_p${n}_$MACHINE
-  stamp "pfft device arrays, $n ranks"
-  # shellcheck disable=SC2086
-  timeout -k 5 280 $M -n "$n" python3 bench/pfft_bench.py --device cuda --sizes 64 128 256 512 \
-    --grids pencil slab --repeat 10 --json "$OUT/$name.json" > "$LOGS/$name.log" 2>&1
-  echo "rc=$?"; grep -a "fwd+bwd\|rror" "$LOGS/$name.log" | head -20
 }
 
 cmd=${1:-}
