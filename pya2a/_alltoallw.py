@@ -376,6 +376,8 @@ class ShmPlan:
         self.scopy = self.rcopy if inplace else _copy_plan(send)
         self.me = me
         self.scopy.skip = self.rcopy.skip = me  # copied straight across (see finish)
+        # unpack from rank me + 1 first, then on: the ranks read p different regions at once
+        self.rcopy.first = (me + 1) % p
         # my region holds the blocks for the other ranks back to back (mine is not in it)
         own = int(self.scopy.lengths[me])
         self.spos = self.scopy.positions - np.where(np.arange(p) > me, own, 0)

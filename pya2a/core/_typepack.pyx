@@ -9,7 +9,9 @@ type-map order (what ``MPI_Pack`` produces), ``unpack`` the reverse. Both are on
 without the GIL and without a Python loop over blocks, elements or runs. ``skip`` names a
 block both leave out (a rank's block to itself), which ``copy_block`` copies in one pass
 straight from one plan's buffer into another's: the two blocks' runs are walked side by side
-as two byte streams in type-map order, so no staging copy is made.
+as two byte streams in type-map order, so no staging copy is made. ``first`` rotates the
+order blocks are visited in (rank r starting with block r + 1 spreads p readers over p
+senders' memory instead of all reading the same one first).
 
 Bounds are the caller's to check once per buffer (``lo`` / ``hi`` give the bytes of the user
 buffer the plan touches, ``nbytes`` the staging size): the copies themselves run on raw
@@ -71,6 +73,7 @@ cdef class TypeCopy:
     cdef readonly int64_t nbytes
     cdef readonly object positions, lengths
     cdef public Py_ssize_t skip  # a block pack / unpack leave out (-1: none)
+    cdef public Py_ssize_t first  # the block pack / unpack begin with, then on cyclically
 
     @cython.wraparound(True)  # NumPy slicing with negative ends below
     def __init__(self, offs, lens, starts, extents, layout_ids, displs, counts, sizes):
@@ -100,15 +103,17 @@ cdef class TypeCopy:
         pos.setflags(write=False)
         self.positions, self.lengths = pos, lengths
         self.skip = -1
+        self.first = 0
 
     cdef void _walk(self, char* buf, char* base, const int64_t* at,
                     bint to_stage) noexcept nogil:
         # block j's packed bytes start at base + at[j]
-        cdef Py_ssize_t j, k, r, r0, r1
+        cdef Py_ssize_t i, j, k, r, r0, r1, nb = self._lid.shape[0]
         cdef int64_t l, c, ext, n
         cdef char* e
         cdef char* s
-        for j in range(self._lid.shape[0]):
+        for i in range(nb):
+            j = (i + self.first) % nb
             c = self._cnt[j]
             if c == 0 or j == self.skip:
                 continue
