@@ -67,6 +67,7 @@ from .core.validate import (
 
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain"]
 
+_IN_PLACE = MPI.IN_PLACE
 DEFAULT_CACHE = 256  # buffer pairs remembered per plan; bindings hold address ranges only
 
 
@@ -415,13 +416,13 @@ class Plan:
         return prog.bind(send.addr, send.nbytes, recv.addr, recv.nbytes, persistent)
 
     def _entry(self, sendbuf: object, recvbuf: object) -> _Entry:
-        if self._freed:
-            raise ValueError("Plan.run: the plan was freed")
-        last = self._last
+        last = self._last  # None once freed
         if last is not None and last[0] is sendbuf and last[1] is recvbuf:
             return last[2]
+        if self._freed:
+            raise ValueError("Plan.run: the plan was freed")
         # a new object may still be the same memory (a fresh view): look up by address
-        inplace = in_place(sendbuf)
+        inplace = sendbuf is None or sendbuf is _IN_PLACE
         span = self._span
         rs = span(recvbuf, True)
         ss = None if inplace else span(sendbuf, False)
