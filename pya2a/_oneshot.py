@@ -275,11 +275,11 @@ def exchange(call: str, kind: str, comm: MPI.Intracomm, sendmsg: object, recvmsg
     """
     if st is None or st._closed:
         check_comm(call, comm)
-        st = state(comm)
+        st = state(comm, call)
     icomm = st.comm
     if watchdog.timeout() is None:
         return _exchange(call, kind, st, icomm, sendmsg, recvmsg, algorithm, check, options)
-    guard = watchdog.enter(icomm, call)
+    guard = watchdog.enter(icomm, call, st.slot(watchdog.SLOT, watchdog.Arrivals))
     try:
         return _exchange(call, kind, st, icomm, sendmsg, recvmsg, algorithm, check, options)
     finally:

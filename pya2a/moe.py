@@ -63,10 +63,11 @@ from mpi4py import MPI
 
 import pya2a  # the exchange is looked up at call time (pya2a.Alltoallv), so wrappers apply
 
+from .core import watchdog
 from .core.devices import array_family
 from .core.spec import is_device_buffer
 from .core.state import check_comm as _check_comm
-from .core.state import internal_comm
+from .core.state import internal_comm, watch
 from .core.validate import agree, allgather_object
 
 __all__ = ["ExpertParallel", "DispatchHandle", "reference", "BACKENDS", "MODES", "PHASES"]
@@ -187,7 +188,7 @@ class ExpertParallel:
         call = "ExpertParallel"
         _check_comm(call, comm)
         self.comm = comm
-        self._icomm = internal_comm(comm)
+        self._icomm = internal_comm(comm, call)
         p, rank = self._icomm.Get_size(), self._icomm.Get_rank()
         self.size, self.rank = p, rank
         exc: BaseException | None = None
@@ -326,6 +327,15 @@ class ExpertParallel:
 
     def _dispatch(self, x: Any, topk_idx: Any, grad: bool,
                   fresh: bool = True) -> tuple[Any, Any, DispatchHandle]:
+        guard = watch(self._icomm, "ExpertParallel.dispatch") \
+            if watchdog.timeout() is not None else None
+        try:
+            return self._dispatch_watched(x, topk_idx, grad, fresh)
+        finally:
+            watchdog.leave(guard)
+
+    def _dispatch_watched(self, x: Any, topk_idx: Any, grad: bool,
+                          fresh: bool) -> tuple[Any, Any, DispatchHandle]:
         if self._fused is not None:
             return self._fused.dispatch(x, topk_idx, grad=grad, fresh=fresh)
         call = "ExpertParallel.dispatch"
@@ -464,6 +474,15 @@ class ExpertParallel:
     def _combine(self, expert_y: Any, topk_weight: Any, handle: DispatchHandle, *,
                  out: Any, grad: bool) -> tuple[Any, Any]:
         """combine; with ``grad`` also returns what its backward pass needs."""
+        guard = watch(self._icomm, "ExpertParallel.combine") \
+            if watchdog.timeout() is not None else None
+        try:
+            return self._combine_watched(expert_y, topk_weight, handle, out, grad)
+        finally:
+            watchdog.leave(guard)
+
+    def _combine_watched(self, expert_y: Any, topk_weight: Any, handle: DispatchHandle,
+                         out: Any, grad: bool) -> tuple[Any, Any]:
         if self._fused is not None:
             y = self._fused.combine(expert_y, topk_weight, handle, out=out, grad=grad)
             return y, (handle.rows if grad else None)

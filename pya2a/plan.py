@@ -54,7 +54,7 @@ from .core.devices import load_device_algorithms
 from .core.registry import Bound, Context, execute, name_code, refusal, usable
 from .core.registry import requested as resolve
 from .core.spec import VSpec, in_place
-from .core.state import check_comm, internal_comm, ranks_per_node
+from .core.state import check_comm, internal_comm, ranks_per_node, watch
 from .core.transport import transport_for
 from .core.validate import (
     agree,
@@ -165,7 +165,7 @@ class BoundPlan:
         e = self._entry
         if e is None:
             raise ValueError("BoundPlan.run: the bound plan was freed")
-        guard = watchdog.enter(self._plan.comm, "BoundPlan.run") \
+        guard = watch(self._plan.comm, "BoundPlan.run") \
             if watchdog.timeout() is not None else None
         try:
             if e.scratch is not None:
@@ -215,7 +215,19 @@ class Plan:
                  cache_size: int = DEFAULT_CACHE) -> None:
         call = "plan"
         check_comm(call, comm)
-        icomm = internal_comm(comm)
+        icomm = internal_comm(comm, call)
+        guard = watch(icomm, call) if watchdog.timeout() is not None else None
+        try:
+            self._create(icomm, sendcounts, recvcounts, dtype, senddispls, recvdispls, device,
+                         algorithm, cache_size)
+        finally:
+            watchdog.leave(guard)
+
+    def _create(self, icomm: MPI.Intracomm, sendcounts: object, recvcounts: object,
+                dtype: object, senddispls: object, recvdispls: object, device: int | None,
+                algorithm: str, cache_size: int) -> None:
+        """The collective part of creation: agree, check the counts, choose, schedule."""
+        call = "plan"
         p, rank = icomm.Get_size(), icomm.Get_rank()
         requested = resolve(algorithm)
         exc: BaseException | None = None
@@ -503,8 +515,7 @@ class Plan:
             check: agree on buffer errors collectively (one Allgather) before moving data;
                 must be the same on every rank.
         """
-        guard = watchdog.enter(self.comm, "Plan.run") if watchdog.timeout() is not None \
-            else None
+        guard = watch(self.comm, "Plan.run") if watchdog.timeout() is not None else None
         try:
             if check:
                 exc = None
@@ -532,17 +543,21 @@ class Plan:
         """
         exc = None
         entry = None
+        guard = watch(self.comm, "Plan.bind") if watchdog.timeout() is not None else None
         try:
-            _, entry = self._bind(sendbuf, recvbuf, self._ctx(persistent_collective=True),
-                                  persistent=True)
-        except Exception as e:
-            exc = e
-        try:
-            agree(self.comm, exc, np.zeros(0, dtype=np.int64))
-        except Exception:
-            if entry is not None:
-                entry.bound.free()
-            raise
+            try:
+                _, entry = self._bind(sendbuf, recvbuf, self._ctx(persistent_collective=True),
+                                      persistent=True)
+            except Exception as e:
+                exc = e
+            try:
+                agree(self.comm, exc, np.zeros(0, dtype=np.int64))
+            except Exception:
+                if entry is not None:
+                    entry.bound.free()
+                raise
+        finally:
+            watchdog.leave(guard)
         assert entry is not None
         return BoundPlan(self, entry)
 

@@ -74,6 +74,73 @@ def test_a_stalled_or_failed_rank_ends_the_job_with_a_message(tmp_path, mode, ap
     assert "ranks that have not arrived: 1" in text, text
 
 
+# Each call pya2a watches, entered by every rank but rank 1 (which sleeps instead). A
+# warm-up call first makes the communicator's state, except for "dup", where the stall is
+# the first call's Dup of the communicator.
+CALLS = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from mpi4py import MPI
+    import pya2a
+    from pya2a.moe import ExpertParallel
+
+    call = sys.argv[1]
+    comm = MPI.COMM_WORLD
+    r, p = comm.Get_rank(), comm.Get_size()
+    send, recv = np.arange(float(p)), np.zeros(p)
+    if call != "dup":
+        pya2a.Alltoallv(comm, send, recv)
+    ep = None
+    if call in ("dispatch", "combine"):
+        ep = ExpertParallel(comm, 2 * p, 4, 4, 1, np.float32)
+        x = np.ones((4, 4), dtype=np.float32)
+        idx = (np.arange(4) % (2 * p)).reshape(4, 1)
+    if call == "combine":
+        ex, _, h = ep.dispatch(x, idx)
+    if call == "bind":
+        pl = pya2a.plan(comm, [1] * p, [1] * p, np.float64)
+    if r == 1:
+        time.sleep(600)
+    if call in ("dup", "oneshot"):
+        pya2a.Alltoallv(comm, send, recv)
+    elif call == "plan":
+        pya2a.plan(comm, [1] * p, [1] * p, np.float64)
+    elif call == "bind":
+        pl.bind(send, recv)
+    elif call == "alltoallw":
+        t = [MPI.DOUBLE] * p
+        pya2a.Alltoallw(comm, [send, ([1] * p, [8 * j for j in range(p)]), t],
+                        [recv, ([1] * p, [8 * j for j in range(p)]), t])
+    elif call == "dispatch":
+        ep.dispatch(x, idx)
+    elif call == "combine":
+        ep.combine(ex, np.ones((4, 1), dtype=np.float32), h)
+    print("finished", r, flush=True)
+""")
+
+WATCHED = {"dup": "Alltoallv", "plan": "plan", "bind": "Plan.bind", "alltoallw": "Alltoallw",
+           "dispatch": "ExpertParallel.dispatch", "combine": "ExpertParallel.combine"}
+
+
+@pytest.mark.parametrize("call", sorted(WATCHED))
+def test_every_collective_call_is_watched(tmp_path, call):
+    if not MPIEXEC.exists():
+        pytest.skip("no mpiexec next to the interpreter")
+    script = tmp_path / "calls.py"
+    script.write_text(CALLS)
+    env = dict(os.environ, PYA2A_TIMEOUT="3")
+    out = subprocess.run([str(MPIEXEC), "-n", "3", sys.executable, str(script), call],
+                         capture_output=True, text=True, env=env, timeout=GUARD_S)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    assert "finished" not in out.stdout, text
+    assert f"in {WATCHED[call]} (" in text, text
+    if call == "dup":
+        assert "MPI_Comm_dup" in text, text
+    else:
+        assert "ranks that have not arrived: 1" in text, text
+
+
 def test_an_exception_under_python_m_mpi4py_ends_the_job_at_once(tmp_path):
     out = _job(tmp_path, "raise", "oneshot", ["-m", "mpi4py"], timeout="600")
     text = out.stdout + out.stderr

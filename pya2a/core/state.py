@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from . import watchdog
+
 __all__ = ["CommState", "NodeLayout", "state", "internal_comm", "check_comm",
-           "ranks_per_node", "live_states"]
+           "ranks_per_node", "live_states", "watch"]
 
 _USER_KEYVAL: int | None = None
 _INTERNAL_KEYVAL: int | None = None
@@ -174,10 +176,11 @@ def _keyvals() -> tuple[int, int]:
     return _USER_KEYVAL, _INTERNAL_KEYVAL
 
 
-def state(comm: MPI.Intracomm) -> CommState:
+def state(comm: MPI.Intracomm, call: str = "pya2a") -> CommState:
     """The state of ``comm`` (collective on first use: duplicates the communicator).
 
-    ``comm`` may be a user communicator or pya2a's private duplicate of one.
+    ``comm`` may be a user communicator or pya2a's private duplicate of one. ``call`` names
+    the call that needs it, for the watchdog (``PYA2A_TIMEOUT``) watching the first use.
     """
     user_kv, internal_kv = _keyvals()
     held = comm.Get_attr(user_kv)
@@ -185,7 +188,12 @@ def state(comm: MPI.Intracomm) -> CommState:
         held = comm.Get_attr(internal_kv)
         if held is None:
             # a plain Intracomm even when comm is a pya2a.Comm
-            dup = MPI.Intracomm(comm).Dup()
+            guard = watchdog.enter_setup(comm, call) if watchdog.timeout() is not None \
+                else None
+            try:
+                dup = MPI.Intracomm(comm).Dup()
+            finally:
+                watchdog.leave(guard)
             # errors raise on pya2a's own messages (a truncated stamped message is a
             # disagreement to detect, never an abort), whatever the user's handler
             dup.Set_errhandler(MPI.ERRORS_RETURN)
@@ -196,14 +204,25 @@ def state(comm: MPI.Intracomm) -> CommState:
     return held
 
 
+def watch(comm: MPI.Intracomm, call: str) -> Any:
+    """Start the watchdog (``PYA2A_TIMEOUT``) on ``call`` over ``comm`` (a user communicator
+    or the private duplicate): its guard for :func:`pya2a.core.watchdog.leave`, or None when
+    the watchdog is off. On first use of ``comm`` the ``Dup`` is watched too."""
+    if watchdog.timeout() is None:
+        return None
+    st = state(comm, call)
+    return watchdog.enter(st.comm, call, st.slot(watchdog.SLOT, watchdog.Arrivals))
+
+
 def live_states() -> Iterator[CommState]:
     """Every communicator state not yet closed (in no particular order)."""
     return (st for st in list(_LIVE) if not st._closed)
 
 
-def internal_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
-    """The duplicate of ``comm`` that carries pya2a's own traffic (created once, collective)."""
-    return state(comm).comm
+def internal_comm(comm: MPI.Intracomm, call: str = "pya2a") -> MPI.Intracomm:
+    """The duplicate of ``comm`` that carries pya2a's own traffic (created once, collective;
+    ``call`` as for :func:`state`)."""
+    return state(comm, call).comm
 
 
 def ranks_per_node(icomm: MPI.Intracomm) -> int:

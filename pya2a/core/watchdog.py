@@ -10,6 +10,12 @@ the whole job with ``MPI.COMM_WORLD.Abort``. A blocked MPI call cannot be interr
 raise instead without leaving the other ranks waiting, so aborting is the one exit that
 cannot hang anyone.
 
+Watched: one-shot ``Alltoall`` / ``Alltoallv`` / ``Alltoallw``, plan creation
+(``pya2a.plan``), ``Plan.run``, ``Plan.bind``, ``BoundPlan.run``, ``ExpertParallel.dispatch``
+and ``combine``, and the first use of a communicator (the ``Dup`` of its private duplicate,
+:func:`enter_setup`: it names the call but not the missing ranks, since no message can be
+sent on a duplicate that does not exist yet).
+
 Nothing waits on the arrival messages: they complete in the background and are collected
 at the next call on the same communicator (MPI matches them in order), so a call that
 raised locally before communicating leaves nothing stuck. The monitor reads them with
@@ -28,12 +34,13 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["TAG_ARRIVAL", "configure", "timeout", "enter", "leave", "Arrivals"]
+__all__ = ["TAG_ARRIVAL", "SLOT", "configure", "timeout", "enter", "enter_setup", "leave",
+           "Arrivals"]
 
 TAG_ARRIVAL = 7190  # on the private duplicate; the algorithms' tags are 7101..7120
 
 _TIMEOUT: float | None = None
-_SLOT = "watchdog.arrivals"
+SLOT = "watchdog.arrivals"  # the CommState slot of a communicator's Arrivals
 _lock = threading.Lock()
 _wake = threading.Condition(_lock)
 _active: dict[int, _Guard] = {}
@@ -122,33 +129,46 @@ class Arrivals:
 class _Guard:
     __slots__ = ("call", "number", "rank", "size", "recvs", "deadline", "world")
 
-    def __init__(self, call: str, number: int, rank: int, size: int, recvs: list,
+    def __init__(self, call: str, number: int, rank: int, size: int, recvs: list | None,
                  deadline: float) -> None:
         self.call, self.number, self.rank, self.size = call, number, rank, size
-        self.recvs, self.deadline = recvs, deadline
+        self.recvs, self.deadline = recvs, deadline  # recvs None: a set-up, no arrivals
         self.world = MPI.COMM_WORLD.Get_rank()
 
 
-def enter(comm: MPI.Intracomm, call: str, arrivals: Arrivals | None = None) -> _Guard | None:
-    """Start watching ``call`` on the private communicator ``comm`` (None when off).
-
-    ``arrivals`` is the communicator's :class:`Arrivals` (kept in its state); pass the same
-    object for every call on ``comm``.
-    """
-    t = _TIMEOUT
-    if t is None:
-        return None
-    if arrivals is None:
-        from .state import state
-
-        arrivals = state(comm).slot(_SLOT, Arrivals)
-    number, recvs = arrivals.announce(comm)
-    g = _Guard(call, number, comm.Get_rank(), comm.Get_size(), recvs, time.monotonic() + t)
+def _watch(g: _Guard) -> _Guard:
     with _lock:
         _active[id(g)] = g
         _start()
         _wake.notify()
     return g
+
+
+def enter(comm: MPI.Intracomm, call: str, arrivals: Arrivals) -> _Guard | None:
+    """Start watching ``call`` on the private communicator ``comm`` (None when off).
+
+    ``arrivals`` is the communicator's :class:`Arrivals` (kept in its state, slot
+    :data:`SLOT`: :func:`pya2a.core.state.watch` finds it); the same object for every call
+    on ``comm``.
+    """
+    t = _TIMEOUT
+    if t is None:
+        return None
+    number, recvs = arrivals.announce(comm)
+    return _watch(_Guard(call, number, comm.Get_rank(), comm.Get_size(), recvs,
+                         time.monotonic() + t))
+
+
+def enter_setup(comm: MPI.Comm, call: str) -> _Guard | None:
+    """Start watching the set-up of pya2a's state on the user communicator ``comm`` (its
+    ``Dup``; None when off). No arrival messages: the private duplicate they travel on is
+    what is being made, and a message on ``comm`` itself could match the user's own, so a
+    stall here names the call but not the missing ranks."""
+    t = _TIMEOUT
+    if t is None:
+        return None
+    return _watch(_Guard(call, 0, comm.Get_rank(), comm.Get_size(), None,
+                         time.monotonic() + t))
 
 
 def leave(g: _Guard | None) -> None:
@@ -167,8 +187,8 @@ def _start() -> None:
 
 
 def _missing(g: _Guard) -> list[int]:
-    out = []
-    for q, r in enumerate(g.recvs):
+    out: list[int] = []
+    for q, r in enumerate(g.recvs or ()):
         if r is None:
             continue
         try:
@@ -181,15 +201,20 @@ def _missing(g: _Guard) -> list[int]:
 
 def _fire(g: _Guard, waited: float) -> None:
     missing = _missing(g)
-    if missing:
+    where = f"call {g.number} on this communicator"
+    if g.recvs is None:
+        where = "setting up pya2a's state for this communicator: its MPI_Comm_dup"
+        who = ("a rank of the communicator has not entered a pya2a call on it (which ranks "
+               "cannot be told before the duplicate exists)")
+    elif missing:
         shown = ", ".join(map(str, missing[:16])) + (" ..." if len(missing) > 16 else "")
         who = f"ranks that have not arrived: {shown}"
     else:
         who = ("every rank arrived; the exchange stalled inside (a peer failed or stopped "
                "in the middle of it)")
     sys.stderr.write(f"pya2a watchdog: rank {g.rank} of {g.size} (world rank {g.world}) "
-                     f"has waited {waited:.1f} s in {g.call} (call {g.number} on this "
-                     f"communicator), more than PYA2A_TIMEOUT; {who}. Aborting the job.\n")
+                     f"has waited {waited:.1f} s in {g.call} ({where}), more than "
+                     f"PYA2A_TIMEOUT; {who}. Aborting the job.\n")
     sys.stderr.flush()
     MPI.COMM_WORLD.Abort(1)
     time.sleep(5.0)  # Abort normally does not return; if it does, leave without MPI
