@@ -43,15 +43,22 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from . import _oneshot
-from .core import dtypes
+from . import _oneshot, select
+from .algorithms.direct import DEFAULT_WINDOW
+from .core import dtypes, watchdog
 from .core._typepack import TypeCopy
 from .core.devices import gpu_device
-from .core.registry import name_code
+from .core.registry import name_code, raw_env
 from .core.registry import requested as resolve
 from .core.spec import _acquire, in_place, int_vector
 from .core.state import CommState, check_comm, state
-from .core.validate import agree, allreduce_max
+from .core.validate import (
+    agree,
+    allreduce_max,
+    call_settings,
+    check_options,
+    window_setting,
+)
 
 __all__ = ["Alltoallw", "WPlan", "WCache", "stats"]
 
@@ -569,7 +576,8 @@ def _signature(sendmsg: object, recvmsg: object, inplace: bool, requested: str, 
     s = (None, 0, None) if inplace else _sig_side(sendmsg)
     if s is None:
         return None
-    return (requested, check, opt, inplace, s[0], r[0]), s[1], s[2], r[1], r[2]
+    return (requested, check, opt, raw_env(b"PYA2A_MESH_GRID"), inplace, s[0], r[0]), s[1], \
+        s[2], r[1], r[2]
 
 
 # ---- the call -------------------------------------------------------------------------------
@@ -611,7 +619,17 @@ def Alltoallw(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,  # noqa:
     """
     call = "Alltoallw"
     check_comm(call, comm)
-    st = state(comm)
+    st = state(comm, call)
+    guard = watchdog.enter(st.comm, call, st.slot(watchdog.SLOT, watchdog.Arrivals)) \
+        if watchdog.timeout() is not None else None
+    try:
+        return _alltoallw(call, st, sendmsg, recvmsg, algorithm, check, options)
+    finally:
+        watchdog.leave(guard)
+
+
+def _alltoallw(call: str, st: CommState, sendmsg: object, recvmsg: object, algorithm: str,
+               check: bool, options: Mapping | None) -> str:
     icomm, cache = st.comm, st.slot(_SLOT, WCache)
     requested = resolve(algorithm)
     inplace = in_place(sendmsg)
@@ -633,6 +651,7 @@ def Alltoallw(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,  # noqa:
     p, rank = icomm.Get_size(), icomm.Get_rank()
     exc: BaseException | None = None
     send = recv = None
+    valid_options: dict | None = None
     rec = np.zeros(4, dtype=np.int64)
     try:
         recv = _parse(call, "receive message", "recv", recvmsg, p, readonly=False)
@@ -641,8 +660,8 @@ def Alltoallw(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,  # noqa:
         if (send.device is None) != (recv.device is None):
             raise TypeError(f"{call}: send and receive buffers must both be host or both "
                             f"be device buffers")
-        if options is not None and not isinstance(options, Mapping):
-            raise TypeError(f"{call}: options must be a dict, not {type(options).__name__}")
+        valid_options = check_options(call, options, p)
+        window_setting(valid_options, DEFAULT_WINDOW)  # unparsable: fails every rank here
         if send is not recv and not send.bottom and not recv.bottom and send.nbytes and \
                 recv.nbytes and send.device == recv.device and \
                 send.addr < recv.addr + recv.nbytes and recv.addr < send.addr + send.nbytes:
@@ -658,7 +677,10 @@ def Alltoallw(comm: MPI.Intracomm, sendmsg: object, recvmsg: object, *,  # noqa:
         rec[:] = (name_code(requested), recv.device is not None, decodable, 0)
     except Exception as e:  # agreed on below, then raised on every rank
         exc = e
-    table = agree(icomm, exc, rec)
+    # the same settings as a one-shot Alltoallv (check, options, mesh grid, in place, tuning
+    # table): a rank whose differ would take another path and leave the others waiting
+    settings = call_settings("alltoallw", check, valid_options, inplace, p, select.load_table())
+    table = agree(icomm, exc, rec, settings, call)
     assert send is not None and recv is not None  # agree() raised otherwise
     if (table[:, 1] != table[0, 1]).any():
         raise ValueError(f"{call}: ranks asked for different algorithms (algorithm must be "

@@ -201,6 +201,51 @@ def test_a_setting_differing_on_one_rank_raises_everywhere(comm, setting):
     _raises_everywhere(comm, ValueError, fn, recv, match)
 
 
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs two ranks to differ")
+@pytest.mark.parametrize("setting", ["check", "grid", "unknown_option", "in_place",
+                                     "env_grid", "env_window", "env_algorithm", "algorithm"])
+def test_an_alltoallw_setting_differing_on_one_rank_raises_everywhere(comm, setting):
+    p = comm.Get_size()
+    last = _last(comm)
+    match = {"check": "check differs", "grid": "options differs", "unknown_option":
+             "unknown option", "in_place": "IN_PLACE", "env_grid": "PYA2A_MESH_GRID",
+             "env_window": "PYA2A_DIRECT_WINDOW", "env_algorithm": "different algorithms",
+             "algorithm": "different algorithms"}[setting]
+    env = {"env_grid": ("PYA2A_MESH_GRID", f"{p},1" if last else f"1,{p}"),
+           "env_window": ("PYA2A_DIRECT_WINDOW", "eight" if last else None),
+           "env_algorithm": ("PYA2A_ALGORITHM", "pairwise" if last else None)}.get(setting)
+    send, recv = np.arange(2.0 * p), np.full(2 * p, SENTINEL)
+    layout = ([2] * p, [16 * j for j in range(p)])
+    types = [MPI.DOUBLE] * p
+    smsg = [send, layout, types]
+    kw: dict = {}
+    if setting == "check":
+        kw["check"] = last
+    elif setting == "grid":
+        kw["options"] = {"grid": (p, 1) if last else (1, p)}
+    elif setting == "unknown_option" and last:
+        kw["options"] = {"windwo": 4}
+    elif setting == "in_place" and last:
+        smsg = MPI.IN_PLACE
+    elif setting == "algorithm":
+        kw["algorithm"] = "pairwise" if last else "direct"
+
+    fresh = comm.Dup()  # no cached signature: the call takes the full path
+
+    def go():
+        pya2a.Alltoallw(fresh, smsg, [recv, layout, types], **kw)
+
+    fn = go if env is None else (lambda: _with_env(env[0], env[1], go))
+    try:
+        _raises_everywhere(comm, ValueError, fn, recv, match)
+        # settings that agree: the same call goes through (the failed one left nothing)
+        pya2a.Alltoallw(fresh, [send, layout, types], [recv, layout, types])
+    finally:
+        fresh.Free()
+    np.testing.assert_array_equal(recv.reshape(p, 2), np.tile(
+        np.arange(2.0 * p).reshape(p, 2)[comm.Get_rank()], (p, 1)))
+
+
 def test_direct_window_may_differ_between_ranks(comm):
     p, r, c, sbuf, want = _data(comm, "random")
     for w in (1, 2, 3):

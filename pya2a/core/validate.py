@@ -277,7 +277,7 @@ def call_settings(kind: str, check: bool, options: Mapping | None,
     The algorithm asked for travels in the record's statistics (:func:`check_uniform`).
     """
     opts = {k: v for k, v in (options or {}).items() if k != "window"}
-    out: dict[str, object] = {"the call (Alltoall / Alltoallv)": kind,
+    out: dict[str, object] = {"the call (Alltoall / Alltoallv / Alltoallw)": kind,
                               "check": bool(check),
                               "MPI.IN_PLACE (in place or not)": bool(in_place),
                               "options": opts,
