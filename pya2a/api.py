@@ -222,7 +222,7 @@ class Comm(MPI.Intracomm):
         st = self._state
         if st is None or st._closed:
             check_comm(call, self)
-            st = self._state = state(self)
+            st = self._state = state(self, call)
         return st
 
     def Alltoallv(self, sendbuf, recvbuf) -> None:  # noqa: N802 (mpi4py's name)
