@@ -59,6 +59,7 @@ from .core.transport import HostTransport, transport_for
 from .core.validate import (
     agree,
     call_settings,
+    check_block_sizes,
     check_counts_match,
     check_options,
     check_pair,
@@ -400,11 +401,22 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
     table = agree(icomm, exc, stats, settings, call)
     assert send is not None and recv is not None  # agree() raised otherwise
     check_uniform(call, table)
+    device = recv.device is not None
+    # Whether every rank's send counts were checked against its peers' receive counts. The
+    # record carries them up to ROWS_IN_RECORD ranks; an Alltoall has one block size per
+    # rank, which the record always carries; check=True and device buffers (whose staged
+    # and IPC transports cannot report a received size) pay one Alltoall of counts. The
+    # rest (host Alltoallv above ROWS_IN_RECORD ranks) runs unverified: the algorithms then
+    # post every message and check what they receive (algorithms._common.guarded).
+    verified = True
     if rows:  # every rank holds every rank's counts: the same verdict everywhere
         check_pairs_match(call, table[:, 7:7 + p], table[:, 7 + p:7 + 2 * p], inplace)
-    elif check:
+    elif kind == "alltoall":
+        check_block_sizes(call, table[:, 2])
+    elif check or device:
         check_counts_match(icomm, call, send, recv)
-    device = recv.device is not None
+    else:
+        verified = False
     if device:
         load_device_algorithms()
     carry = None
@@ -436,12 +448,15 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
     opts = dict(options or {})
     opts["window"] = window  # the value validated above (env read once per decision)
     opts["max_block"] = int(table[:, 2].max())
+    opts["verified"] = verified
     # One-shot plans keep their buffers' bindings; only small exchanges are worth it, and
     # the test reads the all-gathered record so every rank takes the same path.
     pl = None
     small = int(max(table[:, 3].max(), table[:, 6].max())) <= ONESHOT_MAX_BYTES
+    # Unverified calls take the algorithms' own run, which checks what it receives (plans'
+    # programs and persistent bindings do not: plans always verify their counts).
     if small and carry is None and not options and not inplace and not device and \
-            info.oneshot_plan:
+            verified and info.oneshot_plan:
         if info.prepare is not None and table[:, 5].all():  # dense types: keyed by sizes
             pl = _cached_plan(st, kind, info.name, send, recv, None, opts["max_block"])
         elif rows and info.schedule is not None and table[:, 5].all():

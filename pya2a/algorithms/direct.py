@@ -35,7 +35,7 @@ def _window(ctx: Context) -> int:
 
 def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     """Exchange all blocks with throttled Isend/Irecv."""
-    exchange_groups(send, recv, ctx, _windows(ctx), TAG_DIRECT)
+    exchange_groups(send, recv, ctx, _windows(ctx), TAG_DIRECT, "direct")
 
 
 def _windows(ctx: Context) -> list[list[tuple[int, int]]]:

@@ -9,8 +9,10 @@ rank instead of p-1, each c or r blocks long; every byte crosses the network twi
 
 The grid is ``options["grid"]``, else env ``PYA2A_MESH_GRID="r,c"``, else the factor pair of
 p nearest sqrt(p) (r <= c). A prime p has only 1 x p, where phase 1 is a direct exchange and
-phase 2 is empty: the algorithm degenerates to ``direct``. With rows = nodes (c = ranks per
-node) phase 1 stays on the node and phase 2 sends one aggregated message per remote node.
+phase 2 is empty: the algorithm degenerates to ``direct`` (and, like ``direct``, posts
+every pair's message and checks received sizes when the counts were not verified). With
+rows = nodes (c = ranks per node) phase 1 stays on the node and phase 2 sends one aggregated
+message per remote node.
 
 Variable counts: phase 1 messages carry blocks of the sender's send counts; one round of r
 int64 to each row peer before phase 1 tells the receiver their sizes. Phase 2 messages carry
@@ -25,7 +27,7 @@ import numpy as np
 
 from ..core.registry import AlgorithmInfo, Context, register
 from ..core.spec import VSpec
-from ._common import sides
+from ._common import guarded, raise_mismatch, sides, wait_sizes
 from ._forward import (
     Step,
     blocks,
@@ -66,9 +68,23 @@ def _c(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
 
 
-def _direct(t, s, rank: int, p: int) -> None:
-    """All blocks straight from the send to the receive buffer (a 1 x p or p x 1 grid)."""
+def _direct(t, s, rank: int, p: int, check: bool = False) -> None:
+    """All blocks straight from the send to the receive buffer (a 1 x p or p x 1 grid).
+
+    ``check`` (counts not verified, :func:`guarded`): every pair's message is posted, empty
+    ones too, and received sizes are checked, as in ``direct``.
+    """
     reqs: list = []
+    if check:
+        expect: list = []
+        for k in range(1, p):
+            dst, src = (rank + k) % p, (rank - k) % p
+            reqs.append(t.irecv(s.rb, int(s.rd[src]), int(s.rc[src]), src, TAG_MESH))
+            expect.append((src, int(s.rc[src])))
+            reqs.append(t.isend(s.sb, int(s.sd[dst]), int(s.sc[dst]), dst, TAG_MESH))
+            expect.append(None)
+        raise_mismatch("mesh", rank, wait_sizes(reqs, expect))
+        return
     for k in range(1, p):
         dst, src = (rank + k) % p, (rank - k) % p
         post(t, reqs, s.rb, s.rd[src], s.rc[src], src, TAG_MESH, send=False)
@@ -84,7 +100,7 @@ def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     r, c = grid_from(p, ctx.options)
     if r == 1 or c == 1:
         t.copy(s.rb, int(s.rd[q]), s.sb, int(s.sd[q]), int(s.rc[q]))
-        _direct(t, s, q, p)
+        _direct(t, s, q, p, guarded(ctx))
         return
     i, j = divmod(q, c)
     sc, sd = s.sc.reshape(r, c), s.sd.reshape(r, c)  # [dest row, dest column]

@@ -19,6 +19,12 @@ in rounds of ``C = SCRATCH_LIMIT // p`` bytes per slot (round k carries bytes
 ``[k C, (k+1) C)`` of every block): p*S can be large when one block is (the cost model keeps
 ``auto`` away from those exchanges; an explicit request must still work).
 
+When the counts were not verified between ranks (a one-shot Alltoallv above
+``ROWS_IN_RECORD`` ranks without ``check=True``), every slot starts with an 8-byte header
+holding the sender's block length: a block whose length is not the receive count is not
+unpacked and raises on the receiving rank after the exchange, and the copy-free path is not
+taken (it has no room for the header).
+
 Plans bind the scratch buffers and offset arrays once per buffer pair; ``Plan.bind`` (every
 rank binds at the same point) makes the persistent ``MPI_Alltoall_init`` where the library
 has it (MPI 4). Host buffers only: the device transports have no collective primitive.
@@ -35,7 +41,8 @@ from ..core import _pack
 from ..core.registry import AlgorithmInfo, Bound, Context, register
 from ..core.spec import VSpec
 from ..core.validate import allreduce_max
-from ._common import sides
+from ._common import guarded, sides
+from ._forward import size_mismatch
 
 __all__ = ["run", "cost", "prepare", "program", "model_m", "chunking", "SCRATCH_LIMIT", "BRUCK_MAX",
            "BRUCK_MIN_P"]
@@ -47,6 +54,8 @@ BRUCK_MIN_P = 8
 # Bytes of scratch per side (send slots, receive slots) above which the exchange moves in
 # rounds of SCRATCH_LIMIT // p bytes per slot.
 SCRATCH_LIMIT = 32 << 20
+# Bytes of the length header that starts every slot when the counts were not verified.
+HEADER = 8
 
 
 def chunking(p: int, slot: int) -> tuple[int, int]:
@@ -74,20 +83,24 @@ class _Exchange:
 
     def __init__(self, comm: MPI.Intracomm, p: int, slot: int, sb: np.ndarray | None,
                  sc: np.ndarray, sd: np.ndarray, rb: np.ndarray, rc: np.ndarray,
-                 rd: np.ndarray, persistent: bool = False) -> None:
+                 rd: np.ndarray, persistent: bool = False, check: bool = False,
+                 rank: int = 0) -> None:
         self.comm = comm
         self.rb = rb
+        self.rc = rc
+        self.rank = rank  # for the error of a checked run
         self.req: MPI.Prequest | None = None
+        self.check = check  # counts not verified: each slot starts with its block's length
         chunk, rounds = chunking(p, slot)
         self.rounds = rounds
-        if rounds and int(rc.max()) > slot:
+        if rounds and int(rc.max()) > slot and not check:
             j = int(np.argmax(rc > slot))
             raise ValueError(f"padded: receive block from rank {j} is {int(rc[j])} bytes, "
                              f"larger than any block sent ({slot}); send and receive counts "
                              f"do not match")
         in_place = sb is None
-        self.direct = rounds == 1 and not in_place and _dense(sc, sd, slot) and \
-            _dense(rc, rd, slot)
+        self.direct = rounds == 1 and not in_place and not check and _dense(sc, sd, slot) \
+            and _dense(rc, rd, slot)
         if not rounds:
             self.steps: list = []
             return
@@ -99,9 +112,14 @@ class _Exchange:
             self.msgs = (smsg, rmsg)
         else:
             src = rb if in_place else sb
-            self.sbuf = np.zeros(p * chunk, dtype=np.uint8)
-            self.rbuf = np.zeros(p * chunk, dtype=np.uint8)
-            slots = np.arange(p, dtype=np.int64) * chunk
+            head = HEADER if check else 0
+            stride = chunk + head
+            self.sbuf = np.zeros(p * stride, dtype=np.uint8)
+            self.rbuf = np.zeros(p * stride, dtype=np.uint8)
+            slots = np.arange(p, dtype=np.int64) * stride + head
+            if check:  # the headers never change: written once, sent every round
+                self._heads(self.sbuf, p, stride)[...] = sc
+                self.rheads = self._heads(self.rbuf, p, stride)
             steps = []
             for k in range(rounds):  # a few rounds at most; vector work inside each
                 a = k * chunk
@@ -119,8 +137,16 @@ class _Exchange:
             if init is not None and MPI.Get_version() >= (4, 0):
                 self.req = init(*self.msgs)
 
+    @staticmethod
+    def _heads(buf: np.ndarray, p: int, stride: int) -> np.ndarray:
+        """The int64 length header at the start of each of the p slots of ``buf`` (a view)."""
+        return np.ndarray((p,), dtype="<i8", buffer=buf, strides=(stride,))
+
     def run(self) -> None:
         """One exchange: pack the slots, Alltoall per round, unpack the slots."""
+        if self.check:
+            self._run_checked()
+            return
         if not self.rounds:
             return
         req = self.req
@@ -144,6 +170,41 @@ class _Exchange:
             if back is not None:
                 pack(rbuf, slots, back[1], self.rb, back[0])
 
+    def _run_checked(self) -> None:
+        """:meth:`run` when the counts were not verified: the first round's headers say how
+        long each peer's block is; blocks whose length is not the receive count are not
+        unpacked, and reported (on this rank) once every round is done."""
+        rc = self.rc
+        if not self.rounds:  # nothing is sent anywhere: any receive count above 0 is wrong
+            bad = np.flatnonzero(rc > 0)
+            if bad.size:
+                raise size_mismatch("padded", self.rank, bad, np.zeros(bad.size), rc[bad])
+            return
+        req = self.req
+        pack, slots, sbuf, rbuf = _pack.pack, self.slots, self.sbuf, self.rbuf
+        smsg, rmsg = self.msgs
+        ok = None
+        for out, back in self.steps:
+            if out is not None:
+                pack(out[0], out[1], out[2], sbuf, slots)
+            if req is not None:
+                req.Start()
+                req.Wait()
+            else:
+                self.comm.Alltoall(smsg, rmsg)
+            if ok is None:
+                ok = self.rheads == rc
+            if back is not None:
+                if ok.all():
+                    pack(rbuf, slots, back[1], self.rb, back[0])
+                else:
+                    pack(rbuf, np.ascontiguousarray(slots[ok]),
+                         np.ascontiguousarray(back[1][ok]), self.rb,
+                         np.ascontiguousarray(back[0][ok]))
+        if ok is not None and not ok.all():
+            bad = np.flatnonzero(~ok)
+            raise size_mismatch("padded", self.rank, bad, self.rheads[bad], rc[bad])
+
     def free(self) -> None:
         """Release the persistent request, if any (local)."""
         if self.req is not None:
@@ -162,6 +223,8 @@ def _slot(send: VSpec | None, recv: VSpec, ctx: Context) -> int | None:
 
 def _build(send: VSpec | None, recv: VSpec, ctx: Context, slot: int,
            persistent: bool = False) -> _Exchange:
+    """The exchange bound to these buffers; with length headers when the counts were not
+    verified (:func:`pya2a.algorithms._common.guarded`)."""
     t = ctx.transport
     rb = t.buffer(recv)
     rc, rd = recv.bcounts, recv.bdispls
@@ -169,7 +232,8 @@ def _build(send: VSpec | None, recv: VSpec, ctx: Context, slot: int,
         sb, sc, sd = None, rc, rd
     else:
         sb, sc, sd = t.buffer(send), send.bcounts, send.bdispls
-    return _Exchange(ctx.comm, ctx.size, slot, sb, sc, sd, rb, rc, rd, persistent)
+    return _Exchange(ctx.comm, ctx.size, slot, sb, sc, sd, rb, rc, rd, persistent,
+                     guarded(ctx) and ctx.kind != "alltoall", ctx.rank)
 
 
 def run(send: VSpec | None, recv: VSpec, ctx: Context) -> None:

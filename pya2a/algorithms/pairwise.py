@@ -27,7 +27,7 @@ def schedule(rank: int, size: int) -> list[tuple[int, int]]:
 def run(send: VSpec, recv: VSpec, ctx: Context) -> None:
     """Walk the schedule; each step is an Irecv + Isend + Waitall (zeros skipped)."""
     exchange_groups(send, recv, ctx, [[step] for step in schedule(ctx.rank, ctx.size)],
-                    TAG_PAIRWISE)
+                    TAG_PAIRWISE, "pairwise")
 
 
 def prepare(send: VSpec, recv: VSpec, ctx: Context) -> Bound | None:

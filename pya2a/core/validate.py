@@ -33,7 +33,7 @@ from . import _pack
 from .spec import VSpec
 
 __all__ = ["CollectiveError", "agree", "check_pair", "check_layout", "check_counts_match",
-           "check_pairs_match", "check_uniform", "check_options", "error_code",
+           "check_pairs_match", "check_block_sizes", "check_uniform", "check_options", "error_code",
            "same_everywhere", "digest", "parse_grid", "parse_window", "window_setting",
            "resolved_grid", "table_digest", "allreduce_max", "allgather_bytes",
            "call_settings", "check_buffer_dtype", "allgather_object"]
@@ -355,6 +355,17 @@ def check_counts_match(comm: MPI.Intracomm, call: str, send: VSpec, recv: VSpec)
         exc = ValueError(f"{call}: rank {j} sends {incoming[j]} bytes to rank "
                          f"{comm.Get_rank()}, which expects {want[j]} bytes (check=True)")
     agree(comm, exc, np.zeros(0, dtype=np.int64))
+
+
+def check_block_sizes(call: str, blocks: np.ndarray) -> None:
+    """Raise on every rank unless every rank's Alltoall block (bytes, one per rank, from
+    the agreement record) is the same: rank i sends every rank ``blocks[i]`` bytes and
+    expects as many from each."""
+    bad = np.flatnonzero(blocks != blocks[0])
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{call}: rank {i} sends {int(blocks[i])} bytes to rank 0, which "
+                         f"expects {int(blocks[0])} bytes from rank {i}")
 
 
 def same_everywhere(comm: MPI.Intracomm, value: str) -> bool:
