@@ -525,7 +525,11 @@ class Plan:
                     exc = e
                 agree(self.comm, exc, np.zeros(0, dtype=np.int64))
             else:
-                entry = self._entry(sendbuf, recvbuf)
+                try:
+                    entry = self._entry(sendbuf, recvbuf)
+                except Exception as e:  # this rank alone: the others wait for its messages
+                    watchdog.failed(guard, e)
+                    raise
             if entry.scratch is not None:
                 entry.scratch[0][...] = entry.scratch[1]
             entry.bound.run()

@@ -97,8 +97,13 @@ CALLS = textwrap.dedent("""
         idx = (np.arange(4) % (2 * p)).reshape(4, 1)
     if call == "combine":
         ex, _, h = ep.dispatch(x, idx)
-    if call == "bind":
+    if call in ("bind", "buffer_error"):
         pl = pya2a.plan(comm, [1] * p, [1] * p, np.float64)
+    if call == "buffer_error" and r == 1:  # fails on this rank alone, which goes on
+        try:
+            pl.run(send, np.zeros(1))
+        except ValueError:
+            time.sleep(600)
     if r == 1:
         time.sleep(600)
     if call in ("dup", "oneshot"):
@@ -107,6 +112,8 @@ CALLS = textwrap.dedent("""
         pya2a.plan(comm, [1] * p, [1] * p, np.float64)
     elif call == "bind":
         pl.bind(send, recv)
+    elif call == "buffer_error":
+        pl.run(send, recv)
     elif call == "alltoallw":
         t = [MPI.DOUBLE] * p
         pya2a.Alltoallw(comm, [send, ([1] * p, [8 * j for j in range(p)]), t],
@@ -118,8 +125,9 @@ CALLS = textwrap.dedent("""
     print("finished", r, flush=True)
 """)
 
-WATCHED = {"dup": "Alltoallv", "plan": "plan", "bind": "Plan.bind", "alltoallw": "Alltoallw",
-           "dispatch": "ExpertParallel.dispatch", "combine": "ExpertParallel.combine"}
+WATCHED = {"dup": "Alltoallv", "plan": "plan", "bind": "Plan.bind", "buffer_error": "Plan.run",
+           "alltoallw": "Alltoallw", "dispatch": "ExpertParallel.dispatch",
+           "combine": "ExpertParallel.combine"}
 
 
 @pytest.mark.parametrize("call", sorted(WATCHED))
@@ -137,6 +145,8 @@ def test_every_collective_call_is_watched(tmp_path, call):
     assert f"in {WATCHED[call]} (" in text, text
     if call == "dup":
         assert "MPI_Comm_dup" in text, text
+    elif call == "buffer_error":  # rank 1 arrived, failed, and said so
+        assert "rank 1 failed in its call" in text and "ValueError: Plan.run" in text, text
     else:
         assert "ranks that have not arrived: 1" in text, text
 

@@ -10,6 +10,11 @@ the whole job with ``MPI.COMM_WORLD.Abort``. A blocked MPI call cannot be interr
 raise instead without leaving the other ranks waiting, so aborting is the one exit that
 cannot hang anyone.
 
+A call that fails on one rank alone, before it sends anything (``Plan.run``'s buffer
+errors without ``check=True``), leaves the others waiting for that rank's messages; it
+sends them a failure notice (:func:`failed`, tag :data:`TAG_FAILED`) so that their report
+names the rank and its error instead of "stalled inside".
+
 Watched: one-shot ``Alltoall`` / ``Alltoallv`` / ``Alltoallw``, plan creation
 (``pya2a.plan``), ``Plan.run``, ``Plan.bind``, ``BoundPlan.run``, ``ExpertParallel.dispatch``
 and ``combine``, and the first use of a communicator (the ``Dup`` of its private duplicate,
@@ -34,14 +39,17 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["TAG_ARRIVAL", "SLOT", "configure", "timeout", "enter", "enter_setup", "leave",
-           "Arrivals"]
+__all__ = ["TAG_ARRIVAL", "TAG_FAILED", "SLOT", "configure", "timeout", "enter", "enter_setup",
+           "leave", "failed", "Arrivals"]
 
-TAG_ARRIVAL = 7190  # on the private duplicate; the algorithms' tags are 7101..7120
+TAG_ARRIVAL = 7190  # on the private duplicate; the algorithms' tags are 7101..7130
+TAG_FAILED = 7191  # a rank's call failed locally (:func:`failed`): its number and error
+NOTICE = 512  # bytes of a failure notice: the call number (int64), then the error text
 
 _TIMEOUT: float | None = None
 SLOT = "watchdog.arrivals"  # the CommState slot of a communicator's Arrivals
 _lock = threading.Lock()
+_drain_lock = threading.Lock()
 _wake = threading.Condition(_lock)
 _active: dict[int, _Guard] = {}
 _thread: threading.Thread | None = None
@@ -73,18 +81,50 @@ def timeout() -> float | None:
 class Arrivals:
     """Per-communicator arrival messages (kept in the communicator's state slot)."""
 
-    __slots__ = ("count", "pending", "__weakref__")
+    __slots__ = ("count", "pending", "notices", "__weakref__")
 
     def __init__(self) -> None:
         self.count = 0
         # (call number, recv requests by peer, send requests, buffers kept alive)
         self.pending: list[tuple[int, list, list, tuple]] = []
+        # failure notices received from peers: (source rank, call number, error text)
+        self.notices: list[tuple[int, int, str]] = []
+
+    def fail(self, comm: MPI.Intracomm, number: int, text: str) -> None:
+        """Tell every peer that call ``number`` failed here (nonblocking; collected later)."""
+        out = np.zeros(NOTICE, dtype=np.uint8)
+        out[:8] = np.frombuffer(np.int64(number).tobytes(), dtype=np.uint8)
+        raw = text.encode(errors="replace")[:NOTICE - 8]
+        out[8:8 + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        me = comm.Get_rank()
+        sends = [comm.Isend([out, MPI.BYTE], q, TAG_FAILED)
+                 for q in range(comm.Get_size()) if q != me]
+        end = time.monotonic() + 0.05  # progress: this rank may not call MPI again soon
+        while sends and not MPI.Request.Testall(sends) and time.monotonic() < end:
+            time.sleep(0.001)
+        self.pending.append((number, [], sends, (out,)))
+
+    def drain(self, comm: MPI.Intracomm) -> list[tuple[int, int, str]]:
+        """Receive the failure notices that have arrived (no waiting); keep those of this
+        call and the one before it, and return them. Either thread may call it."""
+        st = MPI.Status()
+        buf = np.empty(NOTICE, dtype=np.uint8)
+        with _drain_lock:
+            while comm.Iprobe(MPI.ANY_SOURCE, TAG_FAILED, st):
+                src = st.Get_source()
+                comm.Recv([buf, MPI.BYTE], src, TAG_FAILED)
+                n = int(buf[:8].view(np.int64)[0])
+                text = buf[8:].tobytes().rstrip(b"\0").decode(errors="replace")
+                self.notices.append((src, n, text))
+            self.notices = [x for x in self.notices if x[1] >= self.count - 1]
+            return list(self.notices)
 
     def announce(self, comm: MPI.Intracomm) -> tuple[int, list]:
         """Post this call's arrival messages; returns (call number, recv request by peer)."""
         self._collect()
         self.count += 1
         n = self.count
+        self.drain(comm)  # failure notices of older calls are dropped, not left queued
         p, me = comm.Get_size(), comm.Get_rank()
         out = np.array([n], dtype=np.int64)
         inbox = np.zeros(p, dtype=np.int64)
@@ -127,13 +167,25 @@ class Arrivals:
 
 
 class _Guard:
-    __slots__ = ("call", "number", "rank", "size", "recvs", "deadline", "world")
+    __slots__ = ("call", "number", "rank", "size", "recvs", "deadline", "world", "comm",
+                 "arrivals")
 
     def __init__(self, call: str, number: int, rank: int, size: int, recvs: list | None,
-                 deadline: float) -> None:
+                 deadline: float, comm: MPI.Intracomm | None = None,
+                 arrivals: Arrivals | None = None) -> None:
         self.call, self.number, self.rank, self.size = call, number, rank, size
         self.recvs, self.deadline = recvs, deadline  # recvs None: a set-up, no arrivals
         self.world = MPI.COMM_WORLD.Get_rank()
+        self.comm, self.arrivals = comm, arrivals
+
+
+def failed(g: _Guard | None, exc: BaseException) -> None:
+    """The watched call ``g`` failed on this rank alone (an error the other ranks cannot
+    know of, e.g. a ``Plan.run`` buffer error without ``check=True``): tell them, so that
+    their watchdog names this rank and its error when it fires. Nothing when off."""
+    if g is None or g.arrivals is None or g.comm is None:
+        return
+    g.arrivals.fail(g.comm, g.number, f"{type(exc).__name__}: {exc}")
 
 
 def _watch(g: _Guard) -> _Guard:
@@ -156,7 +208,7 @@ def enter(comm: MPI.Intracomm, call: str, arrivals: Arrivals) -> _Guard | None:
         return None
     number, recvs = arrivals.announce(comm)
     return _watch(_Guard(call, number, comm.Get_rank(), comm.Get_size(), recvs,
-                         time.monotonic() + t))
+                         time.monotonic() + t, comm, arrivals))
 
 
 def enter_setup(comm: MPI.Comm, call: str) -> _Guard | None:
@@ -212,6 +264,14 @@ def _fire(g: _Guard, waited: float) -> None:
     else:
         who = ("every rank arrived; the exchange stalled inside (a peer failed or stopped "
                "in the middle of it)")
+    notices = g.arrivals.drain(g.comm) if g.arrivals is not None and g.comm is not None \
+        else []
+    mine = [x for x in notices if x[1] == g.number] or notices
+    if mine:
+        src, n, text = mine[0]
+        more = f" (and {len(mine) - 1} more ranks)" if len(mine) > 1 else ""
+        who = (f"rank {src} failed in its call {n} on this communicator{more}, on that rank "
+               f"alone, so the others wait for its messages: {text}")
     sys.stderr.write(f"pya2a watchdog: rank {g.rank} of {g.size} (world rank {g.world}) "
                      f"has waited {waited:.1f} s in {g.call} ({where}), more than "
                      f"PYA2A_TIMEOUT; {who}. Aborting the job.\n")
