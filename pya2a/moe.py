@@ -162,7 +162,7 @@ class ExpertParallel:
         mode: "auto" (default: per dispatch, the mode that moves fewer bytes between ranks),
             "per_expert" (one copy per (token, expert) pair) or "per_rank" (one copy per
             (token, destination rank)). On the fused backend "auto" is "per_expert", and
-            "per_rank" has no autograd and no graph capture. ``backend="auto"`` with
+            "per_rank" has no graph capture. ``backend="auto"`` with
             ``mode="per_rank"`` takes the staged backend.
         max_recv_tokens: most rows one rank may receive in one dispatch; default
             ``p * max_tokens * topk`` (the worst case). A dispatch exceeding it raises

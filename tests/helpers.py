@@ -97,3 +97,15 @@ def cuda_device_count() -> int:
         return int(cupy.cuda.runtime.getDeviceCount())
     except Exception:
         return 0
+
+
+def skip_unless_fused_moe(comm: MPI.Intracomm) -> None:
+    """Collective: skip the test where pya2a's fused MoE backend cannot run on ``comm``."""
+    import pytest
+
+    from pya2a.core.state import internal_comm
+    from pya2a.gpu.moe_fused import fused_available
+
+    ok, why = fused_available(internal_comm(comm), None)
+    if not ok:
+        pytest.skip(why)

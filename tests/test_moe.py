@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 import pya2a.moe as moe
 
-from helpers import SEED
+from helpers import SEED, skip_unless_fused_moe
 
 
 def scale(e: int, dtype: np.dtype) -> np.generic:
@@ -396,6 +396,13 @@ def test_device_backends_match_reference(comm, backend: str, route: str) -> None
         ep.free()
 
 
+def _fused_device(comm) -> int:
+    """The device ordinal, or skip where the fused backend cannot run."""
+    dev = _gpu_device(comm)
+    skip_unless_fused_moe(comm)
+    return dev
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("route", ["random", "skip", "dup", "hot"])
@@ -405,14 +412,9 @@ def test_device_fused_per_rank_matches_reference(comm, dtype: str, route: str) -
     (partials per owner rank, rounded, summed in rank order; the kernels use FMAs); ranks
     without tokens, expert outputs in expert_output(), in a separate array and in place
     in expert_x, repeated calls."""
-    dev = _gpu_device(comm)
+    dev = _fused_device(comm)
     import cupy
 
-    from pya2a.gpu.moe_fused import fused_available
-
-    ok, why = fused_available(moe.internal_comm(comm), None)
-    if not ok:
-        pytest.skip(why)
     p, me = comm.Get_size(), comm.Get_rank()
     E, H, T, K = 4 * p, 64, 24, 3
     ep = moe.ExpertParallel(comm, E, H, T, K, dtype, device=dev, backend="fused",
@@ -463,14 +465,11 @@ def test_device_graph_capture_replays(comm, dtype: str) -> None:
     routing, weights and token counts (0 and max_tokens included) written into the static
     buffers: y exact every replay. The values are multiples of 1/4 so that every product
     and sum is exact in float32 and the reference rounds once, like the kernel."""
-    dev = _gpu_device(comm)
+    dev = _fused_device(comm)
     import cupy
 
-    from pya2a.gpu.moe_fused import fused_available, scale_experts
+    from pya2a.gpu.moe_fused import scale_experts
 
-    ok, why = fused_available(moe.internal_comm(comm), None)
-    if not ok:
-        pytest.skip(why)
     p, me = comm.Get_size(), comm.Get_rank()
     E, H, T, K = 4 * p, 64, 12, 3
     ep = moe.ExpertParallel(comm, E, H, T, K, dtype, device=dev, backend="fused")

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 import pya2a.moe as moe
 
-from helpers import SEED, cuda_device_count
+from helpers import SEED, cuda_device_count, skip_unless_fused_moe
 
 torch = pytest.importorskip("torch")
 
@@ -382,27 +382,25 @@ def test_device_gradients_staged(comm, mode: str) -> None:
 def _fused_gpu(comm) -> int:
     """The device ordinal, or skip where the fused backend cannot run."""
     dev = _gpu(comm)
-    from pya2a.gpu.moe_fused import fused_available
-
-    ok, why = fused_available(moe.internal_comm(comm), None)
-    if not ok:
-        pytest.skip(why)
+    skip_unless_fused_moe(comm)
     return dev
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_device_gradients_fused(comm, dtype: str) -> None:
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank"])
+def test_device_gradients_fused(comm, mode: str) -> None:
     """The two-layer gradient check (gate, top-k, expert MLPs, one ExpertParallel for both
     layers: backward runs combine 2, dispatch 2, combine 1, dispatch 1) on the fused
-    backend; float64 is not a fused row type, so that case checks the refusal."""
+    backend, float32, in both transfer modes."""
+    _check_layer_gradients(comm, mode, "float32", _fused_gpu(comm), 1e-3, backend="fused")
+
+
+@pytest.mark.gpu
+def test_device_fused_refuses_float64(comm) -> None:
     dev = _fused_gpu(comm)
-    if dtype == "float64":
-        with pytest.raises(ValueError, match="backend 'fused' cannot run here"):
-            moe.ExpertParallel(comm, 2 * comm.Get_size(), 8, 4, 2, torch.float64, dev,
-                               backend="fused")
-        return
-    _check_layer_gradients(comm, "per_expert", dtype, dev, 1e-3, backend="fused")
+    with pytest.raises(ValueError, match="backend 'fused' cannot run here"):
+        moe.ExpertParallel(comm, 2 * comm.Get_size(), 8, 4, 2, torch.float64, dev,
+                           backend="fused")
 
 
 def _scaled_case(comm, case: int, dt, H: int = 64, T: int = 7, K: int = 2):
@@ -445,8 +443,9 @@ def _scaled_layer(ep, x, idx, w, a_local, dt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["fused", "staged"])
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_device_gradients_scaled_experts(comm, backend: str, dtype: str) -> None:
+def test_device_gradients_scaled_experts(comm, backend: str, mode: str, dtype: str) -> None:
     """x.grad, topk_weight.grad and the experts' parameter gradients on a device backend
     against the float32 one-process computation on the same inputs (bfloat16: the rows are
     rounded where the layer stores them, so to bfloat16 precision)."""
@@ -458,7 +457,7 @@ def test_device_gradients_scaled_experts(comm, backend: str, dtype: str) -> None
     per_rank, a_grad = _scaled_reference(xs, idxs, ws, cs, a)
     cuda = f"cuda:{dev}"
     ep = moe.ExpertParallel(comm, E, xs[0].shape[1], 7, K, dt, dev, backend=backend,
-                            mode="per_expert")
+                            mode=mode)
     try:
         lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
         x = xs[me].to(cuda).requires_grad_(True)
@@ -468,7 +467,7 @@ def test_device_gradients_scaled_experts(comm, backend: str, dtype: str) -> None
         assert y.dtype == dt
         (y.float() * cs[me].to(cuda)).sum().backward()
         torch.cuda.synchronize(dev)
-        at = f" (rank {me} of {p}, {backend}, {dtype})"
+        at = f" (rank {me} of {p}, {backend}, {mode}, {dtype})"
         ref_y, ref_xg, ref_wg = per_rank[me]
         _close(y.float().cpu(), ref_y, tol, "y" + at)
         assert x.grad.dtype == dt and w.grad.dtype == torch.float32, at
@@ -480,7 +479,8 @@ def test_device_gradients_scaled_experts(comm, backend: str, dtype: str) -> None
 
 
 @pytest.mark.gpu
-def test_device_fused_backward_call_sequences(comm) -> None:
+@pytest.mark.parametrize("mode", ["per_expert", "per_rank"])
+def test_device_fused_backward_call_sequences(comm, mode: str) -> None:
     """The fused backward keeps the kernels' flag protocol in each order autograd may call
     it, repeated over steps: a combine's backward without the dispatch's (the input needs
     no gradient), a dispatch's backward without the combine's (combine outside grad mode),
@@ -496,11 +496,12 @@ def test_device_fused_backward_call_sequences(comm) -> None:
             per_rank, a_grad = _scaled_reference(xs, idxs, ws, cs, a)
             ref_y, ref_xg, ref_wg = per_rank[me]
             if ep is None:
-                ep = moe.ExpertParallel(comm, E, 32, 5, K, dt, dev, backend="fused")
+                ep = moe.ExpertParallel(comm, E, 32, 5, K, dt, dev, backend="fused",
+                                        mode=mode)
             lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
             x0, idx = xs[me].to(cuda), idxs[me].to(cuda)
             w0, c = ws[me].to(cuda), cs[me].to(cuda)
-            at = f" (rank {me} of {p}, step {step}"
+            at = f" (rank {me} of {p}, {mode}, step {step}"
             # 1. combine's backward only: x and w need no gradient, the experts do
             a1 = a[lo:hi].to(cuda).requires_grad_(True)
             y, _ = _scaled_layer(ep, x0, idx, w0, a1, dt)
@@ -536,24 +537,23 @@ def test_device_fused_backward_call_sequences(comm) -> None:
 
 
 @pytest.mark.gpu
-def test_device_fused_per_rank_refuses_gradients_everywhere(comm) -> None:
-    """per_rank mode on the fused backend has no backward pass: a dispatch of a tensor that
-    requires grad raises on every rank, before anything moves; graph mode is refused too."""
+def test_device_fused_per_rank_has_no_graph_mode(comm) -> None:
+    """Graph capture runs per_expert mode only: graph_mode refuses on every rank, and the
+    instance keeps working."""
     dev = _fused_gpu(comm)
     p = comm.Get_size()
     ep = moe.ExpertParallel(comm, p, 64, 3, 1, torch.float16, dev, backend="fused",
                             mode="per_rank")
     try:
-        x = torch.ones(3, 64, dtype=torch.float16, device=f"cuda:{dev}", requires_grad=True)
-        idx = torch.zeros(3, 1, dtype=torch.int64, device=f"cuda:{dev}")
-        with pytest.raises(ValueError, match="per_rank mode on the fused backend has no"):
-            ep.dispatch(x, idx)
         with pytest.raises(ValueError, match="graph capture runs mode 'per_expert' only"):
             with ep.graph_mode():
                 pass
-        ex, counts, h = ep.dispatch(x.detach(), idx)  # the instance still works
-        rows = int(counts.sum())
-        y = ep.combine(ex[:rows], torch.ones(3, 1, device=f"cuda:{dev}"), h)
+        x = torch.ones(3, 64, dtype=torch.float16, device=f"cuda:{dev}")
+        idx = torch.zeros(3, 1, dtype=torch.int64, device=f"cuda:{dev}")
+        with torch.no_grad():
+            ex, counts, h = ep.dispatch(x, idx)
+            rows = int(counts.sum())
+            y = ep.combine(ex[:rows], torch.ones(3, 1, device=f"cuda:{dev}"), h)
         torch.testing.assert_close(y.float().cpu(), torch.ones(3, 64))
     finally:
         ep.free()

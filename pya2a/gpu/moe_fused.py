@@ -26,11 +26,12 @@ plus the router-weight gradient ``<grad_y[t], expert row (t, k)>`` from the rows
 forward combine read (kept with ``save``); the gradient of dispatch is a combine launch
 with unit weights over the owners' ``expert_x`` gradients and the forward's slots.
 
-per_rank mode (``ExpertParallel(..., mode="per_rank")``, forward only): one copy per
+per_rank mode (``ExpertParallel(..., mode="per_rank")``): one copy per
 (token, destination rank) through extra symmetric buffers: three dispatch launches
 (routing, copies, each copy's table of expert_x rows), ``pya2a_moe_expand`` on the
 receiver; combine: a dispatch launch of the weights, ``pya2a_moe_partials`` on the owner,
-and a combine launch with unit weights that pulls one partial per (token, rank).
+and a combine launch with unit weights that pulls one partial per (token, rank). Its
+backward passes compose the same launches (see ``_per_rank_combine_backward``).
 
 Graph capture (:meth:`FusedExpertParallel.graph_mode`): the calls read the token count
 and the call number from device memory, make no MPI call, and take the static buffers of
@@ -152,6 +153,11 @@ class FusedHandle:
     idx: Any = None
     slot: Any = None
     rows: Any = None
+    idx2: Any = None  # per_rank, autograd: the copies' routing and rows (this rank's)
+    slot2: Any = None
+    tables: Any = None  # per_rank, autograd: the received copies' tables and count
+    ncopies: Any = None
+    wrows: Any = None  # per_rank, autograd: the weights of the received rows (16 B each)
 
     def num_rows(self) -> int:
         """Rows this rank received (synchronises with the device)."""
@@ -203,6 +209,7 @@ class _Args:
         self.words = np.frombuffer(self.struct.data, dtype=np.uint64)
         self.params = (ctypes.c_void_p * 1)(self.struct.ctypes.data)
         self.row_bytes = int(self.struct["row_bytes"])
+        self.fn = "combine"  # the kernel of a combine variant (row type)
 
 
 class FusedExpertParallel:
@@ -240,7 +247,8 @@ class FusedExpertParallel:
             self._fn = {k: loader.function_ptr(mod, f) for k, f in (
                 ("dispatch", "pya2a_moe_dispatch"), ("combine", f"pya2a_moe_combine<{self.type}>"),
                 ("scale", f"pya2a_moe_scale_experts<{self.type}>"),
-                ("expand", "pya2a_moe_expand"), ("partials", f"pya2a_moe_partials<{self.type}>"))}
+                ("expand", "pya2a_moe_expand"), ("partials", f"pya2a_moe_partials<{self.type}>"),
+                ("combine_f32", "pya2a_moe_combine<F32>"))}
             self.slot = cp.empty(max(N, 1), dtype=np.int32)
             self.idx = cp.empty(max(N, 1), dtype=np.int64)
             self.counts = cp.zeros(ep.local_experts, dtype=np.int64)
@@ -307,6 +315,7 @@ class FusedExpertParallel:
         with cp.cuda.Device(self.device):
             self.copies_a = self.group.allocate(max(cc * rb, 256))
             self.tables_a = self.group.allocate(max(cc * self._tw * 4, 256))
+            self.tables_a_rows = cc
             self.weights_a = self.group.allocate(max(ep.max_recv_tokens * 16, 256))
             self.partials_a = self.group.allocate(max(cc * rb, 256))
             self._slot2 = cp.empty(max(T * p, 1), dtype=np.int32)  # copies' rows at dest
@@ -326,12 +335,31 @@ class FusedExpertParallel:
                                 slot=self._sslot.data.ptr, idx_own=self._sidx.data.ptr,
                                 expert_counts=self._scounts.data.ptr)
         self._pull = _Args(c, peer_y=list(self.partials_a.peer_ptrs), topk=p)
+        # autograd: router-weight gradients pulled per entry from the owners' 16-byte rows
+        # (the weights buffer), and unit weights for the dispatch's backward
+        self._pull_gw = _Args(c, peer_y=list(self.weights_a.peer_ptrs), topk=1, row_bytes=16)
+        self._pull_gw.fn = "combine_f32"
+        with cp.cuda.Device(self.device):
+            self._ones16 = cp.zeros((max(ep.max_recv_tokens, 1), 4), dtype=np.float32)
+            self._ones16[:, 0] = 1
+            self._wrows = self.group.as_array(self.weights_a, (max(ep.max_recv_tokens, 1), 4),
+                                              np.float32)
 
     def _raw(self, name: str, grid: int, *vals: Any) -> None:
         """Launch a kernel whose arguments are scalars (ctypes values), 256 threads."""
         arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
         self._keep_raw = (arr, vals)
         self._launch(self._fn[name], grid, 256, arr)
+
+    def _per_rank_keep(self, h: FusedHandle, n: int) -> None:
+        """per_rank, autograd: the handle's own copies of this dispatch's routing (this
+        rank's tokens) and of the tables of the copies it received (stream-ordered)."""
+        cp, p = self._cp, self.ep.size
+        with cp.cuda.Device(self.device):
+            h.idx2, h.slot2 = self._idx2[:n * p].copy(), self._slot2[:n * p].copy()
+            h.tables = self.group.as_array(self.tables_a, (self.tables_a_rows, self._tw),
+                                           np.int32).copy()
+            h.ncopies = self._ncopies.copy()
 
     def _per_rank_dispatch(self, xa: Any, ia: Any, n: int) -> None:
         """per_rank: routing, copies, tables (three dispatch launches), expansion."""
@@ -473,9 +501,8 @@ class FusedExpertParallel:
         """One combine launch (the current call number) of ``handle``'s ``n`` tokens from the
         peers' expert-output buffers (``use_x``: this rank's lie in its input buffer;
         ``var`` / ``idx_slot``: other buffers / routing than the base's)."""
-        ep = self.ep
         v = self._cvar if var is None else var
-        segs = max(1, min(_cdiv(self.grid_max * _WARPS, max(n, 1)), ep.row_bytes // 512))
+        segs = max(1, min(_cdiv(self.grid_max * _WARPS, max(n, 1)), v.row_bytes // 512))
         w, k = v.words, self._ck
         w[k["y"]] = y_ptr if n else self.ya.ptr
         w[k["w"]] = w_ptr if n else self.idx.data.ptr
@@ -488,10 +515,10 @@ class FusedExpertParallel:
         w[k["n"]] = n
         w[k["use_x"]] = use_x
         w[k["segs"]] = segs
-        w[k["seg_vecs"]] = _cdiv(ep.row_bytes // 16, segs)
+        w[k["seg_vecs"]] = _cdiv(v.row_bytes // 16, segs)
         w[k["n_dev"]] = n_dev
         w[k["seq_dev"]] = 0 if self._seq_dev is None else self._seq_dev.data.ptr
-        self._launch(self._fn["combine"], min(self.grid_max, max(1, _cdiv(n * segs, _WARPS))),
+        self._launch(self._fn[v.fn], min(self.grid_max, max(1, _cdiv(n * segs, _WARPS))),
                      _THREADS, v.params)
 
     def _rows_to_ybuf(self, a: Any) -> None:
@@ -535,9 +562,6 @@ class FusedExpertParallel:
                                  f"({n}, {ep.topk})")
             if ia.dtype.kind not in "iu":
                 raise TypeError(f"{call}: topk_idx must be integers, got {ia.dtype}")
-            if grad and self._per_rank:
-                raise ValueError(f"{call}: per_rank mode on the fused backend has no "
-                                 f"backward pass (use mode='per_expert' to train)")
         except Exception as e:
             exc = e
         self._agree(exc, grad, f"{call}: x requires grad on some ranks only (the backward "
@@ -554,11 +578,13 @@ class FusedExpertParallel:
             self._launch_dispatch(xa.data.ptr if n else 0, ia.data.ptr if N else 0, n, ep.topk)
         h = FusedHandle(id(self), self.seq, n, self.counts, mode=ep.mode)
         ex = self.xbuf
-        if (grad or fresh) and not self._per_rank:
+        if grad or fresh:
             with cp.cuda.Device(self.device):  # stream-ordered copies after the launch
                 h.idx, h.slot = self.idx[:N].copy(), self.slot[:N].copy()
                 h.expert_counts = self.counts.copy()
                 ex = self.xbuf.copy()
+            if self._per_rank:
+                self._per_rank_keep(h, n)
         self._pending = h
         return (ex if type(x) is self._ndarray else ep._wrap(ex, x)), h.expert_counts, h
 
@@ -616,9 +642,6 @@ class FusedExpertParallel:
             n = handle.num_tokens
             ya = self._check_rows(call, "expert_y", expert_y, ep.max_recv_tokens)
             wa = self._weights(call, topk_weight, n)
-            if grad and self._per_rank:
-                raise ValueError(f"{call}: per_rank mode on the fused backend has no "
-                                 f"backward pass (use mode='per_expert' to train)")
             if out is not None:
                 if grad:
                     raise ValueError(f"{call}: out= cannot be used when the result needs "
@@ -637,13 +660,10 @@ class FusedExpertParallel:
                     oa = cp.empty((n, ep.hidden), dtype=ep.dtype)
                 wa = wa.astype(np.float32, copy=False)
             self._per_rank_combine(ya, wa, oa, n)
-            handle.done = True
-            self._pending = None
-            self._keep = (expert_y, topk_weight, wa)
-            if out is not None:
-                return out
-            like = topk_weight if type(topk_weight).__module__.startswith("torch") else expert_y
-            return ep._wrap(oa, like)
+            if grad:
+                with cp.cuda.Device(self.device):  # the weights as they reached the owners
+                    handle.wrows = self._wrows.copy()
+            return self._combined(handle, expert_y, topk_weight, wa, oa, out)
         use_x = int(ya.data.ptr == self.xa.ptr)
         if not use_x:
             self._rows_to_ybuf(ya)
@@ -657,14 +677,19 @@ class FusedExpertParallel:
                 save = cp.empty((N, ep.hidden), dtype=ep.dtype)
         self._launch_combine(oa.data.ptr, wa.data.ptr if N else 0, n, use_x, handle,
                              save.data.ptr if save is not None and N else 0)
-        handle.done = True
         handle.rows = save
+        return self._combined(handle, expert_y, topk_weight, wa, oa, out)
+
+    def _combined(self, handle: FusedHandle, expert_y: Any, topk_weight: Any, wa: Any,
+                  oa: Any, out: Any) -> Any:
+        """The end of a combine: state, and ``y`` as the caller's array type."""
+        handle.done = True
         self._pending = None
         self._keep = (expert_y, topk_weight, wa)
         if out is not None:
             return out
         like = topk_weight if type(topk_weight).__module__.startswith("torch") else expert_y
-        return ep._wrap(oa, like)
+        return self.ep._wrap(oa, like)
 
     # ------------------------------------------------------------------ backward passes
     def dispatch_backward(self, grad_x: Any, handle: FusedHandle) -> Any:
@@ -685,8 +710,23 @@ class FusedExpertParallel:
             # combine launch must follow a dispatch launch, so run an empty one (every rank
             # takes this branch: the ranks make the same calls in the same order)
             self._launch_dispatch(0, 0, 0, ep.topk)
-        self._rows_to_ybuf(g)
         n = handle.num_tokens
+        if self._per_rank:  # each received copy's rows summed on the owner, pulled back
+            with cp.cuda.Device(self.device):
+                out = cp.empty((n, ep.hidden), dtype=ep.dtype)
+            self._raw("partials", self.sms * 2, ctypes.c_uint64(self.partials_a.ptr),
+                      ctypes.c_uint64(g.data.ptr if g.shape[0] else self.ya.ptr),
+                      ctypes.c_uint64(self._ones16.data.ptr),
+                      ctypes.c_uint64(handle.tables.data.ptr),
+                      ctypes.c_uint64(handle.ncopies.data.ptr), ctypes.c_int32(self._tw),
+                      ctypes.c_int64(ep.row_bytes))
+            self._launch_combine(out.data.ptr, self._ones2.data.ptr, n, 0, handle,
+                                 var=self._pull,
+                                 idx_slot=(handle.idx2.data.ptr, handle.slot2.data.ptr))
+            self._pending = None
+            self._keep = (grad_x, g, out)
+            return out
+        self._rows_to_ybuf(g)
         with cp.cuda.Device(self.device):
             out = cp.empty((n, ep.hidden), dtype=ep.dtype)
         self._launch_combine(out.data.ptr, self._ones.data.ptr, n, 0, handle)
@@ -709,13 +749,15 @@ class FusedExpertParallel:
         call = "ExpertParallel.combine (backward)"
         ep, cp = self.ep, self._cp
         self._backward_check(call, handle)
-        if rows is None:
-            raise ValueError(f"{call}: the forward combine did not keep the expert rows "
-                             f"(it ran without gradients)")
+        if rows is None and handle.wrows is None:
+            raise ValueError(f"{call}: the forward combine ran without gradients, so it "
+                             f"kept nothing for the backward pass")
         n, k, H = handle.num_tokens, ep.topk, ep.hidden
         N = n * k
         g = self._grad_rows(call, "the gradient of y", grad_y, n, exact=True)
         m = int(expert_y.shape[0])
+        if self._per_rank:
+            return self._per_rank_combine_backward(g, expert_y, handle, m)
         wa = self._weights(call, topk_weight, n)
         with cp.cuda.Device(self.device):
             g32 = self._to_acc(g)
@@ -732,6 +774,36 @@ class FusedExpertParallel:
         self._pending = _BACKWARD
         self._keep = (grad_y, g, send, wa, topk_weight)
         return gey, gw
+
+    def _per_rank_combine_backward(self, g: Any, expert_y: Any, handle: FusedHandle,
+                                   m: int) -> tuple[Any, Any]:
+        """per_rank: ``g[t]`` once per (token, rank) (a copies launch), expanded on the
+        owner to the token's rows; there ``d expert_y = w * g`` and each row's ``<g,
+        expert_y>``, which one combine launch (16-byte float32 rows) pulls back per entry."""
+        cp, ep = self._cp, self.ep
+        n, k, p = handle.num_tokens, ep.topk, ep.size
+        N = n * k
+        self._launch_dispatch(g.data.ptr if n else 0, handle.idx2.data.ptr if n else 0, n, p,
+                              var=self._copies)
+        self._raw("expand", self.sms * 2, ctypes.c_uint64(self.xa.ptr),
+                  ctypes.c_uint64(self.copies_a.ptr), ctypes.c_uint64(handle.tables.data.ptr),
+                  ctypes.c_uint64(handle.ncopies.data.ptr), ctypes.c_int32(self._tw),
+                  ctypes.c_int64(ep.row_bytes))
+        ey = self._device_array("ExpertParallel.combine (backward)", "expert_y", expert_y)
+        with cp.cuda.Device(self.device):  # stream-ordered after the expansion
+            gx = self._to_acc(self.xbuf[:m])
+            gey = self._cast(gx * handle.wrows[:m, 0:1])
+            if m:
+                valid = cp.arange(m, dtype=np.int64)[:, None] < handle.expert_counts.sum()
+                gey = cp.where(valid, gey, cp.zeros((), dtype=gey.dtype))
+                self._wrows[:m, 0] = (gx * self._to_acc(ey)).sum(axis=1)
+            out = cp.empty((max(N, 1), 4), dtype=np.float32)
+        self._launch_combine(out.data.ptr, self._ones.data.ptr, N, 0, handle,
+                             var=self._pull_gw,
+                             idx_slot=(handle.idx.data.ptr, handle.slot.data.ptr))
+        self._pending = None
+        self._keep = (g, ey, out, gey)
+        return gey, out[:N, 0].reshape(n, k)
 
     def _backward_check(self, call: str, handle: FusedHandle) -> None:
         """Same outcome on every rank (the ranks make the same calls in the same order)."""
