@@ -10,10 +10,11 @@ from mpi4py import MPI
 from . import algorithms
 from ._alltoallw import Alltoallw
 from ._oneshot import exchange
+from .core import watchdog
 from .core.devices import gpu_device, load_device_algorithms
 from .core.registry import available_here
 from .core.spec import in_place, is_device_buffer
-from .core.state import CommState, check_comm, internal_comm, state
+from .core.state import CommState, check_comm, internal_comm, state, watch
 from .core.validate import agree
 from .plan import Explanation, Plan, explain, plan
 
@@ -79,7 +80,17 @@ def alltoallv(comm: MPI.Intracomm, sendbuf, sendcounts, *, algorithm: str = "aut
     """
     call = "alltoallv"
     check_comm(call, comm)
-    icomm = internal_comm(comm)
+    icomm = internal_comm(comm, call)
+    guard = watch(icomm, call) if watchdog.timeout() is not None else None
+    try:
+        return _alltoallv(call, comm, icomm, sendbuf, sendcounts, algorithm)
+    finally:
+        watchdog.leave(guard)
+
+
+def _alltoallv(call: str, comm: MPI.Intracomm, icomm: MPI.Intracomm, sendbuf, sendcounts,
+               algorithm: str):
+    """:func:`alltoallv` once the communicator's state exists (watched by the caller)."""
     p = icomm.Get_size()
     exc = None
     counts = np.zeros(p, dtype=np.int64)

@@ -189,6 +189,17 @@ class ExpertParallel:
         _check_comm(call, comm)
         self.comm = comm
         self._icomm = internal_comm(comm, call)
+        guard = watch(self._icomm, call) if watchdog.timeout() is not None else None
+        try:
+            self._setup(call, num_experts, hidden, max_tokens, topk, dtype, device, backend,
+                        mode, max_recv_tokens, algorithm)
+        finally:
+            watchdog.leave(guard)
+
+    def _setup(self, call: str, num_experts: int, hidden: int, max_tokens: int, topk: int,
+               dtype: Any, device: int | None, backend: str, mode: str,
+               max_recv_tokens: int | None, algorithm: str) -> None:
+        """The collective part of construction: agree on the arguments, make the buffers."""
         p, rank = self._icomm.Get_size(), self._icomm.Get_rank()
         self.size, self.rank = p, rank
         exc: BaseException | None = None

@@ -654,17 +654,21 @@ def explain(comm: MPI.Intracomm, sendcounts: object, recvcounts: object = None,
     """
     if recvcounts is None:
         check_comm("explain", comm)
-        icomm = internal_comm(comm)
+        icomm = internal_comm(comm, "explain")
         p = icomm.Get_size()
         sc = np.zeros(p, dtype=np.int64)
         exc = None
+        guard = watch(icomm, "explain") if watchdog.timeout() is not None else None
         try:
-            sc = _spec.counts_vector("explain", "sendcounts", sendcounts, p).copy()
-        except Exception as e:
-            exc = e
-        agree(icomm, exc, np.zeros(0, dtype=np.int64))
-        rc = np.empty(p, dtype=np.int64)
-        icomm.Alltoall(sc, rc)
+            try:
+                sc = _spec.counts_vector("explain", "sendcounts", sendcounts, p).copy()
+            except Exception as e:
+                exc = e
+            agree(icomm, exc, np.zeros(0, dtype=np.int64))
+            rc = np.empty(p, dtype=np.int64)
+            icomm.Alltoall(sc, rc)
+        finally:
+            watchdog.leave(guard)
         recvcounts = rc
     pl = Plan(comm, sendcounts, recvcounts, dtype, device=device, algorithm=algorithm)
     out = pl.explain()

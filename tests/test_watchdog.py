@@ -114,6 +114,12 @@ CALLS = textwrap.dedent("""
         pl.bind(send, recv)
     elif call == "buffer_error":
         pl.run(send, recv)
+    elif call == "array_alltoallv":
+        pya2a.alltoallv(comm, send, [1] * p)
+    elif call == "explain":
+        pya2a.explain(comm, [1] * p)
+    elif call == "expert_parallel":
+        ExpertParallel(comm, 2 * p, 4, 4, 1, np.float32)
     elif call == "alltoallw":
         t = [MPI.DOUBLE] * p
         pya2a.Alltoallw(comm, [send, ([1] * p, [8 * j for j in range(p)]), t],
@@ -127,7 +133,8 @@ CALLS = textwrap.dedent("""
 
 WATCHED = {"dup": "Alltoallv", "plan": "plan", "bind": "Plan.bind", "buffer_error": "Plan.run",
            "alltoallw": "Alltoallw", "dispatch": "ExpertParallel.dispatch",
-           "combine": "ExpertParallel.combine"}
+           "combine": "ExpertParallel.combine", "array_alltoallv": "alltoallv",
+           "explain": "explain", "expert_parallel": "ExpertParallel"}
 
 
 @pytest.mark.parametrize("call", sorted(WATCHED))

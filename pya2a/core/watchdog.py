@@ -15,11 +15,12 @@ errors without ``check=True``), leaves the others waiting for that rank's messag
 sends them a failure notice (:func:`failed`, tag :data:`TAG_FAILED`) so that their report
 names the rank and its error instead of "stalled inside".
 
-Watched: one-shot ``Alltoall`` / ``Alltoallv`` / ``Alltoallw``, plan creation
-(``pya2a.plan``), ``Plan.run``, ``Plan.bind``, ``BoundPlan.run``, ``ExpertParallel.dispatch``
-and ``combine``, and the first use of a communicator (the ``Dup`` of its private duplicate,
-:func:`enter_setup`: it names the call but not the missing ranks, since no message can be
-sent on a duplicate that does not exist yet).
+Watched: one-shot ``Alltoall`` / ``Alltoallv`` / ``Alltoallw``, ``pya2a.alltoallv``, plan
+creation (``pya2a.plan``), ``pya2a.explain``, ``Plan.run``, ``Plan.bind``, ``BoundPlan.run``,
+``ExpertParallel`` construction, ``dispatch`` and ``combine``, and the first use of a
+communicator (the ``Dup`` of its private duplicate, :func:`enter_setup`: it names the call
+but not the missing ranks, since no message can be sent on a duplicate that does not exist
+yet).
 
 Nothing waits on the arrival messages: they complete in the background and are collected
 at the next call on the same communicator (MPI matches them in order), so a call that
