@@ -369,16 +369,17 @@ class FusedExpertParallel:
         self._launch_dispatch(xa.data.ptr if n else 0, ia.data.ptr if N else 0, n, k,
                               var=self._route)
         with cp.cuda.Device(self.device):  # stream-ordered after the routing launch
-            e = ia.reshape(n, k)
-            dest = cp.where((e >= 0) & (e < ep.num_experts), e // El, -1)
-            r = cp.arange(p, dtype=np.int64)
-            hit = dest[:, None, :] == r[None, :, None]  # (n, p, k)
-            idx2 = cp.ascontiguousarray(cp.where(hit.any(axis=2), r[None, :] * El, -1),
-                                        dtype=np.int64)  # a copy per (token, rank) hit
-            big = np.int32(2 ** 31 - 1)
-            tab = cp.sort(cp.where(hit, self.slot[:N].reshape(n, 1, k), big), axis=2)
+            idx2 = cp.empty((n, p), dtype=np.int64)
             table = cp.full((n, p, tw), -1, dtype=np.int32)
-            table[:, :, :k] = cp.where(tab == big, np.int32(-1), tab)
+            if n:
+                e = ia.reshape(n, k)
+                dest = cp.where((e >= 0) & (e < ep.num_experts), e // El, -1)
+                r = cp.arange(p, dtype=np.int64)
+                hit = dest[:, None, :] == r[None, :, None]  # (n, p, k)
+                idx2[...] = cp.where(hit.any(axis=2), r[None, :] * El, -1)  # a copy per hit
+                big = np.int32(2 ** 31 - 1)
+                tab = cp.sort(cp.where(hit, self.slot[:N].reshape(n, 1, k), big), axis=2)
+                table[:, :, :k] = cp.where(tab == big, np.int32(-1), tab)
         self._keep_pr = (idx2, table)
         self._launch_dispatch(xa.data.ptr if n else 0, idx2.data.ptr if n else 0, n, p,
                               var=self._copies)
