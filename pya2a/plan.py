@@ -44,9 +44,9 @@ from .algorithms._bound import (
     bind_scratch_ok,
     in_place_program,
     make_program,
+    pair_reader,
     schedule_program,
     schedule_steps,
-    span_reader,
 )
 from .core import _msg, log, watchdog
 from .core import spec as _spec
@@ -287,7 +287,7 @@ class Plan:
         self._last: tuple | None = None  # (send object, recv object, entry) of the last run
         self._progs: dict[bool, object] = {}  # in place? -> the exchange program, or None
         self._formats: dict[str, bool] = {}  # buffer formats that passed the dtype check
-        self._span = span_reader()
+        self._pair = pair_reader()
         self._needs = (send.nbytes, recv.nbytes)  # bytes the plan's blocks need
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
@@ -435,40 +435,37 @@ class Plan:
             raise ValueError("Plan.run: the plan was freed")
         # a new object may still be the same memory (a fresh view): look up by address
         inplace = sendbuf is None or sendbuf is _IN_PLACE
-        span = self._span
-        rs = span(recvbuf, True)
-        ss = None if inplace else span(sendbuf, False)
-        if rs is not None and (inplace or ss is not None):
-            key = (None, rs[0], rs[1]) if inplace else (ss[0], ss[1], rs[0], rs[1])
+        got = self._pair(sendbuf, recvbuf, inplace)
+        if got is not None:
+            key = got[0]
         else:
-            rs = None
             recv_mem = _address(recvbuf)
             send_mem = (None,) if inplace else _address(sendbuf)
             key = (*send_mem, *recv_mem) if send_mem[0] is not None else (None, *recv_mem)
         entry = self._by_addr.get(key)
         if entry is None:
-            entry = self._quick(ss, rs, inplace) if rs is not None else None
+            entry = self._quick(got, inplace) if got is not None else None
             if entry is None:
                 key, entry = self._bind(sendbuf, recvbuf)
-                if rs is not None:  # these buffers' element types passed the full check
-                    self._formats[rs[2]] = True
-                    if ss is not None:
-                        self._formats[ss[2]] = True
+                if got is not None:  # these buffers' element types passed the full check
+                    self._formats[got[2]] = True
+                    if not inplace:
+                        self._formats[got[1]] = True
             self._insert(key, entry)
         else:
             self._by_addr.move_to_end(key)
         self._last = (sendbuf, recvbuf, entry)
         return entry
 
-    def _quick(self, ss: tuple | None, rs: tuple, inplace: bool) -> _Entry | None:
+    def _quick(self, got: tuple, inplace: bool) -> _Entry | None:
         """The program on a new pair of C-contiguous host buffers, from their address, size
-        and format alone (:func:`pya2a.core._exec.host_span`), or None: then the full check
+        and format alone (:func:`pya2a.core._exec.pair_key`), or None: then the full check
         (:meth:`_specs`) decides and raises what is wrong. A format is taken here once a
         buffer of that format has passed the full check on this plan."""
         prog = self._progs[inplace] if inplace in self._progs else self._program(inplace)
         if prog is None or (inplace and not self._in_place_ok):
             return None
-        return prog.quick(ss, rs, self._formats, *self._needs)
+        return prog.quick(*got, self._formats, *self._needs)
 
     def _insert(self, key: tuple, entry: _Entry) -> None:
         self._by_addr[key] = entry

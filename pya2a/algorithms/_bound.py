@@ -30,7 +30,7 @@ from ..core.spec import VSpec
 from .tags import TAG_BOUND
 
 __all__ = ["SCRATCH_LIMIT", "bind_groups", "bind_schedule", "bind_scratch_ok", "group_ops",
-           "in_place_program", "make_program", "span_reader", "py_binding", "schedule_program",
+           "in_place_program", "make_program", "pair_reader", "py_binding", "schedule_program",
            "schedule_steps", "COPY", "RECV", "SEND", "WAIT", "ALLTOALL", "ALLTOALLV"]
 
 SCRATCH_LIMIT = 256 << 20  # bytes of per-plan scratch above which plans call run()
@@ -60,16 +60,15 @@ def _exec_module():
     return _EXEC[0]
 
 
-def _no_span(obj: object, writable: bool) -> None:
+def _no_pair(sendbuf: object, recvbuf: object, inplace: bool) -> None:
     return None
 
 
-def span_reader():
-    """:func:`pya2a.core._exec.host_span` (``(address, nbytes, format)`` of a C-contiguous
-    host buffer, or None); without the C module, where plans have no programs, a function
-    that always answers None."""
+def pair_reader():
+    """:func:`pya2a.core._exec.pair_key` (a buffer pair's cache key and formats, or None);
+    without the C module, where plans have no programs, a function that answers None."""
     ex = _exec_module()
-    return _no_span if ex is None else ex.host_span
+    return _no_pair if ex is None else ex.pair_key
 
 
 def make_program(comm: MPI.Intracomm, ops: list | np.ndarray, scratch: list = (),

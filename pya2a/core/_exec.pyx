@@ -30,7 +30,7 @@ from mpi4py cimport libmpi as mpi
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["Program", "Binding", "library_version", "host_span", "COPY", "RECV", "SEND", "WAIT",
+__all__ = ["Program", "Binding", "library_version", "pair_key", "COPY", "RECV", "SEND", "WAIT",
            "ALLTOALL", "ALLTOALLV", "INT_MAX"]
 
 cdef enum:
@@ -53,13 +53,9 @@ def library_version():
     return buf[:n].decode("utf-8", "replace")
 
 
-def host_span(obj, bint writable):
-    """``(address, nbytes, format)`` of a C-contiguous buffer-protocol object (writable if
-    asked), or None for anything else (nothing is raised: the caller's full check decides).
-
-    A plan's quick look at a buffer pair it has not seen: one buffer request, no objects
-    made but the tuple.
-    """
+cdef inline object _span(object obj, bint writable, Py_ssize_t *addr, Py_ssize_t *n):
+    """The buffer's format, with its address and size in ``addr`` / ``n``; None when it is
+    not a C-contiguous buffer (writable if asked)."""
     cdef Py_buffer view
     if not PyObject_CheckBuffer(obj):
         return None
@@ -70,10 +66,28 @@ def host_span(obj, bint writable):
         PyObject_GetBuffer(obj, &view, flags)
     except Exception:
         return None
-    out = (<Py_ssize_t> view.buf, view.len,
-           (<bytes> view.format).decode("ascii", "replace") if view.format != NULL else "B")
+    addr[0] = <Py_ssize_t> view.buf
+    n[0] = view.len
+    fmt = (<bytes> view.format).decode("ascii", "replace") if view.format != NULL else "B"
     PyBuffer_Release(&view)
-    return out
+    return fmt
+
+
+def pair_key(sendbuf, recvbuf, bint inplace):
+    """``(key, send format, receive format)`` of a buffer pair for a plan's address-keyed
+    cache: key ``(send address, send bytes, receive address, receive bytes)``, or
+    ``(None, receive address, receive bytes)`` in place (send format None); None when
+    either is not a C-contiguous buffer (the receive one writable)."""
+    cdef Py_ssize_t ra = 0, rn = 0, sa = 0, sn = 0
+    rf = _span(recvbuf, True, &ra, &rn)
+    if rf is None:
+        return None
+    if inplace:
+        return ((None, ra, rn), None, rf)
+    sf = _span(sendbuf, False, &sa, &sn)
+    if sf is None:
+        return None
+    return ((sa, sn, ra, rn), sf, rf)
 
 
 cdef int _raise(int ierr) except -1 with gil:
@@ -285,21 +299,22 @@ cdef class Program:
         self._check(send_nbytes, recv_nbytes)
         return Binding(self, send, recv, now)
 
-    def quick(self, ss, rs, formats, int64_t send_need, int64_t recv_need):
-        """A lazy :class:`Binding` for a buffer pair read by :func:`host_span` (``ss`` None:
-        in place), or None unless both are at least ``*_need`` bytes (and what the program
-        touches), of a format in ``formats``, and do not overlap."""
-        cdef intptr_t ra = rs[0], sa = 0
-        cdef int64_t rn = rs[1], sn = 0
-        if rn < recv_need or rn < self.recv_need or rs[2] not in formats:
-            return None
-        if ss is not None:
-            sa = ss[0]
-            sn = ss[1]
-            if sn < send_need or sn < self.send_need or ss[2] not in formats or (
+    def quick(self, tuple key, sfmt, rfmt, formats, int64_t send_need, int64_t recv_need):
+        """A lazy :class:`Binding` for a buffer pair read by :func:`pair_key`, or None
+        unless both are at least ``*_need`` bytes (and what the program touches), of a
+        format in ``formats``, and do not overlap."""
+        cdef intptr_t ra, sa = 0
+        cdef int64_t rn, sn = 0
+        if len(key) == 3:  # in place
+            ra, rn = key[1], key[2]
+            if self.send_need:
+                return None
+        else:
+            sa, sn, ra, rn = key
+            if sn < send_need or sn < self.send_need or sfmt not in formats or (
                     sn and rn and sa < ra + rn and ra < sa + sn):
                 return None
-        elif self.send_need:
+        if rn < recv_need or rn < self.recv_need or rfmt not in formats:
             return None
         return Binding(self, sa, ra, False)
 
