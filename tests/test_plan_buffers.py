@@ -120,3 +120,33 @@ def test_oneshot_cycles_more_buffers_than_its_bindings(comm):
             ref = np.empty(2 * p)
             comm.Alltoallv([s, [2] * p], [ref, [2] * p])
             np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "native", "padded"])
+def test_bad_buffers_raise_after_good_ones(comm, algorithm):
+    """Once buffers of a dtype have run, new ones of that dtype skip the full check only
+    when nothing is wrong: a read-only, too small, overlapping, strided or differently typed
+    buffer still raises what it raises on a plan's first run."""
+    p = comm.Get_size()
+    pl = pya2a.plan(comm, 2, 2, "f8", algorithm=algorithm)
+    pl.run(np.ones(2 * p), np.zeros(2 * p))
+    pl.run(np.ones(2 * p), np.zeros(2 * p))
+    ro = np.zeros(2 * p)
+    ro.flags.writeable = False
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        pl.run(np.ones(2 * p), ro)
+    with pytest.raises(ValueError):
+        pl.run(np.ones(2 * p), np.zeros(p))  # receive buffer too small
+    with pytest.raises(ValueError):
+        pl.run(np.ones(p), np.zeros(2 * p))  # send buffer too small
+    with pytest.raises(ValueError, match="overlap"):
+        buf = np.zeros(4 * p)
+        pl.run(buf[:2 * p], buf[p:3 * p])
+    with pytest.raises(TypeError):
+        pl.run(np.ones(2 * p, "i8"), np.zeros(2 * p))
+    out = np.zeros(4 * p)
+    pl.run(np.arange(2 * p, dtype="f8"), out[:2 * p])  # a contiguous view is fine
+    ref = np.zeros(2 * p)
+    comm.Alltoall(np.arange(2 * p, dtype="f8"), ref)
+    np.testing.assert_array_equal(out[:2 * p], ref)
+    pl.free()

@@ -30,6 +30,10 @@ from mpi4py cimport libmpi as mpi
 import numpy as np
 from mpi4py import MPI
 
+cimport numpy as cnp
+
+cnp.import_array()
+
 __all__ = ["Program", "Binding", "library_version", "pair_key", "COPY", "RECV", "SEND", "WAIT",
            "ALLTOALL", "ALLTOALLV", "INT_MAX"]
 
@@ -55,8 +59,17 @@ def library_version():
 
 cdef inline object _span(object obj, bint writable, Py_ssize_t *addr, Py_ssize_t *n):
     """The buffer's format, with its address and size in ``addr`` / ``n``; None when it is
-    not a C-contiguous buffer (writable if asked)."""
+    not a C-contiguous buffer (writable if asked). A NumPy array is read from its fields
+    (its dtype stands for the format); anything else through the buffer protocol."""
     cdef Py_buffer view
+    cdef cnp.ndarray a
+    if type(obj) is cnp.ndarray:
+        a = <cnp.ndarray> obj
+        if not cnp.PyArray_IS_C_CONTIGUOUS(a) or (writable and not cnp.PyArray_ISWRITEABLE(a)):
+            return None
+        addr[0] = <Py_ssize_t> cnp.PyArray_DATA(a)
+        n[0] = cnp.PyArray_NBYTES(a)
+        return <object> cnp.PyArray_DESCR(a)
     if not PyObject_CheckBuffer(obj):
         return None
     cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT
