@@ -424,8 +424,16 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
             rows and table[:, 5].all() and int(table[:, 2].max()) <= _stamp.CARRY_MAX_BLOCK \
             and int(max(table[:, 3].max(), table[:, 6].max())) <= _stamp.CARRY_MAX_TOTAL:
         carry = _stamp.carry_layout(send, recv, rank, inplace)
+        if requested == "auto":
+            stats_ = select.Stats.from_records(table, p, False, st.node().max_local)
+            cands = available_here(icomm, None, _candidates(p, send, recv), auto=True)
+            log.decision(icomm, call, "direct", table,
+                         lambda: select.ranking(stats_, list(cands)),
+                         note="a small exchange on a few ranks: its blocks travel with the "
+                              "stamped confirmation of repeated calls")
+        else:
+            log.decision(icomm, call, "direct", table, override="algorithm=")
         requested = "direct"
-        log.decision(icomm, call, requested, table, override="stamped one-shot exchange")
     elif p == 1 and device and requested in ("auto", "native") and not options and \
             table[:, 5].all():  # later hits: one device copy of the own block
         own = int(send.counts[0]) * send.tsize

@@ -73,4 +73,4 @@ def test_pya2a_debug_prints_to_stderr():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
-    assert out.stderr.startswith("pya2a: Alltoall p=1") and "auto -> native" in out.stderr
+    assert out.stderr.startswith("pya2a: Alltoall p=1") and "auto -> " in out.stderr

@@ -52,7 +52,8 @@ def _sizes(records) -> str:
 
 
 def decision(comm, call: str, algorithm: str, records=None,
-             ranking: Callable[[], list[dict]] | None = None, override: str = "") -> None:
+             ranking: Callable[[], list[dict]] | None = None, override: str = "",
+             note: str = "") -> None:
     """Log one decision on rank 0 of ``comm`` (nothing unless :func:`enabled`).
 
     Args:
@@ -63,6 +64,7 @@ def decision(comm, call: str, algorithm: str, records=None,
             ``predicted_s``), called only when logging; its first entries are the why.
         override: where a fixed choice came from ("algorithm=", "PYA2A_ALGORITHM"); empty
             for ``auto``.
+        note: why ``auto`` runs ``algorithm`` where that is not the ranking's first.
     """
     if not enabled() or comm.Get_rank() != 0:
         return
@@ -72,7 +74,9 @@ def decision(comm, call: str, algorithm: str, records=None,
             top = ranking()[:4]
             why = " (predicted us: " + ", ".join(
                 f"{r['algorithm']} {r['predicted_s'] * 1e6:.1f}" for r in top)
-            if top and top[0]["algorithm"] != algorithm:
+            if note:
+                why += f"; {note}"
+            elif top and top[0]["algorithm"] != algorithm:
                 why += (f"; {algorithm} by the selector's rules: native unless another is "
                         "faster by the margin, p = 1, datatype, device buffers")
             why += ")"
