@@ -68,6 +68,7 @@ from .core.validate import (
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain"]
 
 _IN_PLACE = MPI.IN_PLACE
+_UNMADE = object()  # a plan's program not made yet
 DEFAULT_CACHE = 256  # buffer pairs remembered per plan; bindings hold address ranges only
 
 
@@ -442,33 +443,41 @@ class Plan:
             recv_mem = _address(recvbuf)
             send_mem = (None,) if inplace else _address(sendbuf)
             key = (*send_mem, *recv_mem) if send_mem[0] is not None else (None, *recv_mem)
-        entry = self._by_addr.get(key)
+        by_addr = self._by_addr
+        entry = by_addr.get(key)
         if entry is None:
-            entry = self._quick(got, inplace) if got is not None else None
+            # A new pair of C-contiguous host buffers runs the program from their address,
+            # size and format alone (Program.quick: large enough, no overlap, a format that
+            # passed the full check on this plan before); anything else takes the full
+            # check (_specs), which raises what is wrong.
+            if got is not None:
+                prog = self._progs.get(inplace, _UNMADE)
+                if prog is _UNMADE:
+                    prog = self._program(inplace)
+                if prog is not None and (not inplace or self._in_place_ok):
+                    need = self._needs
+                    entry = prog.quick(key, got[1], got[2], self._formats, need[0], need[1])
             if entry is None:
                 key, entry = self._bind(sendbuf, recvbuf)
                 if got is not None:  # these buffers' element types passed the full check
                     self._formats[got[2]] = True
                     if not inplace:
                         self._formats[got[1]] = True
-            self._insert(key, entry)
+            by_addr[key] = entry
+            if len(by_addr) > self._cache_size:
+                self._evict()
         else:
-            self._by_addr.move_to_end(key)
+            by_addr.move_to_end(key)
         self._last = (sendbuf, recvbuf, entry)
         return entry
 
-    def _quick(self, got: tuple, inplace: bool) -> _Entry | None:
-        """The program on a new pair of C-contiguous host buffers, from their address, size
-        and format alone (:func:`pya2a.core._exec.pair_key`), or None: then the full check
-        (:meth:`_specs`) decides and raises what is wrong. A format is taken here once a
-        buffer of that format has passed the full check on this plan."""
-        prog = self._progs[inplace] if inplace in self._progs else self._program(inplace)
-        if prog is None or (inplace and not self._in_place_ok):
-            return None
-        return prog.quick(*got, self._formats, *self._needs)
-
     def _insert(self, key: tuple, entry: _Entry) -> None:
         self._by_addr[key] = entry
+        self._evict()
+
+    def _evict(self) -> None:
+        """Forget the least recently used pairs beyond ``cache_size`` (their requests freed:
+        local, cheaper than making them)."""
         while len(self._by_addr) > self._cache_size:
             _, old = self._by_addr.popitem(last=False)
             if self._last is not None and old is self._last[2]:
