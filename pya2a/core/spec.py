@@ -244,19 +244,33 @@ def _dlpack_format(obj: object) -> str:
 # CuPy arrays described once per (pointer, size, dtype, device): a contiguous CuPy array is
 # read on CuPy's current stream, so describing it again would only repeat the same answer
 _CUPY_DESC: dict[tuple, tuple] = {}
+_CUPY_TYPES: dict[type, bool] = {}  # type -> is it CuPy's ndarray (decided once per type)
+_FMT_TYPES: dict[tuple, MPI.Datatype] = {}  # (device format, itemsize) -> its datatype
 
 
 def _cupy_key(obj: object, readonly: bool) -> tuple | None:
     t = type(obj)
-    if t.__name__ != "ndarray" or not t.__module__.startswith("cupy"):
+    is_cupy = _CUPY_TYPES.get(t)
+    if is_cupy is None:
+        is_cupy = _CUPY_TYPES[t] = t.__name__ == "ndarray" and t.__module__.startswith("cupy")
+    if not is_cupy:
         return None
     try:
         if not obj.flags.c_contiguous:  # type: ignore[attr-defined]
             return None
         mem = obj.data  # type: ignore[attr-defined]
-        return (mem.ptr, obj.nbytes, obj.dtype.str, mem.device_id, readonly)  # type: ignore
+        return (mem.ptr, obj.nbytes, obj.dtype, mem.device_id, readonly)  # type: ignore
     except Exception:
         return None
+
+
+def _format_datatype(call: str, what: str, fmt: str, itemsize: int) -> MPI.Datatype:
+    """``_msg.format_type`` for device formats, kept per (format, itemsize)."""
+    dt = _FMT_TYPES.get((fmt, itemsize))
+    if dt is None:
+        dt = _msg.format_type(call, what, fmt, itemsize)  # raises for a format MPI lacks
+        _FMT_TYPES[(fmt, itemsize)] = dt
+    return dt
 
 
 def _torch_on_cupy_stream(obj: object) -> bool:
@@ -281,31 +295,34 @@ def _other(m: _msg.Msg, obj: object, readonly: bool, call: str, what: str,
            want_type: bool = True) -> None:
     """The first stage for objects without the buffer protocol (DLPack, CAI, device);
     the datatype from the element format only with ``want_type`` (no explicit one)."""
-    if is_device_buffer(obj):
-        ckey = _cupy_key(obj, readonly)
-        hit = _CUPY_DESC.get(ckey) if ckey is not None else None
-        if hit is None:
-            try:
-                from .devices import gpu_device
-
-                _device = gpu_device()
-            except ImportError as exc:  # pragma: no cover - depends on the GPU extra
-                raise TypeError(f"{call}: {what} is a device buffer, but pya2a's GPU "
-                                f"support is not available ({exc})") from exc
-            d = _device.describe(obj, call=call, what=what, readonly=readonly)
-            hit = (d.addr, d.nbytes, d.readonly, d.device, d.fmt,
-                   int(getattr(d, "itemsize", 0) or 0))
-            keep = d.keepalive
-            if ckey is not None:
-                _CUPY_DESC[ckey] = hit
-                while len(_CUPY_DESC) > 256:
-                    _CUPY_DESC.pop(next(iter(_CUPY_DESC)))
-        else:
-            keep = obj
+    ckey = _cupy_key(obj, readonly)
+    hit = _CUPY_DESC.get(ckey) if ckey is not None else None
+    if hit is not None:  # a CuPy array described before: nothing to ask the device
         m.addr, m.nbytes, m.readonly, m.device, fmt, m.itemsize = hit
-        m.keepalive = keep
+        m.keepalive = obj
         if want_type:
-            m.datatype = _msg.format_type(call, what, fmt, m.itemsize)
+            m.datatype = _format_datatype(call, what, fmt, m.itemsize)
+        m.cacheable = True
+        return
+    if is_device_buffer(obj):
+        try:
+            from .devices import gpu_device
+
+            _device = gpu_device()
+        except ImportError as exc:  # pragma: no cover - depends on the GPU extra
+            raise TypeError(f"{call}: {what} is a device buffer, but pya2a's GPU "
+                            f"support is not available ({exc})") from exc
+        d = _device.describe(obj, call=call, what=what, readonly=readonly)
+        hit = (d.addr, d.nbytes, d.readonly, d.device, d.fmt,
+               int(getattr(d, "itemsize", 0) or 0))
+        if ckey is not None:
+            _CUPY_DESC[ckey] = hit
+            while len(_CUPY_DESC) > 256:
+                _CUPY_DESC.pop(next(iter(_CUPY_DESC)))
+        m.addr, m.nbytes, m.readonly, m.device, fmt, m.itemsize = hit
+        m.keepalive = d.keepalive
+        if want_type:
+            m.datatype = _format_datatype(call, what, fmt, m.itemsize)
         # a repeated call skips describe() and with it the producer's stream handshake: only
         # CuPy arrays (read on CuPy's current stream anyway) and torch tensors produced on
         # that same stream may be replayed; any other producer takes the full path each time
