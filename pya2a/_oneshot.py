@@ -419,39 +419,41 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
         verified = False
     if device:
         load_device_algorithms()
+    # What a repeated call may carry itself (the same verdict everywhere: agreed records):
+    # a small dense host exchange on a stamped communicator travels in the stamped
+    # messages as `direct`; on one rank, device buffers are one device copy (`native`).
+    carry_host = stamped and not device and not options and bool(rows) and \
+        bool(table[:, 5].all()) and int(table[:, 2].max()) <= _stamp.CARRY_MAX_BLOCK and \
+        int(max(table[:, 3].max(), table[:, 6].max())) <= _stamp.CARRY_MAX_TOTAL
+    carry_device = p == 1 and device and not options and bool(table[:, 5].all())
     carry = None
-    if stamped and requested in ("auto", "direct") and not device and not options and \
-            rows and table[:, 5].all() and int(table[:, 2].max()) <= _stamp.CARRY_MAX_BLOCK \
-            and int(max(table[:, 3].max(), table[:, 6].max())) <= _stamp.CARRY_MAX_TOTAL:
-        carry = _stamp.carry_layout(send, recv, rank, inplace)
-        if requested == "auto":
-            stats_ = select.Stats.from_records(table, p, False, st.node().max_local)
-            cands = available_here(icomm, None, _candidates(p, send, recv), auto=True)
-            log.decision(icomm, call, "direct", table,
-                         lambda: select.ranking(stats_, list(cands)),
-                         note="a small exchange on a few ranks: its blocks travel with the "
-                              "stamped confirmation of repeated calls")
-        else:
-            log.decision(icomm, call, "direct", table, override="algorithm=")
-        requested = "direct"
-    elif p == 1 and device and requested in ("auto", "native") and not options and \
-            table[:, 5].all():  # later hits: one device copy of the own block
-        own = int(send.counts[0]) * send.tsize
-        carry = ("device", recv.device, recv.addr + int(recv.displs[0]) * recv.extent,
-                 send.addr + int(send.displs[0]) * send.extent, own)
-        requested = "native"
-        log.decision(icomm, call, requested, table, override="one rank, device copy")
-    elif requested == "auto":
+    if requested == "auto":
         stats_ = select.Stats.from_records(table, p, device, st.node().max_local)
         cands = available_here(icomm, recv.device, _candidates(p, send, recv), auto=True)
-        requested = _choose(stats_, cands)
-        log.decision(icomm, call, requested, table, lambda: select.ranking(stats_, list(cands)))
+        note = ""
+        if carry_host and "direct" in cands:
+            requested = "direct"
+            note = ("a small exchange on a few ranks: its blocks travel with the stamped "
+                    "confirmation of repeated calls")
+        elif carry_device and "native" in cands:
+            requested = "native"
+            note = "one rank: repeated calls are one device copy"
+        else:
+            requested = _choose(stats_, cands)
+        log.decision(icomm, call, requested, table, lambda: select.ranking(stats_, list(cands)),
+                     note=note)
     else:
         why = refusal(icomm, recv.device, requested)  # collective: the same on every rank
         if why is not None:
             raise ValueError(f"{call}: algorithm {requested!r} is not available on this "
                              f"communicator: {why}")
         log.decision(icomm, call, requested, table, override="algorithm= or PYA2A_ALGORITHM")
+    if carry_host and requested == "direct":
+        carry = _stamp.carry_layout(send, recv, rank, inplace)
+    elif carry_device and requested == "native":
+        own = int(send.counts[0]) * send.tsize
+        carry = ("device", recv.device, recv.addr + int(recv.displs[0]) * recv.extent,
+                 send.addr + int(send.displs[0]) * send.extent, own)
     info = algorithms.get(requested, call)
     opts = dict(options or {})
     opts["window"] = window  # the value validated above (env read once per decision)
