@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from .algorithms._bound import exec_module
 from .algorithms.tags import TAG_STAMP
 from .core import _pack
 
@@ -64,7 +65,7 @@ def _slots(nbytes: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
 class Stamp:
     """One cache entry's stamped exchange: persistent requests on its own staging."""
 
-    __slots__ = ("number", "reqs", "carries", "run", "_keep")
+    __slots__ = ("number", "reqs", "carries", "run", "_keep")  # reqs: a free() method
 
     def __init__(self, comm: MPI.Intracomm, number: int, layout: tuple | None) -> None:
         p, rank = comm.Get_size(), comm.Get_rank()
@@ -84,11 +85,7 @@ class Stamp:
         peers = [j for j in range(p) if j != rank]
         sw[(s_at + s_len - 1)[peers]] = number  # written once: the stamp never changes
         trail = np.ascontiguousarray((r_at + r_len - 1)[peers], dtype=np.int64)
-        sb, rb = sw.view(np.uint8), rw.view(np.uint8)
-        self.reqs = [comm.Recv_init([rb[8 * r_at[j]:8 * (r_at[j] + r_len[j])], MPI.BYTE], j,
-                                    TAG_STAMP) for j in peers]
-        self.reqs += [comm.Send_init([sb[8 * s_at[j]:8 * (s_at[j] + s_len[j])], MPI.BYTE], j,
-                                     TAG_STAMP) for j in peers]
+        self.reqs = _requests(comm, sw, s_at, s_len, rw, r_at, r_len, peers)
         pack = unpack = np.zeros((0, 3), dtype=np.int64)
         if self.carries:
             s_base, r_base = sw.ctypes.data, rw.ctypes.data
@@ -102,28 +99,66 @@ class Stamp:
         # a carrying stamp has delivered every block into the receive buffer. On False
         # nothing was written there, and every rank returns False. (In C: _pack.StampRun.)
         self.run = _pack.StampRun(_pack.CopyList(pack, sw), _pack.CopyList(unpack, rw), rw,
-                                  trail, number, _UNSET, self.reqs, MPI.Prequest.Startall,
-                                  MPI.Request.Waitall, MPI.Exception, _drain)
+                                  trail, number, _UNSET, self.reqs.exchange)
         self._keep = (sw, rw)
 
     def free(self) -> None:
         """Release the persistent requests (the entry leaves the cache)."""
-        reqs = self.reqs  # emptied in place: run() holds this list
         if not MPI.Is_finalized():
+            self.reqs.free()
+
+
+def _requests(comm: MPI.Intracomm, sw: np.ndarray, s_at: np.ndarray, s_len: np.ndarray,
+              rw: np.ndarray, r_at: np.ndarray, r_len: np.ndarray, peers: list) -> object:
+    """The stamped messages as persistent requests: in C (``core._exec.Persistent``) where
+    that module was built for this MPI, else through mpi4py (the same messages)."""
+    ex = exec_module()
+    if ex is not None:
+        msgs = [(ex.RECV, rw.ctypes.data + 8 * int(r_at[j]), 8 * int(r_len[j]), j, TAG_STAMP)
+                for j in peers]
+        msgs += [(ex.SEND, sw.ctypes.data + 8 * int(s_at[j]), 8 * int(s_len[j]), j, TAG_STAMP)
+                 for j in peers]
+        return ex.Persistent(comm, msgs)
+    sb, rb = sw.view(np.uint8), rw.view(np.uint8)
+    reqs = [comm.Recv_init([rb[8 * r_at[j]:8 * (r_at[j] + r_len[j])], MPI.BYTE], j,
+                           TAG_STAMP) for j in peers]
+    reqs += [comm.Send_init([sb[8 * s_at[j]:8 * (s_at[j] + s_len[j])], MPI.BYTE], j,
+                            TAG_STAMP) for j in peers]
+    return _Mpi4pyRequests(reqs)
+
+
+class _Mpi4pyRequests:
+    """``core._exec.Persistent``'s interface over mpi4py's persistent requests."""
+
+    __slots__ = ("reqs",)
+
+    def __init__(self, reqs: list) -> None:
+        self.reqs = reqs
+
+    def exchange(self) -> bool:
+        """Start every request, wait for every one; False if MPI raised (the rest done)."""
+        reqs = self.reqs
+        if not reqs:
+            return True
+        MPI.Prequest.Startall(reqs)
+        try:
+            MPI.Request.Waitall(reqs)
+        except MPI.Exception:  # a longer message than its slot: another entry's
             for q in reqs:
-                q.Free()
-        reqs.clear()
+                for _ in range(2):
+                    try:
+                        q.Wait()
+                        break
+                    except MPI.Exception:
+                        continue
+            return False
+        return True
 
-
-def _drain(reqs: list) -> None:
-    """Complete every request after a Waitall error (errors on the others are dropped)."""
-    for q in reqs:
-        for _ in range(2):
-            try:
-                q.Wait()
-                break
-            except MPI.Exception:
-                continue
+    def free(self) -> None:
+        """Release the requests (local)."""
+        for q in self.reqs:
+            q.Free()
+        self.reqs = []
 
 
 def announce(comm: MPI.Intracomm, number: int = -1) -> None:

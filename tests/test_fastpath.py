@@ -259,3 +259,34 @@ def test_small_communicators_fold_agreement_into_the_exchange(comm):
     pya2a.Alltoallv(comm, send, recv)
     st = state(comm)
     assert st.slot("oneshot.signatures").stamped(st.comm) == (p <= _stamp.STAMP_MAX_P)
+
+
+def test_stamps_mix_c_and_mpi4py_requests(comm, monkeypatch):
+    """Odd ranks make their stamped requests through mpi4py (the C module switched off),
+    even ranks in C: the same messages, repeated calls correct, and a disagreement between
+    two cached entries (a message longer than its slot included) still raises everywhere."""
+    from pya2a.algorithms import _bound
+
+    if comm.Get_rank() % 2:
+        monkeypatch.setattr(_bound, "_EXEC", [None])
+    comm = comm.Dup()  # fresh entries, made under this rank's executor
+    try:
+        p, rank = comm.Get_size(), comm.Get_rank()
+        send = np.arange(2 * p, dtype="d") + 100 * rank
+        recv = np.full(2 * p, SENTINEL)
+        one, two = [1] * p, [2] * p
+        for _ in range(3):
+            for counts in (one, two):
+                recv[:] = SENTINEL
+                pya2a.Alltoallv(comm, [send, counts], [recv, counts])
+                want = np.full(2 * p, SENTINEL)
+                comm.Alltoallv([send, counts], [want, counts])
+                np.testing.assert_array_equal(recv, want)
+        if p > 1:
+            recv[:] = SENTINEL
+            mine = two if rank == 0 else one
+            with pytest.raises(ValueError):
+                pya2a.Alltoallv(comm, [send, mine], [recv, mine])
+            assert (recv == SENTINEL).all(), "receive buffer was written"
+    finally:
+        comm.Free()

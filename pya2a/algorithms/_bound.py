@@ -29,9 +29,10 @@ from ..core.registry import AlgorithmInfo, Bound, Context
 from ..core.spec import VSpec
 from .tags import TAG_BOUND
 
-__all__ = ["SCRATCH_LIMIT", "bind_groups", "bind_schedule", "bind_scratch_ok", "group_ops",
-           "in_place_program", "make_program", "pair_reader", "py_binding", "schedule_program",
-           "schedule_steps", "COPY", "RECV", "SEND", "WAIT", "ALLTOALL", "ALLTOALLV"]
+__all__ = ["SCRATCH_LIMIT", "exec_module", "bind_groups", "bind_schedule", "bind_scratch_ok",
+           "group_ops", "in_place_program", "make_program", "pair_reader", "py_binding",
+           "schedule_program", "schedule_steps", "COPY", "RECV", "SEND", "WAIT", "ALLTOALL",
+           "ALLTOALLV"]
 
 SCRATCH_LIMIT = 256 << 20  # bytes of per-plan scratch above which plans call run()
 
@@ -47,7 +48,7 @@ _NOP = (WAIT, 0, 0, 0, 0, 0)
 _EXEC: list = []  # [module or None], resolved on first use
 
 
-def _exec_module():
+def exec_module():
     """:mod:`pya2a.core._exec` when built against the MPI library mpi4py loaded, else None."""
     if not _EXEC:
         try:
@@ -67,7 +68,7 @@ def _no_pair(sendbuf: object, recvbuf: object, inplace: bool) -> None:
 def pair_reader():
     """:func:`pya2a.core._exec.pair_key` (a buffer pair's cache key and formats, or None);
     without the C module, where plans have no programs, a function that answers None."""
-    ex = _exec_module()
+    ex = exec_module()
     return _no_pair if ex is None else ex.pair_key
 
 
@@ -79,7 +80,7 @@ def make_program(comm: MPI.Intracomm, ops: list | np.ndarray, scratch: list = ()
     message longer than a C int): the caller then binds with :func:`py_binding` or runs the
     algorithm's own code, which send the same messages.
     """
-    ex = _exec_module()
+    ex = exec_module()
     if ex is None:
         return None
     try:

@@ -34,7 +34,8 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-__all__ = ["Program", "Binding", "library_version", "pair_key", "COPY", "RECV", "SEND", "WAIT",
+__all__ = ["Program", "Binding", "Persistent", "library_version", "pair_key", "COPY", "RECV",
+           "SEND", "WAIT",
            "ALLTOALL", "ALLTOALLV", "INT_MAX"]
 
 cdef enum:
@@ -443,5 +444,88 @@ cdef class Binding:
     def __dealloc__(self):
         # requests are freed by free() (MPI may be finalized by the time of collection)
         free(self.base)
+        if self.reqs != NULL:
+            free(self.reqs)
+
+
+cdef class Persistent:
+    """Persistent point-to-point requests started and completed together, in C.
+
+    ``messages`` are ``(kind, address, nbytes, peer, tag)`` with kind :data:`RECV` or
+    :data:`SEND` (byte messages on ``comm``; the memory must outlive the object's use).
+    :meth:`exchange` starts them all and waits for them all; it returns False, after
+    completing every request, where MPI reported an error (a message longer than its
+    receive: the stamped one-shot path's disagreement, on a communicator whose errors
+    return). :meth:`free` (local) releases them.
+    """
+
+    cdef mpi.MPI_Request *reqs
+    cdef int n
+    cdef object keep
+
+    def __cinit__(self):
+        self.reqs = NULL
+        self.n = 0
+
+    def __init__(self, comm, list messages):
+        cdef mpi.MPI_Comm c = <mpi.MPI_Comm> <uintptr_t> comm.handle
+        cdef int ierr = 0, k
+        cdef intptr_t addr
+        cdef int64_t nbytes
+        cdef int peer, tag
+        self.keep = comm
+        self.reqs = <mpi.MPI_Request *> malloc(max(len(messages), 1) * sizeof(mpi.MPI_Request))
+        if self.reqs == NULL:
+            raise MemoryError()
+        for m in messages:
+            k, addr, nbytes, peer, tag = m
+            if nbytes < 0 or nbytes > INT_MAX or peer < 0 or peer >= comm.Get_size():
+                self.free()
+                raise ValueError(f"Persistent: bad message {m}")
+            if k == _RECV:
+                ierr = mpi.MPI_Recv_init(<void *> addr, <int> nbytes, mpi.MPI_BYTE, peer, tag,
+                                         c, &self.reqs[self.n])
+            elif k == _SEND:
+                ierr = mpi.MPI_Send_init(<void *> addr, <int> nbytes, mpi.MPI_BYTE, peer, tag,
+                                         c, &self.reqs[self.n])
+            else:
+                self.free()
+                raise ValueError(f"Persistent: message kind {k} is neither RECV nor SEND")
+            if ierr:
+                self.free()
+                _raise(ierr)
+            self.n += 1
+
+    def exchange(self):
+        """Start every request, wait for every one; False if MPI reported an error."""
+        cdef int ierr, i
+        if self.n == 0:
+            return True
+        if self.reqs == NULL:
+            raise ValueError("Persistent.exchange: the requests were freed")
+        with nogil:
+            ierr = mpi.MPI_Startall(self.n, self.reqs)
+        if ierr:
+            _raise(ierr)
+        with nogil:
+            ierr = mpi.MPI_Waitall(self.n, self.reqs, mpi.MPI_STATUSES_IGNORE)
+            if ierr:  # complete whatever is still pending; completed ones are inactive
+                for i in range(self.n):
+                    mpi.MPI_Wait(&self.reqs[i], mpi.MPI_STATUS_IGNORE)
+        return ierr == 0
+
+    def free(self):
+        """Release the requests (local). Idempotent."""
+        cdef int i
+        if self.reqs != NULL:
+            for i in range(self.n):
+                if self.reqs[i] != mpi.MPI_REQUEST_NULL:
+                    mpi.MPI_Request_free(&self.reqs[i])
+            free(self.reqs)
+            self.reqs = NULL
+            self.n = 0
+
+    def __dealloc__(self):
+        # requests are freed by free() (MPI may be finalized by the time of collection)
         if self.reqs != NULL:
             free(self.reqs)

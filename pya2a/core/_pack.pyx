@@ -373,22 +373,21 @@ cdef class CopyList:
 cdef class StampRun:
     """One stamped exchange's run (:class:`pya2a._stamp.Stamp`), in C between MPI calls.
 
-    Copies the blocks into the send staging, starts and waits for the persistent requests,
-    checks that every received message ended in ``number`` (resetting those words), and
-    only then copies the blocks out into the receive buffer. Returns whether every stamp
-    matched; an MPI error while waiting (a message longer than its slot) is a mismatch,
-    after ``drain(reqs)`` completed the rest.
+    Copies the blocks into the send staging, runs ``exchange()`` (starts and completes the
+    persistent requests; False where MPI reported an error, a message longer than its
+    slot), checks that every received message ended in ``number`` (resetting those words),
+    and only then copies the blocks out into the receive buffer. Returns whether every
+    stamp matched and the exchange reported no error.
     """
 
     cdef CopyList _pack, _unpack
     cdef int64_t[::1] _words
     cdef int64_t[::1] _trail
     cdef int64_t _number, _reset
-    cdef object _reqs, _startall, _waitall, _error, _drain
+    cdef object _exchange
 
     def __init__(self, CopyList pack, CopyList unpack, int64_t[::1] words,
-                 int64_t[::1] trail, int64_t number, int64_t reset, list reqs, startall,
-                 waitall, error, drain):
+                 int64_t[::1] trail, int64_t number, int64_t reset, exchange):
         cdef Py_ssize_t i
         for i in range(trail.shape[0]):
             if trail[i] < 0 or trail[i] >= words.shape[0]:
@@ -396,21 +395,13 @@ cdef class StampRun:
         self._pack, self._unpack = pack, unpack
         self._words, self._trail = words, trail
         self._number, self._reset = number, reset
-        self._reqs, self._startall, self._waitall = reqs, startall, waitall
-        self._error, self._drain = error, drain
+        self._exchange = exchange
 
     def __call__(self):
-        cdef bint ok = True
+        cdef bint ok
         cdef Py_ssize_t i, j
         self._pack.run()
-        reqs = self._reqs
-        if reqs:
-            self._startall(reqs)
-            try:
-                self._waitall(reqs)
-            except self._error:
-                ok = False
-                self._drain(reqs)
+        ok = self._exchange()
         for i in range(self._trail.shape[0]):
             j = self._trail[i]
             if self._words[j] != self._number:
