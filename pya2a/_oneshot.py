@@ -292,7 +292,7 @@ def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg
     requested = resolve(algorithm) if algorithm == "auto" else algorithm
     inplace = sendmsg is None or sendmsg is _IN_PLACE
     fast = st.slot(_SIGNATURES, FastCache)
-    key = s = r = exc = hit = None
+    key = s = r = exc = None
     try:
         s, r, part = _msg.read_pair(call, kind == "alltoallv", sendmsg, recvmsg, inplace,
                                     icomm.Get_size())
@@ -300,26 +300,16 @@ def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg
             opt = None if options is None else options_key(options)
             if opt is not _NO:
                 key = (kind, requested, check, opt, raw_env(b"PYA2A_MESH_GRID"), part)
-                hit = fast.entries.get(key)  # FastCache.lookup, inline: the hot path
-                if hit is not None:
-                    pl = hit[1].plan
-                    if pl is not None and pl._freed:
-                        hit = None
-                    else:
-                        fast.entries.move_to_end(key)
     except Exception as e:  # agreed on by the full path, then raised on every rank
         exc = e
-    stamped = fast._stamped
-    if stamped is None:
-        stamped = fast.stamped(icomm)
+    hit = fast.lookup(key)
+    stamped = fast.stamped(icomm)
     if stamped:  # the agreement travels with the exchange (collective either way)
         if hit is None:
             _stamp.announce(icomm)
         else:
             d = hit[1]
-            stamp = d.stamp
-            if stamp is None:
-                stamp = d.stamped(icomm, hit[0])
+            stamp = d.stamped(icomm, hit[0])
             if stamp.run():
                 if stamp.carries:  # the blocks came with the stamps
                     return d.info.name
@@ -449,7 +439,7 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
                              f"communicator: {why}")
         log.decision(icomm, call, requested, table, override="algorithm= or PYA2A_ALGORITHM")
     if carry_host and requested == "direct":
-        carry = _stamp.carry_layout(send, recv, rank, inplace)
+        carry = _stamp.carry_layout(send, recv, inplace)
     elif carry_device and requested == "native":
         own = int(send.counts[0]) * send.tsize
         carry = ("device", recv.device, recv.addr + int(recv.displs[0]) * recv.extent,

@@ -34,8 +34,8 @@ from .core import _pack
 __all__ = ["STAMP_MAX_P", "CARRY_MAX_BLOCK", "CARRY_MAX_TOTAL", "Stamp", "announce",
            "carry_layout"]
 
-# Communicators of 2..STAMP_MAX_P ranks fold the agreement into the exchange (the mode is
-# fixed per communicator at its first one-shot call; the same constant on every rank).
+# Communicators of up to STAMP_MAX_P ranks fold the agreement into the exchange (the mode
+# is fixed per communicator at its first one-shot call; the same constant on every rank).
 STAMP_MAX_P = 8
 # Largest block (bytes, any pair) and per-rank total that a stamped message carries; larger
 # exchanges stamp the number alone and run their algorithm on the user's buffers.
@@ -45,14 +45,14 @@ CARRY_MAX_TOTAL = 64 << 10
 _UNSET = -2  # a receive slot's stamp before a message reaches it (never a valid number)
 
 
-def carry_layout(send, recv, rank: int, inplace: bool) -> tuple:
+def carry_layout(send, recv, inplace: bool) -> tuple:
     """What a carrying stamp copies: per peer, bytes and byte offsets of both sides.
 
     ``send`` / ``recv`` are the agreed, contiguous VSpecs of the call that made the entry;
     addresses are kept (an entry is used only by calls on the same memory).
     """
     return (send.addr, send.counts * send.tsize, send.displs * send.extent,
-            recv.addr, recv.counts * recv.tsize, recv.displs * recv.extent, rank, inplace)
+            recv.addr, recv.counts * recv.tsize, recv.displs * recv.extent, inplace)
 
 
 def _slots(nbytes: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,10 +76,10 @@ class Stamp:
             sbytes = soff = rbytes = roff = zeros
             inplace = False
         else:
-            saddr, sbytes, soff, raddr, rbytes, roff, _, inplace = layout
+            saddr, sbytes, soff, raddr, rbytes, roff, inplace = layout
         self.carries = layout is not None
-        s_at, s_len = _slots(sbytes.copy(), rank)
-        r_at, r_len = _slots(rbytes.copy(), rank)
+        s_at, s_len = _slots(sbytes, rank)
+        r_at, r_len = _slots(rbytes, rank)
         sw = np.zeros(int(s_len.sum()), dtype=np.int64)
         rw = np.full(int(r_len.sum()), _UNSET, dtype=np.int64)
         peers = [j for j in range(p) if j != rank]
@@ -112,19 +112,15 @@ def _requests(comm: MPI.Intracomm, sw: np.ndarray, s_at: np.ndarray, s_len: np.n
               rw: np.ndarray, r_at: np.ndarray, r_len: np.ndarray, peers: list) -> object:
     """The stamped messages as persistent requests: in C (``core._exec.Persistent``) where
     that module was built for this MPI, else through mpi4py (the same messages)."""
+    sb, rb = sw.view(np.uint8), rw.view(np.uint8)
+    msgs = [(True, rb[8 * r_at[j]:8 * (r_at[j] + r_len[j])], j) for j in peers]
+    msgs += [(False, sb[8 * s_at[j]:8 * (s_at[j] + s_len[j])], j) for j in peers]
     ex = exec_module()
     if ex is not None:
-        msgs = [(ex.RECV, rw.ctypes.data + 8 * int(r_at[j]), 8 * int(r_len[j]), j, TAG_STAMP)
-                for j in peers]
-        msgs += [(ex.SEND, sw.ctypes.data + 8 * int(s_at[j]), 8 * int(s_len[j]), j, TAG_STAMP)
-                 for j in peers]
-        return ex.Persistent(comm, msgs)
-    sb, rb = sw.view(np.uint8), rw.view(np.uint8)
-    reqs = [comm.Recv_init([rb[8 * r_at[j]:8 * (r_at[j] + r_len[j])], MPI.BYTE], j,
-                           TAG_STAMP) for j in peers]
-    reqs += [comm.Send_init([sb[8 * s_at[j]:8 * (s_at[j] + s_len[j])], MPI.BYTE], j,
-                            TAG_STAMP) for j in peers]
-    return _Mpi4pyRequests(reqs)
+        return ex.Persistent(comm, [(ex.RECV if recv else ex.SEND, v.ctypes.data, v.nbytes, j,
+                                     TAG_STAMP) for recv, v, j in msgs])
+    return _Mpi4pyRequests([(comm.Recv_init if recv else comm.Send_init)(
+        [v, MPI.BYTE], j, TAG_STAMP) for recv, v, j in msgs])
 
 
 class _Mpi4pyRequests:
