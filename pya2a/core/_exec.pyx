@@ -108,6 +108,25 @@ cdef int _raise(int ierr) except -1 with gil:
     raise MPI.Exception(ierr)
 
 
+cdef inline int _init_request(int64_t kind, void *addr, int nbytes, int peer, int tag,
+                              mpi.MPI_Comm comm, mpi.MPI_Request *req) noexcept nogil:
+    """``MPI_Recv_init`` (kind RECV) or ``MPI_Send_init`` of ``nbytes`` bytes; MPI's code."""
+    if kind == _RECV:
+        return mpi.MPI_Recv_init(addr, nbytes, mpi.MPI_BYTE, peer, tag, comm, req)
+    return mpi.MPI_Send_init(addr, nbytes, mpi.MPI_BYTE, peer, tag, comm, req)
+
+
+cdef void _free_requests(mpi.MPI_Request *reqs, int n) noexcept nogil:
+    """Release ``n`` persistent requests and their array (``reqs`` may be NULL)."""
+    cdef int i
+    if reqs == NULL:
+        return
+    for i in range(n):
+        if reqs[i] != mpi.MPI_REQUEST_NULL:
+            mpi.MPI_Request_free(&reqs[i])
+    free(reqs)
+
+
 cdef class Program:
     """An exchange as an operation table over (send, receive, scratch...) buffers.
 
@@ -390,16 +409,11 @@ cdef class Binding:
         cdef intptr_t *b = self.base
         with nogil:
             for i in range(prog.nops):
-                if a[i, 0] == _RECV:
-                    ierr = mpi.MPI_Recv_init(<void *> (b[a[i, 1]] + a[i, 2]), <int> a[i, 3],
-                                             mpi.MPI_BYTE, <int> a[i, 4], <int> a[i, 5],
-                                             prog.comm, &self.reqs[self.nreq])
-                elif a[i, 0] == _SEND:
-                    ierr = mpi.MPI_Send_init(<void *> (b[a[i, 1]] + a[i, 2]), <int> a[i, 3],
-                                             mpi.MPI_BYTE, <int> a[i, 4], <int> a[i, 5],
-                                             prog.comm, &self.reqs[self.nreq])
-                else:
+                if a[i, 0] != _RECV and a[i, 0] != _SEND:
                     continue
+                ierr = _init_request(a[i, 0], <void *> (b[a[i, 1]] + a[i, 2]), <int> a[i, 3],
+                                     <int> a[i, 4], <int> a[i, 5], prog.comm,
+                                     &self.reqs[self.nreq])
                 if ierr:
                     break
                 self.nreq += 1
@@ -430,14 +444,9 @@ cdef class Binding:
 
     def free(self):
         """Release the persistent requests (local). Idempotent; a freed binding cannot run."""
-        cdef int i
-        if self.reqs != NULL:
-            for i in range(self.nreq):
-                if self.reqs[i] != mpi.MPI_REQUEST_NULL:
-                    mpi.MPI_Request_free(&self.reqs[i])
-            free(self.reqs)
-            self.reqs = NULL
-            self.nreq = 0
+        _free_requests(self.reqs, self.nreq)
+        self.reqs = NULL
+        self.nreq = 0
         self.state = 2  # reqs NULL: run() raises
 
 
@@ -482,15 +491,11 @@ cdef class Persistent:
             if nbytes < 0 or nbytes > INT_MAX or peer < 0 or peer >= comm.Get_size():
                 self.free()
                 raise ValueError(f"Persistent: bad message {m}")
-            if k == _RECV:
-                ierr = mpi.MPI_Recv_init(<void *> addr, <int> nbytes, mpi.MPI_BYTE, peer, tag,
-                                         c, &self.reqs[self.n])
-            elif k == _SEND:
-                ierr = mpi.MPI_Send_init(<void *> addr, <int> nbytes, mpi.MPI_BYTE, peer, tag,
-                                         c, &self.reqs[self.n])
-            else:
+            if k != _RECV and k != _SEND:
                 self.free()
                 raise ValueError(f"Persistent: message kind {k} is neither RECV nor SEND")
+            ierr = _init_request(k, <void *> addr, <int> nbytes, peer, tag, c,
+                                 &self.reqs[self.n])
             if ierr:
                 self.free()
                 _raise(ierr)
@@ -516,14 +521,9 @@ cdef class Persistent:
 
     def free(self):
         """Release the requests (local). Idempotent."""
-        cdef int i
-        if self.reqs != NULL:
-            for i in range(self.n):
-                if self.reqs[i] != mpi.MPI_REQUEST_NULL:
-                    mpi.MPI_Request_free(&self.reqs[i])
-            free(self.reqs)
-            self.reqs = NULL
-            self.n = 0
+        _free_requests(self.reqs, self.n)
+        self.reqs = NULL
+        self.n = 0
 
     def __dealloc__(self):
         # requests are freed by free() (MPI may be finalized by the time of collection)
