@@ -142,6 +142,14 @@ class _Exchange:
         """The int64 length header at the start of each of the p slots of ``buf`` (a view)."""
         return np.ndarray((p,), dtype="<i8", buffer=buf, strides=(stride,))
 
+    def _alltoall(self) -> None:
+        """One round's Alltoall of the slots (the persistent request where there is one)."""
+        if self.req is not None:
+            self.req.Start()
+            self.req.Wait()
+        else:
+            self.comm.Alltoall(*self.msgs)
+
     def run(self) -> None:
         """One exchange: pack the slots, Alltoall per round, unpack the slots."""
         if self.check:
@@ -149,24 +157,14 @@ class _Exchange:
             return
         if not self.rounds:
             return
-        req = self.req
         if self.direct:
-            if req is not None:
-                req.Start()
-                req.Wait()
-            else:
-                self.comm.Alltoall(*self.msgs)
+            self._alltoall()
             return
         pack, slots, sbuf, rbuf = _pack.pack, self.slots, self.sbuf, self.rbuf
-        smsg, rmsg = self.msgs
         for out, back in self.steps:
             if out is not None:
                 pack(out[0], out[1], out[2], sbuf, slots)
-            if req is not None:
-                req.Start()
-                req.Wait()
-            else:
-                self.comm.Alltoall(smsg, rmsg)
+            self._alltoall()
             if back is not None:
                 pack(rbuf, slots, back[1], self.rb, back[0])
 
@@ -180,18 +178,12 @@ class _Exchange:
             if bad.size:
                 raise size_mismatch("padded", self.rank, bad, np.zeros(bad.size), rc[bad])
             return
-        req = self.req
         pack, slots, sbuf, rbuf = _pack.pack, self.slots, self.sbuf, self.rbuf
-        smsg, rmsg = self.msgs
         ok = None
         for out, back in self.steps:
             if out is not None:
                 pack(out[0], out[1], out[2], sbuf, slots)
-            if req is not None:
-                req.Start()
-                req.Wait()
-            else:
-                self.comm.Alltoall(smsg, rmsg)
+            self._alltoall()
             if ok is None:
                 ok = self.rheads == rc
             if back is not None:
