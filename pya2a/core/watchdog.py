@@ -45,6 +45,7 @@ __all__ = ["TAG_ARRIVAL", "TAG_FAILED", "SLOT", "configure", "timeout", "enter",
 
 TAG_ARRIVAL = 7190  # on the private duplicate; the algorithms' tags are 7101..7130
 TAG_FAILED = 7191  # a rank's call failed locally (:func:`failed`): its number and error
+_REPORT_S = 0.5  # seconds between printing a report and aborting (see _fire)
 NOTICE = 512  # bytes of a failure notice: the call number (int64), then the error text
 
 _TIMEOUT: float | None = None
@@ -277,6 +278,10 @@ def _fire(g: _Guard, waited: float) -> None:
                      f"has waited {waited:.1f} s in {g.call} ({where}), more than "
                      f"PYA2A_TIMEOUT; {who}. Aborting the job.\n")
     sys.stderr.flush()
+    # The launcher forwards a rank's output through a pipe, and an abort may end the job
+    # before that pipe is read (seen with MPICH's hydra on a loaded machine: the report
+    # was lost). A short wait lets the report out; the job ends either way.
+    time.sleep(_REPORT_S)
     MPI.COMM_WORLD.Abort(1)
     time.sleep(5.0)  # Abort normally does not return; if it does, leave without MPI
     os._exit(1)
