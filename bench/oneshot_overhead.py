@@ -13,6 +13,9 @@ every ratio compares calls made in the same stretch of time):
   cached after the first call; every call still agrees on it across ranks);
 - ``oneshot_native``: the same with ``algorithm="native"`` (only the call path differs
   from mpi4py's);
+- ``oneshot_forward``: ``oneshot`` on a duplicate communicator whose repeated calls are
+  confirmed in dissemination rounds (``pya2a._stamp.Forward``, made its mode whatever
+  ``STAMP_MAX_P`` / ``FORWARD_MAX_P`` say), which carry a small ``hypercube`` exchange;
 - ``plan``: ``pya2a.plan(...)`` of the algorithm ``auto`` chose, ``run`` on the same buffers;
 - ``plan_new_recv``: the plan with a new receive array every call;
 - ``plan_rebind``: the plan, ``cache_size=1``, alternating two receive buffers, so that every
@@ -64,6 +67,12 @@ def _rows(comm: MPI.Intracomm, m: int):
     r = np.empty(n * p)
     pc = pya2a.Comm(comm)
     pn = pya2a.Comm(comm, algorithm="native")
+    fwd = comm.Dup()
+    limits = pya2a._stamp.STAMP_MAX_P, pya2a._stamp.FORWARD_MAX_P
+    pya2a._stamp.STAMP_MAX_P, pya2a._stamp.FORWARD_MAX_P = 0, 1 << 30
+    pf = pya2a.Comm(fwd)
+    pf.Alltoallv([s, counts], [r, counts])  # its first call fixes its mode
+    pya2a._stamp.STAMP_MAX_P, pya2a._stamp.FORWARD_MAX_P = limits
     pl = pya2a.plan(comm, counts, counts, "d")
     pl1 = pya2a.plan(comm, counts, counts, "d", algorithm=pl.algorithm, cache_size=1)
     alt = [np.empty(n * p), np.empty(n * p)]
@@ -89,19 +98,20 @@ def _rows(comm: MPI.Intracomm, m: int):
         "mpi4py": lambda: comm.Alltoallv([s, counts], [r, counts]),
         "oneshot": lambda: pc.Alltoallv([s, counts], [r, counts]),
         "oneshot_native": lambda: pn.Alltoallv([s, counts], [r, counts]),
+        "oneshot_forward": lambda: pf.Alltoallv([s, counts], [r, counts]),
         "plan": lambda: pl.run(s, r),
         "plan_new_recv": lambda: pl.run(s, np.empty(n * p)),
         "plan_rebind": rebind,
         "allreduce": allreduce,
         "allreduce_blocking": lambda: comm.Allreduce(MPI.IN_PLACE, word, op=MPI.MAX),
     }
-    return rows, pl, pl1, agree
+    return rows, pl, pl1, agree, fwd
 
 
 def measure(comm: MPI.Intracomm, sizes: list[int], iters: int, passes: int) -> list[dict]:
     out = []
     for m in sizes:
-        rows, pl, pl1, agree = _rows(comm, m)
+        rows, pl, pl1, agree, fwd = _rows(comm, m)
         for fn in rows.values():  # warm up: signatures cached, buffers bound
             for _ in range(20):
                 fn()
@@ -114,6 +124,7 @@ def measure(comm: MPI.Intracomm, sizes: list[int], iters: int, passes: int) -> l
         base = best["mpi4py"]
         rec["oneshot_over_mpi4py"] = round(best["oneshot"] / base, 3)
         rec["oneshot_native_over_mpi4py"] = round(best["oneshot_native"] / base, 3)
+        rec["oneshot_forward_over_mpi4py"] = round(best["oneshot_forward"] / base, 3)
         rec["new_recv_over_plan"] = round(best["plan_new_recv"] / best["plan"], 3)
         rec["rebind_over_plan"] = round(best["plan_rebind"] / best["plan"], 3)
         out.append(rec)
@@ -121,10 +132,13 @@ def measure(comm: MPI.Intracomm, sizes: list[int], iters: int, passes: int) -> l
         pl1.free()
         if agree is not None:
             agree.Free()
+        fwd.Free()
         if comm.Get_rank() == 0:
             print(f"{m:>6} B/peer  mpi4py {rec['mpi4py_us']:8.2f} us  oneshot "
                   f"{rec['oneshot_us']:8.2f} ({rec['oneshot_over_mpi4py']:.2f}x)  native "
                   f"{rec['oneshot_native_us']:8.2f} ({rec['oneshot_native_over_mpi4py']:.2f}x)"
+                  f"  forward {rec['oneshot_forward_us']:8.2f} "
+                  f"({rec['oneshot_forward_over_mpi4py']:.2f}x)"
                   f"  plan[{pl.algorithm}] {rec['plan_us']:8.2f}  new recv "
                   f"{rec['new_recv_over_plan']:.2f}x  rebind {rec['rebind_over_plan']:.2f}x  "
                   f"allreduce {rec['allreduce_us']:.2f} / blocking "
@@ -166,10 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stamp-max-p", type=int, default=None,
                     help="largest p whose one-shot calls stamp their messages instead of "
                          "an all-reduce (default: the library's)")
+    ap.add_argument("--forward-max-p", type=int, default=None,
+                    help="largest p whose one-shot calls are confirmed in dissemination "
+                         "rounds instead of an all-reduce (default: the library's)")
     args = ap.parse_args(argv)
     comm = MPI.COMM_WORLD
     if args.stamp_max_p is not None:  # the same on every rank, before any call
         pya2a._stamp.STAMP_MAX_P = args.stamp_max_p
+    if args.forward_max_p is not None:
+        pya2a._stamp.FORWARD_MAX_P = args.forward_max_p
     rows = measure(comm, args.sizes, args.iters, args.passes)
     prof = profile(comm, args.sizes[0], args.iters) if args.profile else ""
     if comm.Get_rank() == 0:

@@ -11,7 +11,8 @@ every rank, is a call every rank has already validated and agreed on in exactly 
 One ``Allreduce`` of two integers establishes that; any other outcome takes the full path.
 On communicators of up to :data:`pya2a._stamp.STAMP_MAX_P` ranks the entry number travels
 with the exchange instead (:mod:`pya2a._stamp`): no all-reduce, and small exchanges move
-their blocks in the same messages.
+their blocks in the same messages; up to :data:`pya2a._stamp.FORWARD_MAX_P` (off by
+default) it travels in dissemination rounds that carry small ``hypercube`` exchanges.
 
 Entry numbers are consistent across ranks by construction: every full-path call (collective:
 all ranks take it together) draws the next number from a per-communicator counter on every
@@ -105,6 +106,10 @@ def signature(kind: str, sendmsg: Any, recvmsg: Any, inplace: bool, requested: s
     return (kind, requested, check, opt, raw_env(b"PYA2A_MESH_GRID"), part)
 
 
+# How a communicator confirms that every rank repeats the same cached call
+ALLREDUCE, STAMP, FORWARD = 0, 1, 2
+
+
 class FastCache:
     """Per-communicator signatures of valid calls -> their agreed decision.
 
@@ -112,7 +117,7 @@ class FastCache:
     ``(number, decision)``.
     """
 
-    __slots__ = ("seq", "entries", "_buf", "_req", "_size", "_stamped", "__weakref__")
+    __slots__ = ("seq", "entries", "_buf", "_req", "_size", "_mode", "_miss", "__weakref__")
 
     def __init__(self) -> None:
         self.seq = 0
@@ -120,18 +125,30 @@ class FastCache:
         self._buf = array.array("q", [0, 0])
         self._req: Any = None  # persistent Allreduce (MPI 4), False where there is none
         self._size = 0
-        self._stamped: bool | None = None
+        self._mode: int | None = None
+        self._miss: Any = None  # FORWARD: the rounds of a rank without an entry (made once)
 
-    def stamped(self, comm: MPI.Intracomm) -> bool:
-        """Does this communicator fold the agreement into the exchange (:mod:`._stamp`)?
+    def mode(self, comm: MPI.Intracomm) -> int:
+        """How repeated calls are confirmed here: :data:`ALLREDUCE`, :data:`STAMP` (one
+        message per peer, :class:`_stamp.Stamp`) or :data:`FORWARD` (dissemination rounds,
+        :class:`_stamp.Forward`).
 
-        Fixed at the first call from its size and :data:`_stamp.STAMP_MAX_P`, so the same on
-        every rank.
+        Fixed at the first call from its size, :data:`_stamp.STAMP_MAX_P` and
+        :data:`_stamp.FORWARD_MAX_P`, so the same on every rank.
         """
-        m = self._stamped
+        m = self._mode
         if m is None:
-            m = self._stamped = comm.Get_size() <= _stamp.STAMP_MAX_P
+            p = comm.Get_size()
+            m = self._mode = STAMP if p == 1 or p <= _stamp.STAMP_MAX_P else \
+                FORWARD if p <= _stamp.FORWARD_MAX_P else ALLREDUCE
         return m
+
+    def miss(self, comm: MPI.Intracomm) -> None:
+        """FORWARD, collective with the hits' rounds: this rank has no usable entry."""
+        run = self._miss
+        if run is None:
+            run = self._miss = _stamp.Forward(comm, -1, None)
+        run.run()
 
     def next_number(self) -> int:
         """Number of the full-path call now starting (same on every rank)."""
@@ -184,6 +201,9 @@ class FastCache:
         req, self._req = self._req, False
         if req and not MPI.Is_finalized():
             req.Free()
+        miss, self._miss = self._miss, None
+        if miss is not None:
+            miss.free()
 
     def store(self, key: tuple, number: int, decision: Any) -> None:
         """Remember a validated, agreed call's decision under this rank's signature."""
@@ -244,14 +264,17 @@ class _Decision:
         """False once its one-shot plan was evicted and freed."""
         return self.plan is None or not self.plan._freed
 
-    def stamped(self, comm: MPI.Intracomm, number: int) -> Any:
-        """This entry's stamped exchange (made once; local): a :class:`_stamp.Stamp`, or
-        on one rank with device buffers the device copy of the own block."""
+    def stamped(self, comm: MPI.Intracomm, number: int, mode: int) -> Any:
+        """This entry's stamped exchange (made once; local): a :class:`_stamp.Stamp` or
+        :class:`_stamp.Forward` (``mode``), or on one rank with device buffers the device
+        copy of the own block."""
         st = self.stamp
         if st is None:
             carry = self.carry
             if carry is not None and carry[0] == "device":
                 st = gpu_device().SelfCopy(*carry[1:])
+            elif mode == FORWARD:
+                st = _stamp.Forward(comm, number, carry)
             else:
                 st = _stamp.Stamp(comm, number, carry)
             self.stamp = st
@@ -303,13 +326,16 @@ def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg
     except Exception as e:  # agreed on by the full path, then raised on every rank
         exc = e
     hit = fast.lookup(key)
-    stamped = fast.stamped(icomm)
-    if stamped:  # the agreement travels with the exchange (collective either way)
+    mode = fast.mode(icomm)
+    if mode:  # the agreement travels in messages of pya2a's own (collective either way)
         if hit is None:
-            _stamp.announce(icomm)
+            if mode == STAMP:
+                _stamp.announce(icomm)
+            else:
+                fast.miss(icomm)
         else:
             d = hit[1]
-            stamp = d.stamped(icomm, hit[0])
+            stamp = d.stamped(icomm, hit[0], mode)
             if stamp.run():
                 if stamp.carries:  # the blocks came with the stamps
                     return d.info.name
@@ -318,7 +344,7 @@ def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg
         return _replay(icomm, kind, hit[1], s, r, inplace)  # type: ignore[index]
     number = fast.next_number()  # every rank, failed calls too: numbers stay aligned
     d, send, recv = _decide(call, kind, st, s, r, exc, requested, check, options, inplace,
-                            stamped)
+                            mode)
     if key is not None:
         fast.store(key, number, d)
     return _execute(icomm, kind, d, send, recv, inplace)
@@ -350,12 +376,13 @@ def _decide_call(call: str, kind: str, st: CommState, sendmsg: object, recvmsg: 
 def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
                  r: _msg.Msg | None, exc: BaseException | None, requested: str,
                  check: bool, options: Mapping | None, inplace: bool,
-                 stamped: bool = False) -> tuple[_Decision, VSpec, VSpec]:
+                 mode: int = 0) -> tuple[_Decision, VSpec, VSpec]:
     """The full path: finish the parse, agree (raising on every rank), check, select.
 
-    ``stamped``: the communicator folds agreement into the exchange; a small dense host
-    exchange is then decided as ``direct`` and later hits carry its blocks in the stamped
-    messages (:mod:`pya2a._stamp`).
+    ``mode``: how the communicator confirms repeated calls (:meth:`FastCache.mode`). With
+    STAMP a small dense host exchange is decided as ``direct`` and later hits carry its
+    blocks in the stamped messages; with FORWARD a small dense ``hypercube`` exchange
+    travels in the confirmation's rounds (:mod:`pya2a._stamp`).
     """
     icomm = st.comm
     p, rank = icomm.Get_size(), icomm.Get_rank()
@@ -410,11 +437,13 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
     if device:
         load_device_algorithms()
     # What a repeated call may carry itself (the same verdict everywhere: agreed records):
-    # a small dense host exchange on a stamped communicator travels in the stamped
-    # messages as `direct`; on one rank, device buffers are one device copy (`native`).
-    carry_host = stamped and not device and not options and bool(rows) and \
+    # a small dense host exchange travels in the messages that confirm it, as `direct`
+    # (STAMP) or `hypercube` (FORWARD); on one rank, device buffers are one device copy
+    # (`native`).
+    carry_small = mode != ALLREDUCE and not device and not options and bool(rows) and \
         bool(table[:, 5].all()) and int(table[:, 2].max()) <= _stamp.CARRY_MAX_BLOCK and \
         int(max(table[:, 3].max(), table[:, 6].max())) <= _stamp.CARRY_MAX_TOTAL
+    carry_host = carry_small and mode == STAMP
     carry_device = p == 1 and device and not options and bool(table[:, 5].all())
     carry = None
     if requested == "auto":
@@ -425,6 +454,10 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
             requested = "direct"
             note = ("a small exchange on a few ranks: its blocks travel with the stamped "
                     "confirmation of repeated calls")
+        elif carry_small and mode == FORWARD and "hypercube" in cands:
+            requested = "hypercube"
+            note = ("a small exchange: its blocks travel in the dissemination rounds that "
+                    "confirm repeated calls")
         elif carry_device and "native" in cands:
             requested = "native"
             note = "one rank: repeated calls are one device copy"
@@ -440,6 +473,8 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
         log.decision(icomm, call, requested, table, override="algorithm= or PYA2A_ALGORITHM")
     if carry_host and requested == "direct":
         carry = _stamp.carry_layout(send, recv, inplace)
+    elif carry_small and mode == FORWARD and requested == "hypercube":
+        carry = _stamp.forward_layout(send, recv, inplace, table[:, 7:7 + p])
     elif carry_device and requested == "native":
         own = int(send.counts[0]) * send.tsize
         carry = ("device", recv.device, recv.addr + int(recv.displs[0]) * recv.extent,

@@ -31,12 +31,17 @@ from .algorithms._bound import exec_module
 from .algorithms.tags import TAG_STAMP
 from .core import _pack
 
-__all__ = ["STAMP_MAX_P", "CARRY_MAX_BLOCK", "CARRY_MAX_TOTAL", "Stamp", "announce",
-           "carry_layout"]
+__all__ = ["STAMP_MAX_P", "FORWARD_MAX_P", "CARRY_MAX_BLOCK", "CARRY_MAX_TOTAL", "Stamp",
+           "Forward", "announce", "carry_layout", "forward_layout"]
 
 # Communicators of up to STAMP_MAX_P ranks fold the agreement into the exchange (the mode
 # is fixed per communicator at its first one-shot call; the same constant on every rank).
 STAMP_MAX_P = 8
+# Communicators of STAMP_MAX_P < p <= FORWARD_MAX_P ranks confirm in dissemination rounds
+# (:class:`Forward`), which carry small ``hypercube`` exchanges; larger ones all-reduce the
+# entry number. Off (0) until measured against the all-reduce on a many-core host; the
+# benchmark and the tests set it (on every rank, before a communicator's first call).
+FORWARD_MAX_P = 0
 # Largest block (bytes, any pair) and per-rank total that a stamped message carries; larger
 # exchanges stamp the number alone and run their algorithm on the user's buffers.
 # (Blocks stay below MPI's eager limits: a 16 KiB block plus its stamp went rendezvous.)
@@ -108,13 +113,116 @@ class Stamp:
             self.reqs.free()
 
 
+def forward_layout(send, recv, inplace: bool, cmat: np.ndarray) -> tuple:
+    """What a carrying :class:`Forward` needs: both buffers' addresses and byte
+    displacements, and ``cmat[i, j]``, the bytes rank i sends rank j (every rank's, from
+    the agreement record; dense types, so a block's bytes are its count times its size)."""
+    return ("forward", send.addr, send.bdispls.copy(), recv.addr, recv.bdispls.copy(),
+            np.ascontiguousarray(cmat, dtype=np.int64), inplace)
+
+
+class Forward:
+    """One cache entry's confirmation on a communicator of more than :data:`STAMP_MAX_P`
+    ranks: ceil(log2 p) rounds on ``hypercube``'s partners, each one message to one rank
+    and one from another, ending in the (smallest, largest) entry number its sender has
+    seen (:class:`pya2a.core._pack.ForwardRun`).
+
+    Those partners disseminate: after round k a rank has folded in the pairs of 2^(k+1)
+    ranks, so after the last every rank holds the smallest and largest number of all of
+    them, and they are equal to its own only if every rank is on this entry. A message of
+    another entry's size fails its round (truncated, or the pair's slot left unset); the
+    receiving rank then carries -1 on, and since a failed message joins two ranks on
+    different entries, every rank it cannot reach still sees their numbers differ. Every
+    rank, hit or miss, sends and receives exactly one message per round, the same partners
+    for every entry, so the calls never mix.
+
+    With ``layout`` (:func:`forward_layout`) the rounds are the entry's ``hypercube``
+    exchange itself: each message carries the blocks that step forwards, staged, and the
+    blocks that arrive home stay staged until the last round has confirmed the entry.
+    Without, the messages are the two numbers alone and the entry then runs its decision.
+    """
+
+    __slots__ = ("number", "reqs", "carries", "run", "_keep")
+
+    def __init__(self, comm: MPI.Intracomm, number: int, layout: tuple | None) -> None:
+        from .algorithms.hypercube import nsteps, peers, schedule
+
+        p, rank = comm.Get_size(), comm.Get_rank()
+        self.number = number
+        self.carries = layout is not None
+        nk = nsteps(p)
+        steps = schedule(rank, p) if layout is not None else None
+        if steps is not None:
+            _, saddr, sd, raddr, rd, cmat, inplace = layout
+            out_n = [int(cmat[st.send[:, 0], st.send[:, 1]].sum()) for st in steps]
+            in_n = [int(cmat[st.recv[:, 0], st.recv[:, 1]].sum()) for st in steps]
+        else:
+            out_n = in_n = [0] * nk
+        out_w = np.array([(n + 7) // 8 + 2 for n in out_n], dtype=np.int64)
+        in_w = np.array([(n + 7) // 8 + 2 for n in in_n], dtype=np.int64)
+        out_at, in_at = np.cumsum(out_w) - out_w, np.cumsum(in_w) - in_w
+        sw = np.zeros(max(int(out_w.sum()), 1), dtype=np.int64)
+        rw = np.full(max(int(in_w.sum()), 1), _UNSET, dtype=np.int64)
+        packs: list = [[] for _ in range(nk)]
+        unpack: list = []
+        if steps is not None:  # where each block is: the send buffer, then a receive slot
+            sb, rb = sw.ctypes.data, rw.ctypes.data
+            loc = {(rank, d): saddr + int(sd[d]) for d in range(p)}
+            for k, st in enumerate(steps):
+                at = sb + 8 * int(out_at[k])
+                for a, b in st.send.tolist():
+                    n = int(cmat[a, b])
+                    packs[k].append((loc[(a, b)], at, n))
+                    at += n
+                at = rb + 8 * int(in_at[k])
+                for a, b in st.recv.tolist():
+                    n = int(cmat[a, b])
+                    if b == rank:
+                        unpack.append((at, raddr + int(rd[a]), n))
+                    else:
+                        loc[(a, b)] = at
+                    at += n
+            if not inplace:  # in place the own block is already where it belongs
+                unpack.append((saddr + int(sd[rank]), raddr + int(rd[rank]),
+                               int(cmat[rank, rank])))
+        sb8, rb8 = sw.view(np.uint8), rw.view(np.uint8)
+        rounds = []
+        for k in range(nk):
+            to, frm = peers(rank, p, k)
+            i, o = int(in_at[k]), int(out_at[k])
+            rounds.append(_persistent(comm, [
+                (True, rb8[8 * i:8 * (i + int(in_w[k]))], frm),
+                (False, sb8[8 * o:8 * (o + int(out_w[k]))], to)]))
+        self.reqs = rounds
+        rows = [np.array(c, dtype=np.int64).reshape(-1, 3) for c in (*packs, unpack)]
+        self.run = _pack.ForwardRun(
+            [_pack.CopyList(c, sw) for c in rows[:-1]], [q.exchange for q in rounds], sw, rw,
+            np.ascontiguousarray(out_at + out_w - 2), np.ascontiguousarray(in_at + in_w - 2),
+            _pack.CopyList(rows[-1], rw), number, _UNSET)
+        self._keep = (sw, rw)
+
+    def free(self) -> None:
+        """Release the persistent requests (the entry leaves the cache)."""
+        if not MPI.Is_finalized():
+            for q in self.reqs:
+                q.free()
+        self.reqs = []
+
+
 def _requests(comm: MPI.Intracomm, sw: np.ndarray, s_at: np.ndarray, s_len: np.ndarray,
               rw: np.ndarray, r_at: np.ndarray, r_len: np.ndarray, peers: list) -> object:
-    """The stamped messages as persistent requests: in C (``core._exec.Persistent``) where
-    that module was built for this MPI, else through mpi4py (the same messages)."""
+    """The stamped messages (a word slice of ``rw`` / ``sw`` per peer) as persistent
+    requests (:func:`_persistent`)."""
     sb, rb = sw.view(np.uint8), rw.view(np.uint8)
     msgs = [(True, rb[8 * r_at[j]:8 * (r_at[j] + r_len[j])], j) for j in peers]
     msgs += [(False, sb[8 * s_at[j]:8 * (s_at[j] + s_len[j])], j) for j in peers]
+    return _persistent(comm, msgs)
+
+
+def _persistent(comm: MPI.Intracomm, msgs: list) -> object:
+    """``(receive?, byte view, peer)`` messages on tag ``TAG_STAMP`` as persistent requests:
+    in C (``core._exec.Persistent``) where that module was built for this MPI, else through
+    mpi4py (the same messages)."""
     ex = exec_module()
     if ex is not None:
         return ex.Persistent(comm, [(ex.RECV if recv else ex.SEND, v.ctypes.data, v.nbytes, j,

@@ -14,10 +14,28 @@ from mpi4py import MPI
 
 import pya2a
 from pya2a import _oneshot as _fast
+from pya2a import _stamp
 from pya2a.core.state import state
 
 SEED = 20261121
 SENTINEL = -7.0
+
+
+@pytest.fixture(params=["world", "forward"])
+def comm(request, monkeypatch):
+    """COMM_WORLD as it is, and a duplicate confirmed in dissemination rounds
+    (:class:`pya2a._stamp.Forward`, made the mode at every size but one rank): every test
+    here runs both ways."""
+    if request.param == "world":
+        yield MPI.COMM_WORLD
+        return
+    monkeypatch.setattr(_stamp, "STAMP_MAX_P", 0)
+    monkeypatch.setattr(_stamp, "FORWARD_MAX_P", 1 << 20)
+    c = MPI.COMM_WORLD.Dup()
+    try:
+        yield c
+    finally:
+        c.Free()
 
 
 def _full_calls(comm) -> int:
@@ -258,15 +276,50 @@ def test_in_place_same_buffer_repeated(comm, nbytes):
 
 
 def test_small_communicators_fold_agreement_into_the_exchange(comm):
-    """Up to STAMP_MAX_P ranks the one-shot agreement travels with the messages."""
-    from pya2a import _stamp
-
+    """Up to STAMP_MAX_P ranks (and on one) the one-shot agreement travels with the
+    messages, up to FORWARD_MAX_P in dissemination rounds, beyond in an all-reduce."""
     p = comm.Get_size()
     send = np.arange(p, dtype="d")
     recv = np.empty(p)
     pya2a.Alltoallv(comm, send, recv)
     st = state(comm)
-    assert st.slot("oneshot.signatures").stamped(st.comm) == (p <= _stamp.STAMP_MAX_P)
+    want = _fast.STAMP if p == 1 or p <= _stamp.STAMP_MAX_P else \
+        _fast.FORWARD if p <= _stamp.FORWARD_MAX_P else _fast.ALLREDUCE
+    assert st.slot("oneshot.signatures").mode(st.comm) == want
+
+
+@pytest.mark.parametrize("nbytes", [8, 1024, 32 << 10])
+def test_small_hypercube_exchanges_travel_in_the_confirmation_rounds(comm, nbytes):
+    """With dissemination rounds, a small dense hypercube exchange is carried by them
+    (larger ones confirm first and then run): repeated calls, in place or not, on skewed
+    counts with empty blocks, match MPI's own call and never take the full path."""
+    p, rank = comm.Get_size(), comm.Get_rank()
+    n = max(nbytes // 8, 1)
+    c = np.random.default_rng(SEED).integers(0, 3, size=(p, p)) * n
+    sc, rc = c[rank].copy(), c[:, rank].copy()
+    send = np.empty(int(sc.sum()))
+    recv = np.full(int(rc.sum()), SENTINEL)
+    sym = np.full(p, n)
+    buf = np.empty(n * p)
+    before = None
+    for it in range(4):
+        send[:] = _exchange_data(comm, sc, it)
+        pya2a.Alltoallv(comm, [send, sc], [recv, rc], algorithm="hypercube")
+        np.testing.assert_array_equal(recv, _oracle(comm, send, sc, rc))
+        buf[:] = orig = _exchange_data(comm, sym, it)
+        pya2a.Alltoallv(comm, MPI.IN_PLACE, [buf, sym], algorithm="hypercube")
+        np.testing.assert_array_equal(buf, _oracle(comm, orig, sym, sym))
+        if before is None:
+            before = _full_calls(comm)
+    assert _full_calls(comm) == before
+    fast = state(comm).slot("oneshot.signatures")
+    if p > 1 and fast.mode(state(comm).comm) == _fast.FORWARD:
+        def small(m):  # bytes per rank and per block within what a round carries
+            return max(m.sum(0).max(), m.sum(1).max()) * 8 <= _stamp.CARRY_MAX_TOTAL and \
+                m.max() * 8 <= _stamp.CARRY_MAX_BLOCK
+
+        carried = [e[1].stamp.carries for k, e in fast.entries.items() if k[1] == "hypercube"]
+        assert carried == [small(c), small(np.full((p, p), n))]
 
 
 def test_stamps_mix_c_and_mpi4py_requests(comm, monkeypatch):

@@ -17,9 +17,10 @@ import pytest
 from mpi4py import MPI
 
 import pya2a
+from pya2a import _stamp
 from pya2a.algorithms import Context, mesh
 from pya2a.core.spec import parse_vector
-from pya2a.core.state import internal_comm
+from pya2a.core.state import internal_comm, state
 from pya2a.core.transport import HostTransport
 
 from helpers import SEED, count_matrix, expected_recv, send_data
@@ -212,3 +213,32 @@ def test_alltoall_and_in_place_through_the_multihop_bodies(comm, algorithm):
     comm.Alltoall(s, ref2)
     pya2a.Alltoall(comm, s, out, algorithm=algorithm)
     np.testing.assert_array_equal(out, ref2)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_hypercube_carried_in_confirmation_rounds(comm, monkeypatch, pattern):
+    """Repeated one-shot calls confirmed in dissemination rounds (pya2a._stamp.Forward,
+    the mode made to hold at every size): the small patterns' blocks travel in the rounds
+    themselves; each call on the same buffers with new data arrives whole and in place,
+    without taking the full path again."""
+    monkeypatch.setattr(_stamp, "STAMP_MAX_P", 0)
+    monkeypatch.setattr(_stamp, "FORWARD_MAX_P", 1 << 20)
+    dup = comm.Dup()
+    try:
+        p, r = dup.Get_size(), dup.Get_rank()
+        c = counts(pattern, p)
+        send = named_data(c, r)
+        out = np.full(int(c[:, r].sum()), -1, dtype=np.int64)
+        fast = None
+        for it in range(3):
+            send[:] = named_data(c, r) + it
+            out[:] = -1
+            pya2a.Alltoallv(dup, [send, c[r]], [out, c[:, r]], algorithm="hypercube")
+            np.testing.assert_array_equal(out, named_expected(c, r) + it,
+                                          err_msg=f"call {it}")
+            seq = state(dup).slot("oneshot.signatures").seq
+            if fast is None:
+                fast = seq
+        assert seq == fast, "a repeated call took the full path"
+    finally:
+        dup.Free()

@@ -410,3 +410,71 @@ cdef class StampRun:
         if ok:
             self._unpack.run()
         return ok
+
+
+cdef class ForwardRun:
+    """A confirmation in dissemination rounds (:class:`pya2a._stamp.Forward`), in C
+    between MPI calls.
+
+    Round k: copy the blocks this rank forwards into the round's send staging, end the
+    message with this rank's (smallest, largest) entry number seen so far, put the
+    ``unset`` mark where the received message's two words must land, run
+    ``exchanges[k]()`` (one send, one receive; False where MPI reported an error, a message
+    longer than its slot), then fold the received pair in. A round whose message did not
+    end in a pair (the mark left: a shorter message) or failed makes the smallest number
+    -1, which no entry has. After the last round every rank has folded in every rank's
+    pair; only when both are its own number are the staged blocks copied out into the
+    receive buffer. Returns whether they were.
+    """
+
+    cdef list _packs
+    cdef list _exchanges
+    cdef CopyList _unpack
+    cdef int64_t[::1] _sw
+    cdef int64_t[::1] _rw
+    cdef int64_t[::1] _ot
+    cdef int64_t[::1] _it
+    cdef int64_t _number, _unset
+
+    def __init__(self, list packs, list exchanges, int64_t[::1] sw, int64_t[::1] rw,
+                 int64_t[::1] out_trail, int64_t[::1] in_trail, CopyList unpack,
+                 int64_t number, int64_t unset):
+        cdef Py_ssize_t k, n = len(exchanges)
+        if len(packs) != n or out_trail.shape[0] != n or in_trail.shape[0] != n:
+            raise ValueError("ForwardRun: one pack list and two stamp words per round")
+        for k in range(n):
+            if not isinstance(packs[k], CopyList):
+                raise TypeError("ForwardRun: packs must be CopyLists")
+            if out_trail[k] < 0 or out_trail[k] + 1 >= sw.shape[0] or \
+                    in_trail[k] < 0 or in_trail[k] + 1 >= rw.shape[0]:
+                raise IndexError(f"ForwardRun: round {k}'s stamp words outside the staging")
+        self._packs, self._exchanges, self._unpack = packs, exchanges, unpack
+        self._sw, self._rw, self._ot, self._it = sw, rw, out_trail, in_trail
+        self._number, self._unset = number, unset
+
+    def __call__(self):
+        cdef int64_t lo = self._number, hi = self._number, a, b, unset = self._unset
+        cdef Py_ssize_t k, o, i
+        cdef bint ok
+        for k in range(len(self._exchanges)):
+            (<CopyList> self._packs[k]).run()
+            o = self._ot[k]
+            i = self._it[k]
+            self._sw[o] = lo
+            self._sw[o + 1] = hi
+            self._rw[i] = unset
+            self._rw[i + 1] = unset
+            ok = self._exchanges[k]()
+            a = self._rw[i]
+            b = self._rw[i + 1]
+            if not ok or a == unset or b == unset or a < -1 or b < -1:
+                lo = -1
+            else:
+                if a < lo:
+                    lo = a
+                if b > hi:
+                    hi = b
+        if self._number >= 0 and lo == self._number and hi == self._number:
+            self._unpack.run()
+            return True
+        return False
