@@ -288,7 +288,7 @@ class Plan:
         self._last: tuple | None = None  # (send object, recv object, entry) of the last run
         self._progs: dict[bool, object] = {}  # in place? -> the exchange program, or None
         self._formats: dict[str, bool] = {}  # buffer formats that passed the dtype check
-        self._pair = pair_reader()
+        self._pair, self._find = pair_reader()
         self._needs = (send.nbytes, recv.nbytes)  # bytes the plan's blocks need
         self._freed = False
         self._cmat: np.ndarray | None = None  # bytes (src, dst), for bind_schedule
@@ -521,6 +521,20 @@ class Plan:
             check: agree on buffer errors collectively (one Allgather) before moving data;
                 must be the same on every rank.
         """
+        if not check and watchdog.timeout() is None:  # a pair run before: no Python lookup
+            last = self._last
+            if last is not None and last[0] is sendbuf and last[1] is recvbuf:
+                entry = last[2]
+            else:
+                entry = self._find(self._by_addr, sendbuf, recvbuf,
+                                   sendbuf is None or sendbuf is _IN_PLACE)
+                if entry is not None:
+                    self._last = (sendbuf, recvbuf, entry)
+            if entry is not None:
+                if entry.scratch is not None:
+                    entry.scratch[0][...] = entry.scratch[1]
+                entry.bound.run()
+                return
         guard = watch(self.comm, "Plan.run") if watchdog.timeout() is not None else None
         try:
             if check:

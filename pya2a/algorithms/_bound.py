@@ -61,15 +61,16 @@ def exec_module():
     return _EXEC[0]
 
 
-def _no_pair(sendbuf: object, recvbuf: object, inplace: bool) -> None:
+def _no_pair(*args: object) -> None:
     return None
 
 
 def pair_reader():
-    """:func:`pya2a.core._exec.pair_key` (a buffer pair's cache key and formats, or None);
-    without the C module, where plans have no programs, a function that answers None."""
+    """:func:`pya2a.core._exec.pair_key` (a buffer pair's cache key and formats, or None)
+    and :func:`pya2a.core._exec.find_pair` (a plan's entry for a pair, or None); without the
+    C module, where plans have no programs, two functions that answer None."""
     ex = exec_module()
-    return _no_pair if ex is None else ex.pair_key
+    return (_no_pair, _no_pair) if ex is None else (ex.pair_key, ex.find_pair)
 
 
 def make_program(comm: MPI.Intracomm, ops: list | np.ndarray, scratch: list = (),

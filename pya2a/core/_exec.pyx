@@ -34,7 +34,8 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-__all__ = ["Program", "Binding", "Persistent", "library_version", "pair_key", "COPY", "RECV",
+__all__ = ["Program", "Binding", "Persistent", "library_version", "pair_key", "find_pair", "COPY",
+           "RECV",
            "SEND", "WAIT",
            "ALLTOALL", "ALLTOALLV", "INT_MAX"]
 
@@ -102,6 +103,39 @@ def pair_key(sendbuf, recvbuf, bint inplace):
     if sf is None:
         return None
     return ((sa, sn, ra, rn), sf, rf)
+
+
+cdef inline bint _where(object obj, bint writable, Py_ssize_t *addr, Py_ssize_t *n):
+    """:func:`_span` without the format: False when ``obj`` is not such a buffer."""
+    cdef Py_buffer view
+    cdef cnp.ndarray a
+    if type(obj) is cnp.ndarray:
+        a = <cnp.ndarray> obj
+        if not cnp.PyArray_IS_C_CONTIGUOUS(a) or (writable and not cnp.PyArray_ISWRITEABLE(a)):
+            return False
+        addr[0] = <Py_ssize_t> cnp.PyArray_DATA(a)
+        n[0] = cnp.PyArray_NBYTES(a)
+        return True
+    return _span(obj, writable, addr, n) is not None
+
+
+def find_pair(by_addr, sendbuf, recvbuf, bint inplace):
+    """The entry that ``by_addr`` (an OrderedDict keyed as :func:`pair_key` keys) holds for
+    this buffer pair, made the most recent; None when it holds none (or the buffers are not
+    C-contiguous, the receive one writable). A plan's run on a pair it has bound before."""
+    cdef Py_ssize_t ra = 0, rn = 0, sa = 0, sn = 0
+    if not _where(recvbuf, True, &ra, &rn):
+        return None
+    if inplace:
+        key = (None, ra, rn)
+    elif _where(sendbuf, False, &sa, &sn):
+        key = (sa, sn, ra, rn)
+    else:
+        return None
+    entry = by_addr.get(key)
+    if entry is not None:
+        by_addr.move_to_end(key)
+    return entry
 
 
 cdef int _raise(int ierr) except -1 with gil:
