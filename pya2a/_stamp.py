@@ -227,20 +227,26 @@ def _persistent(comm: MPI.Intracomm, msgs: list) -> object:
     if ex is not None:
         return ex.Persistent(comm, [(ex.RECV if recv else ex.SEND, v.ctypes.data, v.nbytes, j,
                                      TAG_STAMP) for recv, v, j in msgs])
-    return _Mpi4pyRequests([(comm.Recv_init if recv else comm.Send_init)(
-        [v, MPI.BYTE], j, TAG_STAMP) for recv, v, j in msgs])
+    return _Mpi4pyRequests(comm, msgs)
 
 
 class _Mpi4pyRequests:
     """``core._exec.Persistent``'s interface over mpi4py's persistent requests."""
 
-    __slots__ = ("reqs",)
+    __slots__ = ("msgs", "comm", "reqs")
 
-    def __init__(self, reqs: list) -> None:
-        self.reqs = reqs
+    def __init__(self, comm: MPI.Intracomm, msgs: list) -> None:
+        self.comm, self.msgs = comm, msgs
+        self.reqs = self._make()
+
+    def _make(self) -> list:
+        comm = self.comm
+        return [(comm.Recv_init if recv else comm.Send_init)([v, MPI.BYTE], j, TAG_STAMP)
+                for recv, v, j in self.msgs]
 
     def exchange(self) -> bool:
-        """Start every request, wait for every one; False if MPI raised (the rest done)."""
+        """Start every request, wait for every one; False if MPI raised (the rest done, and
+        the requests made anew, as ``Persistent.exchange`` does)."""
         reqs = self.reqs
         if not reqs:
             return True
@@ -255,13 +261,16 @@ class _Mpi4pyRequests:
                         break
                     except MPI.Exception:
                         continue
+            self.free()
+            self.reqs = self._make()
             return False
         return True
 
     def free(self) -> None:
         """Release the requests (local)."""
         for q in self.reqs:
-            q.Free()
+            if q:
+                q.Free()
         self.reqs = []
 
 

@@ -499,11 +499,15 @@ cdef class Persistent:
     :meth:`exchange` starts them all and waits for them all; it returns False, after
     completing every request, where MPI reported an error (a message longer than its
     receive: the stamped one-shot path's disagreement, on a communicator whose errors
-    return). :meth:`free` (local) releases them.
+    return). The requests are then made anew: a persistent request that completed in error
+    cannot be started again in every MPI (Open MPI 4.1 answers ``MPI_ERR_REQUEST``).
+    :meth:`free` (local) releases them.
     """
 
     cdef mpi.MPI_Request *reqs
     cdef int n
+    cdef mpi.MPI_Comm comm
+    cdef int64_t[:, ::1] msgs  # (kind, address, nbytes, peer, tag) per request
     cdef object keep
 
     def __cinit__(self):
@@ -511,34 +515,43 @@ cdef class Persistent:
         self.n = 0
 
     def __init__(self, comm, list messages):
-        cdef mpi.MPI_Comm c = <mpi.MPI_Comm> <uintptr_t> comm.handle
-        cdef int ierr = 0, k
-        cdef intptr_t addr
-        cdef int64_t nbytes
-        cdef int peer, tag
-        self.keep = comm
+        self.comm = <mpi.MPI_Comm> <uintptr_t> comm.handle
+        rows = np.zeros((len(messages), 5), dtype=np.int64)
+        for i, m in enumerate(messages):
+            k, addr, nbytes, peer, tag = m
+            if nbytes < 0 or nbytes > INT_MAX or peer < 0 or peer >= comm.Get_size():
+                raise ValueError(f"Persistent: bad message {m}")
+            if k != _RECV and k != _SEND:
+                raise ValueError(f"Persistent: message kind {k} is neither RECV nor SEND")
+            rows[i] = (k, addr, nbytes, peer, tag)
+        self.msgs = rows
+        self.keep = (comm, rows)
         self.reqs = <mpi.MPI_Request *> malloc(max(len(messages), 1) * sizeof(mpi.MPI_Request))
         if self.reqs == NULL:
             raise MemoryError()
-        for m in messages:
-            k, addr, nbytes, peer, tag = m
-            if nbytes < 0 or nbytes > INT_MAX or peer < 0 or peer >= comm.Get_size():
-                self.free()
-                raise ValueError(f"Persistent: bad message {m}")
-            if k != _RECV and k != _SEND:
-                self.free()
-                raise ValueError(f"Persistent: message kind {k} is neither RECV nor SEND")
-            ierr = _init_request(k, <void *> addr, <int> nbytes, peer, tag, c,
-                                 &self.reqs[self.n])
+        cdef int ierr = self._make()
+        if ierr:
+            self.free()
+            _raise(ierr)
+
+    cdef int _make(self) noexcept nogil:
+        """Create every request (``self.n`` of them made so far); MPI's code on failure."""
+        cdef int ierr = 0
+        cdef int64_t[:, ::1] m = self.msgs
+        self.n = 0
+        while self.n < m.shape[0]:
+            ierr = _init_request(m[self.n, 0], <void *> <intptr_t> m[self.n, 1],
+                                 <int> m[self.n, 2], <int> m[self.n, 3], <int> m[self.n, 4],
+                                 self.comm, &self.reqs[self.n])
             if ierr:
-                self.free()
-                _raise(ierr)
+                return ierr
             self.n += 1
+        return 0
 
     def exchange(self):
         """Start every request, wait for every one; False if MPI reported an error."""
         cdef int ierr, i
-        if self.n == 0:
+        if self.msgs.shape[0] == 0:
             return True
         if self.reqs == NULL:
             raise ValueError("Persistent.exchange: the requests were freed")
@@ -548,9 +561,15 @@ cdef class Persistent:
             _raise(ierr)
         with nogil:
             ierr = mpi.MPI_Waitall(self.n, self.reqs, mpi.MPI_STATUSES_IGNORE)
-            if ierr:  # complete whatever is still pending; completed ones are inactive
+            if ierr:  # complete whatever is still pending, then make the requests anew
                 for i in range(self.n):
                     mpi.MPI_Wait(&self.reqs[i], mpi.MPI_STATUS_IGNORE)
+                for i in range(self.n):
+                    if self.reqs[i] != mpi.MPI_REQUEST_NULL:
+                        mpi.MPI_Request_free(&self.reqs[i])
+                i = self._make()
+        if ierr and i:
+            _raise(i)
         return ierr == 0
 
     def free(self):
