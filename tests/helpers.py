@@ -109,3 +109,49 @@ def skip_unless_fused_moe(comm: MPI.Intracomm) -> None:
     ok, why = fused_available(internal_comm(comm), None)
     if not ok:
         pytest.skip(why)
+
+
+def _self_alltoallw_works() -> bool:
+    """Does this MPI's own Alltoallw on one rank honour a derived datatype at a byte
+    displacement? (Open MPI 4.1.4's does not write the block where it belongs.)"""
+    t = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()
+    try:
+        src, out = np.arange(6.0), np.zeros(6)
+        MPI.COMM_SELF.Alltoallw([src, ([1], [8]), [t]], [out, ([1], [16]), [t]])
+        return out.tolist() == [0.0, 0.0, 1.0, 0.0, 3.0, 0.0]
+    finally:
+        t.Free()
+
+
+_SELF_OK: list[bool] = []
+
+
+def mpi_alltoallw(comm: MPI.Intracomm, smsg, rmsg) -> None:
+    """The oracle for Alltoallw tests: the MPI's own ``comm.Alltoallw(smsg, rmsg)``, except
+    on one rank where that call is broken (:func:`_self_alltoallw_works`): there MPI's own
+    ``Sendrecv`` to itself moves the one block, each side's datatype placed at its absolute
+    address. Messages are ``[buf, (counts, byte displs), types]`` or ``[buf, types]``
+    (``smsg`` may be ``MPI.IN_PLACE``, on one rank a no-op)."""
+    if comm.Get_size() != 1:
+        comm.Alltoallw(smsg, rmsg)
+        return
+    if not _SELF_OK:
+        _SELF_OK.append(_self_alltoallw_works())
+    if _SELF_OK[0]:
+        comm.Alltoallw(smsg, rmsg)
+        return
+    if smsg is MPI.IN_PLACE:
+        return
+
+    def placed(msg):
+        buf, (counts, displs), types = msg if len(msg) == 3 else (msg[0], ([1], [0]), msg[1])
+        return MPI.Datatype.Create_struct([int(counts[0])],
+                                          [MPI.Get_address(buf) + int(displs[0])],
+                                          [types[0]]).Commit()
+
+    st, rt = placed(smsg), placed(rmsg)
+    try:
+        comm.Sendrecv([MPI.BOTTOM, 1, st], 0, 7, [MPI.BOTTOM, 1, rt], 0, 7)
+    finally:
+        st.Free()
+        rt.Free()

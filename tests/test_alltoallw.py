@@ -20,7 +20,7 @@ import pya2a
 from pya2a import _alltoallw
 from pya2a.core import dtypes
 
-from helpers import SEED, count_matrix
+from helpers import SEED, count_matrix, mpi_alltoallw
 
 WORLD = MPI.COMM_WORLD
 # "auto" on one node is the node-shared path ("shm"); named Alltoallv algorithms move the
@@ -108,7 +108,7 @@ def _run_both(comm, smsg, rmsg, algorithm: str, inplace: bool = False) -> tuple:
     rbuf = rmsg[0]
     mine, theirs = rbuf.copy(), rbuf.copy()
     ref_send = MPI.IN_PLACE if inplace else [smsg[0], smsg[1], smsg[2]]
-    comm.Alltoallw(ref_send, [theirs, rmsg[1], rmsg[2]])
+    mpi_alltoallw(comm, ref_send, [theirs, rmsg[1], rmsg[2]])
     send = MPI.IN_PLACE if inplace else [smsg[0], smsg[1], smsg[2]]
     used = pya2a.Alltoallw(comm, send, [mine, rmsg[1], rmsg[2]], algorithm=algorithm)
     return mine, theirs, used
@@ -150,7 +150,7 @@ def test_message_forms(comm):
     try:
         for form in range(4):
             ref, out = np.zeros(6 * p), np.zeros(6 * p)
-            comm.Alltoallw([send, sub], [ref, sub])
+            mpi_alltoallw(comm, [send, sub], [ref, sub])
             if form == 0:
                 pya2a.Alltoallw(comm, [send, sub], [out, sub])
             elif form == 1:
@@ -209,7 +209,7 @@ def test_freed_datatype_handle_reused(comm):
         try:
             ref, out = np.zeros(4 * p), np.zeros(4 * p)
             msg = ([1] * p, [32 * j for j in range(p)])
-            comm.Alltoallw([send, msg, [t] * p], [ref, msg, [t] * p])
+            mpi_alltoallw(comm, [send, msg, [t] * p], [ref, msg, [t] * p])
             pya2a.Alltoallw(comm, [send, msg, [t] * p], [out, msg, [t] * p])
             assert np.array_equal(out, ref), layout
         finally:
@@ -288,7 +288,7 @@ def test_derived_communicators_stay_pya2a(comm):
         ref, out = np.zeros(p), np.zeros(p)
         comm_types = [D] * p
         cd = ([1] * p, [8 * j for j in range(p)])
-        MPI.Intracomm.Alltoallw(sub, [send, cd, comm_types], [ref, cd, comm_types])
+        mpi_alltoallw(MPI.Intracomm(sub), [send, cd, comm_types], [ref, cd, comm_types])
         before = _alltoallw.stats["hit"] + _alltoallw.stats["full"]
         sub.Alltoallw([send, cd, comm_types], [out, cd, comm_types])
         assert _alltoallw.stats["hit"] + _alltoallw.stats["full"] == before + 1
@@ -302,7 +302,8 @@ def test_derived_communicators_stay_pya2a(comm):
 def _mpi_packed(t: MPI.Datatype, count: int, buf: np.ndarray, origin: int) -> np.ndarray:
     size = t.Get_size() * count
     out = np.zeros(max(size, 1), np.uint8)
-    MPI.COMM_SELF.Alltoallw([buf, ([count], [origin]), [t]], [out, ([size], [0]), [MPI.BYTE]])
+    mpi_alltoallw(MPI.COMM_SELF, [buf, ([count], [origin]), [t]],
+                  [out, ([size], [0]), [MPI.BYTE]])
     return out[:size]
 
 
@@ -403,7 +404,7 @@ def test_copy_block_matches_mpi_for_every_pair_of_kinds():
             rc, rd, rt, rn = _side(np.array([3]), [b], rng)
             sbuf = rng.integers(0, 256, sn, dtype=np.uint8)
             ref, out = np.full(rn, 0xAB, np.uint8), np.full(rn, 0xAB, np.uint8)
-            MPI.COMM_SELF.Alltoallw([sbuf, (sc, sd), st], [ref, (rc, rd), rt])
+            mpi_alltoallw(MPI.COMM_SELF, [sbuf, (sc, sd), st], [ref, (rc, rd), rt])
             send = _copy_plan(_parse("t", "send message", "send", [sbuf, (sc, sd), st], 1,
                                      readonly=True))
             recv = _copy_plan(_parse("t", "receive message", "recv", [out, (rc, rd), rt], 1,
