@@ -205,13 +205,18 @@ def format_type(str call, str what, str fmt, Py_ssize_t itemsize=0):
     return _format_type(call, what, (fmt or "B").encode("ascii", "replace"), itemsize)
 
 
+_NOTHING, _PACKED = bytearray(0), bytearray(8)
+
+
 def check_committed(str call, str what, object dt):
     """ValueError naming the datatype if a derived ``dt`` was never committed (local; MPI
     would fail inside the collective, on this rank only)."""
     if dt.handle in _CACHEABLE or dt.is_predefined:
         return
     try:
-        dt.Pack_size(1, MPI.COMM_SELF)  # the MPI library refuses an uncommitted type here
+        dt.Pack_size(1, MPI.COMM_SELF)  # MPICH refuses an uncommitted type here
+        if dt.Get_size():  # Open MPI here: packing nothing (mpi4py divides by the size)
+            dt.Pack(_NOTHING, _PACKED, 0, MPI.COMM_SELF)
     except MPI.Exception:
         raise ValueError(f"{call}: {what} datatype is a derived datatype that was not "
                          f"committed; call its Commit() first") from None
