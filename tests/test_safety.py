@@ -483,7 +483,10 @@ def test_zero_count_blocks_past_the_end_match_mpi(comm, algorithm):
     rbuf = np.full(want.size, SENTINEL)
     pya2a.Alltoallv(comm, [sbuf, (c[r], sd)], [rbuf, (c[:, r], rd)], algorithm=algorithm)
     ref = np.full(want.size, SENTINEL)
-    comm.Alltoallv([sbuf, (c[r], sd)], [ref, (c[:, r], rd)])
+    # the oracle's empty blocks at 0: past-the-end displacements overflow the C ints of
+    # an MPI without large-count calls (Open MPI 4), and empty blocks move nothing anyway
+    comm.Alltoallv([sbuf, (c[r], np.where(c[r] == 0, 0, sd))],
+                   [ref, (c[:, r], np.where(c[:, r] == 0, 0, rd))])
     np.testing.assert_array_equal(rbuf, ref)
     np.testing.assert_array_equal(rbuf, want)
     with pya2a.plan(comm, c[r], c[:, r], np.float64, senddispls=sd, recvdispls=rd,

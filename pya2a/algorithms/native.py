@@ -71,7 +71,7 @@ def program(send: VSpec | None, recv: VSpec, ctx: Context) -> tuple | None:
     if recv.device is not None or ctx.kind != "alltoallv":
         return None
     src = recv if send is None else send
-    tables = ((src.counts, src.displs, recv.counts, recv.displs),
+    tables = ((src.counts, src.mpi_displs(), recv.counts, recv.mpi_displs()),
               (src.datatype, recv.datatype))
     return [(ALLTOALLV, -1 if send is None else 0, 1, 0, 0, 0)], [], tables
 

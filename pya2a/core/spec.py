@@ -110,16 +110,21 @@ class VSpec:
         d["keepalive"] = keepalive
         return new
 
+    def mpi_displs(self) -> np.ndarray:
+        """The displacements as MPI gets them: an empty block's at 0 (it touches no byte,
+        and any value past a C int fails in an MPI without large-count calls)."""
+        return np.where(self.counts == 0, 0, self.displs)
+
     def message(self) -> list:
         """The equivalent mpi4py vector message, for handing to MPI itself.
 
-        Counts and displacements go as tuples of Python ints (made once per spec and kept
-        by :meth:`with_buffer`): mpi4py reads those fastest.
+        Counts and displacements (:meth:`mpi_displs`) go as tuples of Python ints (made
+        once per spec and kept by :meth:`with_buffer`): mpi4py reads those fastest.
         """
         d = self.__dict__
         cd = d.get("_cd")
         if cd is None:
-            cd = d["_cd"] = (tuple(self.counts.tolist()), tuple(self.displs.tolist()))
+            cd = d["_cd"] = (tuple(self.counts.tolist()), tuple(self.mpi_displs().tolist()))
         return [self.obj, cd, self.datatype]
 
     def host_bytes(self) -> np.ndarray:

@@ -727,7 +727,7 @@ def _spec_ranges(spec: VSpec) -> list[tuple[int, int]]:
 def _host_message(spec: VSpec, host: np.ndarray, kind: str) -> list:
     if kind == "alltoall":
         return [host, (int(spec.counts[0]), int(spec.displs[0])), spec.datatype]
-    return [host, (spec.counts, spec.displs), spec.datatype]
+    return [host, (spec.counts, spec.mpi_displs()), spec.datatype]
 
 
 class AwareTransport(DeviceTransport):
@@ -864,7 +864,7 @@ def _raw_message(spec: VSpec, kind: str) -> list:
     buf = MPI.buffer.fromaddress(spec.addr, spec.nbytes)
     if kind == "alltoall":
         return [buf, (int(spec.counts[0]), int(spec.displs[0])), spec.datatype]
-    return [buf, (spec.counts, spec.displs), spec.datatype]
+    return [buf, (spec.counts, spec.mpi_displs()), spec.datatype]
 
 
 @dataclasses.dataclass(frozen=True)
