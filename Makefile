@@ -1,7 +1,8 @@
 # pya2a: every target installs what it needs into $(VENV) first.
 #   make demo   - mpiexec demo on 4 ranks: a real exchange with every algorithm, timed
 #   make test   - unit tests and examples (serial pass), then the MPI suite under
-#                 mpiexec -n 1 2 3 4 5 8, and the multi-hop suite at 6 7 9 16 too
+#                 mpiexec -n 1 2 3 4 5 8, and the multi-hop suite at 6 7 9 16 too, then
+#                 the MPI suite on the system's Open MPI at 1 2 3 4 (test-ompi)
 #   make lint   - ruff
 #   make bench  - python -m pya2a bench on 4 ranks, JSON into bench/results/
 #   make bench-cpu - the CPU sweep quoted in the README (bench/cpu_sweep.sh: tune, then bench
@@ -30,8 +31,16 @@ NPS     ?= 1 2 3 4 5 8
 NPS_MULTIHOP ?= 6 7 9 16
 # oversubscribed runs on small machines; a hung job is killed, never waited on forever
 RUN_MPI  = timeout -k 10 900 $(MPIEXEC) -n $$n $(PY) -m mpi4py tests/run_mpi.py
+# the Open MPI pass of `make test`: the MPI suite again on the system's Open MPI (installed
+# when missing, as root on Debian/Ubuntu), through mpi4py's binary wheel (it runs on either
+# library) in its own venv, with pya2a built against Open MPI's mpicc in a copy of the tree
+OMPI_VENV ?= .venv-ompi
+OMPI_TREE ?= build/ompi-tree
+NPS_OMPI  ?= 1 2 3 4
+OMPI_ENV  = OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+	OMPI_MCA_rmaps_base_oversubscribe=1
 
-.PHONY: install install-fft test test-unit test-mpi demo lint bench bench-cpu bench-oneshot bench-pfft \
+.PHONY: install install-fft test test-unit test-mpi test-ompi demo lint bench bench-cpu bench-oneshot bench-pfft \
 	clean
 
 install: $(STAMP)
@@ -62,7 +71,7 @@ $(FFT_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation "$(MPI4PY_FFT)"
 	touch $@
 
-test: test-unit test-mpi
+test: test-unit test-mpi test-ompi
 
 test-unit: install install-fft
 	$(PY) -m pytest -q tests
@@ -75,6 +84,32 @@ test-mpi: install install-fft
 	@set -e; for n in $(NPS_MULTIHOP); do \
 	  echo "== mpiexec -n $$n (multi-hop algorithms)"; \
 	  $(RUN_MPI) -q -m "not serial" -p no:cacheprovider tests/test_multihop.py; \
+	done
+
+test-ompi:
+	@if ! command -v ompi_info >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev; \
+	  else \
+	    echo "the Open MPI pass needs Open MPI: install openmpi-bin and libopenmpi-dev"; exit 1; \
+	  fi; \
+	fi
+	test -x $(OMPI_VENV)/bin/python || $(PYTHON) -m venv $(OMPI_VENV)
+	$(OMPI_VENV)/bin/python -m pip install -q "mpi4py>=4" "numpy>=1.23" "cython>=3" setuptools \
+	  wheel pytest
+	rm -rf $(OMPI_TREE) && mkdir -p $(OMPI_TREE)
+	git ls-files -z | xargs -0 cp --parents -t $(OMPI_TREE)
+	cd $(OMPI_TREE) && MPICC="$$(command -v mpicc.openmpi || echo mpicc)" \
+	  $(abspath $(OMPI_VENV))/bin/python setup.py -q build_ext --inplace
+	@cd $(OMPI_TREE) && $(abspath $(OMPI_VENV))/bin/python -c "from pya2a.algorithms._bound \
+	  import exec_module; from mpi4py import MPI; assert exec_module() is not None, \
+	  'pya2a.core._exec was not built for ' + MPI.Get_library_version()[:40]"
+	@set -e; cd $(OMPI_TREE); run=$$(command -v mpiexec.openmpi || echo mpiexec); \
+	for n in $(NPS_OMPI); do \
+	  echo "== Open MPI: mpiexec -n $$n"; \
+	  $(OMPI_ENV) timeout -k 10 900 $$run -n $$n $(abspath $(OMPI_VENV))/bin/python \
+	    -m mpi4py tests/run_mpi.py -q -m "not serial" -p no:cacheprovider tests; \
 	done
 
 demo: install

@@ -117,7 +117,7 @@ class FastCache:
     ``(number, decision)``.
     """
 
-    __slots__ = ("seq", "entries", "_buf", "_req", "_size", "_mode", "_miss", "__weakref__")
+    __slots__ = ("seq", "entries", "_buf", "_req", "_size", "_mode", "__weakref__")
 
     def __init__(self) -> None:
         self.seq = 0
@@ -126,7 +126,6 @@ class FastCache:
         self._req: Any = None  # persistent Allreduce (MPI 4), False where there is none
         self._size = 0
         self._mode: int | None = None
-        self._miss: Any = None  # FORWARD: the rounds of a rank without an entry (made once)
 
     def mode(self, comm: MPI.Intracomm) -> int:
         """How repeated calls are confirmed here: :data:`ALLREDUCE`, :data:`STAMP` (one
@@ -142,13 +141,6 @@ class FastCache:
             m = self._mode = STAMP if p == 1 or p <= _stamp.STAMP_MAX_P else \
                 FORWARD if p <= _stamp.FORWARD_MAX_P else ALLREDUCE
         return m
-
-    def miss(self, comm: MPI.Intracomm) -> None:
-        """FORWARD, collective with the hits' rounds: this rank has no usable entry."""
-        run = self._miss
-        if run is None:
-            run = self._miss = _stamp.Forward(comm, -1, None)
-        run.run()
 
     def next_number(self) -> int:
         """Number of the full-path call now starting (same on every rank)."""
@@ -201,9 +193,6 @@ class FastCache:
         req, self._req = self._req, False
         if req and not MPI.Is_finalized():
             req.Free()
-        miss, self._miss = self._miss, None
-        if miss is not None:
-            miss.free()
 
     def store(self, key: tuple, number: int, decision: Any) -> None:
         """Remember a validated, agreed call's decision under this rank's signature."""
@@ -332,7 +321,7 @@ def _exchange(call: str, kind: str, st: CommState, icomm: MPI.Intracomm, sendmsg
             if mode == STAMP:
                 _stamp.announce(icomm)
             else:
-                fast.miss(icomm)
+                _stamp.announce_rounds(icomm)
         else:
             d = hit[1]
             stamp = d.stamped(icomm, hit[0], mode)

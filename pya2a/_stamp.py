@@ -14,8 +14,10 @@ only the number and then run their decision as usual.
 Why every rank sees a disagreement: if some rank's number differs from another's, then on
 every rank at least one received stamp differs from its own (were a rank's stamps all equal
 to its own number, every number would be equal). A rank without an entry sends -1. A
-message of another entry's size is caught too: a longer one is MPI's truncation error
-(pya2a's communicator returns errors), a shorter one leaves the slot's sentinel in place.
+message of another entry's size is caught too, by its length: every receive slot holds the
+longest message any entry stamps (:data:`SLOT_WORDS`), so none is ever truncated (after a
+truncated receive Open MPI 4.1 can leave a later one unmatched, a hang), and a rank
+without an entry receives by matched probe.
 Every rank then takes the full path (the agreement all-gather), which decides again or
 raises the same error everywhere; the staged blocks of the failed attempt are dropped.
 Each call consumes exactly one ``TAG_STAMP`` message from each peer and MPI does not
@@ -32,7 +34,7 @@ from .algorithms.tags import TAG_STAMP
 from .core import _pack
 
 __all__ = ["STAMP_MAX_P", "FORWARD_MAX_P", "CARRY_MAX_BLOCK", "CARRY_MAX_TOTAL", "Stamp",
-           "Forward", "announce", "carry_layout", "forward_layout"]
+           "Forward", "announce", "announce_rounds", "carry_layout", "forward_layout"]
 
 # Communicators of up to STAMP_MAX_P ranks fold the agreement into the exchange (the mode
 # is fixed per communicator at its first one-shot call; the same constant on every rank).
@@ -48,6 +50,7 @@ FORWARD_MAX_P = 0
 CARRY_MAX_BLOCK = 8 << 10
 CARRY_MAX_TOTAL = 64 << 10
 _UNSET = -2  # a receive slot's stamp before a message reaches it (never a valid number)
+SLOT_WORDS = CARRY_MAX_BLOCK // 8 + 2  # the longest stamped message, in words
 
 
 def carry_layout(send, recv, inplace: bool) -> tuple:
@@ -84,13 +87,19 @@ class Stamp:
             saddr, sbytes, soff, raddr, rbytes, roff, inplace = layout
         self.carries = layout is not None
         s_at, s_len = _slots(sbytes, rank)
-        r_at, r_len = _slots(rbytes, rank)
+        _, r_len = _slots(rbytes, rank)
+        # each receive slot holds the longest message any entry stamps, so no message is
+        # ever truncated (Open MPI 4.1 can leave later receives unmatched after a truncated
+        # one); a message of another length is caught by its length
+        r_cap = np.maximum(r_len, SLOT_WORDS)
+        r_cap[rank] = 0
+        r_at = np.cumsum(r_cap) - r_cap
         sw = np.zeros(int(s_len.sum()), dtype=np.int64)
-        rw = np.full(int(r_len.sum()), _UNSET, dtype=np.int64)
+        rw = np.full(max(int(r_cap.sum()), 1), _UNSET, dtype=np.int64)
         peers = [j for j in range(p) if j != rank]
         sw[(s_at + s_len - 1)[peers]] = number  # written once: the stamp never changes
         trail = np.ascontiguousarray((r_at + r_len - 1)[peers], dtype=np.int64)
-        self.reqs = _requests(comm, sw, s_at, s_len, rw, r_at, r_len, peers)
+        self.reqs = _requests(comm, sw, s_at, s_len, rw, r_at, r_cap, r_len, peers)
         pack = unpack = np.zeros((0, 3), dtype=np.int64)
         if self.carries:
             s_base, r_base = sw.ctypes.data, rw.ctypes.data
@@ -113,6 +122,46 @@ class Stamp:
             self.reqs.free()
 
 
+def _round(comm: MPI.Intracomm, saddr: int, sbytes: int, to: int, raddr: int, rbytes: int,
+           frm: int) -> object:
+    """One :class:`Forward` round: ``core._exec.ProbedRound`` where that module was built
+    for this MPI, else the same messages through mpi4py (:class:`_Mpi4pyRound`)."""
+    ex = exec_module()
+    if ex is not None:
+        return ex.ProbedRound(comm, saddr, sbytes, to, raddr, rbytes, frm, TAG_STAMP)
+    return _Mpi4pyRound(comm, saddr, sbytes, to, raddr, rbytes, frm)
+
+
+class _Mpi4pyRound:
+    """``core._exec.ProbedRound`` through mpi4py: a persistent send, a matched-probe
+    receive of whatever size comes."""
+
+    __slots__ = ("comm", "send", "frm", "into", "_status")
+
+    def __init__(self, comm: MPI.Intracomm, saddr: int, sbytes: int, to: int, raddr: int,
+                 rbytes: int, frm: int) -> None:
+        self.comm, self.frm = comm, frm
+        self.send = comm.Send_init([MPI.buffer.fromaddress(saddr, sbytes), MPI.BYTE], to,
+                                   TAG_STAMP)
+        self.into = MPI.buffer.fromaddress(raddr, rbytes)
+        self._status = MPI.Status()
+
+    def exchange(self) -> bool:
+        """Send, receive; False where the message received was not the expected size."""
+        self.send.Start()
+        msg = self.comm.Mprobe(self.frm, TAG_STAMP, self._status)
+        n = self._status.Get_count(MPI.BYTE)
+        ok = n == len(self.into)
+        msg.Recv([self.into if ok else bytearray(max(n, 1)), n, MPI.BYTE])
+        self.send.Wait()
+        return ok
+
+    def free(self) -> None:
+        """Release the send request (local)."""
+        if self.send:
+            self.send.Free()
+
+
 def forward_layout(send, recv, inplace: bool, cmat: np.ndarray) -> tuple:
     """What a carrying :class:`Forward` needs: both buffers' addresses and byte
     displacements, and ``cmat[i, j]``, the bytes rank i sends rank j (every rank's, from
@@ -130,9 +179,10 @@ class Forward:
     Those partners disseminate: after round k a rank has folded in the pairs of 2^(k+1)
     ranks, so after the last every rank holds the smallest and largest number of all of
     them, and they are equal to its own only if every rank is on this entry. A message of
-    another entry's size fails its round (truncated, or the pair's slot left unset); the
+    another entry's size fails its round (a message of another length); the
     receiving rank then carries -1 on, and since a failed message joins two ranks on
-    different entries, every rank it cannot reach still sees their numbers differ. Every
+    different entries, every rank it cannot reach still sees their numbers differ. Each
+    round's message is received by matched probe, whatever its size (never truncated). Every
     rank, hit or miss, sends and receives exactly one message per round, the same partners
     for every entry, so the calls never mix.
 
@@ -185,14 +235,12 @@ class Forward:
             if not inplace:  # in place the own block is already where it belongs
                 unpack.append((saddr + int(sd[rank]), raddr + int(rd[rank]),
                                int(cmat[rank, rank])))
-        sb8, rb8 = sw.view(np.uint8), rw.view(np.uint8)
         rounds = []
         for k in range(nk):
             to, frm = peers(rank, p, k)
-            i, o = int(in_at[k]), int(out_at[k])
-            rounds.append(_persistent(comm, [
-                (True, rb8[8 * i:8 * (i + int(in_w[k]))], frm),
-                (False, sb8[8 * o:8 * (o + int(out_w[k]))], to)]))
+            rounds.append(_round(comm, sw.ctypes.data + 8 * int(out_at[k]), 8 * int(out_w[k]),
+                                 to, rw.ctypes.data + 8 * int(in_at[k]), 8 * int(in_w[k]),
+                                 frm))
         self.reqs = rounds
         rows = [np.array(c, dtype=np.int64).reshape(-1, 3) for c in (*packs, unpack)]
         self.run = _pack.ForwardRun(
@@ -210,50 +258,44 @@ class Forward:
 
 
 def _requests(comm: MPI.Intracomm, sw: np.ndarray, s_at: np.ndarray, s_len: np.ndarray,
-              rw: np.ndarray, r_at: np.ndarray, r_len: np.ndarray, peers: list) -> object:
-    """The stamped messages (a word slice of ``rw`` / ``sw`` per peer) as persistent
-    requests (:func:`_persistent`)."""
-    sb, rb = sw.view(np.uint8), rw.view(np.uint8)
-    msgs = [(True, rb[8 * r_at[j]:8 * (r_at[j] + r_len[j])], j) for j in peers]
-    msgs += [(False, sb[8 * s_at[j]:8 * (s_at[j] + s_len[j])], j) for j in peers]
-    return _persistent(comm, msgs)
-
-
-def _persistent(comm: MPI.Intracomm, msgs: list) -> object:
-    """``(receive?, byte view, peer)`` messages on tag ``TAG_STAMP`` as persistent requests:
-    in C (``core._exec.Persistent``) where that module was built for this MPI, else through
+              rw: np.ndarray, r_at: np.ndarray, r_cap: np.ndarray, r_len: np.ndarray,
+              peers: list) -> object:
+    """The stamped messages (a word slice of ``rw`` / ``sw`` per peer; receives of
+    ``r_cap`` words that must bring ``r_len``) as persistent requests: in C
+    (``core._exec.Persistent``) where that module was built for this MPI, else through
     mpi4py (the same messages)."""
+    sb, rb = sw.view(np.uint8), rw.view(np.uint8)
+    msgs = [(True, rb[8 * r_at[j]:8 * (r_at[j] + r_cap[j])], j, 8 * int(r_len[j]))
+            for j in peers]
+    msgs += [(False, sb[8 * s_at[j]:8 * (s_at[j] + s_len[j])], j, -1) for j in peers]
     ex = exec_module()
     if ex is not None:
         return ex.Persistent(comm, [(ex.RECV if recv else ex.SEND, v.ctypes.data, v.nbytes, j,
-                                     TAG_STAMP) for recv, v, j in msgs])
+                                     TAG_STAMP, want) for recv, v, j, want in msgs])
     return _Mpi4pyRequests(comm, msgs)
 
 
 class _Mpi4pyRequests:
     """``core._exec.Persistent``'s interface over mpi4py's persistent requests."""
 
-    __slots__ = ("msgs", "comm", "reqs")
+    __slots__ = ("reqs", "want")
 
     def __init__(self, comm: MPI.Intracomm, msgs: list) -> None:
-        self.comm, self.msgs = comm, msgs
-        self.reqs = self._make()
-
-    def _make(self) -> list:
-        comm = self.comm
-        return [(comm.Recv_init if recv else comm.Send_init)([v, MPI.BYTE], j, TAG_STAMP)
-                for recv, v, j in self.msgs]
+        self.reqs = [(comm.Recv_init if recv else comm.Send_init)([v, MPI.BYTE], j, TAG_STAMP)
+                     for recv, v, j, _ in msgs]
+        self.want = [want for *_, want in msgs]
 
     def exchange(self) -> bool:
-        """Start every request, wait for every one; False if MPI raised (the rest done, and
-        the requests made anew, as ``Persistent.exchange`` does)."""
+        """Start every request, wait for every one; False if a receive brought another
+        length than it must (or MPI raised, the rest completed)."""
         reqs = self.reqs
         if not reqs:
             return True
         MPI.Prequest.Startall(reqs)
+        statuses = [MPI.Status() for _ in reqs]
         try:
-            MPI.Request.Waitall(reqs)
-        except MPI.Exception:  # a longer message than its slot: another entry's
+            MPI.Request.Waitall(reqs, statuses)
+        except MPI.Exception:
             for q in reqs:
                 for _ in range(2):
                     try:
@@ -261,10 +303,9 @@ class _Mpi4pyRequests:
                         break
                     except MPI.Exception:
                         continue
-            self.free()
-            self.reqs = self._make()
             return False
-        return True
+        return all(w < 0 or st.Get_count(MPI.BYTE) == w
+                   for w, st in zip(self.want, statuses, strict=True))
 
     def free(self) -> None:
         """Release the requests (local)."""
@@ -272,6 +313,24 @@ class _Mpi4pyRequests:
             if q:
                 q.Free()
         self.reqs = []
+
+
+def announce_rounds(comm: MPI.Intracomm) -> None:
+    """Collective with :class:`Forward`'s rounds: a rank without a usable entry sends -1 in
+    every round and receives each round's message whatever its size (matched probes, so
+    no receive is ever truncated: Open MPI 4.1 can leave a truncated persistent receive of
+    a later round unmatched), so that every rank then takes the full path together."""
+    from .algorithms.hypercube import nsteps, peers
+
+    p, rank = comm.Get_size(), comm.Get_rank()
+    word = np.array([-1, -1], dtype=np.int64)
+    status = MPI.Status()
+    for k in range(nsteps(p)):
+        to, frm = peers(rank, p, k)
+        req = comm.Isend([word, MPI.BYTE], to, TAG_STAMP)
+        msg = comm.Mprobe(frm, TAG_STAMP, status)
+        msg.Recv([bytearray(max(status.Get_count(MPI.BYTE), 1)), MPI.BYTE])
+        req.Wait()
 
 
 def announce(comm: MPI.Intracomm, number: int = -1) -> None:

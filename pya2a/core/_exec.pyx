@@ -34,7 +34,7 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-__all__ = ["Program", "Binding", "Persistent", "library_version", "pair_key", "find_pair", "COPY",
+__all__ = ["Program", "Binding", "Persistent", "ProbedRound", "library_version", "pair_key", "find_pair", "COPY",
            "RECV",
            "SEND", "WAIT",
            "ALLTOALL", "ALLTOALLV", "INT_MAX"]
@@ -491,43 +491,113 @@ cdef class Binding:
             free(self.reqs)
 
 
+cdef class ProbedRound:
+    """One round of a dissemination confirmation (:class:`pya2a._stamp.Forward`): a
+    persistent send of ``send_nbytes`` bytes to ``dst``, and the message from ``src``
+    received by matched probe, so a message of another size is taken whole (into scratch,
+    and reported) instead of truncated: Open MPI 4.1 can leave a later persistent receive
+    unmatched after a truncated one. Byte messages on ``comm`` with tag ``tag``; the memory
+    must outlive the object's use."""
+
+    cdef mpi.MPI_Request send
+    cdef mpi.MPI_Comm comm
+    cdef int src, tag, nbytes
+    cdef intptr_t addr
+    cdef object keep
+
+    def __cinit__(self):
+        self.send = mpi.MPI_REQUEST_NULL
+
+    def __init__(self, comm, intptr_t send_addr, int64_t send_nbytes, int dst,
+                 intptr_t recv_addr, int64_t recv_nbytes, int src, int tag):
+        p = comm.Get_size()
+        if not (0 <= send_nbytes <= INT_MAX and 0 <= recv_nbytes <= INT_MAX and
+                0 <= dst < p and 0 <= src < p):
+            raise ValueError("ProbedRound: bad length or peer")
+        self.comm = <mpi.MPI_Comm> <uintptr_t> comm.handle
+        self.keep = comm
+        self.src, self.tag, self.nbytes, self.addr = src, tag, <int> recv_nbytes, recv_addr
+        cdef int ierr = _init_request(_SEND, <void *> send_addr, <int> send_nbytes, dst, tag,
+                                      self.comm, &self.send)
+        if ierr:
+            _raise(ierr)
+
+    def exchange(self):
+        """Send, receive; False where the message received was not ``recv_nbytes`` long."""
+        cdef int ierr, n = 0
+        cdef bint ok = True
+        cdef mpi.MPI_Message msg
+        cdef mpi.MPI_Status status
+        cdef void *other
+        if self.send == mpi.MPI_REQUEST_NULL:
+            raise ValueError("ProbedRound.exchange: freed")
+        with nogil:
+            ierr = mpi.MPI_Start(&self.send)
+            if ierr == 0:
+                ierr = mpi.MPI_Mprobe(self.src, self.tag, self.comm, &msg, &status)
+            if ierr == 0:
+                ierr = mpi.MPI_Get_count(&status, mpi.MPI_BYTE, &n)
+            if ierr == 0:
+                if n == self.nbytes:
+                    ierr = mpi.MPI_Mrecv(<void *> self.addr, n, mpi.MPI_BYTE, &msg,
+                                         mpi.MPI_STATUS_IGNORE)
+                else:
+                    ok = False
+                    other = malloc(max(n, 1))
+                    ierr = mpi.MPI_Mrecv(other, n, mpi.MPI_BYTE, &msg, mpi.MPI_STATUS_IGNORE)
+                    free(other)
+            if ierr == 0:
+                ierr = mpi.MPI_Wait(&self.send, mpi.MPI_STATUS_IGNORE)
+        if ierr:
+            _raise(ierr)
+        return ok
+
+    def free(self):
+        """Release the send request (local). Idempotent."""
+        if self.send != mpi.MPI_REQUEST_NULL:
+            mpi.MPI_Request_free(&self.send)
+
+
 cdef class Persistent:
     """Persistent point-to-point requests started and completed together, in C.
 
-    ``messages`` are ``(kind, address, nbytes, peer, tag)`` with kind :data:`RECV` or
-    :data:`SEND` (byte messages on ``comm``; the memory must outlive the object's use).
-    :meth:`exchange` starts them all and waits for them all; it returns False, after
-    completing every request, where MPI reported an error (a message longer than its
-    receive: the stamped one-shot path's disagreement, on a communicator whose errors
-    return). The requests are then made anew: a persistent request that completed in error
-    cannot be started again in every MPI (Open MPI 4.1 answers ``MPI_ERR_REQUEST``).
-    :meth:`free` (local) releases them.
+    ``messages`` are ``(kind, address, nbytes, peer, tag, want)`` with kind :data:`RECV` or
+    :data:`SEND` (byte messages on ``comm``; the memory must outlive the object's use);
+    ``want`` >= 0 on a receive is the length it must bring (its ``nbytes`` may be more, so
+    that no message is ever truncated). :meth:`exchange` starts them all and waits for them
+    all; it returns False where a receive brought another length, or where MPI reported an
+    error (every request then completed, and made anew: a persistent request that completed
+    in error cannot be started again in every MPI). :meth:`free` (local) releases them.
     """
 
     cdef mpi.MPI_Request *reqs
+    cdef mpi.MPI_Status *statuses
     cdef int n
     cdef mpi.MPI_Comm comm
-    cdef int64_t[:, ::1] msgs  # (kind, address, nbytes, peer, tag) per request
+    cdef int64_t[:, ::1] msgs  # (kind, address, nbytes, peer, tag, want) per request
     cdef object keep
 
     def __cinit__(self):
         self.reqs = NULL
+        self.statuses = NULL
         self.n = 0
 
     def __init__(self, comm, list messages):
         self.comm = <mpi.MPI_Comm> <uintptr_t> comm.handle
-        rows = np.zeros((len(messages), 5), dtype=np.int64)
+        rows = np.zeros((len(messages), 6), dtype=np.int64)
         for i, m in enumerate(messages):
-            k, addr, nbytes, peer, tag = m
-            if nbytes < 0 or nbytes > INT_MAX or peer < 0 or peer >= comm.Get_size():
+            k, addr, nbytes, peer, tag, want = m
+            if nbytes < 0 or nbytes > INT_MAX or peer < 0 or peer >= comm.Get_size() or \
+                    want > nbytes:
                 raise ValueError(f"Persistent: bad message {m}")
             if k != _RECV and k != _SEND:
                 raise ValueError(f"Persistent: message kind {k} is neither RECV nor SEND")
-            rows[i] = (k, addr, nbytes, peer, tag)
+            rows[i] = (k, addr, nbytes, peer, tag, want if k == _RECV else -1)
         self.msgs = rows
         self.keep = (comm, rows)
         self.reqs = <mpi.MPI_Request *> malloc(max(len(messages), 1) * sizeof(mpi.MPI_Request))
-        if self.reqs == NULL:
+        self.statuses = <mpi.MPI_Status *> malloc(max(len(messages), 1) * sizeof(mpi.MPI_Status))
+        if self.reqs == NULL or self.statuses == NULL:
             raise MemoryError()
         cdef int ierr = self._make()
         if ierr:
@@ -549,9 +619,12 @@ cdef class Persistent:
         return 0
 
     def exchange(self):
-        """Start every request, wait for every one; False if MPI reported an error."""
-        cdef int ierr, i
-        if self.msgs.shape[0] == 0:
+        """Start every request, wait for every one; False if a receive brought another
+        length than it must, or MPI reported an error."""
+        cdef int ierr, i, got = 0
+        cdef bint ok = True
+        cdef int64_t[:, ::1] m = self.msgs
+        if m.shape[0] == 0:
             return True
         if self.reqs == NULL:
             raise ValueError("Persistent.exchange: the requests were freed")
@@ -560,7 +633,7 @@ cdef class Persistent:
         if ierr:
             _raise(ierr)
         with nogil:
-            ierr = mpi.MPI_Waitall(self.n, self.reqs, mpi.MPI_STATUSES_IGNORE)
+            ierr = mpi.MPI_Waitall(self.n, self.reqs, self.statuses)
             if ierr:  # complete whatever is still pending, then make the requests anew
                 for i in range(self.n):
                     mpi.MPI_Wait(&self.reqs[i], mpi.MPI_STATUS_IGNORE)
@@ -568,9 +641,16 @@ cdef class Persistent:
                     if self.reqs[i] != mpi.MPI_REQUEST_NULL:
                         mpi.MPI_Request_free(&self.reqs[i])
                 i = self._make()
+            else:
+                for i in range(self.n):
+                    if m[i, 5] >= 0:
+                        mpi.MPI_Get_count(&self.statuses[i], mpi.MPI_BYTE, &got)
+                        if got != m[i, 5]:
+                            ok = False
+                i = 0
         if ierr and i:
             _raise(i)
-        return ierr == 0
+        return ierr == 0 and ok
 
     def free(self):
         """Release the requests (local). Idempotent."""
@@ -582,3 +662,4 @@ cdef class Persistent:
         # requests are freed by free() (MPI may be finalized by the time of collection)
         if self.reqs != NULL:
             free(self.reqs)
+        free(self.statuses)

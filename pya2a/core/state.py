@@ -194,7 +194,7 @@ def state(comm: MPI.Intracomm, call: str = "pya2a") -> CommState:
                 dup = MPI.Intracomm(comm).Dup()
             finally:
                 watchdog.leave(guard)
-            # errors raise on pya2a's own messages (a truncated stamped message is a
+            # errors raise on pya2a's own messages (an error in a stamped exchange is a
             # disagreement to detect, never an abort), whatever the user's handler
             dup.Set_errhandler(MPI.ERRORS_RETURN)
             held = CommState(dup)
