@@ -96,8 +96,8 @@ test-ompi:
 	  fi; \
 	fi
 	test -x $(OMPI_VENV)/bin/python || $(PYTHON) -m venv $(OMPI_VENV)
-	$(OMPI_VENV)/bin/python -m pip install -q "mpi4py>=4" "numpy>=1.23" "cython>=3" setuptools \
-	  wheel pytest
+	$(OMPI_VENV)/bin/python -m pip install -q --upgrade "mpi4py>=4" "numpy>=1.23" "cython>=3" \
+	  "setuptools>=77" wheel pytest
 	rm -rf $(OMPI_TREE) && mkdir -p $(OMPI_TREE)
 	git ls-files -z | xargs -0 cp --parents -t $(OMPI_TREE)
 	cd $(OMPI_TREE) && MPICC="$$(command -v mpicc.openmpi || echo mpicc)" \
@@ -108,7 +108,8 @@ test-ompi:
 	@set -e; cd $(OMPI_TREE); run=$$(command -v mpiexec.openmpi || echo mpiexec); \
 	for n in $(NPS_OMPI); do \
 	  echo "== Open MPI: mpiexec -n $$n"; \
-	  $(OMPI_ENV) timeout -k 10 900 $$run -n $$n $(abspath $(OMPI_VENV))/bin/python \
+	  $(OMPI_ENV) PYTHONPATH=$(abspath $(OMPI_TREE)) timeout -k 10 900 $$run -n $$n \
+	    $(abspath $(OMPI_VENV))/bin/python \
 	    -m mpi4py tests/run_mpi.py -q -m "not serial" -p no:cacheprovider tests; \
 	done
 

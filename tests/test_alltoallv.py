@@ -12,7 +12,16 @@ from mpi4py import MPI
 
 import pya2a
 
-from helpers import DTYPES, PATTERNS, SEED, count_matrix, expected_recv, gapped_layout, send_data
+from helpers import (
+    DTYPES,
+    PATTERNS,
+    SEED,
+    count_matrix,
+    expected_recv,
+    gapped_layout,
+    mpi_moves,
+    send_data,
+)
 
 ALGORITHMS = pya2a.available_algorithms()
 
@@ -42,7 +51,7 @@ def _exchange(comm, c, dtype, algorithm, rng=None):
 
 def _oracle_msgs(smsg, rmsg):
     """The messages for MPI's own call; as bytes where this mpi4py cannot map the dtype."""
-    if np.dtype(smsg[0].dtype).char in MPI._typedict:
+    if mpi_moves(smsg[0].dtype):
         return smsg, rmsg
     out = []
     for buf, layout in (smsg, rmsg):
@@ -67,16 +76,18 @@ def test_patterns_match_native_and_seed(comm, algorithm, pattern):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_dtypes_match_native(comm, algorithm, dtype):
     c = count_matrix("random", comm.Get_size(), scale=5)
-    if np.dtype(dtype).char not in MPI._typedict:
-        # this MPI has no datatype for it (float16 on Open MPI 4): rejected as mpi4py does
+    if not mpi_moves(dtype):  # this MPI has no datatype for it (float16 on Open MPI 4)
         r = comm.Get_rank()
         smsg, rmsg = [send_data(c, r, dtype), c[r]], [np.zeros(int(c[:, r].sum()), dtype),
                                                       c[:, r]]
-        with pytest.raises(Exception) as theirs:
+        try:
             comm.Alltoallv(smsg, rmsg)
-        with pytest.raises(type(theirs.value), match="cannot map buffer format"):
-            pya2a.Alltoallv(comm, smsg, rmsg, algorithm=algorithm)
-        return
+        except KeyError:  # mpi4py has no entry for the format: refused the same way
+            with pytest.raises(KeyError):
+                pya2a.Alltoallv(comm, smsg, rmsg, algorithm=algorithm)
+            return
+        except MPI.Exception:  # mpi4py names a type the MPI lacks: pya2a moves the elements
+            pass
     rbuf, ref, _ = _exchange(comm, c, dtype, algorithm)
     assert rbuf.tobytes() == ref.tobytes()
 

@@ -14,6 +14,8 @@ from mpi4py import MPI
 
 import pya2a
 
+from helpers import mpi_moves
+
 ALGORITHMS = ["auto", *pya2a.available_algorithms()]
 
 
@@ -56,7 +58,7 @@ def _vector_cases(p: int, r: int):
         lambda: [np.zeros(p * 2, "f8"), [16] * p, None, MPI.BYTE]
     yield "complex128", lambda: np.arange(p, dtype="c16") * (1 + 1j) + r, \
         lambda: np.zeros(p, "c16")
-    if "e" in MPI._typedict:  # mpi4py maps float16 only where the MPI has it
+    if mpi_moves("e"):  # mpi4py maps float16 only where the MPI has it
         yield "float16", lambda: np.arange(2 * p, dtype="e") + r, \
             lambda: np.zeros(2 * p, "e")
     yield "fortran-ordered 2-D", \
