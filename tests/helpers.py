@@ -116,9 +116,13 @@ def _self_alltoallw_works() -> bool:
     displacement? (Open MPI 4.1.4's does not write the block where it belongs.)"""
     t = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()
     try:
-        src, out = np.arange(6.0), np.zeros(6)
+        # room for a displacement taken as extents instead of bytes (24 x 16 bytes): the
+        # broken call must not write outside the arrays
+        src, out = np.arange(64.0), np.zeros(64)
         MPI.COMM_SELF.Alltoallw([src, ([1], [8]), [t]], [out, ([1], [16]), [t]])
-        return out.tolist() == [0.0, 0.0, 1.0, 0.0, 3.0, 0.0]
+        want = np.zeros(64)
+        want[[2, 4]] = [1.0, 3.0]
+        return bool((out == want).all())
     finally:
         t.Free()
 
