@@ -158,6 +158,28 @@ def _with_env(name, value, fn):
             os.environ[name] = old
 
 
+def _differing(setting: str, last: bool, p: int) -> tuple[dict, bool, tuple | None]:
+    """What makes ``setting`` differ on the last rank: the call's keyword arguments, whether
+    it is in place there, and the environment variable set around it (name, value)."""
+    kw: dict = {}
+    if setting == "check":
+        kw["check"] = last
+    elif setting == "grid":
+        kw["options"] = {"grid": (p, 1) if last else (1, p)}
+    elif setting == "unknown_option" and last:
+        kw["options"] = {"windwo": 4}
+    elif setting == "bad_grid" and last:
+        kw["options"] = {"grid": (p + 1, 1)}
+    elif setting == "negative_window" and last:
+        kw["options"] = {"window": -1}
+    elif setting == "algorithm":
+        kw["algorithm"] = "pairwise" if last else "direct"
+    env = {"env_grid": ("PYA2A_MESH_GRID", f"{p},1" if last else f"1,{p}"),
+           "env_window": ("PYA2A_DIRECT_WINDOW", "eight" if last else None),
+           "env_algorithm": ("PYA2A_ALGORITHM", "pairwise" if last else None)}.get(setting)
+    return kw, setting == "in_place" and last, env
+
+
 @pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="needs two ranks to differ")
 @pytest.mark.parametrize("setting", ["check", "grid", "unknown_option", "bad_grid",
                                      "in_place", "call", "env_grid", "env_window",
@@ -169,29 +191,13 @@ def test_a_setting_differing_on_one_rank_raises_everywhere(comm, setting):
              "unknown option", "bad_grid": "grid", "in_place": "IN_PLACE", "call":
              "the call", "env_grid": "PYA2A_MESH_GRID", "env_window": "PYA2A_DIRECT_WINDOW",
              "negative_window": "window", "algorithm": "different algorithms"}[setting]
-    env = {"env_grid": ("PYA2A_MESH_GRID", f"{p},1" if last else f"1,{p}"),
-           "env_window": ("PYA2A_DIRECT_WINDOW", "eight" if last else None)}.get(setting)
+    kw, in_place, env = _differing(setting, last, p)
     send, recv = np.arange(2.0 * p), np.full(2 * p, SENTINEL)
-    kw: dict = {}
-    smsg = [send, [2] * p]
+    smsg = MPI.IN_PLACE if in_place else [send, [2] * p]
     call = pya2a.Alltoallv
-    if setting == "check":
-        kw["check"] = last
-    elif setting == "grid":
-        kw["options"] = {"grid": (p, 1) if last else (1, p)}
-    elif setting == "unknown_option" and last:
-        kw["options"] = {"windwo": 4}
-    elif setting == "bad_grid" and last:
-        kw["options"] = {"grid": (p + 1, 1)}
-    elif setting == "negative_window" and last:
-        kw["options"] = {"window": -1}
-    elif setting == "in_place" and last:
-        smsg = MPI.IN_PLACE
-    elif setting == "call" and last:
+    if setting == "call" and last:
         call = pya2a.Alltoall
         smsg = [send, 2]
-    elif setting == "algorithm":
-        kw["algorithm"] = "pairwise" if last else "direct"
 
     def go():
         rmsg = [recv, 2] if call is pya2a.Alltoall else [recv, [2] * p]
@@ -211,24 +217,11 @@ def test_an_alltoallw_setting_differing_on_one_rank_raises_everywhere(comm, sett
              "unknown option", "in_place": "IN_PLACE", "env_grid": "PYA2A_MESH_GRID",
              "env_window": "PYA2A_DIRECT_WINDOW", "env_algorithm": "different algorithms",
              "algorithm": "different algorithms"}[setting]
-    env = {"env_grid": ("PYA2A_MESH_GRID", f"{p},1" if last else f"1,{p}"),
-           "env_window": ("PYA2A_DIRECT_WINDOW", "eight" if last else None),
-           "env_algorithm": ("PYA2A_ALGORITHM", "pairwise" if last else None)}.get(setting)
+    kw, in_place, env = _differing(setting, last, p)
     send, recv = np.arange(2.0 * p), np.full(2 * p, SENTINEL)
     layout = ([2] * p, [16 * j for j in range(p)])
     types = [MPI.DOUBLE] * p
-    smsg = [send, layout, types]
-    kw: dict = {}
-    if setting == "check":
-        kw["check"] = last
-    elif setting == "grid":
-        kw["options"] = {"grid": (p, 1) if last else (1, p)}
-    elif setting == "unknown_option" and last:
-        kw["options"] = {"windwo": 4}
-    elif setting == "in_place" and last:
-        smsg = MPI.IN_PLACE
-    elif setting == "algorithm":
-        kw["algorithm"] = "pairwise" if last else "direct"
+    smsg = MPI.IN_PLACE if in_place else [send, layout, types]
 
     fresh = comm.Dup()  # no cached signature: the call takes the full path
 

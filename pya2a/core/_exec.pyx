@@ -88,49 +88,35 @@ cdef inline object _span(object obj, bint writable, Py_ssize_t *addr, Py_ssize_t
     return fmt
 
 
-def pair_key(sendbuf, recvbuf, bint inplace):
-    """``(key, send format, receive format)`` of a buffer pair for a plan's address-keyed
-    cache: key ``(send address, send bytes, receive address, receive bytes)``, or
-    ``(None, receive address, receive bytes)`` in place (send format None); None when
-    either is not a C-contiguous buffer (the receive one writable)."""
+cdef object _pair(object sendbuf, object recvbuf, bint inplace, bint formats):
+    """:func:`pair_key`'s answer (``formats``) or its key alone; None when either buffer is
+    not C-contiguous (the receive one writable)."""
     cdef Py_ssize_t ra = 0, rn = 0, sa = 0, sn = 0
     rf = _span(recvbuf, True, &ra, &rn)
     if rf is None:
         return None
     if inplace:
-        return ((None, ra, rn), None, rf)
+        return ((None, ra, rn), None, rf) if formats else (None, ra, rn)
     sf = _span(sendbuf, False, &sa, &sn)
     if sf is None:
         return None
-    return ((sa, sn, ra, rn), sf, rf)
+    return ((sa, sn, ra, rn), sf, rf) if formats else (sa, sn, ra, rn)
 
 
-cdef inline bint _where(object obj, bint writable, Py_ssize_t *addr, Py_ssize_t *n):
-    """:func:`_span` without the format: False when ``obj`` is not such a buffer."""
-    cdef Py_buffer view
-    cdef cnp.ndarray a
-    if type(obj) is cnp.ndarray:
-        a = <cnp.ndarray> obj
-        if not cnp.PyArray_IS_C_CONTIGUOUS(a) or (writable and not cnp.PyArray_ISWRITEABLE(a)):
-            return False
-        addr[0] = <Py_ssize_t> cnp.PyArray_DATA(a)
-        n[0] = cnp.PyArray_NBYTES(a)
-        return True
-    return _span(obj, writable, addr, n) is not None
+def pair_key(sendbuf, recvbuf, bint inplace):
+    """``(key, send format, receive format)`` of a buffer pair for a plan's address-keyed
+    cache: key ``(send address, send bytes, receive address, receive bytes)``, or
+    ``(None, receive address, receive bytes)`` in place (send format None); None when
+    either is not a C-contiguous buffer (the receive one writable)."""
+    return _pair(sendbuf, recvbuf, inplace, True)
 
 
 def find_pair(by_addr, sendbuf, recvbuf, bint inplace):
     """The entry that ``by_addr`` (an OrderedDict keyed as :func:`pair_key` keys) holds for
     this buffer pair, made the most recent; None when it holds none (or the buffers are not
     C-contiguous, the receive one writable). A plan's run on a pair it has bound before."""
-    cdef Py_ssize_t ra = 0, rn = 0, sa = 0, sn = 0
-    if not _where(recvbuf, True, &ra, &rn):
-        return None
-    if inplace:
-        key = (None, ra, rn)
-    elif _where(sendbuf, False, &sa, &sn):
-        key = (sa, sn, ra, rn)
-    else:
+    key = _pair(sendbuf, recvbuf, inplace, False)
+    if key is None:
         return None
     entry = by_addr.get(key)
     if entry is not None:
