@@ -164,27 +164,61 @@ __device__ __forceinline__ void announce_finished(const Args& a, u64 s) {
         *(volatile u64*)((u64*)a.peer_ctrl[r] + CTRL_FIN + a.rank) = s - 1;
 }
 
-#define PAIR_RANGE(n, nch, cs, c, b, e)                 \
-    const i64 b = (i64)(c) * (cs);                      \
-    const i64 e = (b + (cs) < (n)) ? b + (cs) : (n);
+// The chunk that role r moves for this rank: towards rank me+q (sending, from its send
+// block) or from rank me-q (receiving, into its receive block). Sets the peer, the chunk
+// index and its byte range [*b, *e); false where the role moves nothing (its own block, an
+// empty block, a chunk past the block's last).
+__device__ __forceinline__ bool role_chunk(const Args& a, int r, bool sending, int* peer,
+                                           int* c, i64* b, i64* e) {
+    int q;
+    i64 nch, cs;
+    role_of(a, r, &q, c);
+    if (q == 0) return false;
+    const int me = (int)a.rank, p = (int)a.p;
+    *peer = sending ? (me + q) % p : (me - q + p) % p;
+    const i64 n = sending ? a.scount[*peer] : a.rcount[*peer];
+    chunking(n, a, &nch, &cs);
+    if (n <= 0 || *c >= nch) return false;
+    *b = (i64)(*c) * cs;
+    *e = (*b + cs < n) ? *b + cs : n;
+    return *b < *e;
+}
+
+// The first role of each peer q != 0 that has a block to exchange with it: the peer
+// (me+q when sending, me-q when receiving), or -1.
+__device__ __forceinline__ int role_first(const Args& a, int r, bool sending) {
+    int q, c;
+    role_of(a, r, &q, &c);
+    if (q == 0 || c != 0) return -1;
+    const int me = (int)a.rank, p = (int)a.p;
+    const int peer = sending ? (me + q) % p : (me - q + p) % p;
+    return (sending ? a.scount[peer] : a.rcount[peer]) > 0 ? peer : -1;
+}
+
+__device__ __forceinline__ void own_block(const Args& a) {
+    int q, c;
+    FOR_ROLES(a, r) {
+        role_of(a, r, &q, &c);
+        if (q == 0) self_copy(a, c);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args a) {
     __shared__ u64 s_key;
     pdl_enter();
     u64* ctrl = (u64*)a.ctrl;
-    const int me = (int)a.rank, p = (int)a.p;
-    int q, c;
+    const int me = (int)a.rank;
+    int peer, c;
+    i64 b, e;
     const u64 s = begin_call(a);
     announce_finished(a, s);
-    i64 nch, cs;
 
     if (a.mode == 0) {
         // --- push ---
         const bool staged = (a.my_key == ~0ull);
         FOR_ROLES(a, r) {  // receiver: tell each sender where to write
-            role_of(a, r, &q, &c);
-            const int src = (me - q + p) % p;
-            if (q != 0 && c == 0 && threadIdx.x == 0 && a.rcount[src] > 0) {
+            const int src = role_first(a, r, false);
+            if (src >= 0 && threadIdx.x == 0) {
                 const u64 key = staged ? (a.stage_off + (u64)src * (u64)a.slot_bytes) : (a.my_key + (u64)a.rdispl[src]);
                 u64* pc = (u64*)a.peer_ctrl[src];
                 *(volatile u64*)(pc + CTRL_RDY_KEY + me) = key;
@@ -192,104 +226,61 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_alltoallv(const Args
             }
         }
         FOR_ROLES(a, r) {  // sender: store the chunk, then raise its flag
-            role_of(a, r, &q, &c);
-            if (q == 0) continue;
-            const int dst = (me + q) % p;
-            const i64 ns = a.scount[dst];
-            chunking(ns, a, &nch, &cs);
-            if (ns > 0 && c < nch) {
-                PAIR_RANGE(ns, nch, cs, c, b, e)
-                if (b < e) {
-                    if (threadIdx.x == 0) {
-                        spin_until_ge(ctrl + CTRL_RDY_SEQ + dst, s);
-                        __threadfence_system();
-                        s_key = ld_volatile(ctrl + CTRL_RDY_KEY + dst);
-                    }
-                    __syncthreads();
-                    char* out = key_addr(a, s_key, dst);
-                    block_copy(out + b, (const char*)a.sendbuf + a.sdispl[dst] + b, e - b);
-                    __threadfence_system();
-                    __syncthreads();
-                    if (threadIdx.x == 0)
-                        st_release_sys((u64*)a.peer_ctrl[dst] + CTRL_FLAG + me * PYA2A_MAXB + c, s);
-                }
+            if (!role_chunk(a, r, true, &peer, &c, &b, &e)) continue;
+            if (threadIdx.x == 0) {
+                spin_until_ge(ctrl + CTRL_RDY_SEQ + peer, s);
+                __threadfence_system();
+                s_key = ld_volatile(ctrl + CTRL_RDY_KEY + peer);
             }
+            __syncthreads();
+            char* out = key_addr(a, s_key, peer);
+            block_copy(out + b, (const char*)a.sendbuf + a.sdispl[peer] + b, e - b);
+            __threadfence_system();
+            __syncthreads();
+            if (threadIdx.x == 0)
+                st_release_sys((u64*)a.peer_ctrl[peer] + CTRL_FLAG + me * PYA2A_MAXB + c, s);
         }
-        FOR_ROLES(a, r) {
-            role_of(a, r, &q, &c);
-            if (q == 0) self_copy(a, c);
-        }
+        own_block(a);
         FOR_ROLES(a, r) {  // receiver: wait for the chunk, copy it out if staged
-            role_of(a, r, &q, &c);
-            if (q == 0) continue;
-            const int src = (me - q + p) % p;
-            const i64 nr = a.rcount[src];
-            chunking(nr, a, &nch, &cs);
-            if (nr > 0 && c < nch) {
-                PAIR_RANGE(nr, nch, cs, c, b, e)
-                if (b < e) {
-                    if (threadIdx.x == 0) {
-                        spin_until_ge(ctrl + CTRL_FLAG + src * PYA2A_MAXB + c, s);
-                        __threadfence_system();
-                    }
-                    __syncthreads();
-                    if (staged)
-                        block_copy((char*)a.recvbuf + a.rdispl[src] + b,
-                                   (const char*)a.ctrl + a.stage_off + (u64)src * (u64)a.slot_bytes + b, e - b);
-                }
+            if (!role_chunk(a, r, false, &peer, &c, &b, &e)) continue;
+            if (threadIdx.x == 0) {
+                spin_until_ge(ctrl + CTRL_FLAG + peer * PYA2A_MAXB + c, s);
+                __threadfence_system();
             }
+            __syncthreads();
+            if (staged)
+                block_copy((char*)a.recvbuf + a.rdispl[peer] + b,
+                           (const char*)a.ctrl + a.stage_off + (u64)peer * (u64)a.slot_bytes + b, e - b);
         }
     } else {
         // --- pull: sendbuf symmetric (my_key is its key) ---
         FOR_ROLES(a, r) {  // sender: publish where to read
-            role_of(a, r, &q, &c);
-            const int dst = (me + q) % p;
-            if (q != 0 && c == 0 && threadIdx.x == 0 && a.scount[dst] > 0) {
+            const int dst = role_first(a, r, true);
+            if (dst >= 0 && threadIdx.x == 0) {
                 u64* pc = (u64*)a.peer_ctrl[dst];
                 *(volatile u64*)(pc + CTRL_RDY_KEY + me) = a.my_key + (u64)a.sdispl[dst];
                 st_release_sys(pc + CTRL_RDY_SEQ + me, s);
             }
         }
         FOR_ROLES(a, r) {  // receiver: read the chunk, then tell the sender "consumed"
-            role_of(a, r, &q, &c);
-            if (q == 0) continue;
-            const int src = (me - q + p) % p;
-            const i64 nr = a.rcount[src];
-            chunking(nr, a, &nch, &cs);
-            if (nr > 0 && c < nch) {
-                PAIR_RANGE(nr, nch, cs, c, b, e)
-                if (b < e) {
-                    if (threadIdx.x == 0) {
-                        spin_until_ge(ctrl + CTRL_RDY_SEQ + src, s);
-                        __threadfence_system();
-                        s_key = ld_volatile(ctrl + CTRL_RDY_KEY + src);
-                    }
-                    __syncthreads();
-                    const char* in = key_addr(a, s_key, src);
-                    block_copy((char*)a.recvbuf + a.rdispl[src] + b, in + b, e - b);
-                    __threadfence_system();
-                    __syncthreads();
-                    if (threadIdx.x == 0)
-                        st_release_sys((u64*)a.peer_ctrl[src] + CTRL_FLAG + me * PYA2A_MAXB + c, s);
-                }
+            if (!role_chunk(a, r, false, &peer, &c, &b, &e)) continue;
+            if (threadIdx.x == 0) {
+                spin_until_ge(ctrl + CTRL_RDY_SEQ + peer, s);
+                __threadfence_system();
+                s_key = ld_volatile(ctrl + CTRL_RDY_KEY + peer);
             }
+            __syncthreads();
+            const char* in = key_addr(a, s_key, peer);
+            block_copy((char*)a.recvbuf + a.rdispl[peer] + b, in + b, e - b);
+            __threadfence_system();
+            __syncthreads();
+            if (threadIdx.x == 0)
+                st_release_sys((u64*)a.peer_ctrl[peer] + CTRL_FLAG + me * PYA2A_MAXB + c, s);
         }
-        FOR_ROLES(a, r) {
-            role_of(a, r, &q, &c);
-            if (q == 0) self_copy(a, c);
-        }
+        own_block(a);
         FOR_ROLES(a, r) {  // sender: the send buffer may be reused once every chunk is read
-            role_of(a, r, &q, &c);
-            if (q == 0) continue;
-            const int dst = (me + q) % p;
-            const i64 ns = a.scount[dst];
-            chunking(ns, a, &nch, &cs);
-            if (ns > 0 && c < nch) {
-                PAIR_RANGE(ns, nch, cs, c, b, e)
-                if (b < e && threadIdx.x == 0) {
-                    spin_until_ge(ctrl + CTRL_FLAG + dst * PYA2A_MAXB + c, s);
-                }
-            }
+            if (role_chunk(a, r, true, &peer, &c, &b, &e) && threadIdx.x == 0)
+                spin_until_ge(ctrl + CTRL_FLAG + peer * PYA2A_MAXB + c, s);
         }
     }
 }
@@ -453,10 +444,7 @@ extern "C" __global__ void __launch_bounds__(512) pya2a_ipc_ll(const Args a) {
         }
         if (i < se) ll_put(out + i, ll_load8(in, i, ns, sal), tag);
     }
-    FOR_ROLES(a, r) {
-        role_of(a, r, &q, &c);
-        if (q == 0) self_copy(a, c);
-    }
+    own_block(a);
     FOR_ROLES(a, r) {  // receive: poll the lines themselves
         role_of(a, r, &q, &c);
         if (q == 0) continue;
