@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -11,7 +12,7 @@ from ..core.registry import Context
 from ..core.spec import VSpec
 from ._forward import size_mismatch
 
-__all__ = ["Sides", "sides", "exchange_groups", "guarded", "wait_sizes",
+__all__ = ["Sides", "sides", "exchange_groups", "guarded", "probed_groups",
            "raise_mismatch"]
 
 
@@ -40,64 +41,59 @@ def guarded(ctx: Context) -> bool:
     receive counts (``ctx.options["verified"]`` False: a one-shot call above
     ``ROWS_IN_RECORD`` ranks without ``check=True``) and the buffers are host memory (device
     calls are always verified). Then a message is posted for every pair, empty ones too, so
-    that every send meets exactly one receive whatever the counts say, and a size that
-    differs from the receive count is reported instead of hanging or going unnoticed.
+    that every send meets exactly one receive whatever the counts say, and each is received
+    by matched probe, so that a size that differs from the receive count is reported
+    instead of hanging, being truncated or going unnoticed.
     """
     return not ctx.options.get("verified", True) and ctx.transport is not None and \
         ctx.transport.device is None
 
 
-def wait_sizes(reqs: list, expect: list) -> list[tuple[int, int, int]]:
-    """Complete MPI requests and report receives whose size is not the expected one.
+def probed_groups(t, s: Sides, groups: list[list[tuple[int, int]]], tag: int
+                  ) -> list[tuple[int, int, int]]:
+    """Exchange every (dst, src) step of each group, empty messages too, each message
+    received by matched probe (``MPI_Improbe`` + ``MPI_Imrecv``), so none is ever truncated.
 
-    ``expect[i]`` is ``(source, bytes)`` for a receive, None for a send. Returns
-    ``(source, bytes received, bytes expected)`` per mismatch, bytes received -1 when the
-    message was larger than its receive (MPI's truncation error, which the private
-    communicator returns instead of aborting). Every request is complete on return.
+    Per group: the sends are posted, then the sources are probed until every one's message
+    has matched (a pass that matched none yields the core, as MPI's own waits do when
+    ranks outnumber cores); one of the receive count's size is received in place, one of
+    another size whole into scratch (its block is not written). Returns ``(source, bytes
+    sent, bytes expected)`` per mismatch. Every message of every group is complete on
+    return. Host transport only (``t.comm``: the internal communicator).
     """
-    if not reqs:
-        return []
-    sts = [MPI.Status() for _ in reqs]
-    failed: dict[int, int] = {}
-    try:
-        MPI.Request.Waitall(reqs, sts)
-    except MPI.Exception:
-        pending = []
-        for i, st in enumerate(sts):
-            code = st.Get_error()
-            if code == MPI.SUCCESS:
-                continue
-            cls = MPI.Get_error_class(code)
-            if cls == MPI.ERR_PENDING:
-                pending.append(i)
-            else:
-                failed[i] = cls
-        for i in pending:
-            try:
-                reqs[i].Wait(sts[i])
-            except MPI.Exception as e:
-                failed[i] = e.Get_error_class()
-    out = []
-    for i, e in enumerate(expect):
-        cls = failed.get(i)
-        if e is None or (cls is not None and cls != MPI.ERR_TRUNCATE):
-            if cls is not None:
-                raise MPI.Exception(cls)
-            continue
-        src, want = e
-        got = -1 if cls is not None else sts[i].Get_count(MPI.BYTE)
-        if got != want:
-            out.append((src, got, want))
-    return out
+    comm, sb, rb = t.comm, s.sb, s.rb
+    sc, sd, rc, rd = s.sc.tolist(), s.sd.tolist(), s.rc.tolist(), s.rd.tolist()
+    st = MPI.Status()
+    bad: list[tuple[int, int, int]] = []
+    for group in groups:
+        reqs = [t.isend(sb, sd[dst], sc[dst], dst, tag) for dst, _ in group]
+        pending = [src for _, src in group]
+        while pending:
+            waiting = []
+            for src in pending:
+                msg = comm.Improbe(src, tag, st)
+                if msg is None:
+                    waiting.append(src)
+                    continue
+                got, want = st.Get_count(MPI.BYTE), rc[src]
+                if got == want:
+                    reqs.append(msg.Irecv([rb[rd[src]:rd[src] + want], MPI.BYTE]))
+                else:
+                    msg.Recv([np.empty(got, dtype=np.uint8), MPI.BYTE])
+                    bad.append((src, got, want))
+            if len(waiting) == len(pending):
+                os.sched_yield()
+            pending = waiting
+        t.waitall(reqs)
+    return bad
 
 
 def raise_mismatch(call: str, rank: int, bad: list[tuple[int, int, int]]) -> None:
-    """Raise :func:`size_mismatch` for the mismatches of :func:`wait_sizes` (received in
-    place: those blocks may be partly written), if any."""
+    """Raise :func:`size_mismatch` for the mismatches of :func:`probed_groups`, if any."""
     if bad:
         bad = sorted(bad)
         raise size_mismatch(call, rank, [b[0] for b in bad], [b[1] for b in bad],
-                            [b[2] for b in bad], written=True)
+                            [b[2] for b in bad])
 
 
 def exchange_groups(send: VSpec, recv: VSpec, ctx: Context, groups: list[list[tuple[int, int]]],
@@ -106,26 +102,17 @@ def exchange_groups(send: VSpec, recv: VSpec, ctx: Context, groups: list[list[tu
 
     Zero-byte blocks are skipped on both sides (their counts agree when the call is
     correct), unless the counts were not verified (:func:`guarded`): then every message is
-    posted and every received size checked. ``direct`` passes windows of steps,
-    ``pairwise`` one step per group; ``name`` is the algorithm's, for errors.
+    posted and received by matched probe (:func:`probed_groups`). ``direct`` passes windows
+    of steps, ``pairwise`` one step per group; ``name`` is the algorithm's, for errors.
     """
     t = ctx.transport
     s = sides(send, recv, t)
     r = ctx.rank
     t.copy(s.rb, int(s.rd[r]), s.sb, int(s.sd[r]), int(s.rc[r]))
-    sc, sd, rc, rd = s.sc.tolist(), s.sd.tolist(), s.rc.tolist(), s.rd.tolist()
     if guarded(ctx):
-        bad: list[tuple[int, int, int]] = []
-        for group in groups:
-            reqs, expect = [], []
-            for dst, src in group:
-                reqs.append(t.irecv(s.rb, rd[src], rc[src], src, tag))
-                expect.append((src, rc[src]))
-                reqs.append(t.isend(s.sb, sd[dst], sc[dst], dst, tag))
-                expect.append(None)
-            bad += wait_sizes(reqs, expect)
-        raise_mismatch(name, r, bad)
+        raise_mismatch(name, r, probed_groups(t, s, groups, tag))
         return
+    sc, sd, rc, rd = s.sc.tolist(), s.sd.tolist(), s.rc.tolist(), s.rd.tolist()
     for group in groups:
         reqs = []
         for dst, src in group:

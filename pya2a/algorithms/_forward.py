@@ -107,20 +107,14 @@ def grid_from(p: int, options: dict | None = None) -> tuple[int, int]:
     return default_grid(p)
 
 
-def size_mismatch(call: str, rank: int, sources, got, want, written: bool = False
-                  ) -> ValueError:
+def size_mismatch(call: str, rank: int, sources, got, want) -> ValueError:
     """The error an algorithm raises, after its exchange completed, when blocks arrived with
     another size than the receive counts say (counts that do not match between ranks).
 
-    ``got`` below 0 means "more than ``want``" (MPI truncated the message). ``written``:
-    the mismatched blocks may have been partly written (received in place); otherwise they
-    were not written. The other blocks were delivered either way.
+    The mismatched blocks were not written; the other blocks were delivered.
     """
     src, g, w = int(sources[0]), int(got[0]), int(want[0])
-    sent = f"more than {w}" if g < 0 else str(g)
     more = f" (and {len(sources) - 1} more blocks)" if len(sources) > 1 else ""
-    fate = ("the contents of the mismatched blocks are undefined" if written else
-            "the mismatched blocks were not written")
-    return ValueError(f"{call}: rank {src} sends {sent} bytes to rank {rank}, which expects "
+    return ValueError(f"{call}: rank {src} sends {g} bytes to rank {rank}, which expects "
                       f"{w} bytes from it{more}; send and receive counts must match, as in "
-                      f"MPI ({fate})")
+                      f"MPI (the mismatched blocks were not written)")

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..core.registry import AlgorithmInfo, Context, register
 from ..core.spec import VSpec
-from ._common import guarded, raise_mismatch, sides, wait_sizes
+from ._common import guarded, probed_groups, raise_mismatch, sides
 from ._forward import (
     Step,
     blocks,
@@ -72,19 +72,13 @@ def _direct(t, s, rank: int, p: int, check: bool = False) -> None:
     """All blocks straight from the send to the receive buffer (a 1 x p or p x 1 grid).
 
     ``check`` (counts not verified, :func:`guarded`): every pair's message is posted, empty
-    ones too, and received sizes are checked, as in ``direct``.
+    ones too, and received by matched probe, as in ``direct`` (:func:`probed_groups`).
     """
-    reqs: list = []
     if check:
-        expect: list = []
-        for k in range(1, p):
-            dst, src = (rank + k) % p, (rank - k) % p
-            reqs.append(t.irecv(s.rb, int(s.rd[src]), int(s.rc[src]), src, TAG_MESH))
-            expect.append((src, int(s.rc[src])))
-            reqs.append(t.isend(s.sb, int(s.sd[dst]), int(s.sc[dst]), dst, TAG_MESH))
-            expect.append(None)
-        raise_mismatch("mesh", rank, wait_sizes(reqs, expect))
+        steps = [((rank + k) % p, (rank - k) % p) for k in range(1, p)]
+        raise_mismatch("mesh", rank, probed_groups(t, s, [steps], TAG_MESH))
         return
+    reqs: list = []
     for k in range(1, p):
         dst, src = (rank + k) % p, (rank - k) % p
         post(t, reqs, s.rb, s.rd[src], s.rc[src], src, TAG_MESH, send=False)
