@@ -26,6 +26,8 @@ overtake, so the messages of consecutive calls never mix.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from mpi4py import MPI
 
@@ -149,7 +151,9 @@ class _Mpi4pyRound:
     def exchange(self) -> bool:
         """Send, receive; False where the message received was not the expected size."""
         self.send.Start()
-        msg = self.comm.Mprobe(self.frm, TAG_STAMP, self._status)
+        # MPI_Improbe until it matches, yielding the core between tries (_exec._mprobe)
+        while (msg := self.comm.Improbe(self.frm, TAG_STAMP, self._status)) is None:
+            os.sched_yield()
         n = self._status.Get_count(MPI.BYTE)
         ok = n == len(self.into)
         msg.Recv([self.into if ok else bytearray(max(n, 1)), n, MPI.BYTE])

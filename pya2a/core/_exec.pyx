@@ -477,6 +477,24 @@ cdef class Binding:
             free(self.reqs)
 
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+
+cdef int _mprobe(int src, int tag, mpi.MPI_Comm comm, mpi.MPI_Message *msg,
+                 mpi.MPI_Status *status) noexcept nogil:
+    """``MPI_Mprobe`` as ``MPI_Improbe`` until it matches, yielding the core between tries
+    (a blocking ``MPI_Mprobe`` spins: with more ranks than cores, the rank it waits for
+    then runs only when the spinning one's time slice ends, milliseconds later); MPI's
+    code."""
+    cdef int ierr, flag = 0
+    while True:
+        ierr = mpi.MPI_Improbe(src, tag, comm, &flag, msg, status)
+        if ierr or flag:
+            return ierr
+        sched_yield()
+
+
 cdef class ProbedRound:
     """One round of a dissemination confirmation (:class:`pya2a._stamp.Forward`): a
     persistent send of ``send_nbytes`` bytes to ``dst``, and the message from ``src``
@@ -520,7 +538,7 @@ cdef class ProbedRound:
         with nogil:
             ierr = mpi.MPI_Start(&self.send)
             if ierr == 0:
-                ierr = mpi.MPI_Mprobe(self.src, self.tag, self.comm, &msg, &status)
+                ierr = _mprobe(self.src, self.tag, self.comm, &msg, &status)
             if ierr == 0:
                 ierr = mpi.MPI_Get_count(&status, mpi.MPI_BYTE, &n)
             if ierr == 0:
