@@ -134,6 +134,16 @@ def _round(comm: MPI.Intracomm, saddr: int, sbytes: int, to: int, raddr: int, rb
     return _Mpi4pyRound(comm, saddr, sbytes, to, raddr, rbytes, frm)
 
 
+def _mprobe(comm: MPI.Intracomm, source: int, tag: int, status: MPI.Status) -> MPI.Message:
+    """``comm.Mprobe`` as ``comm.Improbe`` until it matches, yielding the core between
+    tries (as ``core._exec``'s rounds do: MPICH's blocking ``MPI_Mprobe`` spins, and with
+    more ranks than cores the rank it waits for then runs only when the spinning one's time
+    slice ends, milliseconds later)."""
+    while (msg := comm.Improbe(source, tag, status)) is None:
+        os.sched_yield()
+    return msg
+
+
 class _Mpi4pyRound:
     """``core._exec.ProbedRound`` through mpi4py: a persistent send, a matched-probe
     receive of whatever size comes."""
@@ -151,9 +161,7 @@ class _Mpi4pyRound:
     def exchange(self) -> bool:
         """Send, receive; False where the message received was not the expected size."""
         self.send.Start()
-        # MPI_Improbe until it matches, yielding the core between tries (_exec._mprobe)
-        while (msg := self.comm.Improbe(self.frm, TAG_STAMP, self._status)) is None:
-            os.sched_yield()
+        msg = _mprobe(self.comm, self.frm, TAG_STAMP, self._status)
         n = self._status.Get_count(MPI.BYTE)
         ok = n == len(self.into)
         msg.Recv([self.into if ok else bytearray(max(n, 1)), n, MPI.BYTE])
@@ -332,7 +340,7 @@ def announce_rounds(comm: MPI.Intracomm) -> None:
     for k in range(nsteps(p)):
         to, frm = peers(rank, p, k)
         req = comm.Isend([word, MPI.BYTE], to, TAG_STAMP)
-        msg = comm.Mprobe(frm, TAG_STAMP, status)
+        msg = _mprobe(comm, frm, TAG_STAMP, status)
         msg.Recv([bytearray(max(status.Get_count(MPI.BYTE), 1)), MPI.BYTE])
         req.Wait()
 
@@ -351,6 +359,6 @@ def announce(comm: MPI.Intracomm, number: int = -1) -> None:
     sends = [comm.Isend([word, MPI.BYTE], j, TAG_STAMP) for j in peers]
     status = MPI.Status()
     for j in peers:
-        msg = comm.Mprobe(j, TAG_STAMP, status)
+        msg = _mprobe(comm, j, TAG_STAMP, status)
         msg.Recv([bytearray(max(status.Get_count(MPI.BYTE), 1)), MPI.BYTE])
     MPI.Request.Waitall(sends)
