@@ -8,6 +8,8 @@ no (the registry's own mechanism), and the original registration is restored aft
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,3 +65,16 @@ def test_asking_for_a_refused_algorithm_raises_everywhere(comm, refuse_auto_choi
     with pytest.raises(ValueError, match="refused by the test"):
         pya2a.Alltoallv(comm, send, recv, algorithm=refuse_auto_choice)
     comm.Barrier()
+
+
+@pytest.mark.serial
+def test_device_algorithm_names_are_known_before_any_device_call():
+    """``ipc`` and ``shm`` register on first need: naming one in a fresh process, before any
+    device call (``pya2a.Comm(..., algorithm="ipc")``, a first call by name) finds it."""
+    code = ("from mpi4py import MPI; import pya2a; "
+            "print(pya2a.Comm(MPI.COMM_WORLD, algorithm='ipc').algorithm); "
+            "from pya2a.core import registry; print(registry.get('shm').name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ipc", "shm"]

@@ -140,11 +140,15 @@ def get(name: str, call: str = "pya2a") -> AlgorithmInfo:
     """The algorithm called ``name``; ValueError listing the known ones otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"{call}: algorithm must be a string, not {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    info = _REGISTRY.get(name)
+    if info is None:  # the device algorithms register on first need: a name may be theirs
+        from .devices import load_device_algorithms
+        load_device_algorithms()
+        info = _REGISTRY.get(name)
+    if info is None:
         known = ", ".join(["auto", *_REGISTRY])
-        raise ValueError(f"{call}: unknown algorithm {name!r}; known: {known}") from None
+        raise ValueError(f"{call}: unknown algorithm {name!r}; known: {known}")
+    return info
 
 
 def available(p: int | None = None, device: bool = False) -> list[str]:
