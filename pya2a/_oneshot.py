@@ -11,8 +11,9 @@ every rank, is a call every rank has already validated and agreed on in exactly 
 One ``Allreduce`` of two integers establishes that; any other outcome takes the full path.
 On communicators of up to :data:`pya2a._stamp.STAMP_MAX_P` ranks the entry number travels
 with the exchange instead (:mod:`pya2a._stamp`): no all-reduce, and small exchanges move
-their blocks in the same messages; up to :data:`pya2a._stamp.FORWARD_MAX_P` (off by
-default) it travels in dissemination rounds that carry small ``hypercube`` exchanges.
+their blocks in the same messages; up to :data:`pya2a._stamp.FORWARD_MAX_P` (16) it
+travels in dissemination rounds, which carry the small exchanges the selector gives to
+``hypercube``.
 
 Entry numbers are consistent across ranks by construction: every full-path call (collective:
 all ranks take it together) draws the next number from a per-communicator counter on every
@@ -427,8 +428,8 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
         load_device_algorithms()
     # What a repeated call may carry itself (the same verdict everywhere: agreed records):
     # a small dense host exchange travels in the messages that confirm it, as `direct`
-    # (STAMP) or `hypercube` (FORWARD); on one rank, device buffers are one device copy
-    # (`native`).
+    # (STAMP), or (FORWARD) where the selector takes `hypercube` for it, in the rounds; on
+    # one rank, device buffers are one device copy (`native`).
     carry_small = mode != ALLREDUCE and not device and not options and bool(rows) and \
         bool(table[:, 5].all()) and int(table[:, 2].max()) <= _stamp.CARRY_MAX_BLOCK and \
         int(max(table[:, 3].max(), table[:, 6].max())) <= _stamp.CARRY_MAX_TOTAL
@@ -443,15 +444,14 @@ def _decide(call: str, kind: str, st: CommState, s: _msg.Msg | None,
             requested = "direct"
             note = ("a small exchange on a few ranks: its blocks travel with the stamped "
                     "confirmation of repeated calls")
-        elif carry_small and mode == FORWARD and "hypercube" in cands:
-            requested = "hypercube"
-            note = ("a small exchange: its blocks travel in the dissemination rounds that "
-                    "confirm repeated calls")
         elif carry_device and "native" in cands:
             requested = "native"
             note = "one rank: repeated calls are one device copy"
         else:
             requested = _choose(stats_, cands)
+            if carry_small and mode == FORWARD and requested == "hypercube":
+                note = ("a small exchange: its blocks travel in the dissemination rounds "
+                        "that confirm repeated calls")
         log.decision(icomm, call, requested, table, lambda: select.ranking(stats_, list(cands)),
                      note=note)
     else:

@@ -21,16 +21,16 @@ SEED = 20261121
 SENTINEL = -7.0
 
 
-@pytest.fixture(params=["world", "forward"])
+@pytest.fixture(params=["world", "forward", "allreduce"])
 def comm(request, monkeypatch):
-    """COMM_WORLD as it is, and a duplicate confirmed in dissemination rounds
-    (:class:`pya2a._stamp.Forward`, made the mode at every size but one rank): every test
-    here runs both ways."""
+    """COMM_WORLD as it is, and duplicates whose repeated calls are confirmed in
+    dissemination rounds (:class:`pya2a._stamp.Forward`) or by the all-reduce, each made
+    the mode at every size but one rank: every test here runs all three ways."""
     if request.param == "world":
         yield MPI.COMM_WORLD
         return
     monkeypatch.setattr(_stamp, "STAMP_MAX_P", 0)
-    monkeypatch.setattr(_stamp, "FORWARD_MAX_P", 1 << 20)
+    monkeypatch.setattr(_stamp, "FORWARD_MAX_P", 1 << 20 if request.param == "forward" else 0)
     c = MPI.COMM_WORLD.Dup()
     try:
         yield c
