@@ -14,23 +14,26 @@ from setuptools import Extension, setup
 def mpi_flags():
     """Compile and link flags for the MPI library mpi4py uses, or None when none is found.
 
-    mpi4py built from source records its ``mpicc``; a binary mpi4py with the MPICH wheel
-    has ``mpi.h`` and ``libmpi`` under this environment's prefix; otherwise an ``mpicc`` on
-    PATH. pya2a checks at import that the library linked is the one mpi4py loaded.
+    ``MPICC`` names an MPI compiler wrapper explicitly; otherwise mpi4py built from source
+    records its ``mpicc``; a binary mpi4py with the MPICH wheel has ``mpi.h`` and ``libmpi``
+    under this environment's prefix; otherwise an ``mpicc`` on PATH. pya2a checks at
+    import that the library linked is the one mpi4py loaded.
     """
-    try:
-        import mpi4py
+    mpicc = os.environ.get("MPICC")
+    if not mpicc:
+        try:
+            import mpi4py
 
-        mpicc = mpi4py.get_config().get("mpicc")
-    except Exception:
-        mpicc = None
+            mpicc = mpi4py.get_config().get("mpicc")
+        except Exception:
+            mpicc = None
     prefix = sys.prefix
     if not mpicc and os.path.exists(os.path.join(prefix, "include", "mpi.h")) and \
             os.path.exists(os.path.join(prefix, "lib", "libmpi.so")):
         lib = os.path.join(prefix, "lib")
         return {"include_dirs": [os.path.join(prefix, "include")], "library_dirs": [lib],
                 "libraries": ["mpi"], "runtime_library_dirs": [lib]}
-    mpicc = mpicc or os.environ.get("MPICC") or shutil.which("mpicc")
+    mpicc = mpicc or shutil.which("mpicc")
     if not mpicc:
         return None
     for args in (["-show"], ["--showme"]):

@@ -268,6 +268,21 @@ def test_info_reports_layout(comm):
     assert d["p"] == comm.Get_size() and d["ranks_per_node"] >= 1
     assert "cuda_aware_mpi" in d and "visible" in d["gpus"]
     assert d["tuning_table"]["path"]
+    assert d["c_executor"] == "built for this MPI"  # make test builds pya2a for each MPI
+
+
+@pytest.mark.serial
+def test_c_executor_built_for_another_mpi_is_not_used_and_says_so(monkeypatch):
+    """pya2a.core._exec built against another MPI library than mpi4py loaded: the mpi4py
+    paths run instead, a RuntimeWarning says why and how to rebuild, and info reports it."""
+    from pya2a.algorithms import _bound
+    from pya2a.core import _exec
+
+    monkeypatch.setattr(_bound, "_EXEC", [])
+    monkeypatch.setattr(_exec, "library_version", lambda: "Some Other MPI 9.9\nbuild")
+    with pytest.warns(RuntimeWarning, match="Some Other MPI 9.9.*rebuild it"):
+        assert _bound.exec_module() is None
+    assert _bound.executor_status() == "built for Some Other MPI 9.9 (mpi4py paths in use)"
 
 
 @pytest.mark.serial

@@ -22,6 +22,8 @@ bound one; :meth:`Program.bind` makes persistent requests for pairs seen repeate
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from mpi4py import MPI
 
@@ -49,16 +51,49 @@ _EXEC: list = []  # [module or None], resolved on first use
 
 
 def exec_module():
-    """:mod:`pya2a.core._exec` when built against the MPI library mpi4py loaded, else None."""
+    """:mod:`pya2a.core._exec` when built against the MPI library mpi4py loaded, else None.
+
+    Built against another MPI (say Open MPI's ``mpicc`` on PATH while mpi4py loads the
+    MPICH wheel), it cannot be used: every path then runs through mpi4py, correct but
+    slower (plans bind in Python, one-shot confirmations are Python calls), and a
+    ``RuntimeWarning`` says so once; ``python -m pya2a info`` reports it as
+    ``c_executor``.
+    """
     if not _EXEC:
         try:
             from ..core import _exec
 
-            ok = _exec.library_version() == MPI.Get_library_version()
+            built = _exec.library_version()
         except Exception:  # not built here
-            ok, _exec = False, None
+            built, _exec = None, None
+        ok = built is not None and built == MPI.Get_library_version()
+        if built is not None and not ok:
+            warnings.warn(
+                f"pya2a.core._exec was built for {_first_line(built)!r}, but mpi4py loaded "
+                f"{_first_line(MPI.Get_library_version())!r}: pya2a runs its slower mpi4py "
+                f"paths; rebuild it against this MPI (MPICC=<its mpicc> python setup.py "
+                f"build_ext --inplace, or pip install --no-binary pya2a)",
+                RuntimeWarning, stacklevel=2)
         _EXEC.append(_exec if ok else None)
     return _EXEC[0]
+
+
+def executor_status() -> str:
+    """What :func:`exec_module` found: ``"built for this MPI"``, ``"not built"``, or the
+    library it was built for."""
+    try:
+        from ..core import _exec
+
+        built = _exec.library_version()
+    except Exception:
+        return "not built"
+    if built == MPI.Get_library_version():
+        return "built for this MPI"
+    return f"built for {_first_line(built)} (mpi4py paths in use)"
+
+
+def _first_line(version: str) -> str:
+    return version.replace("\x00", "").strip().splitlines()[0] if version.strip() else "?"
 
 
 def _no_pair(*args: object) -> None:

@@ -323,6 +323,7 @@ def info(comm=None) -> dict:
 
     from .. import algorithms as registry
     from .. import select
+    from ..algorithms._bound import executor_status
     from ..core.state import internal_comm, ranks_per_node
     from .harness import provenance
 
@@ -330,6 +331,7 @@ def info(comm=None) -> dict:
     out = provenance(comm, "")
     del out["command"], out["date"]
     out["mpi_library_full"] = MPI.Get_library_version().strip()
+    out["c_executor"] = executor_status()
     local = internal_comm(comm).Split_type(MPI.COMM_TYPE_SHARED)
     out["nodes"] = comm.allreduce(1 if local.Get_rank() == 0 else 0)
     local.Free()
@@ -387,6 +389,7 @@ def _print_info(d: dict) -> None:
     print(f"ranks: {d['p']}  nodes: {d['nodes']}  ranks per node: {d['ranks_per_node']}  "
           f"host: {d['host']} ({d['cpu_count']} cores)")
     print(f"algorithms: {', '.join(d['algorithms'])}")
+    print(f"C executor: {d['c_executor']}")
     print(f"CUDA-aware MPI: {d['cuda_aware_mpi']}")
     g = d["gpus"]
     print(f"GPUs visible: {g.get('visible', 0)}" + (f"  ({g['note']})" if "note" in g else ""))
