@@ -21,10 +21,10 @@ every ratio compares calls made in the same stretch of time):
 - ``plan_rebind``: the plan, ``cache_size=1``, alternating two receive buffers, so that every
   call binds a buffer;
 - ``allreduce``: the all-reduce of two integers that confirms a repeated one-shot call on
-  communicators of more than ``pya2a._stamp.STAMP_MAX_P`` ranks (a persistent request);
-  smaller ones carry that confirmation in the exchange (``--stamp-max-p`` sets the limit on
-  every rank, to compare both ways at one p); ``allreduce_blocking``: the same as one
-  blocking ``Allreduce``.
+  communicators of more than ``pya2a._stamp.FORWARD_MAX_P`` ranks (a persistent request);
+  smaller ones carry that confirmation in the exchange or in dissemination rounds
+  (``--stamp-max-p`` / ``--forward-max-p`` set the limits on every rank, to compare the ways
+  at one p); ``allreduce_blocking``: the same as one blocking ``Allreduce``.
 
 ``--profile`` adds, on rank 0, the functions where a one-shot call's time goes (cProfile,
 repeated calls at the smallest size) to the output and the JSON.
