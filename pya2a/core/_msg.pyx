@@ -18,6 +18,7 @@ interface producers, device memory) goes through the ``other`` hook of
 from cpython.buffer cimport (PyBUF_FORMAT, PyBUF_RECORDS_RO, PyBuffer_IsContiguous,
                              PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset, strcmp
 
@@ -31,6 +32,8 @@ cimport numpy as cnp
 cnp.import_array()
 
 cdef extern from "Python.h":
+    PyObject *PySequence_Fast_GET_ITEM(object, Py_ssize_t)
+    int PyLong_CheckExact(object)
     int PyIndex_Check(object)
     int PySequence_Check(object)
     Py_ssize_t PySequence_Size(object) except -1
@@ -141,6 +144,17 @@ cdef int _fill_seq(object ob, int64_t *out, Py_ssize_t p, str call, str who) exc
             if n:
                 memcpy(out, cnp.PyArray_DATA(a), n * 8)
             return 0
+    cdef object item
+    if type(ob) is list or type(ob) is tuple:  # the usual form: exact ints, read directly
+        n = len(ob)
+        if n == p:
+            for i in range(n):
+                item = <object> PySequence_Fast_GET_ITEM(ob, i)
+                if not PyLong_CheckExact(item):
+                    break  # anything else through __index__, as below
+                out[i] = PyLong_AsLongLong(item)
+            else:
+                return 0
     if isinstance(ob, (str, bytes)) and not PySequence_Check(ob):
         raise TypeError(f"{call}: {who} must be a sequence of integers")
     try:
