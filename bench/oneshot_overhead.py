@@ -27,7 +27,10 @@ every ratio compares calls made in the same stretch of time):
   at one p); ``allreduce_blocking``: the same as one blocking ``Allreduce``.
 
 ``--profile`` adds, on rank 0, the functions where a one-shot call's time goes (cProfile,
-repeated calls at the smallest size) to the output and the JSON.
+repeated calls at the smallest size) to the output and the JSON. ``--parts`` times the parts
+of a repeated one-shot call on their own at every size (the slowest rank's mean, best of 5):
+reading the two messages, finding the signature, the confirmation (with the blocks where it
+carries them), the replay of the decision, and mpi4py's call and a ``Barrier`` beside them.
 """
 
 from __future__ import annotations
@@ -170,12 +173,54 @@ def profile(comm: MPI.Intracomm, m: int, calls: int, top: int = 18) -> str:
     return buf.getvalue()
 
 
+def parts(comm: MPI.Intracomm, m: int, iters: int) -> dict:
+    """The parts of a repeated one-shot call at ``m`` bytes per peer, timed on their own
+    (every rank runs each part together with the others; they are collective)."""
+    from pya2a import _oneshot
+    from pya2a.core import _msg
+    from pya2a.core.registry import raw_env
+
+    p = comm.Get_size()
+    n = max(m // 8, 1)
+    counts = [n] * p
+    s, r = np.arange(n * p, dtype="d"), np.empty(n * p)
+    pc = pya2a.Comm(comm)
+    for _ in range(30):
+        pc.Alltoallv([s, counts], [r, counts])
+    st = pc._state
+    icomm, fast = st.comm, st.slot("oneshot.signatures")
+    sm, rm, part = _msg.read_pair("Alltoallv", True, [s, counts], [r, counts], False, p)
+    key = ("alltoallv", "auto", False, None, raw_env(b"PYA2A_MESH_GRID"), part)
+    number, d = fast.entries[key]
+    mode = fast.mode(icomm)
+    confirm = d.stamped(icomm, number, mode).run if mode else \
+        (lambda: fast.agree(icomm, number))
+    rows = {
+        "call": lambda: pc.Alltoallv([s, counts], [r, counts]),
+        "read": lambda: _msg.read_pair("Alltoallv", True, [s, counts], [r, counts], False, p),
+        "lookup": lambda: fast.lookup(key),
+        "confirm": confirm,
+        "mpi4py": lambda: comm.Alltoallv([s, counts], [r, counts]),
+        "barrier": comm.Barrier,
+    }
+    carried = bool(mode and d.stamp.carries)
+    if not carried:  # a carried exchange is its confirmation: nothing is replayed
+        rows["replay"] = lambda: _oneshot._replay(icomm, "alltoallv", d, sm, rm, False)
+    out = {"bytes_per_peer": m, "algorithm": d.info.name,
+           "mode": {0: "allreduce", 1: "stamp", 2: "rounds"}[mode], "carried": carried}
+    for name, fn in rows.items():
+        out[f"{name}_us"] = round(min(_time(comm, fn, iters) for _ in range(5)) * 1e6, 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="bytes per peer")
     ap.add_argument("--iters", type=int, default=2000, help="calls per timed row")
     ap.add_argument("--passes", type=int, default=5, help="passes (best one kept)")
     ap.add_argument("--profile", action="store_true", help="cProfile the one-shot call")
+    ap.add_argument("--parts", action="store_true",
+                    help="time the parts of a repeated one-shot call at every size")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--stamp-max-p", type=int, default=None,
                     help="largest p whose one-shot calls stamp their messages instead of "
@@ -191,9 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         pya2a._stamp.FORWARD_MAX_P = args.forward_max_p
     rows = measure(comm, args.sizes, args.iters, args.passes)
     prof = profile(comm, args.sizes[0], args.iters) if args.profile else ""
+    split = [parts(comm, m, args.iters) for m in args.sizes] if args.parts else []
     if comm.Get_rank() == 0:
         if prof:
             print(prof)
+        for row in split:
+            print(f"{row['bytes_per_peer']:>6} B/peer  {row['algorithm']}, {row['mode']}"
+                  f"{' (carried)' if row['carried'] else ''}:  "
+                  + "  ".join(f"{k[:-3]} {v:.2f}" for k, v in row.items() if k.endswith("_us")),
+                  flush=True)
         if args.json:
             lib = MPI.Get_library_version().splitlines()[0].strip("\x00 ")
             doc = {"command": f"mpiexec -n {comm.Get_size()} python bench/oneshot_overhead.py "
@@ -202,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                    "iters": args.iters, "passes": args.passes, "rows": rows}
             if prof:
                 doc["profile"] = prof
+            if split:
+                doc["parts"] = split
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=1)
     return 0
