@@ -150,21 +150,28 @@ def measure(comm: MPI.Intracomm, sizes: list[int], iters: int, passes: int) -> l
     return out
 
 
-def profile(comm: MPI.Intracomm, m: int, calls: int, top: int = 18) -> str:
-    """cProfile of ``calls`` repeated one-shot calls on rank 0 (every rank calls)."""
+def _repeated(comm: MPI.Intracomm, m: int, warm: int):
+    """A ``pya2a.Comm`` and the messages of a call at ``m`` bytes per peer, repeated
+    ``warm`` times so that its signature is cached."""
     p = comm.Get_size()
     n = max(m // 8, 1)
     counts = [n] * p
     s, r = np.arange(n * p, dtype="d"), np.empty(n * p)
     pc = pya2a.Comm(comm)
-    for _ in range(50):
+    for _ in range(warm):
         pc.Alltoallv([s, counts], [r, counts])
+    return pc, [s, counts], [r, counts]
+
+
+def profile(comm: MPI.Intracomm, m: int, calls: int, top: int = 18) -> str:
+    """cProfile of ``calls`` repeated one-shot calls on rank 0 (every rank calls)."""
+    pc, smsg, rmsg = _repeated(comm, m, 50)
     prof = cProfile.Profile() if comm.Get_rank() == 0 else None
     comm.Barrier()
     if prof is not None:
         prof.enable()
     for _ in range(calls):
-        pc.Alltoallv([s, counts], [r, counts])
+        pc.Alltoallv(smsg, rmsg)
     if prof is None:
         return ""
     prof.disable()
@@ -178,29 +185,23 @@ def parts(comm: MPI.Intracomm, m: int, iters: int) -> dict:
     (every rank runs each part together with the others; they are collective)."""
     from pya2a import _oneshot
     from pya2a.core import _msg
-    from pya2a.core.registry import raw_env
 
     p = comm.Get_size()
-    n = max(m // 8, 1)
-    counts = [n] * p
-    s, r = np.arange(n * p, dtype="d"), np.empty(n * p)
-    pc = pya2a.Comm(comm)
-    for _ in range(30):
-        pc.Alltoallv([s, counts], [r, counts])
+    pc, smsg, rmsg = _repeated(comm, m, 30)
     st = pc._state
     icomm, fast = st.comm, st.slot("oneshot.signatures")
-    sm, rm, part = _msg.read_pair("Alltoallv", True, [s, counts], [r, counts], False, p)
-    key = ("alltoallv", "auto", False, None, raw_env(b"PYA2A_MESH_GRID"), part)
+    sm, rm, _ = _msg.read_pair("Alltoallv", True, smsg, rmsg, False, p)
+    key = _oneshot.signature("alltoallv", smsg, rmsg, False, "auto", False, None, p)
     number, d = fast.entries[key]
     mode = fast.mode(icomm)
     confirm = d.stamped(icomm, number, mode).run if mode else \
         (lambda: fast.agree(icomm, number))
     rows = {
-        "call": lambda: pc.Alltoallv([s, counts], [r, counts]),
-        "read": lambda: _msg.read_pair("Alltoallv", True, [s, counts], [r, counts], False, p),
+        "call": lambda: pc.Alltoallv(smsg, rmsg),
+        "read": lambda: _msg.read_pair("Alltoallv", True, smsg, rmsg, False, p),
         "lookup": lambda: fast.lookup(key),
         "confirm": confirm,
-        "mpi4py": lambda: comm.Alltoallv([s, counts], [r, counts]),
+        "mpi4py": lambda: comm.Alltoallv(smsg, rmsg),
         "barrier": comm.Barrier,
     }
     carried = bool(mode and d.stamp.carries)
