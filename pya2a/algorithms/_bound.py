@@ -60,12 +60,7 @@ def exec_module():
     ``c_executor``.
     """
     if not _EXEC:
-        try:
-            from ..core import _exec
-
-            built = _exec.library_version()
-        except Exception:  # not built here
-            built, _exec = None, None
+        _exec, built = _built()
         ok = built is not None and built == MPI.Get_library_version()
         if built is not None and not ok:
             warnings.warn(
@@ -81,15 +76,23 @@ def exec_module():
 def executor_status() -> str:
     """What :func:`exec_module` found: ``"built for this MPI"``, ``"not built"``, or the
     library it was built for."""
-    try:
-        from ..core import _exec
-
-        built = _exec.library_version()
-    except Exception:
+    built = _built()[1]
+    if built is None:
         return "not built"
     if built == MPI.Get_library_version():
         return "built for this MPI"
     return f"built for {_first_line(built)} (mpi4py paths in use)"
+
+
+def _built():
+    """:mod:`pya2a.core._exec` and the MPI library version it was built against, or
+    (None, None) where it was not built."""
+    try:
+        from ..core import _exec
+
+        return _exec, _exec.library_version()
+    except Exception:  # not built here
+        return None, None
 
 
 def _first_line(version: str) -> str:
