@@ -50,7 +50,7 @@ from .core._typepack import TypeCopy
 from .core.devices import gpu_device
 from .core.registry import name_code, raw_env
 from .core.registry import requested as resolve
-from .core.spec import _acquire, in_place, int_vector
+from .core.spec import _acquire, described, in_place, int_vector
 from .core.state import CommState, check_comm, state
 from .core.validate import (
     agree,
@@ -527,8 +527,9 @@ def _ints(x: object) -> object:
     return _NO
 
 
-def _sig_side(msg: object) -> tuple[tuple, int, object] | None:
-    """(signature, buffer address, keepalive) of a host message, or None (full path)."""
+def _sig_side(msg: object, readonly: bool) -> tuple[tuple, int, object] | None:
+    """(signature, buffer address, keepalive) of a message on host memory or on a CuPy
+    array described before, or None (full path)."""
     t = type(msg)
     if t is not list and t is not tuple:
         return None
@@ -546,7 +547,11 @@ def _sig_side(msg: object) -> tuple[tuple, int, object] | None:
         return None
     bt = type(buf)
     if bt is not np.ndarray and bt is not bytearray and bt is not bytes:
-        return None
+        dev = described(buf, readonly)
+        if dev is None:
+            return None
+    else:
+        dev = None
     ck, dk = _ints(counts), _ints(displs)
     if ck is _NO or dk is _NO or (ck is None) != (dk is None):
         return None
@@ -558,11 +563,13 @@ def _sig_side(msg: object) -> tuple[tuple, int, object] | None:
         if type(x) is not _DT:
             return None
         handles.append(x.handle)
+    if dev is not None:  # (address, bytes, read-only, device)
+        return (n, dev[1], dev[2], ck, dk, tuple(handles), dev[3]), dev[0], buf
     try:
         m = MPI.buffer(buf)
     except Exception:
         return None
-    return (n, m.nbytes, m.readonly, ck, dk, tuple(handles)), m.address, m
+    return (n, m.nbytes, m.readonly, ck, dk, tuple(handles), None), m.address, m
 
 
 def _signature(sendmsg: object, recvmsg: object, inplace: bool, requested: str, check: bool,
@@ -570,12 +577,15 @@ def _signature(sendmsg: object, recvmsg: object, inplace: bool, requested: str, 
     opt = _oneshot.options_key(options)
     if opt is _NO:
         return None
-    r = _sig_side(recvmsg)
+    r = _sig_side(recvmsg, False)
     if r is None:
         return None
-    s = (None, 0, None) if inplace else _sig_side(sendmsg)
+    s = (None, 0, None) if inplace else _sig_side(sendmsg, True)
     if s is None:
         return None
+    if s[0] is not None and s[0][1] and r[0][1] and s[0][6] == r[0][6] and \
+            s[1] < r[1] + r[0][1] and r[1] < s[1] + s[0][1]:
+        return None  # overlapping buffers: the full path refuses them on every rank
     return (requested, check, opt, raw_env(b"PYA2A_MESH_GRID"), inplace, s[0], r[0]), s[1], \
         s[2], r[1], r[2]
 

@@ -200,6 +200,21 @@ def test_new_buffers_reuse_the_plan(comm, monkeypatch):
     assert calls == []
 
 
+def test_overlap_refused_after_a_repeated_signature(comm):
+    """Buffers of a signature already agreed on, but overlapping this time (only on the last
+    rank): ValueError on every rank, nothing written."""
+    p, last = comm.Get_size(), comm.Get_rank() == comm.Get_size() - 1
+    cd, t = ([2] * p, [16 * j for j in range(p)]), [D] * p
+    send, out = np.ones(2 * p), np.zeros(2 * p)
+    for _ in range(3):  # the signature is agreed and cached
+        pya2a.Alltoallw(comm, [send, cd, t], [out, cd, t])
+    big = np.full(3 * p, -1.0)
+    s2, r2 = (big[:2 * p], big[p:]) if last else (np.ones(2 * p), big[p:])
+    with pytest.raises(ValueError, match="overlap"):
+        pya2a.Alltoallw(comm, [s2, cd, t], [r2, cd, t])
+    assert (big[p:] == -1.0).all()
+
+
 def test_freed_datatype_handle_reused(comm):
     """A freed datatype whose handle comes back for another layout is decoded afresh."""
     p = comm.Get_size()

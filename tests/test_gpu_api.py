@@ -313,6 +313,40 @@ def test_alltoallw_subarrays_on_device_match_host(cp, ipc_ok):
             t.Free()
 
 
+def test_alltoallw_repeated_on_device_takes_the_signature(cp):
+    """The same CuPy arrays again (the exchange mpi4py-fft repeats every transform): agreed by
+    signature, no parsing or decoding; new data each time, then other arrays of the same
+    shape, every result equal to the MPI's own Alltoallw on host copies; overlapping
+    arrays are refused on every rank."""
+    p, r = WORLD.Get_size(), WORLD.Get_rank()
+    a_shape, b_shape = (4, 2 * p, 3), (4 * p, 2, 3)
+    st, rt = _pencil_types(a_shape, 1, p), _pencil_types(b_shape, 0, p)
+    cd = ([1] * p, [0] * p)
+    rng = np.random.default_rng([20261203, r])
+    src, out = cp.zeros(a_shape, complex), cp.zeros(b_shape, complex)
+    try:
+        for i in range(6):
+            if i == 4:  # other arrays, same shapes: the plan is reused
+                src, out = cp.zeros(a_shape, complex), cp.zeros(b_shape, complex)
+            host = rng.standard_normal(a_shape) + 1j * rng.standard_normal(a_shape)
+            src.set(host)
+            ref = np.zeros(b_shape, complex)
+            WORLD.Alltoallw([host, cd, st], [ref, cd, rt])
+            before = dict(pya2a._alltoallw.stats)
+            pya2a.Alltoallw(WORLD, [src, cd, st], [out, cd, rt])
+            np.testing.assert_array_equal(cp.asnumpy(out), ref, err_msg=str(i))
+            if i in (2, 3, 5):  # described, signed and agreed on before
+                assert pya2a._alltoallw.stats["hit"] == before["hit"] + 1, i
+        big = cp.zeros(out.size, complex)  # the send and receive arrays share memory
+        for _ in range(2):  # the second time both arrays are described (signature path)
+            with pytest.raises(ValueError, match="overlap"):
+                pya2a.Alltoallw(WORLD, [big.reshape(a_shape), cd, st],
+                                [big.reshape(b_shape), cd, rt])
+    finally:
+        for t in (*st, *rt):
+            t.Free()
+
+
 def test_alltoallw_in_place_on_device(cp):
     p, r = WORLD.Get_size(), WORLD.Get_rank()
     t = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()

@@ -261,12 +261,26 @@ def _cupy_key(obj: object, readonly: bool) -> tuple | None:
     if not is_cupy:
         return None
     try:
-        if not obj.flags.c_contiguous:  # type: ignore[attr-defined]
+        # ``_c_contiguous`` is the attribute behind ``flags.c_contiguous``, which builds a
+        # flags object on every read
+        contiguous = getattr(obj, "_c_contiguous", None)
+        if contiguous is None:
+            contiguous = obj.flags.c_contiguous  # type: ignore[attr-defined]
+        if not contiguous:
             return None
         mem = obj.data  # type: ignore[attr-defined]
         return (mem.ptr, obj.nbytes, obj.dtype, mem.device_id, readonly)  # type: ignore
     except Exception:
         return None
+
+
+def described(obj: object, readonly: bool) -> tuple[int, int, bool, int] | None:
+    """(address, bytes, read-only, device) of a C-contiguous CuPy array this process has
+    described before, with no call into the device; None for anything else (the caller
+    then reads it in full, which describes it for the next time)."""
+    ckey = _cupy_key(obj, readonly)
+    hit = _CUPY_DESC.get(ckey) if ckey is not None else None
+    return None if hit is None else hit[:4]
 
 
 def _format_datatype(call: str, what: str, fmt: str, itemsize: int) -> MPI.Datatype:
