@@ -203,7 +203,12 @@ def _run_table(side: _Side, copy: TypeCopy) -> tuple[np.ndarray, np.ndarray, np.
     if not ln:
         z = np.zeros(0, np.int64)
         return z, z, z
-    b, s, n = np.concatenate(bo), np.concatenate(so), np.concatenate(ln)
+    return _merged(np.concatenate(bo), np.concatenate(so), np.concatenate(ln))
+
+
+def _merged(b: np.ndarray, s: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Runs (b, s, n) with each run that continues the one before on both sides joined to
+    it."""
     cont = np.empty(n.size, dtype=bool)
     cont[0] = False
     cont[1:] = (b[1:] == b[:-1] + n[:-1]) & (s[1:] == s[:-1] + n[:-1])
@@ -211,11 +216,30 @@ def _run_table(side: _Side, copy: TypeCopy) -> tuple[np.ndarray, np.ndarray, np.
     return b[heads], s[heads], np.add.reduceat(n, heads).astype(np.int64)
 
 
-class _DeviceCopy:
-    """Pack / unpack of one side on a device: one launch of the pack kernel per direction."""
+def _composed(send: tuple, recv: tuple) -> tuple[np.ndarray, ...]:
+    """(send offset, receive offset, bytes) runs that copy what the send table packs straight
+    to where the receive table unpacks it, with no staging between: both tables are
+    (buffer offset, staging offset, bytes) over the same staging bytes (one rank's block to
+    itself)."""
+    sb, ss, sn = send
+    rb, rs, rn = recv
+    if not sn.size:
+        return sb, rb, sn
+    end = int(ss[-1] + sn[-1])
+    assert end == int(rs[-1] + rn[-1]), "the two layouts hold different byte counts"
+    cuts = np.union1d(ss, rs)  # every place a run starts on either side
+    i = np.searchsorted(ss, cuts, side="right") - 1
+    k = np.searchsorted(rs, cuts, side="right") - 1
+    lens = np.diff(np.append(cuts, end)).astype(np.int64)
+    return _merged(sb[i] + cuts - ss[i], rb[k] + cuts - rs[k], lens)
 
-    def __init__(self, side: _Side, copy: TypeCopy) -> None:
-        self.buf_off, self.stage_off, self.lens = _run_table(side, copy)
+
+class _DeviceCopy:
+    """Copies between a device buffer and staging (or another buffer) by a run table: one
+    launch of the pack kernel per direction."""
+
+    def __init__(self, buf_off: np.ndarray, stage_off: np.ndarray, lens: np.ndarray) -> None:
+        self.buf_off, self.stage_off, self.lens = buf_off, stage_off, lens
         self._resident: dict = {}
 
     def _launch(self, src: int, src_off: np.ndarray, dst: int, dst_off: np.ndarray,
@@ -260,6 +284,16 @@ class WPlan:
         self.device = recv.device
         slen, rlen = self.scopy.lengths, self.rcopy.lengths
         self.me = -1
+        # one rank with device buffers: the send layout copied straight into the receive
+        # layout by one kernel launch (nothing at all in place); no staging, no exchange
+        self.local: _DeviceCopy | None = None
+        self.alone = self.device is not None and st.comm.Get_size() == 1
+        sdis, rdis = self.scopy.positions, self.rcopy.positions
+        if self.alone:
+            slen = rlen = sdis = rdis = np.zeros(1, np.int64)
+            if not inplace:
+                self.local = _DeviceCopy(*_composed(_run_table(send, self.scopy),
+                                                    _run_table(recv, self.rcopy)))
         if self.device is None:
             # the block to itself is copied straight from buffer to buffer (nothing at all in
             # place): it stays out of the staging buffers and the exchange
@@ -274,12 +308,16 @@ class WPlan:
         else:
             gdev = gpu_device()
             view = gdev.byte_view(like)
-            self.sstage = gdev.empty_rows(view, max(self.scopy.nbytes, 1))
-            self.rstage = gdev.empty_rows(view, max(self.rcopy.nbytes, 1))
-            self.drecv = _DeviceCopy(recv, self.rcopy)
-            self.dsend = self.drecv if inplace else _DeviceCopy(send, self.scopy)
-        smsg = [self.sstage, (slen, self.scopy.positions), MPI.BYTE]
-        rmsg = [self.rstage, (rlen, self.rcopy.positions), MPI.BYTE]
+            if self.alone:  # the (empty) exchange is still decided: name, usable()
+                self.sstage, self.rstage = gdev.empty_rows(view, 1), gdev.empty_rows(view, 1)
+                self.dsend = self.drecv = None
+            else:
+                self.sstage = gdev.empty_rows(view, max(self.scopy.nbytes, 1))
+                self.rstage = gdev.empty_rows(view, max(self.rcopy.nbytes, 1))
+                self.drecv = _DeviceCopy(*_run_table(recv, self.rcopy))
+                self.dsend = self.drecv if inplace else _DeviceCopy(*_run_table(send, self.scopy))
+        smsg = [self.sstage, (slen, sdis), MPI.BYTE]
+        rmsg = [self.rstage, (rlen, rdis), MPI.BYTE]
         self.decision, self.sspec, self.rspec = _oneshot._decide_call(
             "Alltoallw", "alltoallv", st, smsg, rmsg, requested, check, options, False)
         if self.device is not None:
@@ -297,6 +335,10 @@ class WPlan:
 
     def run(self, send_addr: int, recv_addr: int) -> str:
         """One exchange between the buffers at these addresses (checked by the caller)."""
+        if self.alone:
+            if self.local is not None:
+                self.local.pack(send_addr, recv_addr)
+            return self.algorithm
         src = recv_addr if self.inplace else send_addr
         if self.device is None:
             self.scopy.pack(src, self.saddr)

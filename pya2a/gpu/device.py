@@ -250,12 +250,18 @@ class SelfCopy:
     def run(self) -> bool:
         """Copy and wait; always True (nothing to confirm on one rank)."""
         be = backend()
-        with be.use_device(self.device):
-            stream = be.current_stream()
-            if self.nbytes and self.dst != self.src:
-                be.memcpy(self.dst, self.src, self.nbytes, stream)
-            be.sync(stream)
+        if be.current_device() == self.device:  # the usual case: no device switch
+            self._copy(be)
+        else:
+            with be.use_device(self.device):
+                self._copy(be)
         return True
+
+    def _copy(self, be: Any) -> None:
+        stream = be.current_stream()
+        if self.nbytes and self.dst != self.src:
+            be.memcpy(self.dst, self.src, self.nbytes, stream)
+        be.sync(stream)
 
     def free(self) -> None:
         """Nothing held."""
