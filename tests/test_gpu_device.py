@@ -467,14 +467,17 @@ def test_gpu_describe_cupy_and_torch(cp):
 
 @gpu
 @pytest.mark.serial
-def test_gpu_pack_kernel_matches_numpy(cp):
+@pytest.mark.parametrize("longest", [200000, 2048, 256])
+def test_gpu_pack_kernel_matches_numpy(cp, longest):
+    """Runs of every alignment; a long run (a block of threads per run) or only short ones
+    (a warp per run)."""
     be = gdev.backend()
     rng = np.random.default_rng(5)
     src = cp.asarray(rng.integers(0, 256, 1 << 20, dtype=np.uint8))
     dst = cp.zeros(1 << 20, cp.uint8)
     n = 300
-    lens = rng.integers(0, 3000, n).astype(np.int64)
-    lens[:5] = [0, 1, 15, 16, 200000]
+    lens = rng.integers(0, min(3000, longest), n).astype(np.int64)
+    lens[:5] = [0, 1, 15, 16, longest]
     src_off = rng.integers(0, (1 << 20) - 200001, n).astype(np.int64)
     src_off[::3] &= ~15  # some co-aligned, some 4-aligned, some not at all
     dst_off = np.cumsum(np.concatenate([[16], lens[:-1] + 16])).astype(np.int64)

@@ -188,12 +188,14 @@ class CupyBackend:
     def _launch_pack(self, src: int, dtab: Any, n: int, maxlen: int, dst: int,
                      stream) -> None:
         threads = 256
-        gx = max(1, min(512, -(-maxlen // (threads * 16 * 4))))
-        gy = min(n, 65535)
+        # a warp per run where a warp's four 16-byte vectors per lane cover the longest run
+        lanes = 32 if maxlen <= 32 * 16 * 4 else threads
+        gx = max(1, min(512, -(-maxlen // (lanes * 16 * 4))))
+        gy = min(-(-n // (threads // lanes)), 65535)
         kern = self._pack_kernel()
         with stream:  # RawKernel launches on the current stream
             kern((gx, gy, 1), (threads, 1, 1),
-                 (np.uint64(src), dtab, np.uint64(dst), np.int32(n)))
+                 (np.uint64(src), dtab, np.uint64(dst), np.int32(n), np.int32(lanes)))
 
     def pack(self, src: int, src_off: np.ndarray, lens: np.ndarray, dst: int,
              dst_off: np.ndarray, stream) -> None:
