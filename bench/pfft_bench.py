@@ -259,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                      "loadavg_before_after": [load_before, os.getloadavg()
                                               if hasattr(os, "getloadavg") else None],
                      "timing": "per call, slowest rank, between barriers; pya2a and MPI "
-                               "alternate call by call"})
+                               "alternate call by call",
+                     # ranks sharing a GPU reach the MPS daemon through this directory
+                     "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))})
+        if args.device == "cuda":
+            meta["mpi_path"] = "'mpi' rows copy to the host around the MPI's own Alltoallw"
         if impl == "mpi4py-fft":
             import mpi4py_fft
 
