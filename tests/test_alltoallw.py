@@ -407,6 +407,34 @@ def test_copy_plan_pack_unpack_round_trip():
 
 
 @pytest.mark.serial
+@pytest.mark.parametrize("shift", [0, 1, 16, 255, 256, 4095])
+def test_long_runs_copied_right_at_every_offset_modulo_4k(shift):
+    """Runs of thousands of bytes (not a multiple of the 256-byte pieces) packed to and
+    unpacked from a staging buffer placed ``shift`` bytes past the source modulo 4 KiB,
+    where long copies go piecewise from the end back: the same bytes as NumPy slicing."""
+    from pya2a.core._typepack import TypeCopy
+
+    rng = np.random.default_rng(SEED)
+    lens = np.array([4096, 5000, 12345, 70001], np.int64)
+    offs = np.array([0, 4100, 9200, 21600], np.int64)  # one layout, four runs
+    ext = int(offs[-1] + lens[-1])
+    plan = TypeCopy(offs, lens, [0, 4], [ext], [0, 0], [0, ext + 40], [1, 1], [lens.sum()])
+    buf = rng.integers(0, 256, 2 * ext + 40, dtype=np.uint8)
+    raw = np.zeros(plan.nbytes + 8192, np.uint8)
+    at = (-raw.ctypes.data + buf.ctypes.data + shift) % 4096
+    stage = raw[at:at + plan.nbytes]
+    plan.pack(buf.ctypes.data, stage.ctypes.data)
+    want = np.concatenate([buf[d + o:d + o + n] for d in (0, ext + 40)
+                           for o, n in zip(offs, lens, strict=True)])
+    assert np.array_equal(stage, want)
+    back = np.zeros_like(buf)
+    plan.unpack(stage.ctypes.data, back.ctypes.data)
+    for d in (0, ext + 40):
+        for o, n in zip(offs, lens, strict=True):
+            assert np.array_equal(back[d + o:d + o + n], buf[d + o:d + o + n])
+
+
+@pytest.mark.serial
 def test_copy_block_matches_mpi_for_every_pair_of_kinds():
     """A block copied straight across (a rank's block to itself) lands as the MPI's own
     Alltoallw puts it, for every send kind against every receive kind."""
