@@ -46,11 +46,12 @@ from mpi4py import MPI
 from . import _oneshot, select
 from .algorithms.direct import DEFAULT_WINDOW
 from .core import dtypes, watchdog
+from .core._msg import wside
 from .core._typepack import TypeCopy
 from .core.devices import gpu_device
 from .core.registry import name_code, raw_env
 from .core.registry import requested as resolve
-from .core.spec import _acquire, described, in_place, int_vector
+from .core.spec import _acquire, in_place, int_vector
 from .core.state import CommState, check_comm, state
 from .core.validate import (
     agree,
@@ -551,78 +552,19 @@ class WCache(_oneshot.FastCache):
 
 # ---- signatures -----------------------------------------------------------------------------
 _NO = _oneshot._NO  # "no signature": the same sentinel as the one-shot path
-_DT = MPI.Datatype
-
-
-def _ints(x: object) -> object:
-    t = type(x)
-    if x is None:
-        return None
-    if t is list or t is tuple:
-        try:
-            s = sum(x)
-        except TypeError:
-            return _NO
-        return tuple(x) if type(s) is int else _NO
-    if t is np.ndarray and x.ndim == 1 and x.dtype.kind in "iu":
-        return (x.dtype.char, x.tobytes())
-    return _NO
-
-
-def _sig_side(msg: object, readonly: bool) -> tuple[tuple, int, object] | None:
-    """(signature, buffer address, keepalive) of a message on host memory or on a CuPy
-    array described before, or None (full path)."""
-    t = type(msg)
-    if t is not list and t is not tuple:
-        return None
-    n = len(msg)
-    if n == 3:
-        cd = msg[1]
-        if (type(cd) is not tuple and type(cd) is not list) or len(cd) != 2:
-            return None
-        buf, counts, displs, types = msg[0], cd[0], cd[1], msg[2]
-    elif n == 4:
-        buf, counts, displs, types = msg
-    elif n == 2:
-        buf, counts, displs, types = msg[0], None, None, msg[1]
-    else:
-        return None
-    bt = type(buf)
-    if bt is not np.ndarray and bt is not bytearray and bt is not bytes:
-        dev = described(buf, readonly)
-        if dev is None:
-            return None
-    else:
-        dev = None
-    ck, dk = _ints(counts), _ints(displs)
-    if ck is _NO or dk is _NO or (ck is None) != (dk is None):
-        return None
-    tt = type(types)
-    if tt is not tuple and tt is not list:
-        return None
-    handles = []
-    for x in types:
-        if type(x) is not _DT:
-            return None
-        handles.append(x.handle)
-    if dev is not None:  # (address, bytes, read-only, device)
-        return (n, dev[1], dev[2], ck, dk, tuple(handles), dev[3]), dev[0], buf
-    try:
-        m = MPI.buffer(buf)
-    except Exception:
-        return None
-    return (n, m.nbytes, m.readonly, ck, dk, tuple(handles), None), m.address, m
 
 
 def _signature(sendmsg: object, recvmsg: object, inplace: bool, requested: str, check: bool,
                options: Mapping | None):
+    """(key, send address, send keepalive, receive address, receive keepalive) of a call
+    whose messages ``_msg.wside`` signs, or None (the full path)."""
     opt = _oneshot.options_key(options)
     if opt is _NO:
         return None
-    r = _sig_side(recvmsg, False)
+    r = wside(recvmsg, False)
     if r is None:
         return None
-    s = (None, 0, None) if inplace else _sig_side(sendmsg, True)
+    s = (None, 0, None) if inplace else wside(sendmsg, True)
     if s is None:
         return None
     if s[0] is not None and s[0][1] and r[0][1] and s[0][6] == r[0][6] and \

@@ -435,6 +435,31 @@ def test_long_runs_copied_right_at_every_offset_modulo_4k(shift):
 
 
 @pytest.mark.serial
+def test_signature_of_a_message():
+    """_msg.wside signs the messages a repeated call can skip parsing for (the three forms,
+    dense host buffers, exact-int or 1-d integer-array counts, datatypes) and nothing else."""
+    from pya2a.core._msg import wside
+
+    t, buf = [D] * 2, np.zeros(8)
+    sig, addr, keep = wside([buf, ([1, 1], [0, 32]), t], False)
+    assert sig[:4] == (3, 64, False, (1, 1)) and addr == buf.ctypes.data and keep is buf
+    assert wside([buf, [1, 1], [0, 32], t], False)[0][0] == 4
+    assert wside([buf, t], False)[0][3] is None
+    assert wside([b"x" * 16, t], True)[0][2] is True  # read-only, as mpi4py reads it
+    counts = np.array([1, 1], np.int32)
+    assert wside([buf, (counts, counts * 32), t], False)[0][3] == ("i", counts.tobytes())
+    for bad in ([buf[::2], t],  # not one run of memory
+                [buf, ([np.int64(1), 1], [0, 32]), t],  # not exact ints
+                [buf, ([True, 1], [0, 32]), t],
+                [buf, ([1, 1], None), t],
+                [buf, ([1, 1], [0, 32]), ["d", D]],
+                [buf, ([1, 1], [0, 32]), D],
+                [memoryview(buf), t],  # other objects take the full path
+                (buf,), "x"):
+        assert wside(bad, False) is None, bad
+
+
+@pytest.mark.serial
 def test_copy_block_matches_mpi_for_every_pair_of_kinds():
     """A block copied straight across (a rank's block to itself) lands as the MPI's own
     Alltoallw puts it, for every send kind against every receive kind."""

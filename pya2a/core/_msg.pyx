@@ -15,8 +15,9 @@ interface producers, device memory) goes through the ``other`` hook of
 :mod:`pya2a.core.spec`.
 """
 
-from cpython.buffer cimport (PyBUF_FORMAT, PyBUF_RECORDS_RO, PyBuffer_IsContiguous,
-                             PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer)
+from cpython.buffer cimport (PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT, PyBUF_RECORDS_RO,
+                             PyBuffer_IsContiguous, PyBuffer_Release, PyObject_CheckBuffer,
+                             PyObject_GetBuffer)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t
@@ -42,7 +43,7 @@ cdef extern from "Python.h":
     unsigned long long PyLong_AsUnsignedLongLongMask(object) except? -1
 
 __all__ = ["Msg", "read", "read_pair", "acquire", "int64_vector", "is_integral", "set_hooks",
-           "add_cacheable", "format_type", "address", "check_committed"]
+           "add_cacheable", "format_type", "address", "check_committed", "wside"]
 
 cdef int64_t _INT64_MAX = 0x7FFFFFFFFFFFFFFF
 cdef object _TYPEDICT = MPI._typedict
@@ -55,13 +56,16 @@ cdef dict _EXTENTS = {}   # handle of a cacheable datatype -> extent
 cdef set _CACHEABLE = set()  # handles of datatypes that are never freed (predefined, ours)
 cdef object _other = None  # spec's reader of non-buffer-protocol objects
 cdef object _fallback_type = None  # spec's type for a format MPI names but cannot use
+cdef object _described = None  # spec's (address, bytes, read-only, device) of a known array
 
 
-def set_hooks(other, fallback_type, cacheable_handles):
-    """Install spec.py's reader of other buffers and the handles of long-lived datatypes."""
-    global _other, _fallback_type
+def set_hooks(other, fallback_type, cacheable_handles, described=None):
+    """Install spec.py's reader of other buffers, the handles of long-lived datatypes and
+    its look-up of device arrays described before (:func:`wside`)."""
+    global _other, _fallback_type, _described
     _other = other
     _fallback_type = fallback_type
+    _described = described
     _CACHEABLE.update(cacheable_handles)
 
 
@@ -531,3 +535,75 @@ cdef void _record(char *o, Msg m, Py_ssize_t lay) except *:
     w[3] = -1 if m.device is None else PyLong_AsLongLong(m.device)
     w[4] = <int64_t> PyLong_AsUnsignedLongLongMask(m.handle)
     memcpy(o + 5 * 8, PyBytes_AS_STRING(m.layout), lay)
+
+
+# ---- Alltoallw call signatures ------------------------------------------------------------
+cdef object _NOINTS = object()  # counts or displacements that give no signature
+
+
+cdef object _wints(object x):
+    """Counts or displacements as a hashable key: a tuple of exact ints, (type code, bytes)
+    of a 1-d integer array, None for None; :data:`_NOINTS` for anything else."""
+    if x is None:
+        return None
+    t = type(x)
+    if t is list or t is tuple:
+        for v in x:
+            if not PyLong_CheckExact(v):
+                return _NOINTS
+        return tuple(x)
+    if t is np.ndarray and (<cnp.ndarray> x).ndim == 1 and x.dtype.kind in "iu":
+        return (x.dtype.char, x.tobytes())
+    return _NOINTS
+
+
+def wside(object msg, bint readonly):
+    """``(signature, address, keepalive)`` of one ``Alltoallw`` message, or None (the call
+    takes the full path): a NumPy array, ``bytes`` or ``bytearray`` (one dense run), or a
+    device array the parser has described before (``set_hooks``' ``described``); counts and
+    displacements of exact ints or a 1-d integer array; a list or tuple of
+    ``MPI.Datatype``. The signature is (form, bytes, read-only, counts, displacements,
+    datatype handles, device)."""
+    cdef Py_buffer view
+    t = type(msg)
+    if t is not list and t is not tuple:
+        return None
+    n = len(msg)
+    if n == 3:
+        cd = msg[1]
+        if (type(cd) is not tuple and type(cd) is not list) or len(cd) != 2:
+            return None
+        buf, counts, displs, types = msg[0], cd[0], cd[1], msg[2]
+    elif n == 4:
+        buf, counts, displs, types = msg
+    elif n == 2:
+        buf, counts, displs, types = msg[0], None, None, msg[1]
+    else:
+        return None
+    ck = _wints(counts)
+    dk = _wints(displs)
+    if ck is _NOINTS or dk is _NOINTS or (ck is None) != (dk is None):
+        return None
+    tt = type(types)
+    if tt is not tuple and tt is not list:
+        return None
+    handles = []
+    for x in types:
+        if type(x) is not _DATATYPE:
+            return None
+        handles.append(x.handle)
+    bt = type(buf)
+    if bt is not np.ndarray and bt is not bytearray and bt is not bytes:
+        dev = _described(buf, readonly) if _described is not None else None
+        if dev is None:
+            return None
+        return (n, dev[1], dev[2], ck, dk, tuple(handles), dev[3]), dev[0], buf
+    try:
+        PyObject_GetBuffer(buf, &view, PyBUF_ANY_CONTIGUOUS)
+    except Exception:  # not one run of memory (mpi4py refuses it too): the full path says so
+        return None
+    try:
+        sig = (n, view.len, bool(view.readonly), ck, dk, tuple(handles), None)
+        return sig, <Py_ssize_t> view.buf, buf
+    finally:
+        PyBuffer_Release(&view)

@@ -375,7 +375,7 @@ def _other(m: _msg.Msg, obj: object, readonly: bool, call: str, what: str,
     m.datatype = _msg.format_type(call, what, fmt, 0)
 
 
-_msg.set_hooks(_other, _unsigned_type, _PREDEFINED)
+_msg.set_hooks(_other, _unsigned_type, _PREDEFINED, described)
 
 
 def _acquire(call: str, what: str, obj: object, readonly: bool) -> _msg.Msg:
