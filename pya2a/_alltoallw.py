@@ -58,6 +58,7 @@ from .core.validate import (
     allreduce_max,
     call_settings,
     check_options,
+    ranges_overlap,
     window_setting,
 )
 
@@ -567,8 +568,7 @@ def _signature(sendmsg: object, recvmsg: object, inplace: bool, requested: str, 
     s = (None, 0, None) if inplace else wside(sendmsg, True)
     if s is None:
         return None
-    if s[0] is not None and s[0][1] and r[0][1] and s[0][6] == r[0][6] and \
-            s[1] < r[1] + r[0][1] and r[1] < s[1] + s[0][1]:
+    if s[0] is not None and s[0][6] == r[0][6] and ranges_overlap(s[1], s[0][1], r[1], r[0][1]):
         return None  # overlapping buffers: the full path refuses them on every rank
     return (requested, check, opt, raw_env(b"PYA2A_MESH_GRID"), inplace, s[0], r[0]), s[1], \
         s[2], r[1], r[2]
@@ -656,9 +656,9 @@ def _alltoallw(call: str, st: CommState, sendmsg: object, recvmsg: object, algor
                             f"be device buffers")
         valid_options = check_options(call, options, p)
         window_setting(valid_options, DEFAULT_WINDOW)  # unparsable: fails every rank here
-        if send is not recv and not send.bottom and not recv.bottom and send.nbytes and \
-                recv.nbytes and send.device == recv.device and \
-                send.addr < recv.addr + recv.nbytes and recv.addr < send.addr + send.nbytes:
+        if send is not recv and not send.bottom and not recv.bottom and \
+                send.device == recv.device and \
+                ranges_overlap(send.addr, send.nbytes, recv.addr, recv.nbytes):
             raise ValueError(f"{call}: send and receive buffers overlap; pass MPI.IN_PLACE "
                              f"as the send message for an in-place exchange")
         decodable = send.decodable and recv.decodable

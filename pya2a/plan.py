@@ -63,6 +63,7 @@ from .core.validate import (
     check_counts_match,
     check_layout,
     check_uniform,
+    ranges_overlap,
 )
 
 __all__ = ["Plan", "BoundPlan", "Explanation", "plan", "explain"]
@@ -359,8 +360,7 @@ class Plan:
             if (send.device is None) != (recv.device is None):
                 raise TypeError("Plan.run: send and receive buffers must both be host or "
                                 "both be device buffers")
-            if send.nbytes and recv.nbytes and send.addr < recv.addr + recv.nbytes and \
-                    recv.addr < send.addr + send.nbytes:
+            if ranges_overlap(send.addr, send.nbytes, recv.addr, recv.nbytes):
                 raise ValueError("Plan.run: send and receive buffers overlap; pass "
                                  "MPI.IN_PLACE as the send buffer for an in-place exchange")
             key = (send.addr, send.nbytes, recv.addr, recv.nbytes)

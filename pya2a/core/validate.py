@@ -36,7 +36,7 @@ __all__ = ["CollectiveError", "agree", "check_pair", "check_layout", "check_coun
            "check_pairs_match", "check_block_sizes", "check_uniform", "check_options", "error_code",
            "same_everywhere", "digest", "parse_grid", "parse_window", "window_setting",
            "resolved_grid", "table_digest", "allreduce_max", "allgather_bytes",
-           "call_settings", "check_buffer_dtype", "allgather_object"]
+           "call_settings", "check_buffer_dtype", "allgather_object", "ranges_overlap"]
 
 # Error kinds carried in the agreement record; 0 = no error.
 _KINDS: list[type[BaseException]] = [TypeError, ValueError, BufferError, OverflowError,
@@ -302,6 +302,12 @@ def check_uniform(call: str, table: np.ndarray) -> None:
                         f"({_split(table[:, 4])})")
 
 
+def ranges_overlap(a: int, an: int, b: int, bn: int) -> bool:
+    """True if the byte ranges [a, a + an) and [b, b + bn) share a byte (empty ranges share
+    none): the send / receive overlap every call path refuses."""
+    return bool(an and bn and a < b + bn and b < a + an)
+
+
 def check_pair(call: str, send: VSpec, recv: VSpec, rank: int, kind: str) -> None:
     """Local consistency checks between this rank's send and receive specs."""
     if (send.device is None) != (recv.device is None):
@@ -323,11 +329,10 @@ def check_pair(call: str, send: VSpec, recv: VSpec, rank: int, kind: str) -> Non
         raise ValueError(f"{call}: send datatype size {send.tsize} differs from receive "
                          f"datatype size {recv.tsize}")
     check_layout(call, send, recv, rank)
-    if send is not recv and send.nbytes and recv.nbytes:
-        if send.addr < recv.addr + recv.nbytes and recv.addr < send.addr + send.nbytes \
-                and send.device == recv.device:
-            raise ValueError(f"{call}: send and receive buffers overlap; pass MPI.IN_PLACE "
-                             f"as the send message for an in-place exchange")
+    if send is not recv and send.device == recv.device and \
+            ranges_overlap(send.addr, send.nbytes, recv.addr, recv.nbytes):
+        raise ValueError(f"{call}: send and receive buffers overlap; pass MPI.IN_PLACE "
+                         f"as the send message for an in-place exchange")
 
 
 def check_layout(call: str, send: VSpec, recv: VSpec, rank: int) -> None:
