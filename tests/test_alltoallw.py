@@ -459,34 +459,11 @@ def test_signature_of_a_message():
         assert wside(bad, False) is None, bad
 
 
-@pytest.mark.serial
-def test_copy_block_matches_mpi_for_every_pair_of_kinds():
-    """A block copied straight across (a rank's block to itself) lands as the MPI's own
-    Alltoallw puts it, for every send kind against every receive kind."""
-    from pya2a._alltoallw import _copy_plan, _parse
-
-    rng = np.random.default_rng(SEED)
-    for a in NAMES:
-        for b in NAMES:
-            sc, sd, st, sn = _side(np.array([3]), [a], rng)
-            rc, rd, rt, rn = _side(np.array([3]), [b], rng)
-            sbuf = rng.integers(0, 256, sn, dtype=np.uint8)
-            ref, out = np.full(rn, 0xAB, np.uint8), np.full(rn, 0xAB, np.uint8)
-            mpi_alltoallw(MPI.COMM_SELF, [sbuf, (sc, sd), st], [ref, (rc, rd), rt])
-            send = _copy_plan(_parse("t", "send message", "send", [sbuf, (sc, sd), st], 1,
-                                     readonly=True))
-            recv = _copy_plan(_parse("t", "receive message", "recv", [out, (rc, rd), rt], 1,
-                                     readonly=False))
-            send.copy_block(0, sbuf.ctypes.data, recv, 0, out.ctypes.data)
-            assert np.array_equal(out, ref), (a, b)
-
-
-@pytest.mark.serial
-def test_composed_table_matches_mpi_for_every_pair_of_kinds():
-    """One rank's device Alltoallw is one kernel launch over a table composed from the send
-    and receive layouts (no staging): walked here on host memory, it puts every byte where
-    the MPI's own Alltoallw does, for every send kind against every receive kind."""
-    from pya2a._alltoallw import _composed, _copy_plan, _parse, _run_table
+def _pairs_of_kinds():
+    """For every send kind against every receive kind, one block of three elements each
+    way on one rank: (kinds, send buffer, receive buffer, MPI's own result, send side,
+    receive side), the sides as ``_alltoallw._parse`` reads them."""
+    from pya2a._alltoallw import _parse
 
     rng = np.random.default_rng(SEED)
     for a in NAMES:
@@ -499,11 +476,33 @@ def test_composed_table_matches_mpi_for_every_pair_of_kinds():
             send = _parse("t", "send message", "send", [sbuf, (sc, sd), st], 1, readonly=True)
             recv = _parse("t", "receive message", "recv", [out, (rc, rd), rt], 1,
                           readonly=False)
-            src, dst, lens = _composed(_run_table(send, _copy_plan(send)),
-                                       _run_table(recv, _copy_plan(recv)))
-            for i, j, n in zip(src.tolist(), dst.tolist(), lens.tolist(), strict=True):
-                out[j:j + n] = sbuf[i:i + n]
-            assert np.array_equal(out, ref), (a, b)
+            yield (a, b), sbuf, out, ref, send, recv
+
+
+@pytest.mark.serial
+def test_copy_block_matches_mpi_for_every_pair_of_kinds():
+    """A block copied straight across (a rank's block to itself) lands as the MPI's own
+    Alltoallw puts it, for every send kind against every receive kind."""
+    from pya2a._alltoallw import _copy_plan
+
+    for kinds, sbuf, out, ref, send, recv in _pairs_of_kinds():
+        _copy_plan(send).copy_block(0, sbuf.ctypes.data, _copy_plan(recv), 0, out.ctypes.data)
+        assert np.array_equal(out, ref), kinds
+
+
+@pytest.mark.serial
+def test_composed_table_matches_mpi_for_every_pair_of_kinds():
+    """One rank's device Alltoallw is one kernel launch over a table composed from the send
+    and receive layouts (no staging): walked here on host memory, it puts every byte where
+    the MPI's own Alltoallw does, for every send kind against every receive kind."""
+    from pya2a._alltoallw import _composed, _copy_plan, _run_table
+
+    for kinds, sbuf, out, ref, send, recv in _pairs_of_kinds():
+        src, dst, lens = _composed(_run_table(send, _copy_plan(send)),
+                                   _run_table(recv, _copy_plan(recv)))
+        for i, j, n in zip(src.tolist(), dst.tolist(), lens.tolist(), strict=True):
+            out[j:j + n] = sbuf[i:i + n]
+        assert np.array_equal(out, ref), kinds
 
 
 def test_bottom_goes_to_mpi(comm):
